@@ -1,0 +1,29 @@
+//! ringkv-engine: the node's storage and replication core.
+//!
+//! What it is: per-partition append-only logs (CRC-checked records, an in-memory
+//! keydir, group commit, roll-over with hint files, crash recovery, compaction) over a
+//! small storage trait with a glommio DMA backend and a crashing in-memory backend,
+//! and the versioning rules (vector clocks, dotted versions, siblings, contexts).
+//! What it is not (yet): the replica/coordinator state machines and the shard runtime,
+//! which arrive with the node and cluster issues.
+//!
+//! Modules:
+//! - [`record`]: the on-disk record format v1.
+//! - [`segment`]: segment and hint files, scanning with torn-tail/corruption detection.
+//! - [`storage`]: the storage trait; [`storage::dma`] (glommio) and [`storage::mem`].
+//! - [`keydir`]: key -> every live version's location, compact in memory.
+//! - [`partition`]: one partition's log, recovery and compaction.
+//! - [`version`]: clocks, dotted versions, sibling rules, client contexts.
+
+pub mod keydir;
+mod notify;
+pub mod partition;
+pub mod record;
+pub mod segment;
+pub mod storage;
+pub mod version;
+
+pub use partition::{
+    CompactionReport, Durability, Partition, PartitionConfig, RecoveryReport, StoreError,
+    StoredVersion, WriteOp,
+};

@@ -1,0 +1,1112 @@
+//! One partition: append-only segments, the keydir, group commit, roll-over, recovery
+//! and compaction. Generic over the [`Storage`] trait so the same code runs on glommio
+//! DMA files and on the crashing in-memory disk.
+//!
+//! Concurrency: a partition belongs to one shard (one thread). Many tasks of that shard
+//! may call it at once; state lives in a `RefCell` that is never borrowed across an
+//! `.await`. Appends reach the keydir in log order at the moment they are buffered.
+
+use crate::keydir::{KeyDir, Loc, LOC_TOMBSTONE};
+use crate::notify::Notify;
+use crate::record::{self, RecordRef};
+use crate::segment::{self, Scanned};
+use crate::storage::{Storage, StorageFile};
+use smallvec::SmallVec;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io;
+use std::rc::Rc;
+use thiserror::Error;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After an `fdatasync` that covers it; concurrent writers share one (group commit).
+    Sync,
+    /// At once; the runtime syncs every `ms` milliseconds (see [`Partition::sync`]).
+    Interval { ms: u64 },
+    /// At once; data reaches the device when buffers fill, a segment seals, or on close.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sync" => Ok(Self::Sync),
+            "none" => Ok(Self::None),
+            _ => s
+                .strip_prefix("interval(")
+                .and_then(|r| r.strip_suffix(')'))
+                .map(|ms| ms.trim_end_matches("ms"))
+                .and_then(|ms| ms.parse().ok())
+                .map(|ms| Self::Interval { ms })
+                .ok_or_else(|| format!("durability '{s}': expected sync, none or interval(MS)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PartitionConfig {
+    /// The partition number (written into segment headers).
+    pub partition: u64,
+    pub durability: Durability,
+    /// The active segment is sealed once it reaches this size.
+    pub segment_bytes_max: u64,
+    /// Appended bytes buffered before a flush in `interval`/`none` modes.
+    pub buffer_bytes_max: u64,
+    /// Tombstones older than this may be dropped by compaction.
+    pub tombstone_grace_ms: u64,
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    /// Largest accepted opaque version blob.
+    pub version_bytes_max: usize,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        Self {
+            partition: 0,
+            durability: Durability::Sync,
+            segment_bytes_max: 64 << 20,
+            buffer_bytes_max: 256 << 10,
+            tombstone_grace_ms: 24 * 3600 * 1000,
+            key_bytes_max: 4096,
+            value_bytes_max: 4 << 20,
+            version_bytes_max: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("key is {len} bytes, the limit is {max}")]
+    KeyTooLong { len: usize, max: usize },
+    #[error("value is {len} bytes, the limit is {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("version blob is {len} bytes, the limit is {max}")]
+    VersionTooLarge { len: usize, max: usize },
+    #[error("empty key")]
+    EmptyKey,
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("the partition refuses writes after a failed sync ({0}); reopen it to recover")]
+    Failed(String),
+    #[error("corrupt record for key at segment {segment:#x} offset {offset}: {error}")]
+    Corrupt {
+        segment: u64,
+        offset: u64,
+        error: String,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A version to append: the key, its opaque version blob, a value or a tombstone,
+/// and the seqs of the key's stored versions it supersedes.
+#[derive(Debug, Clone)]
+pub struct WriteOp<'a> {
+    pub key: &'a [u8],
+    pub version: &'a [u8],
+    /// `None` writes a tombstone.
+    pub value: Option<&'a [u8]>,
+    pub replaces: &'a [u64],
+}
+
+/// A stored version read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub version: Vec<u8>,
+    /// `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What opening a partition found.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub segments_from_hints: usize,
+    pub records: u64,
+    pub keys: usize,
+    /// Bytes cut from the active segment's tail (a torn or unsynced write).
+    pub truncated_tail_bytes: u64,
+    /// Records of an unfinished batch that were dropped.
+    pub dropped_batch_records: usize,
+    /// Corruption found inside segments: the partition needs repair from replicas.
+    pub corruption: Vec<String>,
+    pub temp_files_removed: usize,
+}
+
+/// What a compaction did.
+#[derive(Debug, Default, Clone)]
+pub struct CompactionReport {
+    pub segments_in: usize,
+    pub segments_out: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub records_kept: u64,
+    pub records_dropped: u64,
+    pub tombstones_dropped: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PartitionStats {
+    pub keys: usize,
+    pub versions: usize,
+    pub segments: usize,
+    pub bytes: u64,
+    pub dead_bytes: u64,
+    pub syncs: u64,
+    pub writes: u64,
+    pub keydir_heap_bytes: usize,
+    pub needs_repair: bool,
+    pub epoch: u32,
+}
+
+/// Normal segments get ids `n << SEGMENT_ID_SHIFT`; compaction output of a prefix
+/// ending at id `b` gets `b + 1, b + 2, ..`, so it sorts after its sources and before
+/// every newer segment: replaying segments in id order is replaying the log in order.
+const SEGMENT_ID_SHIFT: u32 = 24;
+const EPOCH_FILE: &str = "EPOCH";
+const EPOCH_MAGIC: &[u8; 8] = b"RKVEPCH1";
+const SCAN_CHUNK_BYTES: usize = 8 << 20;
+
+struct Segment<F> {
+    id: u64,
+    file: F,
+    sealed: Cell<bool>,
+    durable_len: Cell<u64>,
+    dead_bytes: Cell<u64>,
+    /// A flush, sync or truncate of this file is running.
+    io_busy: Cell<bool>,
+    io_done: Notify,
+}
+
+struct State<F> {
+    keydir: KeyDir,
+    /// slot -> segment; keydir locations name slots.
+    slots: Vec<Option<Rc<Segment<F>>>>,
+    /// segment id -> slot, in log order.
+    order: BTreeMap<u64, u32>,
+    active: u32,
+    next_seq: u64,
+    failed: Option<String>,
+    needs_repair: bool,
+    rolling: bool,
+    compacting: bool,
+    epoch: u32,
+    syncs: u64,
+    writes: u64,
+}
+
+impl<F> State<F> {
+    fn segment(&self, slot: u32) -> &Rc<Segment<F>> {
+        self.slots[slot as usize].as_ref().expect("keydir names a live slot")
+    }
+    fn add_slot(&mut self, segment: Segment<F>) -> u32 {
+        let id = segment.id;
+        let rc = Rc::new(segment);
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(i) => {
+                self.slots[i] = Some(rc);
+                i as u32
+            }
+            None => {
+                self.slots.push(Some(rc));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.order.insert(id, slot);
+        slot
+    }
+    fn mark_dead(&self, loc: &Loc) {
+        let seg = self.segment(loc.segment);
+        seg.dead_bytes.set(seg.dead_bytes.get() + loc.len as u64);
+    }
+    /// Applies one record to the keydir, as a write or as a replay.
+    fn apply(&mut self, key: &[u8], loc: Loc, replaced: &[u64]) {
+        if !replaced.is_empty() {
+            for old in self.keydir.remove_seqs(key, replaced) {
+                self.mark_dead(&old);
+            }
+        }
+        if let Some(old) = self.keydir.insert(key, loc) {
+            self.mark_dead(&old);
+        }
+    }
+}
+
+/// One partition's log.
+pub struct Partition<S: Storage> {
+    storage: S,
+    config: PartitionConfig,
+    state: RefCell<State<S::File>>,
+}
+
+impl<S: Storage> std::fmt::Debug for Partition<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("partition", &self.config.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> Partition<S> {
+    /// Opens (or creates) the partition in `storage` and recovers it. `now_ms` is the
+    /// wall clock, used only to pick a fresh actor epoch when local data was lost.
+    pub async fn open(
+        storage: S,
+        config: PartitionConfig,
+        now_ms: u64,
+    ) -> Result<(Self, RecoveryReport), StoreError> {
+        assert!(config.segment_bytes_max >= 4096 && config.segment_bytes_max < u32::MAX as u64);
+        let mut report = RecoveryReport::default();
+        let names = storage.list().await?;
+        let mut seg_ids = Vec::new();
+        let mut hint_ids = std::collections::BTreeSet::new();
+        for name in &names {
+            if name.ends_with(".tmp") {
+                storage.remove(name).await?;
+                report.temp_files_removed += 1;
+                continue;
+            }
+            match segment::parse_name(name) {
+                Some((id, "seg")) => seg_ids.push(id),
+                Some((id, _)) => {
+                    hint_ids.insert(id);
+                }
+                None => {}
+            }
+        }
+        if report.temp_files_removed > 0 {
+            storage.sync_dir().await?;
+        }
+        seg_ids.sort_unstable();
+        let persisted_epoch = read_epoch(&storage).await?;
+
+        let mut state = State {
+            keydir: KeyDir::new(),
+            slots: Vec::new(),
+            order: BTreeMap::new(),
+            active: 0,
+            next_seq: 1,
+            failed: None,
+            needs_repair: false,
+            rolling: false,
+            compacting: false,
+            epoch: 0,
+            syncs: 0,
+            writes: 0,
+        };
+        let mut reopen_active: Option<u32> = None;
+        let last_id = seg_ids.last().copied();
+        for &id in &seg_ids {
+            let name = segment::segment_name(id);
+            let file = storage.open(&name).await?;
+            let len = file.len();
+            let is_last = Some(id) == last_id;
+            let mut entries = None;
+            if hint_ids.contains(&id) {
+                let hint = storage.open(&segment::hint_name(id)).await?;
+                let bytes = hint.read_at(0, hint.len() as usize).await?;
+                match segment::decode_hint(&bytes, id, len) {
+                    Ok(e) => {
+                        entries = Some(e);
+                        report.segments_from_hints += 1;
+                    }
+                    Err(err) => {
+                        report
+                            .corruption
+                            .push(format!("hint {id:016x} ignored, segment scanned: {err}"));
+                    }
+                }
+            }
+            let has_hint = hint_ids.contains(&id);
+            let mut sealed = !is_last || entries.is_some();
+            let mut seg_len = len;
+            let entries = match entries {
+                Some(e) => e,
+                None => {
+                    let bytes = read_all(&file, &storage).await?;
+                    let scan = segment::scan(&bytes, id);
+                    if let Some(err) = &scan.header_error {
+                        if is_last && !has_hint && bytes.iter().all(|&b| b == 0) {
+                            // created but never written: a roll-over cut short
+                            drop(file);
+                            storage.remove(&name).await?;
+                            storage.sync_dir().await?;
+                            report.truncated_tail_bytes += len;
+                            continue;
+                        }
+                        report.corruption.push(format!(
+                            "segment {id:016x}: unreadable header ({err}); its records are lost"
+                        ));
+                        state.needs_repair = true;
+                        sealed = true;
+                    }
+                    for bad in &scan.corrupt {
+                        report.corruption.push(format!(
+                            "segment {id:016x}: corrupt bytes {}..{}: {}",
+                            bad.start, bad.end, bad.error
+                        ));
+                        state.needs_repair = true;
+                        sealed = true;
+                    }
+                    report.dropped_batch_records += scan.incomplete_batch_records;
+                    let cut = len - scan.valid_end.min(len);
+                    let header_ok = scan.header_error.is_none();
+                    if header_ok && cut > 0 {
+                        if has_hint || !scan.corrupt.is_empty() {
+                            // a segment that was sealed (or is damaged inside) has no
+                            // torn tail to cut: this is corruption
+                            if let Some(bad) = &scan.torn_tail {
+                                report.corruption.push(format!(
+                                    "segment {id:016x}: corrupt tail {}..{}: {}",
+                                    bad.start, bad.end, bad.error
+                                ));
+                                state.needs_repair = true;
+                            }
+                        } else {
+                            // a tail whose seal never finished: torn or unsynced writes
+                            // that were never acknowledged in `sync` mode
+                            if scan.torn_tail.is_some() {
+                                report.truncated_tail_bytes += cut;
+                            }
+                            file.truncate(scan.valid_end).await?;
+                            seg_len = scan.valid_end;
+                        }
+                    }
+                    if header_ok && sealed && scan.corrupt.is_empty() && seg_len == scan.valid_end {
+                        // a sealed segment without a (valid) hint: write one now
+                        write_hint(&storage, id, seg_len, &scan.records).await?;
+                    }
+                    scan.records
+                }
+            };
+            let segment = Segment {
+                id,
+                file,
+                sealed: Cell::new(sealed),
+                durable_len: Cell::new(seg_len),
+                dead_bytes: Cell::new(0),
+                io_busy: Cell::new(false),
+                io_done: Notify::default(),
+            };
+            let slot = state.add_slot(segment);
+            for e in &entries {
+                let loc = Loc {
+                    seq: e.header.seq,
+                    segment: slot,
+                    offset: e.offset as u32,
+                    len: e.header.total_bytes() as u32,
+                    flags: if e.header.is_tombstone() { LOC_TOMBSTONE } else { 0 },
+                };
+                state.next_seq = state.next_seq.max(e.header.seq + 1);
+                state.apply(&e.key, loc, &e.replaced);
+            }
+            report.records += entries.len() as u64;
+            if !sealed {
+                reopen_active = Some(slot);
+            }
+            storage.yield_now().await;
+        }
+        report.segments = seg_ids.len();
+        report.keys = state.keydir.len();
+
+        let data_lost = state.needs_repair;
+        state.epoch = match persisted_epoch {
+            Some(e) if !data_lost => e,
+            previous => {
+                let epoch = next_epoch(previous, now_ms);
+                write_epoch(&storage, epoch).await?;
+                epoch
+            }
+        };
+
+        let partition = Self {
+            storage,
+            config,
+            state: RefCell::new(state),
+        };
+        match reopen_active {
+            Some(slot) => partition.state.borrow_mut().active = slot,
+            None => {
+                let next_id = ((last_id.unwrap_or(0) >> SEGMENT_ID_SHIFT) + 1) << SEGMENT_ID_SHIFT;
+                let slot = partition.create_segment(next_id).await?;
+                partition.state.borrow_mut().active = slot;
+            }
+        }
+        Ok((partition, report))
+    }
+
+    async fn create_segment(&self, id: u64) -> Result<u32, StoreError> {
+        let file = self.storage.create(&segment::segment_name(id)).await?;
+        file.append(&segment::encode_segment_header(id, self.config.partition));
+        file.sync().await?;
+        self.storage.sync_dir().await?;
+        let len = file.len();
+        let segment = Segment {
+            id,
+            file,
+            sealed: Cell::new(false),
+            durable_len: Cell::new(len),
+            dead_bytes: Cell::new(0),
+            io_busy: Cell::new(false),
+            io_done: Notify::default(),
+        };
+        Ok(self.state.borrow_mut().add_slot(segment))
+    }
+
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    /// The actor epoch of this partition on this node (see `version`).
+    pub fn epoch(&self) -> u32 {
+        self.state.borrow().epoch
+    }
+
+    /// Corruption was found: some data must come back from replicas.
+    pub fn needs_repair(&self) -> bool {
+        self.state.borrow().needs_repair
+    }
+
+    /// Why the partition refuses writes, if it does.
+    pub fn failure(&self) -> Option<String> {
+        self.state.borrow().failed.clone()
+    }
+
+    fn check(&self, op: &WriteOp<'_>) -> Result<(), StoreError> {
+        let c = &self.config;
+        if op.key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        if op.key.len() > c.key_bytes_max.min(record::KEY_BYTES_MAX) {
+            return Err(StoreError::KeyTooLong {
+                len: op.key.len(),
+                max: c.key_bytes_max,
+            });
+        }
+        let value_len = op.value.map_or(0, <[u8]>::len);
+        if value_len > c.value_bytes_max.min(record::VALUE_BYTES_MAX) {
+            return Err(StoreError::ValueTooLarge {
+                len: value_len,
+                max: c.value_bytes_max,
+            });
+        }
+        if op.version.len() > c.version_bytes_max.min(record::VERSION_BYTES_MAX) {
+            return Err(StoreError::VersionTooLarge {
+                len: op.version.len(),
+                max: c.version_bytes_max,
+            });
+        }
+        if op.replaces.len() > record::REPLACED_COUNT_MAX {
+            return Err(StoreError::VersionTooLarge {
+                len: op.replaces.len(),
+                max: record::REPLACED_COUNT_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `ops` as one atomic batch (after a crash all of it or none of it is
+    /// there) and returns the seq given to each. Each op's `replaces` seqs leave the
+    /// key's live set in the same step. Acknowledged per the durability mode.
+    pub async fn write(&self, ops: &[WriteOp<'_>], now_ms: u64) -> Result<Vec<u64>, StoreError> {
+        self.write_if(ops, now_ms, |_| true).await.map(|r| r.expect("no precondition"))
+    }
+
+    /// Like [`write`](Self::write), but first checks `precondition` against the keydir
+    /// in the same step as the append (no other write can come in between). Returns
+    /// `Ok(None)` without writing when it fails.
+    pub async fn write_if(
+        &self,
+        ops: &[WriteOp<'_>],
+        now_ms: u64,
+        precondition: impl FnOnce(&KeyDir) -> bool,
+    ) -> Result<Option<Vec<u64>>, StoreError> {
+        if ops.is_empty() {
+            return Err(StoreError::EmptyBatch);
+        }
+        for op in ops {
+            self.check(op)?;
+        }
+        let (segment, end, seqs, roll) = {
+            let mut state = self.state.borrow_mut();
+            if let Some(err) = &state.failed {
+                return Err(StoreError::Failed(err.clone()));
+            }
+            if !precondition(&state.keydir) {
+                return Ok(None);
+            }
+            let first_seq = state.next_seq;
+            state.next_seq += ops.len() as u64;
+            let mut buf = Vec::with_capacity(
+                ops.iter()
+                    .map(|o| record::RECORD_HEADER_BYTES + o.key.len() + o.version.len() + o.value.map_or(0, <[u8]>::len) + o.replaces.len() * 8)
+                    .sum(),
+            );
+            let mut places = SmallVec::<[(usize, usize); 4]>::new();
+            for (i, op) in ops.iter().enumerate() {
+                let start = buf.len();
+                RecordRef {
+                    seq: first_seq + i as u64,
+                    timestamp_ms: now_ms,
+                    key: op.key,
+                    replaced: op.replaces,
+                    version: op.version,
+                    value: op.value,
+                    batch_continues: i + 1 < ops.len(),
+                }
+                .encode_into(&mut buf);
+                places.push((start, buf.len() - start));
+            }
+            let active = state.active;
+            let segment = state.segment(active).clone();
+            let base = segment.file.append(&buf);
+            let end = base + buf.len() as u64;
+            for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
+                let loc = Loc {
+                    seq: first_seq + i as u64,
+                    segment: active,
+                    offset: (base + start as u64) as u32,
+                    len: len as u32,
+                    flags: if op.value.is_none() { LOC_TOMBSTONE } else { 0 },
+                };
+                state.apply(op.key, loc, op.replaces);
+            }
+            state.writes += ops.len() as u64;
+            let roll = end >= self.config.segment_bytes_max && !state.rolling;
+            if roll {
+                state.rolling = true;
+            }
+            let seqs = (first_seq..first_seq + ops.len() as u64).collect();
+            (segment, end, seqs, roll)
+        };
+        if roll {
+            self.roll().await?;
+        }
+        match self.config.durability {
+            Durability::Sync => self.make_durable(&segment, end).await?,
+            Durability::Interval { .. } | Durability::None => {
+                if segment.file.buffered_bytes() >= self.config.buffer_bytes_max {
+                    self.file_io(&segment, false).await?;
+                }
+            }
+        }
+        Ok(Some(seqs))
+    }
+
+    /// Waits until bytes `..end` of `segment` are durable, leading a group commit when
+    /// no sync is running: one `fdatasync` covers every append buffered before it.
+    async fn make_durable(&self, segment: &Rc<Segment<S::File>>, end: u64) -> Result<(), StoreError> {
+        loop {
+            if let Some(err) = &self.state.borrow().failed {
+                return Err(StoreError::Failed(err.clone()));
+            }
+            if segment.durable_len.get() >= end {
+                return Ok(());
+            }
+            if segment.io_busy.get() {
+                segment.io_done.wait().await;
+                continue;
+            }
+            self.file_io(segment, true).await?;
+        }
+    }
+
+    /// Runs one flush (or sync) of a segment's buffered bytes, taking turns with
+    /// other I/O on the same file. A failed sync fails the partition.
+    async fn file_io(&self, segment: &Rc<Segment<S::File>>, sync: bool) -> Result<(), StoreError> {
+        while segment.io_busy.get() {
+            segment.io_done.wait().await;
+        }
+        segment.io_busy.set(true);
+        let target = segment.file.len();
+        let result = if sync {
+            segment.file.sync().await
+        } else {
+            segment.file.flush().await
+        };
+        segment.io_busy.set(false);
+        let outcome = match result {
+            Ok(()) => {
+                if sync {
+                    segment.durable_len.set(segment.durable_len.get().max(target));
+                    self.state.borrow_mut().syncs += 1;
+                }
+                Ok(())
+            }
+            Err(err) => Err(self.fail(err)),
+        };
+        segment.io_done.notify_all();
+        outcome
+    }
+
+    /// Records an I/O failure: from now on the partition refuses writes.
+    fn fail(&self, err: io::Error) -> StoreError {
+        let mut state = self.state.borrow_mut();
+        if state.failed.is_none() {
+            state.failed = Some(err.to_string());
+        }
+        StoreError::Failed(state.failed.clone().expect("just set"))
+    }
+
+    /// Makes every write so far durable (the `interval` mode's timer calls this).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let segments: Vec<_> = {
+            let state = self.state.borrow();
+            if let Some(err) = &state.failed {
+                return Err(StoreError::Failed(err.clone()));
+            }
+            state.slots.iter().flatten().filter(|s| !s.sealed.get()).cloned().collect()
+        };
+        for segment in segments {
+            let end = segment.file.len();
+            self.make_durable(&segment, end).await?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one.
+    async fn roll(&self) -> Result<(), StoreError> {
+        let result = self.roll_inner().await;
+        self.state.borrow_mut().rolling = false;
+        result
+    }
+
+    async fn roll_inner(&self) -> Result<(), StoreError> {
+        let old_id = {
+            let state = self.state.borrow();
+            state.segment(state.active).id
+        };
+        let new_id = ((old_id >> SEGMENT_ID_SHIFT) + 1) << SEGMENT_ID_SHIFT;
+        let new_slot = self.create_segment(new_id).await.map_err(|e| match e {
+            StoreError::Io(io) => self.fail(io),
+            other => other,
+        })?;
+        let old = {
+            let mut state = self.state.borrow_mut();
+            let old = state.segment(state.active).clone();
+            state.active = new_slot;
+            old
+        };
+        self.seal(&old).await
+    }
+
+    /// Syncs a no-longer-active segment, cuts its padding and writes its hint.
+    async fn seal(&self, segment: &Rc<Segment<S::File>>) -> Result<(), StoreError> {
+        let end = segment.file.len();
+        self.make_durable(segment, end).await?;
+        while segment.io_busy.get() {
+            segment.io_done.wait().await;
+        }
+        segment.io_busy.set(true);
+        let truncated = segment.file.truncate(end).await;
+        segment.io_busy.set(false);
+        segment.io_done.notify_all();
+        truncated.map_err(|e| self.fail(e))?;
+        let bytes = read_all(&segment.file, &self.storage).await?;
+        let scan = segment::scan(&bytes, segment.id);
+        if scan.header_error.is_none() && scan.corrupt.is_empty() && scan.torn_tail.is_none() {
+            write_hint(&self.storage, segment.id, end, &scan.records)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Io(io) => self.fail(io),
+                    other => other,
+                })?;
+        }
+        segment.sealed.set(true);
+        Ok(())
+    }
+
+    /// Every live version of `key` (siblings and tombstones), each read from its log
+    /// record and CRC-checked.
+    pub async fn get(&self, key: &[u8]) -> Result<Vec<StoredVersion>, StoreError> {
+        let places: SmallVec<[(Loc, Rc<Segment<S::File>>); 2]> = {
+            let state = self.state.borrow();
+            match state.keydir.get(key) {
+                None => return Ok(Vec::new()),
+                Some(locs) => locs.iter().map(|l| (*l, state.segment(l.segment).clone())).collect(),
+            }
+        };
+        let mut out = Vec::with_capacity(places.len());
+        for (loc, segment) in places {
+            out.push(self.read_version(key, &loc, &segment).await?);
+        }
+        Ok(out)
+    }
+
+    /// The keydir entry of `key`: seqs and places of its live versions.
+    pub fn versions(&self, key: &[u8]) -> SmallVec<[Loc; 2]> {
+        self.state
+            .borrow()
+            .keydir
+            .get(key)
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    async fn read_version(
+        &self,
+        key: &[u8],
+        loc: &Loc,
+        segment: &Segment<S::File>,
+    ) -> Result<StoredVersion, StoreError> {
+        let bytes = segment.file.read_at(loc.offset as u64, loc.len as usize).await?;
+        let corrupt = |error: String| {
+            self.state.borrow_mut().needs_repair = true;
+            StoreError::Corrupt {
+                segment: segment.id,
+                offset: loc.offset as u64,
+                error,
+            }
+        };
+        let r = record::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if r.key != key || r.header.seq != loc.seq {
+            return Err(corrupt("record does not match the keydir".into()));
+        }
+        Ok(StoredVersion {
+            seq: r.header.seq,
+            timestamp_ms: r.header.timestamp_ms,
+            version: r.version.to_vec(),
+            value: r.value.map(<[u8]>::to_vec),
+        })
+    }
+
+    /// Calls `f` with every key and its live versions (keydir order).
+    pub fn for_each_key(&self, mut f: impl FnMut(&[u8], &[Loc])) {
+        let state = self.state.borrow();
+        for (key, locs) in state.keydir.iter() {
+            f(key, locs);
+        }
+    }
+
+    pub fn stats(&self) -> PartitionStats {
+        let state = self.state.borrow();
+        let segments: Vec<_> = state.slots.iter().flatten().collect();
+        PartitionStats {
+            keys: state.keydir.len(),
+            versions: state.keydir.version_count(),
+            segments: segments.len(),
+            bytes: segments.iter().map(|s| s.file.len()).sum(),
+            dead_bytes: segments.iter().map(|s| s.dead_bytes.get()).sum(),
+            syncs: state.syncs,
+            writes: state.writes,
+            keydir_heap_bytes: state.keydir.heap_bytes(),
+            needs_repair: state.needs_repair,
+            epoch: state.epoch,
+        }
+    }
+
+    /// Whether compaction would reclaim at least `min_dead_ratio` of the sealed bytes.
+    pub fn compaction_due(&self, min_dead_ratio: f64) -> bool {
+        let state = self.state.borrow();
+        let (mut total, mut dead) = (0u64, 0u64);
+        for s in state.slots.iter().flatten().filter(|s| s.sealed.get()) {
+            total += s.file.len();
+            dead += s.dead_bytes.get();
+        }
+        total > 0 && dead as f64 >= min_dead_ratio * total as f64
+    }
+
+    /// Compacts every sealed segment into new ones holding only live versions,
+    /// dropping tombstones older than the grace period that are their key's only
+    /// version. Crash-safe at every step: the output is complete and durable before
+    /// any source is removed, and replaying sources and output together is the same
+    /// log. Yields often; run it in a low-priority task queue.
+    pub async fn compact(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
+        {
+            let mut state = self.state.borrow_mut();
+            if let Some(err) = &state.failed {
+                return Err(StoreError::Failed(err.clone()));
+            }
+            if state.compacting {
+                return Ok(CompactionReport::default());
+            }
+            state.compacting = true;
+        }
+        let result = self.compact_inner(now_ms).await;
+        self.state.borrow_mut().compacting = false;
+        result
+    }
+
+    async fn compact_inner(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
+        let mut report = CompactionReport::default();
+        // the sources: every sealed segment, which is always a prefix of the log
+        let sources: Vec<(u32, Rc<Segment<S::File>>)> = {
+            let state = self.state.borrow();
+            let mut prefix = Vec::new();
+            for (_, &slot) in state.order.iter() {
+                let seg = state.segment(slot);
+                if !seg.sealed.get() {
+                    break;
+                }
+                prefix.push((slot, seg.clone()));
+            }
+            prefix
+        };
+        if sources.is_empty() {
+            return Ok(report);
+        }
+        let last_source_id = sources.last().expect("non-empty").1.id;
+        let grace = self.config.tombstone_grace_ms;
+
+        // (output index, offset in output, source slot, source offset, key, seq, loc len, flags)
+        struct Kept {
+            out: usize,
+            out_offset: u64,
+            from: (u32, u32),
+            key: Vec<u8>,
+            seq: u64,
+            len: u32,
+            flags: u32,
+        }
+        let mut kept: Vec<Kept> = Vec::new();
+        let mut dropped_tombstones: Vec<(Vec<u8>, u64, (u32, u32))> = Vec::new();
+        let mut outputs: Vec<(u64, S::File)> = Vec::new();
+        let mut out_records: Vec<Vec<Scanned>> = Vec::new();
+        for (slot, seg) in &sources {
+            let bytes = read_all(&seg.file, &self.storage).await?;
+            report.bytes_in += bytes.len() as u64;
+            report.segments_in += 1;
+            let scan = segment::scan(&bytes, seg.id);
+            for rec in scan.records {
+                self.storage.yield_now().await;
+                let len = rec.header.total_bytes() as u32;
+                let from = (*slot, rec.offset as u32);
+                let (live, sole_expired_tombstone) = {
+                    let state = self.state.borrow();
+                    match state.keydir.get(&rec.key) {
+                        Some(locs) => {
+                            let live = locs.iter().any(|l| {
+                                l.seq == rec.header.seq && (l.segment, l.offset) == from
+                            });
+                            let expired = rec.header.is_tombstone()
+                                && locs.len() == 1
+                                && now_ms.saturating_sub(rec.header.timestamp_ms) > grace;
+                            (live, live && expired)
+                        }
+                        None => (false, false),
+                    }
+                };
+                if !live {
+                    report.records_dropped += 1;
+                    continue;
+                }
+                if sole_expired_tombstone {
+                    report.records_dropped += 1;
+                    report.tombstones_dropped += 1;
+                    dropped_tombstones.push((rec.key, rec.header.seq, from));
+                    continue;
+                }
+                let need_new = match outputs.last() {
+                    None => true,
+                    Some((_, f)) => f.len() + len as u64 > self.config.segment_bytes_max,
+                };
+                if need_new {
+                    let id = last_source_id + 1 + outputs.len() as u64;
+                    assert!(
+                        id >> SEGMENT_ID_SHIFT == last_source_id >> SEGMENT_ID_SHIFT,
+                        "compaction output ids exhausted the gap before the next segment"
+                    );
+                    let file = self
+                        .storage
+                        .create(&format!("{}.tmp", segment::segment_name(id)))
+                        .await?;
+                    file.append(&segment::encode_segment_header(id, self.config.partition));
+                    outputs.push((id, file));
+                    out_records.push(Vec::new());
+                }
+                let out = outputs.len() - 1;
+                let start = rec.offset as usize;
+                let mut copy = bytes[start..start + len as usize].to_vec();
+                record::end_batch_in_place(&mut copy);
+                let out_offset = outputs[out].1.append(&copy);
+                let mut header = rec.header;
+                header.flags &= !record::FLAG_BATCH_CONTINUES;
+                out_records[out].push(Scanned {
+                    offset: out_offset,
+                    header,
+                    ..rec.clone()
+                });
+                kept.push(Kept {
+                    out,
+                    out_offset,
+                    from,
+                    key: rec.key,
+                    seq: rec.header.seq,
+                    len,
+                    flags: if rec.header.is_tombstone() { LOC_TOMBSTONE } else { 0 },
+                });
+                report.records_kept += 1;
+            }
+        }
+        // Versions were dropped because later records superseded them; those records
+        // may still sit unsynced in the active segment. Make them durable first, or a
+        // crash would lose both the superseded version and what superseded it.
+        self.sync().await?;
+        // make the output durable, then visible, before anything else changes
+        for (i, (id, file)) in outputs.iter().enumerate() {
+            file.sync().await?;
+            report.bytes_out += file.len();
+            write_hint(&self.storage, *id, file.len(), &out_records[i]).await?;
+        }
+        for (id, _) in &outputs {
+            let name = segment::segment_name(*id);
+            self.storage.rename(&format!("{name}.tmp"), &name).await?;
+        }
+        self.storage.sync_dir().await?;
+        report.segments_out = outputs.len();
+
+        // swap the keydir over to the output, in one step
+        {
+            let mut state = self.state.borrow_mut();
+            let mut out_slots = Vec::with_capacity(outputs.len());
+            for (id, file) in outputs {
+                let len = file.len();
+                out_slots.push(state.add_slot(Segment {
+                    id,
+                    file,
+                    sealed: Cell::new(true),
+                    durable_len: Cell::new(len),
+                    dead_bytes: Cell::new(0),
+                    io_busy: Cell::new(false),
+                    io_done: Notify::default(),
+                }));
+            }
+            for k in &kept {
+                let to = Loc {
+                    seq: k.seq,
+                    segment: out_slots[k.out],
+                    offset: k.out_offset as u32,
+                    len: k.len,
+                    flags: k.flags,
+                };
+                if !state.keydir.relocate(&k.key, k.seq, k.from, to) {
+                    // superseded while compaction ran: dead in the output already
+                    state.mark_dead(&to);
+                }
+            }
+            for (key, seq, from) in &dropped_tombstones {
+                let still_sole = state.keydir.get(key).is_some_and(|locs| {
+                    locs.len() == 1 && locs[0].seq == *seq && (locs[0].segment, locs[0].offset) == *from
+                });
+                if still_sole {
+                    state.keydir.remove_seqs(key, &[*seq]);
+                }
+            }
+            for (slot, seg) in &sources {
+                state.order.remove(&seg.id);
+                state.slots[*slot as usize] = None;
+            }
+            // every keydir entry now points at a live slot: check it (cheap next to
+            // the compaction itself, and a broken keydir would serve wrong data)
+            let mut dangling = 0usize;
+            for (_, locs) in state.keydir.iter() {
+                dangling += locs
+                    .iter()
+                    .filter(|l| state.slots.get(l.segment as usize).is_none_or(Option::is_none))
+                    .count();
+            }
+            assert_eq!(dangling, 0, "compaction left keydir entries pointing at removed segments");
+        }
+        // only now remove the sources, oldest first
+        for (_, seg) in &sources {
+            let _ = self.storage.remove(&segment::hint_name(seg.id)).await;
+            self.storage.remove(&segment::segment_name(seg.id)).await?;
+        }
+        self.storage.sync_dir().await?;
+        Ok(report)
+    }
+
+    /// Flushes and syncs everything; the partition can be dropped afterwards.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.sync().await
+    }
+
+    /// Removes the whole partition from disk (the node no longer owns it).
+    pub async fn destroy(self) -> Result<(), StoreError> {
+        let Self { storage, state, .. } = self;
+        drop(state);
+        storage.destroy().await?;
+        Ok(())
+    }
+}
+
+async fn read_all<S: Storage>(file: &S::File, storage: &S) -> Result<Vec<u8>, StoreError> {
+    let len = file.len() as usize;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(SCAN_CHUNK_BYTES);
+        out.extend_from_slice(&file.read_at(out.len() as u64, n).await?);
+        storage.yield_now().await;
+    }
+    Ok(out)
+}
+
+/// Writes a hint durably: temp file, sync, rename, folder sync.
+async fn write_hint<S: Storage>(
+    storage: &S,
+    id: u64,
+    segment_len: u64,
+    records: &[Scanned],
+) -> Result<(), StoreError> {
+    let name = segment::hint_name(id);
+    let tmp = format!("{name}.tmp");
+    let file = storage.create(&tmp).await?;
+    file.append(&segment::encode_hint(id, segment_len, records));
+    file.sync().await?;
+    storage.rename(&tmp, &name).await?;
+    storage.sync_dir().await?;
+    Ok(())
+}
+
+/// The actor epoch for a partition whose local data is new or was lost: never one
+/// used before. With a persisted previous epoch, the next one; without (the disk was
+/// wiped), one derived from the wall clock in seconds, which is later than any epoch
+/// chosen in an earlier second.
+pub fn next_epoch(previous: Option<u32>, now_ms: u64) -> u32 {
+    let from_clock = (now_ms / 1000).min(u32::MAX as u64 - 1) as u32;
+    match previous {
+        Some(p) => p.saturating_add(1).max(from_clock),
+        None => from_clock.max(1),
+    }
+}
+
+async fn read_epoch<S: Storage>(storage: &S) -> Result<Option<u32>, StoreError> {
+    let file = match storage.open(EPOCH_FILE).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.len() as usize;
+    let bytes = file.read_at(0, len.min(16)).await?;
+    if bytes.len() == 16 && &bytes[0..8] == EPOCH_MAGIC {
+        let epoch = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+        if crc == crc32fast::hash(&bytes[0..12]) {
+            return Ok(Some(epoch));
+        }
+    }
+    // an unreadable epoch counts as lost: a fresh one will be chosen
+    Ok(None)
+}
+
+/// `EPOCH`: magic "RKVEPCH1" | u32 epoch | u32 CRC32 of the first 12 bytes.
+async fn write_epoch<S: Storage>(storage: &S, epoch: u32) -> Result<(), StoreError> {
+    let mut bytes = Vec::with_capacity(16);
+    bytes.extend_from_slice(EPOCH_MAGIC);
+    bytes.extend_from_slice(&epoch.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let tmp = format!("{EPOCH_FILE}.tmp");
+    let file = storage.create(&tmp).await?;
+    file.append(&bytes);
+    file.sync().await?;
+    storage.rename(&tmp, EPOCH_FILE).await?;
+    storage.sync_dir().await?;
+    Ok(())
+}

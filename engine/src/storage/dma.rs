@@ -1,0 +1,276 @@
+//! The real backend: glommio `DmaFile` (io_uring, `O_DIRECT`).
+//!
+//! Appends go into an in-memory tail buffer that starts at the last aligned offset at
+//! or below the flushed length; a flush writes the buffer (zero padded to the
+//! alignment) with one `write_at`, so the last partial block is rewritten by the next
+//! flush. Reads of bytes still in the buffer are served from it. Padding beyond the
+//! logical end is cut by `truncate` when a segment is sealed; on open, recovery
+//! treats an all-zero tail as padding.
+//!
+//! Callers serialise `flush`/`sync`/`truncate` per file (the log's group commit does);
+//! appends and reads may interleave with them freely.
+
+use super::{Storage, StorageFile};
+use glommio::io::{Directory, DmaFile, OpenOptions};
+use std::cell::RefCell;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+fn to_io(err: glommio::GlommioError<()>) -> io::Error {
+    err.into()
+}
+
+/// One partition folder on a real file system.
+#[derive(Debug)]
+pub struct DmaStorage {
+    path: PathBuf,
+    dir: Directory,
+}
+
+impl DmaStorage {
+    /// Opens the folder, creating it (and syncing its parent) if needed.
+    pub async fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            std::fs::create_dir_all(&path)?;
+            if let Some(parent) = path.parent() {
+                let parent_dir = Directory::open(parent).await.map_err(to_io)?;
+                parent_dir.sync().await.map_err(to_io)?;
+                parent_dir.close().await.map_err(to_io)?;
+            }
+        }
+        let dir = Directory::open(&path).await.map_err(to_io)?;
+        Ok(Self { path, dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Storage for DmaStorage {
+    type File = DmaSegmentFile;
+
+    async fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Some(name) = entry.file_name().to_str() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    async fn create(&self, name: &str) -> io::Result<DmaSegmentFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(self.path.join(name))
+            .await
+            .map_err(to_io)?;
+        Ok(DmaSegmentFile::new(file, 0, Vec::new()))
+    }
+
+    async fn open(&self, name: &str) -> io::Result<DmaSegmentFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(self.path.join(name))
+            .await
+            .map_err(to_io)?;
+        let len = file.file_size().await.map_err(to_io)?;
+        let base = file.align_down(len);
+        let tail = if len > base {
+            file.read_at(base, (len - base) as usize)
+                .await
+                .map_err(to_io)?
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(DmaSegmentFile::new(file, base, tail))
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        glommio::io::rename(self.path.join(from), self.path.join(to))
+            .await
+            .map_err(to_io)
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        glommio::io::remove(self.path.join(name))
+            .await
+            .map_err(to_io)
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        self.dir.sync().await.map_err(to_io)
+    }
+
+    async fn destroy(self) -> io::Result<()> {
+        let path = self.path.clone();
+        self.dir.close().await.map_err(to_io)?;
+        std::fs::remove_dir_all(&path)?;
+        if let Some(parent) = path.parent() {
+            let parent_dir = Directory::open(parent).await.map_err(to_io)?;
+            parent_dir.sync().await.map_err(to_io)?;
+            parent_dir.close().await.map_err(to_io)?;
+        }
+        Ok(())
+    }
+
+    async fn yield_now(&self) {
+        glommio::yield_if_needed().await;
+    }
+}
+
+#[derive(Debug)]
+struct Tail {
+    /// File offset of `buffer[0]`; aligned.
+    base: u64,
+    /// Bytes from `base` to the logical end of the file.
+    buffer: Vec<u8>,
+    /// Bytes `[0, flushed_len)` are written to the device.
+    flushed_len: u64,
+}
+
+/// One segment or hint file opened for `O_DIRECT` reads and appends.
+#[derive(Debug, Clone)]
+pub struct DmaSegmentFile {
+    file: Rc<DmaFile>,
+    tail: Rc<RefCell<Tail>>,
+}
+
+impl DmaSegmentFile {
+    fn new(file: DmaFile, base: u64, buffer: Vec<u8>) -> Self {
+        let flushed_len = base + buffer.len() as u64;
+        Self {
+            file: Rc::new(file),
+            tail: Rc::new(RefCell::new(Tail {
+                base,
+                buffer,
+                flushed_len,
+            })),
+        }
+    }
+}
+
+impl StorageFile for DmaSegmentFile {
+    async fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let end = offset + len as u64;
+        let (from_file_end, tail_part) = {
+            let tail = self.tail.borrow();
+            if end > tail.base + tail.buffer.len() as u64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past end of file",
+                ));
+            }
+            if offset >= tail.base {
+                let from = (offset - tail.base) as usize;
+                return Ok(tail.buffer[from..from + len].to_vec());
+            }
+            if end <= tail.base {
+                (end, Vec::new())
+            } else {
+                let to = (end - tail.base) as usize;
+                (tail.base, tail.buffer[..to].to_vec())
+            }
+        };
+        let want = (from_file_end - offset) as usize;
+        let read = self.file.read_at(offset, want).await.map_err(to_io)?;
+        if read.len() != want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("short read: {} of {want} bytes at {offset}", read.len()),
+            ));
+        }
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&read);
+        out.extend_from_slice(&tail_part);
+        Ok(out)
+    }
+
+    fn append(&self, bytes: &[u8]) -> u64 {
+        let mut tail = self.tail.borrow_mut();
+        let at = tail.base + tail.buffer.len() as u64;
+        tail.buffer.extend_from_slice(bytes);
+        at
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let (base, dma, end) = {
+            let tail = self.tail.borrow();
+            let end = tail.base + tail.buffer.len() as u64;
+            if end == tail.flushed_len {
+                return Ok(());
+            }
+            let padded = self.file.align_up(tail.buffer.len() as u64) as usize;
+            let mut dma = self.file.alloc_dma_buffer(padded);
+            let bytes = dma.as_bytes_mut();
+            bytes[..tail.buffer.len()].copy_from_slice(&tail.buffer);
+            bytes[tail.buffer.len()..].fill(0);
+            (tail.base, dma, end)
+        };
+        let want = dma.len();
+        let written = self.file.write_at(dma, base).await.map_err(to_io)?;
+        if written != want {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short O_DIRECT write: {written} of {want} bytes at {base}"),
+            ));
+        }
+        let mut tail = self.tail.borrow_mut();
+        tail.flushed_len = tail.flushed_len.max(end);
+        let new_base = self.file.align_down(end);
+        if new_base > tail.base {
+            let drop = (new_base - tail.base) as usize;
+            tail.buffer.drain(..drop);
+            tail.base = new_base;
+        }
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.flush().await?;
+        self.file.fdatasync().await.map_err(to_io)
+    }
+
+    async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.flush().await?;
+        self.file.truncate(len).await.map_err(to_io)?;
+        self.file.fdatasync().await.map_err(to_io)?;
+        let base = self.file.align_down(len);
+        let buffer = if len > base {
+            self.file
+                .read_at(base, (len - base) as usize)
+                .await
+                .map_err(to_io)?
+                .to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut tail = self.tail.borrow_mut();
+        tail.base = base;
+        tail.buffer = buffer;
+        tail.flushed_len = len;
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        let tail = self.tail.borrow();
+        tail.base + tail.buffer.len() as u64
+    }
+
+    fn buffered_bytes(&self) -> u64 {
+        let tail = self.tail.borrow();
+        (tail.base + tail.buffer.len() as u64).saturating_sub(tail.flushed_len)
+    }
+}

@@ -1,0 +1,1 @@
+//! ringkv-net: the wire protocol and client library (arrives with the node issue).

@@ -1,0 +1,47 @@
+//! `ringkv`: the one binary of ringkv.
+//!
+//! Subcommands (each lives in its own module):
+//! - `logdump DIR`, `logcheck DIR`: inspect partition log files (`log_cmd`).
+//! - `ring ...`: the ring planner for capacity planners (`ring_cmd`).
+
+mod log_cmd;
+mod ring_cmd;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: ringkv <command> [args]
+
+commands:
+  logdump DIR     print every record of a partition folder (or one segment file)
+  logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
+  ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match command.as_str() {
+        "logdump" => log_cmd::logdump(rest),
+        "logcheck" => log_cmd::logcheck(rest),
+        "ring" => ring_cmd::run(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            eprintln!("ringkv: unknown command '{other}'\n\n{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("ringkv {command}: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
