@@ -19,6 +19,7 @@ pub mod keydir;
 mod notify;
 pub mod partition;
 pub mod record;
+pub mod runtime;
 pub mod segment;
 pub mod storage;
 pub mod version;

@@ -950,7 +950,8 @@ impl<S: Storage> Partition<S> {
         self.sync().await?;
         // make the output durable, then visible, before anything else changes
         for (i, (id, file)) in outputs.iter().enumerate() {
-            file.sync().await?;
+            // truncate syncs, and cuts the O_DIRECT padding of the last block
+            file.truncate(file.len()).await?;
             report.bytes_out += file.len();
             write_hint(&self.storage, *id, file.len(), &out_records[i]).await?;
         }
@@ -1058,7 +1059,8 @@ async fn write_hint<S: Storage>(
     let tmp = format!("{name}.tmp");
     let file = storage.create(&tmp).await?;
     file.append(&segment::encode_hint(id, segment_len, records));
-    file.sync().await?;
+    // truncate (which syncs) rather than sync: O_DIRECT pads the last block
+    file.truncate(file.len()).await?;
     storage.rename(&tmp, &name).await?;
     storage.sync_dir().await?;
     Ok(())
@@ -1105,7 +1107,7 @@ async fn write_epoch<S: Storage>(storage: &S, epoch: u32) -> Result<(), StoreErr
     let tmp = format!("{EPOCH_FILE}.tmp");
     let file = storage.create(&tmp).await?;
     file.append(&bytes);
-    file.sync().await?;
+    file.truncate(file.len()).await?;
     storage.rename(&tmp, EPOCH_FILE).await?;
     storage.sync_dir().await?;
     Ok(())

@@ -40,6 +40,7 @@ impl DmaStorage {
                 parent_dir.close().await.map_err(to_io)?;
             }
         }
+        probe_device_once(&path).await?;
         let dir = Directory::open(&path).await.map_err(to_io)?;
         Ok(Self { path, dir })
     }
@@ -47,6 +48,33 @@ impl DmaStorage {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+thread_local! {
+    static PROBED_DEVICES: RefCell<std::collections::HashSet<u64>> = RefCell::default();
+}
+
+/// Works around a glommio 0.9 defect: the first `DmaFile` a thread opens on a device
+/// decides, by reading its first block, whether the device supports io_uring polled
+/// I/O, and caches the answer for the thread. When that file is new and empty the read
+/// ends at EOF before reaching the device, so polling is wrongly taken as supported and
+/// every later read on a device without poll queues (a virtio disk, say) fails with
+/// EOPNOTSUPP. Opening a non-empty file first makes the probe read real data.
+/// Reproduction: `cargo test -p ringkv-engine --release --test glommio_iopoll_probe`.
+async fn probe_device_once(folder: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let device = std::fs::metadata(folder)?.dev();
+    if PROBED_DEVICES.with(|p| p.borrow().contains(&device)) {
+        return Ok(());
+    }
+    let probe = folder.join(".iopoll-probe.tmp");
+    std::fs::write(&probe, vec![0u8; 4096])?;
+    std::fs::File::open(&probe)?.sync_all()?;
+    let file = DmaFile::open(&probe).await.map_err(to_io)?;
+    file.close().await.map_err(to_io)?;
+    std::fs::remove_file(&probe)?;
+    PROBED_DEVICES.with(|p| p.borrow_mut().insert(device));
+    Ok(())
 }
 
 impl Storage for DmaStorage {

@@ -1,0 +1,379 @@
+//! The log on real files through glommio DMA: model test, torn tails, bit flips,
+//! compaction, group commit, partition removal and import, and the v1 fixture.
+
+use ringkv_engine::runtime::run_local;
+use ringkv_engine::storage::dma::DmaStorage;
+use ringkv_engine::storage::mem::SplitMix;
+use ringkv_engine::{Durability, Partition, PartitionConfig, WriteOp};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+fn small_segments() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes_max: 8192,
+        tombstone_grace_ms: 10,
+        ..PartitionConfig::default()
+    }
+}
+
+async fn open(path: &Path, config: PartitionConfig, now_ms: u64) -> (Partition<DmaStorage>, ringkv_engine::RecoveryReport) {
+    let storage = DmaStorage::open(path).await.unwrap();
+    Partition::open(storage, config, now_ms).await.unwrap()
+}
+
+fn put<'a>(key: &'a [u8], version: &'a [u8], value: &'a [u8], replaces: &'a [u64]) -> WriteOp<'a> {
+    WriteOp { key, version, value: Some(value), replaces }
+}
+
+async fn value_of(p: &Partition<DmaStorage>, key: &[u8]) -> Option<Vec<u8>> {
+    let versions = p.get(key).await.unwrap();
+    assert!(versions.len() <= 1, "unexpected siblings for {key:?}");
+    versions.into_iter().next().and_then(|v| v.value)
+}
+
+/// Random puts, deletes, siblings, compactions and reopens against a model, no crash.
+#[test]
+fn model_on_real_files() {
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        run_local(move || async move {
+            let mut rng = SplitMix(seed);
+            let mut now = 10_000u64;
+            // `none` durability keeps this fast (fdatasync costs milliseconds here);
+            // reopens below still close (sync) the partition
+            let config = PartitionConfig { durability: Durability::None, segment_bytes_max: 64 << 10, ..small_segments() };
+            let (mut p, _) = open(&path, config.clone(), now).await;
+            // key -> list of (version, value or tombstone)
+            let mut model: BTreeMap<Vec<u8>, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+            for op in 0..1500u64 {
+                now += 1;
+                let key = format!("k{}", rng.next() % 64).into_bytes();
+                let r = rng.next() % 100;
+                if r < 75 {
+                    let stored = p.get(&key).await.unwrap();
+                    let sibling = r < 10;
+                    let replaces: Vec<u64> = if sibling { vec![] } else { stored.iter().map(|v| v.seq).collect() };
+                    let version = format!("v{op}").into_bytes();
+                    let value: Option<Vec<u8>> = if r < 65 {
+                        Some((0..(rng.next() % 2000) as usize).map(|i| (i as u64 * op) as u8).collect())
+                    } else {
+                        None
+                    };
+                    p.write(&[WriteOp { key: &key, version: &version, value: value.as_deref(), replaces: &replaces }], now)
+                        .await
+                        .unwrap();
+                    let entry = model.entry(key.clone()).or_default();
+                    if !sibling {
+                        entry.clear();
+                    }
+                    entry.push((version, value));
+                } else if r < 77 {
+                    p.compact(now).await.unwrap();
+                    // expired lone tombstones may be gone
+                    model.retain(|k, v| {
+                        !(v.len() == 1 && v[0].1.is_none()) || p.versions(k).len() == 1
+                    });
+                } else if r < 79 {
+                    p.close().await.unwrap();
+                    drop(p);
+                    let (reopened, report) = open(&path, config.clone(), now).await;
+                    assert!(report.corruption.is_empty(), "{report:?}");
+                    p = reopened;
+                } else {
+                    let mut got: Vec<_> = p.get(&key).await.unwrap().into_iter().map(|v| (v.version, v.value)).collect();
+                    got.sort();
+                    let mut want = model.get(&key).cloned().unwrap_or_default();
+                    want.sort();
+                    assert_eq!(got, want, "seed {seed} op {op}");
+                }
+            }
+            for (key, want) in &model {
+                let mut got: Vec<_> = p.get(key).await.unwrap().into_iter().map(|v| (v.version, v.value)).collect();
+                got.sort();
+                let mut want = want.clone();
+                want.sort();
+                assert_eq!(got, want);
+            }
+            assert!(p.stats().segments > 1, "the test should exercise roll-over");
+        });
+    }
+}
+
+fn segment_files(path: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn torn_tail_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, _) = open(&p2, PartitionConfig::default(), 1).await;
+        for i in 0..100u32 {
+            let key = format!("k{i}");
+            p.write(&[put(key.as_bytes(), b"v", format!("val{i}").as_bytes(), &[])], 2).await.unwrap();
+        }
+        p.close().await.unwrap();
+    });
+    // a torn write: half a record of garbage at the end of the active segment
+    let active = segment_files(&path).pop().unwrap();
+    let good_len = std::fs::metadata(&active).unwrap().len();
+    let mut bytes = std::fs::read(&active).unwrap();
+    // records end in a non-zero byte here; what follows is O_DIRECT padding
+    let valid_end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    bytes.truncate(valid_end);
+    bytes.extend_from_slice(&[0x52, 0x4B, 0x01, 0x00, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+    std::fs::write(&active, &bytes).unwrap();
+    assert!(good_len > 0);
+    run_local(move || async move {
+        let (p, report) = open(&path, PartitionConfig::default(), 3).await;
+        assert_eq!(report.truncated_tail_bytes, 11, "{report:?}");
+        assert!(report.corruption.is_empty());
+        assert!(!p.needs_repair());
+        for i in 0..100u32 {
+            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(format!("val{i}").into_bytes()));
+        }
+        // writes continue after the cut
+        p.write(&[put(b"after", b"v", b"x", &[])], 4).await.unwrap();
+        p.close().await.unwrap();
+        drop(p);
+        let (p, report) = open(&path, PartitionConfig::default(), 5).await;
+        assert_eq!(report.truncated_tail_bytes, 0);
+        assert_eq!(value_of(&p, b"after").await, Some(b"x".to_vec()));
+    });
+}
+
+#[test]
+fn bit_flip_in_sealed_segment_is_reported_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, _) = open(&p2, small_segments(), 1).await;
+        for i in 0..200u32 {
+            let key = format!("k{i:03}");
+            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2).await.unwrap();
+        }
+        p.close().await.unwrap();
+    });
+    let first = segment_files(&path).remove(0);
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&first, &bytes).unwrap();
+
+    // with the hint in place, open is fast and the flip is caught when read
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, report) = open(&p2, small_segments(), 3).await;
+        assert!(report.segments_from_hints > 0);
+        let mut corrupt = 0;
+        for i in 0..200u32 {
+            match p.get(format!("k{i:03}").as_bytes()).await {
+                Ok(v) => assert_eq!(v[0].value.as_deref(), Some(&[i as u8; 100][..]), "wrong value served"),
+                Err(e) => {
+                    assert!(e.to_string().contains("corrupt"), "{e}");
+                    corrupt += 1;
+                }
+            }
+        }
+        assert_eq!(corrupt, 1);
+        assert!(p.needs_repair());
+    });
+
+    // without the hint, open scans, reports the damage and keeps everything else
+    for hint in std::fs::read_dir(&path).unwrap() {
+        let hint = hint.unwrap().path();
+        if hint.extension().is_some_and(|e| e == "hint") {
+            std::fs::remove_file(hint).unwrap();
+        }
+    }
+    run_local(move || async move {
+        let (p, report) = open(&path, small_segments(), 4).await;
+        assert_eq!(report.corruption.len(), 1, "{report:?}");
+        assert!(p.needs_repair());
+        let mut present = 0;
+        for i in 0..200u32 {
+            if let Some(v) = value_of(&p, format!("k{i:03}").as_bytes()).await {
+                assert_eq!(v, vec![i as u8; 100], "wrong value served");
+                present += 1;
+            }
+        }
+        assert_eq!(present, 199, "only the damaged record is missing");
+    });
+}
+
+#[test]
+fn compaction_keeps_every_live_version_and_reclaims_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    run_local(move || async move {
+        let (p, _) = open(&path, small_segments(), 1).await;
+        let mut now = 100;
+        for round in 0..10u8 {
+            for i in 0..50u32 {
+                now += 1;
+                let key = format!("k{i}");
+                let old: Vec<u64> = p.versions(key.as_bytes()).iter().map(|l| l.seq).collect();
+                p.write(&[put(key.as_bytes(), &[round], &[round; 64], &old)], now).await.unwrap();
+            }
+        }
+        // siblings and a tombstone survive compaction too
+        p.write(&[put(b"sib", b"a", b"1", &[]), put(b"sib2", b"b", b"2", &[])], now).await.unwrap();
+        p.write(&[put(b"sib", b"c", b"3", &[])], now).await.unwrap();
+        p.write(&[WriteOp { key: b"gone", version: b"t", value: None, replaces: &[] }], now).await.unwrap();
+        let before = p.stats();
+        let report = p.compact(now + 1).await.unwrap();
+        let after = p.stats();
+        assert!(report.records_dropped > 0 && after.bytes < before.bytes, "{report:?}");
+        for i in 0..50u32 {
+            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(vec![9u8; 64]));
+        }
+        assert_eq!(p.get(b"sib").await.unwrap().len(), 2);
+        assert_eq!(p.get(b"gone").await.unwrap().len(), 1, "tombstone inside grace kept");
+        // after the grace period the lone tombstone goes
+        p.write(&[put(b"roll", b"r", &[0; 9000], &[])], now + 100).await.unwrap();
+        let report = p.compact(now + 1000).await.unwrap();
+        assert!(report.tombstones_dropped >= 1, "{report:?}");
+        assert!(p.get(b"gone").await.unwrap().is_empty());
+        p.close().await.unwrap();
+        drop(p);
+        let (p, report) = open(&path, small_segments(), now + 2000).await;
+        assert!(report.corruption.is_empty());
+        for i in 0..50u32 {
+            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(vec![9u8; 64]));
+        }
+        assert!(p.get(b"gone").await.unwrap().is_empty());
+        assert_eq!(p.get(b"sib").await.unwrap().len(), 2);
+    });
+}
+
+#[test]
+fn group_commit_shares_fdatasync_between_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    run_local(move || async move {
+        let (p, _) = open(&path, PartitionConfig::default(), 1).await;
+        let p = Rc::new(p);
+        let writers = 128u32;
+        let per_writer = 20u32;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let p = p.clone();
+            tasks.push(glommio::spawn_local(async move {
+                for i in 0..per_writer {
+                    let key = format!("w{w}-{i}");
+                    p.write(&[put(key.as_bytes(), b"v", &[7; 100], &[])], 2).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+        let stats = p.stats();
+        let writes = (writers * per_writer) as u64;
+        assert_eq!(stats.writes, writes);
+        println!("group commit: {writes} acknowledged writes shared {} fdatasyncs", stats.syncs);
+        assert!(stats.syncs * 8 < writes, "{} syncs for {writes} writes", stats.syncs);
+    });
+}
+
+#[test]
+fn remove_partition_and_open_copied_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let copy = dir.path().join("copy");
+    let (s2, c2) = (source.clone(), copy.clone());
+    run_local(move || async move {
+        let (p, _) = open(&s2, small_segments(), 1).await;
+        for i in 0..300u32 {
+            let key = format!("k{i}");
+            p.write(&[put(key.as_bytes(), b"v", &i.to_le_bytes(), &[])], 2).await.unwrap();
+        }
+        p.close().await.unwrap();
+        let epoch = p.epoch();
+        // what partition transfer does: copy the segment and hint files, not the epoch
+        std::fs::create_dir_all(&c2).unwrap();
+        for entry in std::fs::read_dir(&s2).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            if name.ends_with(".seg") || name.ends_with(".hint") {
+                std::fs::copy(entry.path(), c2.join(&name)).unwrap();
+            }
+        }
+        let (copied, report) = open(&c2, small_segments(), 5_000_000).await;
+        assert!(report.corruption.is_empty());
+        for i in 0..300u32 {
+            assert_eq!(value_of(&copied, format!("k{i}").as_bytes()).await, Some(i.to_le_bytes().to_vec()));
+        }
+        assert_ne!(copied.epoch(), epoch, "imported data gets this node's own fresh epoch");
+        p.destroy().await.unwrap();
+        assert!(!s2.exists());
+    });
+    assert!(copy.exists());
+}
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format-v1");
+
+/// The committed v1 fixture: every later version of ringkv must open it. Regenerate
+/// (only when deliberately starting a new fixture) with
+/// `RINGKV_WRITE_FIXTURE=1 cargo test -p ringkv-engine --release --test dma_files fixture`.
+#[test]
+fn format_v1_fixture_still_opens() {
+    let fixture = PathBuf::from(FIXTURE);
+    if std::env::var_os("RINGKV_WRITE_FIXTURE").is_some() {
+        let _ = std::fs::remove_dir_all(&fixture);
+        let f2 = fixture.clone();
+        run_local(move || async move {
+            let config = PartitionConfig { segment_bytes_max: 4096, ..PartitionConfig::default() };
+            let (p, _) = open(&f2, config, 1_700_000_000_000).await;
+            for i in 0..40u32 {
+                let key = format!("fixture-{i:02}");
+                p.write(&[put(key.as_bytes(), format!("clock-{i}").as_bytes(), format!("value-{i}-{}", "x".repeat(200)).as_bytes(), &[])], 1_700_000_000_000 + i as u64)
+                    .await
+                    .unwrap();
+            }
+            let seqs: Vec<u64> = p.versions(b"fixture-00").iter().map(|l| l.seq).collect();
+            p.write(&[put(b"fixture-00", b"clock-new", b"replaced", &seqs)], 1_700_000_001_000).await.unwrap();
+            p.write(&[put(b"fixture-01", b"clock-sibling", b"sibling", &[])], 1_700_000_001_001).await.unwrap();
+            let seqs: Vec<u64> = p.versions(b"fixture-02").iter().map(|l| l.seq).collect();
+            p.write(&[WriteOp { key: b"fixture-02", version: b"clock-del", value: None, replaces: &seqs }], 1_700_000_001_002).await.unwrap();
+            p.close().await.unwrap();
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("fixture");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&fixture).expect("fixture folder is committed") {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    run_local(move || async move {
+        let (p, report) = open(&copy, PartitionConfig::default(), 1_800_000_000_000).await;
+        assert!(report.corruption.is_empty(), "{report:?}");
+        assert!(report.segments >= 2, "fixture spans segments");
+        assert_eq!(value_of(&p, b"fixture-00").await, Some(b"replaced".to_vec()));
+        let mut sib: Vec<_> = p.get(b"fixture-01").await.unwrap().into_iter().map(|v| v.value.unwrap()).collect();
+        sib.sort();
+        assert_eq!(sib, vec![b"sibling".to_vec(), format!("value-1-{}", "x".repeat(200)).into_bytes()]);
+        let del = p.get(b"fixture-02").await.unwrap();
+        assert_eq!(del.len(), 1);
+        assert_eq!(del[0].value, None);
+        assert_eq!(del[0].version, b"clock-del");
+        for i in 3..40u32 {
+            let v = p.get(format!("fixture-{i:02}").as_bytes()).await.unwrap();
+            assert_eq!(v[0].value.as_deref(), Some(format!("value-{i}-{}", "x".repeat(200)).as_bytes()));
+            assert_eq!(v[0].version, format!("clock-{i}").as_bytes());
+            assert_eq!(v[0].timestamp_ms, 1_700_000_000_000 + i as u64);
+        }
+    });
+}
