@@ -93,7 +93,8 @@ impl KeyDir {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[Loc]> {
-        self.find(key).map(|i| &self.entries[i as usize].versions[..])
+        self.find(key)
+            .map(|i| &self.entries[i as usize].versions[..])
     }
 
     /// Adds a version to `key` (replacing a version with the same seq: a replay of a
@@ -184,8 +185,7 @@ impl KeyDir {
         entry.versions = SmallVec::new();
         self.arena_garbage_bytes += (entry.key_at & 0xFFFF) as usize;
         self.free.push(index);
-        if self.arena_garbage_bytes > 1 << 20 && self.arena_garbage_bytes * 2 > self.arena.len()
-        {
+        if self.arena_garbage_bytes > 1 << 20 && self.arena_garbage_bytes * 2 > self.arena.len() {
             self.rebuild_arena();
         }
     }

@@ -23,6 +23,7 @@ pub mod runtime;
 pub mod segment;
 pub mod storage;
 pub mod version;
+pub mod versioned;
 
 pub use partition::{
     CompactionReport, Durability, Partition, PartitionConfig, RecoveryReport, StoreError,

@@ -98,6 +98,12 @@ pub enum StoreError {
         offset: u64,
         error: String,
     },
+    #[error("actor epoch: {0}")]
+    Epoch(String),
+    #[error("stored version blob of a key is unreadable: {0}")]
+    BadVersion(String),
+    #[error("key changed under {attempts} attempts to write it; try again")]
+    Contended { attempts: usize },
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -163,6 +169,9 @@ pub struct PartitionStats {
     pub keydir_heap_bytes: usize,
     pub needs_repair: bool,
     pub epoch: u32,
+    /// Clocks truncated past their size bound, and entries cut from them.
+    pub clock_truncations: u64,
+    pub clock_entries_truncated: u64,
 }
 
 /// Normal segments get ids `n << SEGMENT_ID_SHIFT`; compaction output of a prefix
@@ -199,11 +208,15 @@ struct State<F> {
     epoch: u32,
     syncs: u64,
     writes: u64,
+    clock_truncations: u64,
+    clock_entries_truncated: u64,
 }
 
 impl<F> State<F> {
     fn segment(&self, slot: u32) -> &Rc<Segment<F>> {
-        self.slots[slot as usize].as_ref().expect("keydir names a live slot")
+        self.slots[slot as usize]
+            .as_ref()
+            .expect("keydir names a live slot")
     }
     fn add_slot(&mut self, segment: Segment<F>) -> u32 {
         let id = segment.id;
@@ -299,6 +312,8 @@ impl<S: Storage> Partition<S> {
             epoch: 0,
             syncs: 0,
             writes: 0,
+            clock_truncations: 0,
+            clock_entries_truncated: 0,
         };
         let mut reopen_active: Option<u32> = None;
         let last_id = seg_ids.last().copied();
@@ -401,7 +416,11 @@ impl<S: Storage> Partition<S> {
                     segment: slot,
                     offset: e.offset as u32,
                     len: e.header.total_bytes() as u32,
-                    flags: if e.header.is_tombstone() { LOC_TOMBSTONE } else { 0 },
+                    flags: if e.header.is_tombstone() {
+                        LOC_TOMBSTONE
+                    } else {
+                        0
+                    },
                 };
                 state.next_seq = state.next_seq.max(e.header.seq + 1);
                 state.apply(&e.key, loc, &e.replaced);
@@ -415,11 +434,16 @@ impl<S: Storage> Partition<S> {
         report.segments = seg_ids.len();
         report.keys = state.keydir.len();
 
-        let data_lost = state.needs_repair;
+        // Data this node may have coordinated is gone (corruption, a cut tail, a new or
+        // imported folder): move to a fresh actor epoch so no clock counter is reused.
+        let data_lost = state.needs_repair
+            || report.truncated_tail_bytes > 0
+            || report.dropped_batch_records > 0;
         state.epoch = match persisted_epoch {
             Some(e) if !data_lost => e,
             previous => {
-                let epoch = next_epoch(previous, now_ms);
+                let epoch = crate::version::next_epoch(previous, now_ms)
+                    .map_err(|e| StoreError::Epoch(e.to_string()))?;
                 write_epoch(&storage, epoch).await?;
                 epoch
             }
@@ -466,6 +490,27 @@ impl<S: Storage> Partition<S> {
     /// The actor epoch of this partition on this node (see `version`).
     pub fn epoch(&self) -> u32 {
         self.state.borrow().epoch
+    }
+
+    /// Moves this partition to a new actor epoch (persisted before it is used): after
+    /// tombstone reaping, or when a client context shows local data was lost.
+    pub async fn bump_epoch(&self, now_ms: u64) -> Result<u32, StoreError> {
+        let previous = self.state.borrow().epoch;
+        let epoch = crate::version::next_epoch(Some(previous), now_ms)
+            .map_err(|e| StoreError::Epoch(e.to_string()))?;
+        write_epoch(&self.storage, epoch).await?;
+        let mut state = self.state.borrow_mut();
+        state.epoch = state.epoch.max(epoch);
+        Ok(state.epoch)
+    }
+
+    /// Counts clock entries cut by truncation (reported in stats).
+    pub fn record_clock_truncation(&self, entries: usize) {
+        if entries > 0 {
+            let mut state = self.state.borrow_mut();
+            state.clock_truncations += 1;
+            state.clock_entries_truncated += entries as u64;
+        }
     }
 
     /// Corruption was found: some data must come back from replicas.
@@ -515,7 +560,9 @@ impl<S: Storage> Partition<S> {
     /// there) and returns the seq given to each. Each op's `replaces` seqs leave the
     /// key's live set in the same step. Acknowledged per the durability mode.
     pub async fn write(&self, ops: &[WriteOp<'_>], now_ms: u64) -> Result<Vec<u64>, StoreError> {
-        self.write_if(ops, now_ms, |_| true).await.map(|r| r.expect("no precondition"))
+        self.write_if(ops, now_ms, |_| true)
+            .await
+            .map(|r| r.expect("no precondition"))
     }
 
     /// Like [`write`](Self::write), but first checks `precondition` against the keydir
@@ -545,7 +592,13 @@ impl<S: Storage> Partition<S> {
             state.next_seq += ops.len() as u64;
             let mut buf = Vec::with_capacity(
                 ops.iter()
-                    .map(|o| record::RECORD_HEADER_BYTES + o.key.len() + o.version.len() + o.value.map_or(0, <[u8]>::len) + o.replaces.len() * 8)
+                    .map(|o| {
+                        record::RECORD_HEADER_BYTES
+                            + o.key.len()
+                            + o.version.len()
+                            + o.value.map_or(0, <[u8]>::len)
+                            + o.replaces.len() * 8
+                    })
                     .sum(),
             );
             let mut places = SmallVec::<[(usize, usize); 4]>::new();
@@ -601,7 +654,11 @@ impl<S: Storage> Partition<S> {
 
     /// Waits until bytes `..end` of `segment` are durable, leading a group commit when
     /// no sync is running: one `fdatasync` covers every append buffered before it.
-    async fn make_durable(&self, segment: &Rc<Segment<S::File>>, end: u64) -> Result<(), StoreError> {
+    async fn make_durable(
+        &self,
+        segment: &Rc<Segment<S::File>>,
+        end: u64,
+    ) -> Result<(), StoreError> {
         loop {
             if let Some(err) = &self.state.borrow().failed {
                 return Err(StoreError::Failed(err.clone()));
@@ -634,7 +691,9 @@ impl<S: Storage> Partition<S> {
         let outcome = match result {
             Ok(()) => {
                 if sync {
-                    segment.durable_len.set(segment.durable_len.get().max(target));
+                    segment
+                        .durable_len
+                        .set(segment.durable_len.get().max(target));
                     self.state.borrow_mut().syncs += 1;
                 }
                 Ok(())
@@ -661,7 +720,13 @@ impl<S: Storage> Partition<S> {
             if let Some(err) = &state.failed {
                 return Err(StoreError::Failed(err.clone()));
             }
-            state.slots.iter().flatten().filter(|s| !s.sealed.get()).cloned().collect()
+            state
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| !s.sealed.get())
+                .cloned()
+                .collect()
         };
         for segment in segments {
             let end = segment.file.len();
@@ -725,11 +790,15 @@ impl<S: Storage> Partition<S> {
     /// Every live version of `key` (siblings and tombstones), each read from its log
     /// record and CRC-checked.
     pub async fn get(&self, key: &[u8]) -> Result<Vec<StoredVersion>, StoreError> {
-        let places: SmallVec<[(Loc, Rc<Segment<S::File>>); 2]> = {
+        type Place<F> = (Loc, Rc<Segment<F>>);
+        let places: SmallVec<[Place<S::File>; 2]> = {
             let state = self.state.borrow();
             match state.keydir.get(key) {
                 None => return Ok(Vec::new()),
-                Some(locs) => locs.iter().map(|l| (*l, state.segment(l.segment).clone())).collect(),
+                Some(locs) => locs
+                    .iter()
+                    .map(|l| (*l, state.segment(l.segment).clone()))
+                    .collect(),
             }
         };
         let mut out = Vec::with_capacity(places.len());
@@ -755,7 +824,10 @@ impl<S: Storage> Partition<S> {
         loc: &Loc,
         segment: &Segment<S::File>,
     ) -> Result<StoredVersion, StoreError> {
-        let bytes = segment.file.read_at(loc.offset as u64, loc.len as usize).await?;
+        let bytes = segment
+            .file
+            .read_at(loc.offset as u64, loc.len as usize)
+            .await?;
         let corrupt = |error: String| {
             self.state.borrow_mut().needs_repair = true;
             StoreError::Corrupt {
@@ -798,6 +870,8 @@ impl<S: Storage> Partition<S> {
             keydir_heap_bytes: state.keydir.heap_bytes(),
             needs_repair: state.needs_repair,
             epoch: state.epoch,
+            clock_truncations: state.clock_truncations,
+            clock_entries_truncated: state.clock_entries_truncated,
         }
     }
 
@@ -881,9 +955,9 @@ impl<S: Storage> Partition<S> {
                     let state = self.state.borrow();
                     match state.keydir.get(&rec.key) {
                         Some(locs) => {
-                            let live = locs.iter().any(|l| {
-                                l.seq == rec.header.seq && (l.segment, l.offset) == from
-                            });
+                            let live = locs
+                                .iter()
+                                .any(|l| l.seq == rec.header.seq && (l.segment, l.offset) == from);
                             let expired = rec.header.is_tombstone()
                                 && locs.len() == 1
                                 && now_ms.saturating_sub(rec.header.timestamp_ms) > grace;
@@ -939,7 +1013,11 @@ impl<S: Storage> Partition<S> {
                     key: rec.key,
                     seq: rec.header.seq,
                     len,
-                    flags: if rec.header.is_tombstone() { LOC_TOMBSTONE } else { 0 },
+                    flags: if rec.header.is_tombstone() {
+                        LOC_TOMBSTONE
+                    } else {
+                        0
+                    },
                 });
                 report.records_kept += 1;
             }
@@ -961,6 +1039,12 @@ impl<S: Storage> Partition<S> {
         }
         self.storage.sync_dir().await?;
         report.segments_out = outputs.len();
+        if !dropped_tombstones.is_empty() {
+            // A reaped tombstone's dot is forgotten once the keydir swaps below; every
+            // write this node coordinates afterwards must use a new epoch so it never
+            // reuses that counter (the doomstone case).
+            self.bump_epoch(now_ms).await?;
+        }
 
         // swap the keydir over to the output, in one step
         {
@@ -993,7 +1077,9 @@ impl<S: Storage> Partition<S> {
             }
             for (key, seq, from) in &dropped_tombstones {
                 let still_sole = state.keydir.get(key).is_some_and(|locs| {
-                    locs.len() == 1 && locs[0].seq == *seq && (locs[0].segment, locs[0].offset) == *from
+                    locs.len() == 1
+                        && locs[0].seq == *seq
+                        && (locs[0].segment, locs[0].offset) == *from
                 });
                 if still_sole {
                     state.keydir.remove_seqs(key, &[*seq]);
@@ -1009,10 +1095,18 @@ impl<S: Storage> Partition<S> {
             for (_, locs) in state.keydir.iter() {
                 dangling += locs
                     .iter()
-                    .filter(|l| state.slots.get(l.segment as usize).is_none_or(Option::is_none))
+                    .filter(|l| {
+                        state
+                            .slots
+                            .get(l.segment as usize)
+                            .is_none_or(Option::is_none)
+                    })
                     .count();
             }
-            assert_eq!(dangling, 0, "compaction left keydir entries pointing at removed segments");
+            assert_eq!(
+                dangling, 0,
+                "compaction left keydir entries pointing at removed segments"
+            );
         }
         // only now remove the sources, oldest first
         for (_, seg) in &sources {
@@ -1064,18 +1158,6 @@ async fn write_hint<S: Storage>(
     storage.rename(&tmp, &name).await?;
     storage.sync_dir().await?;
     Ok(())
-}
-
-/// The actor epoch for a partition whose local data is new or was lost: never one
-/// used before. With a persisted previous epoch, the next one; without (the disk was
-/// wiped), one derived from the wall clock in seconds, which is later than any epoch
-/// chosen in an earlier second.
-pub fn next_epoch(previous: Option<u32>, now_ms: u64) -> u32 {
-    let from_clock = (now_ms / 1000).min(u32::MAX as u64 - 1) as u32;
-    match previous {
-        Some(p) => p.saturating_add(1).max(from_clock),
-        None => from_clock.max(1),
-    }
 }
 
 async fn read_epoch<S: Storage>(storage: &S) -> Result<Option<u32>, StoreError> {

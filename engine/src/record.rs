@@ -107,7 +107,10 @@ impl RecordRef<'_> {
     /// Appends the encoded record to `out`. Panics (an invariant, checked by the
     /// caller's limits) if a field exceeds the format's hard limits.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        assert!(self.key.len() <= KEY_BYTES_MAX, "key too long for format v1");
+        assert!(
+            self.key.len() <= KEY_BYTES_MAX,
+            "key too long for format v1"
+        );
         assert!(self.replaced.len() <= REPLACED_COUNT_MAX);
         assert!(self.version.len() <= VERSION_BYTES_MAX);
         let value = self.value.unwrap_or(&[]);

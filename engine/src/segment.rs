@@ -201,10 +201,12 @@ fn resync(bytes: &[u8], from: usize) -> Option<usize> {
     let magic = RECORD_MAGIC.to_le_bytes();
     let mut at = from;
     while at + record::RECORD_HEADER_BYTES <= bytes.len() {
-        if bytes[at] == magic[0] && bytes[at + 1] == magic[1] && bytes[at + 2] == RECORD_FORMAT_V1 {
-            if record::decode(&bytes[at..]).is_ok() {
-                return Some(at);
-            }
+        if bytes[at] == magic[0]
+            && bytes[at + 1] == magic[1]
+            && bytes[at + 2] == RECORD_FORMAT_V1
+            && record::decode(&bytes[at..]).is_ok()
+        {
+            return Some(at);
         }
         at += 1;
     }
@@ -275,7 +277,10 @@ pub fn decode_hint(buf: &[u8], id: u64, segment_len: u64) -> Result<Vec<Scanned>
     }
     let found = record::u64_at(body, 8);
     if found != id {
-        return Err(HintError::WrongSegment { expected: id, found });
+        return Err(HintError::WrongSegment {
+            expected: id,
+            found,
+        });
     }
     let hinted = record::u64_at(body, 16);
     if hinted != segment_len {
@@ -319,7 +324,10 @@ pub fn decode_hint(buf: &[u8], id: u64, segment_len: u64) -> Result<Vec<Scanned>
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
         at += replaced_count * 8;
-        if offset.checked_add(len as u64).is_none_or(|end| end > segment_len) {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > segment_len)
+        {
             return Err(RecordError::OutOfBounds("hint entry beyond segment end").into());
         }
         let fixed = RECORD_HEADER_FIXED + key_len + replaced_count * 8;

@@ -17,13 +17,22 @@ fn small_segments() -> PartitionConfig {
     }
 }
 
-async fn open(path: &Path, config: PartitionConfig, now_ms: u64) -> (Partition<DmaStorage>, ringkv_engine::RecoveryReport) {
+async fn open(
+    path: &Path,
+    config: PartitionConfig,
+    now_ms: u64,
+) -> (Partition<DmaStorage>, ringkv_engine::RecoveryReport) {
     let storage = DmaStorage::open(path).await.unwrap();
     Partition::open(storage, config, now_ms).await.unwrap()
 }
 
 fn put<'a>(key: &'a [u8], version: &'a [u8], value: &'a [u8], replaces: &'a [u64]) -> WriteOp<'a> {
-    WriteOp { key, version, value: Some(value), replaces }
+    WriteOp {
+        key,
+        version,
+        value: Some(value),
+        replaces,
+    }
 }
 
 async fn value_of(p: &Partition<DmaStorage>, key: &[u8]) -> Option<Vec<u8>> {
@@ -31,6 +40,9 @@ async fn value_of(p: &Partition<DmaStorage>, key: &[u8]) -> Option<Vec<u8>> {
     assert!(versions.len() <= 1, "unexpected siblings for {key:?}");
     versions.into_iter().next().and_then(|v| v.value)
 }
+
+/// (version blob, value or tombstone)
+type Versioned = (Vec<u8>, Option<Vec<u8>>);
 
 /// Random puts, deletes, siblings, compactions and reopens against a model, no crash.
 #[test]
@@ -43,27 +55,47 @@ fn model_on_real_files() {
             let mut now = 10_000u64;
             // `none` durability keeps this fast (fdatasync costs milliseconds here);
             // reopens below still close (sync) the partition
-            let config = PartitionConfig { durability: Durability::None, segment_bytes_max: 64 << 10, ..small_segments() };
+            let config = PartitionConfig {
+                durability: Durability::None,
+                segment_bytes_max: 64 << 10,
+                ..small_segments()
+            };
             let (mut p, _) = open(&path, config.clone(), now).await;
             // key -> list of (version, value or tombstone)
-            let mut model: BTreeMap<Vec<u8>, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+            let mut model: BTreeMap<Vec<u8>, Vec<Versioned>> = BTreeMap::new();
             for op in 0..1500u64 {
                 now += 1;
-                let key = format!("k{}", rng.next() % 64).into_bytes();
-                let r = rng.next() % 100;
+                let key = format!("k{}", rng.next_u64() % 64).into_bytes();
+                let r = rng.next_u64() % 100;
                 if r < 75 {
                     let stored = p.get(&key).await.unwrap();
                     let sibling = r < 10;
-                    let replaces: Vec<u64> = if sibling { vec![] } else { stored.iter().map(|v| v.seq).collect() };
+                    let replaces: Vec<u64> = if sibling {
+                        vec![]
+                    } else {
+                        stored.iter().map(|v| v.seq).collect()
+                    };
                     let version = format!("v{op}").into_bytes();
                     let value: Option<Vec<u8>> = if r < 65 {
-                        Some((0..(rng.next() % 2000) as usize).map(|i| (i as u64 * op) as u8).collect())
+                        Some(
+                            (0..(rng.next_u64() % 2000) as usize)
+                                .map(|i| (i as u64 * op) as u8)
+                                .collect(),
+                        )
                     } else {
                         None
                     };
-                    p.write(&[WriteOp { key: &key, version: &version, value: value.as_deref(), replaces: &replaces }], now)
-                        .await
-                        .unwrap();
+                    p.write(
+                        &[WriteOp {
+                            key: &key,
+                            version: &version,
+                            value: value.as_deref(),
+                            replaces: &replaces,
+                        }],
+                        now,
+                    )
+                    .await
+                    .unwrap();
                     let entry = model.entry(key.clone()).or_default();
                     if !sibling {
                         entry.clear();
@@ -82,7 +114,13 @@ fn model_on_real_files() {
                     assert!(report.corruption.is_empty(), "{report:?}");
                     p = reopened;
                 } else {
-                    let mut got: Vec<_> = p.get(&key).await.unwrap().into_iter().map(|v| (v.version, v.value)).collect();
+                    let mut got: Vec<_> = p
+                        .get(&key)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|v| (v.version, v.value))
+                        .collect();
                     got.sort();
                     let mut want = model.get(&key).cloned().unwrap_or_default();
                     want.sort();
@@ -90,7 +128,13 @@ fn model_on_real_files() {
                 }
             }
             for (key, want) in &model {
-                let mut got: Vec<_> = p.get(key).await.unwrap().into_iter().map(|v| (v.version, v.value)).collect();
+                let mut got: Vec<_> = p
+                    .get(key)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|v| (v.version, v.value))
+                    .collect();
                 got.sort();
                 let mut want = want.clone();
                 want.sort();
@@ -120,7 +164,12 @@ fn torn_tail_is_truncated_and_reported() {
         let (p, _) = open(&p2, PartitionConfig::default(), 1).await;
         for i in 0..100u32 {
             let key = format!("k{i}");
-            p.write(&[put(key.as_bytes(), b"v", format!("val{i}").as_bytes(), &[])], 2).await.unwrap();
+            p.write(
+                &[put(key.as_bytes(), b"v", format!("val{i}").as_bytes(), &[])],
+                2,
+            )
+            .await
+            .unwrap();
         }
         p.close().await.unwrap();
     });
@@ -140,7 +189,10 @@ fn torn_tail_is_truncated_and_reported() {
         assert!(report.corruption.is_empty());
         assert!(!p.needs_repair());
         for i in 0..100u32 {
-            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(format!("val{i}").into_bytes()));
+            assert_eq!(
+                value_of(&p, format!("k{i}").as_bytes()).await,
+                Some(format!("val{i}").into_bytes())
+            );
         }
         // writes continue after the cut
         p.write(&[put(b"after", b"v", b"x", &[])], 4).await.unwrap();
@@ -161,7 +213,9 @@ fn bit_flip_in_sealed_segment_is_reported_never_served() {
         let (p, _) = open(&p2, small_segments(), 1).await;
         for i in 0..200u32 {
             let key = format!("k{i:03}");
-            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2).await.unwrap();
+            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
+                .await
+                .unwrap();
         }
         p.close().await.unwrap();
     });
@@ -179,7 +233,11 @@ fn bit_flip_in_sealed_segment_is_reported_never_served() {
         let mut corrupt = 0;
         for i in 0..200u32 {
             match p.get(format!("k{i:03}").as_bytes()).await {
-                Ok(v) => assert_eq!(v[0].value.as_deref(), Some(&[i as u8; 100][..]), "wrong value served"),
+                Ok(v) => assert_eq!(
+                    v[0].value.as_deref(),
+                    Some(&[i as u8; 100][..]),
+                    "wrong value served"
+                ),
                 Err(e) => {
                     assert!(e.to_string().contains("corrupt"), "{e}");
                     corrupt += 1;
@@ -224,24 +282,53 @@ fn compaction_keeps_every_live_version_and_reclaims_space() {
                 now += 1;
                 let key = format!("k{i}");
                 let old: Vec<u64> = p.versions(key.as_bytes()).iter().map(|l| l.seq).collect();
-                p.write(&[put(key.as_bytes(), &[round], &[round; 64], &old)], now).await.unwrap();
+                p.write(&[put(key.as_bytes(), &[round], &[round; 64], &old)], now)
+                    .await
+                    .unwrap();
             }
         }
         // siblings and a tombstone survive compaction too
-        p.write(&[put(b"sib", b"a", b"1", &[]), put(b"sib2", b"b", b"2", &[])], now).await.unwrap();
+        p.write(
+            &[put(b"sib", b"a", b"1", &[]), put(b"sib2", b"b", b"2", &[])],
+            now,
+        )
+        .await
+        .unwrap();
         p.write(&[put(b"sib", b"c", b"3", &[])], now).await.unwrap();
-        p.write(&[WriteOp { key: b"gone", version: b"t", value: None, replaces: &[] }], now).await.unwrap();
+        p.write(
+            &[WriteOp {
+                key: b"gone",
+                version: b"t",
+                value: None,
+                replaces: &[],
+            }],
+            now,
+        )
+        .await
+        .unwrap();
         let before = p.stats();
         let report = p.compact(now + 1).await.unwrap();
         let after = p.stats();
-        assert!(report.records_dropped > 0 && after.bytes < before.bytes, "{report:?}");
+        assert!(
+            report.records_dropped > 0 && after.bytes < before.bytes,
+            "{report:?}"
+        );
         for i in 0..50u32 {
-            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(vec![9u8; 64]));
+            assert_eq!(
+                value_of(&p, format!("k{i}").as_bytes()).await,
+                Some(vec![9u8; 64])
+            );
         }
         assert_eq!(p.get(b"sib").await.unwrap().len(), 2);
-        assert_eq!(p.get(b"gone").await.unwrap().len(), 1, "tombstone inside grace kept");
+        assert_eq!(
+            p.get(b"gone").await.unwrap().len(),
+            1,
+            "tombstone inside grace kept"
+        );
         // after the grace period the lone tombstone goes
-        p.write(&[put(b"roll", b"r", &[0; 9000], &[])], now + 100).await.unwrap();
+        p.write(&[put(b"roll", b"r", &[0; 9000], &[])], now + 100)
+            .await
+            .unwrap();
         let report = p.compact(now + 1000).await.unwrap();
         assert!(report.tombstones_dropped >= 1, "{report:?}");
         assert!(p.get(b"gone").await.unwrap().is_empty());
@@ -250,7 +337,10 @@ fn compaction_keeps_every_live_version_and_reclaims_space() {
         let (p, report) = open(&path, small_segments(), now + 2000).await;
         assert!(report.corruption.is_empty());
         for i in 0..50u32 {
-            assert_eq!(value_of(&p, format!("k{i}").as_bytes()).await, Some(vec![9u8; 64]));
+            assert_eq!(
+                value_of(&p, format!("k{i}").as_bytes()).await,
+                Some(vec![9u8; 64])
+            );
         }
         assert!(p.get(b"gone").await.unwrap().is_empty());
         assert_eq!(p.get(b"sib").await.unwrap().len(), 2);
@@ -272,7 +362,9 @@ fn group_commit_shares_fdatasync_between_concurrent_writers() {
             tasks.push(glommio::spawn_local(async move {
                 for i in 0..per_writer {
                     let key = format!("w{w}-{i}");
-                    p.write(&[put(key.as_bytes(), b"v", &[7; 100], &[])], 2).await.unwrap();
+                    p.write(&[put(key.as_bytes(), b"v", &[7; 100], &[])], 2)
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -282,8 +374,15 @@ fn group_commit_shares_fdatasync_between_concurrent_writers() {
         let stats = p.stats();
         let writes = (writers * per_writer) as u64;
         assert_eq!(stats.writes, writes);
-        println!("group commit: {writes} acknowledged writes shared {} fdatasyncs", stats.syncs);
-        assert!(stats.syncs * 8 < writes, "{} syncs for {writes} writes", stats.syncs);
+        println!(
+            "group commit: {writes} acknowledged writes shared {} fdatasyncs",
+            stats.syncs
+        );
+        assert!(
+            stats.syncs * 8 < writes,
+            "{} syncs for {writes} writes",
+            stats.syncs
+        );
     });
 }
 
@@ -297,7 +396,9 @@ fn remove_partition_and_open_copied_files() {
         let (p, _) = open(&s2, small_segments(), 1).await;
         for i in 0..300u32 {
             let key = format!("k{i}");
-            p.write(&[put(key.as_bytes(), b"v", &i.to_le_bytes(), &[])], 2).await.unwrap();
+            p.write(&[put(key.as_bytes(), b"v", &i.to_le_bytes(), &[])], 2)
+                .await
+                .unwrap();
         }
         p.close().await.unwrap();
         let epoch = p.epoch();
@@ -313,9 +414,16 @@ fn remove_partition_and_open_copied_files() {
         let (copied, report) = open(&c2, small_segments(), 5_000_000).await;
         assert!(report.corruption.is_empty());
         for i in 0..300u32 {
-            assert_eq!(value_of(&copied, format!("k{i}").as_bytes()).await, Some(i.to_le_bytes().to_vec()));
+            assert_eq!(
+                value_of(&copied, format!("k{i}").as_bytes()).await,
+                Some(i.to_le_bytes().to_vec())
+            );
         }
-        assert_ne!(copied.epoch(), epoch, "imported data gets this node's own fresh epoch");
+        assert_ne!(
+            copied.epoch(),
+            epoch,
+            "imported data gets this node's own fresh epoch"
+        );
         p.destroy().await.unwrap();
         assert!(!s2.exists());
     });
@@ -334,19 +442,50 @@ fn format_v1_fixture_still_opens() {
         let _ = std::fs::remove_dir_all(&fixture);
         let f2 = fixture.clone();
         run_local(move || async move {
-            let config = PartitionConfig { segment_bytes_max: 4096, ..PartitionConfig::default() };
+            let config = PartitionConfig {
+                segment_bytes_max: 4096,
+                ..PartitionConfig::default()
+            };
             let (p, _) = open(&f2, config, 1_700_000_000_000).await;
             for i in 0..40u32 {
                 let key = format!("fixture-{i:02}");
-                p.write(&[put(key.as_bytes(), format!("clock-{i}").as_bytes(), format!("value-{i}-{}", "x".repeat(200)).as_bytes(), &[])], 1_700_000_000_000 + i as u64)
-                    .await
-                    .unwrap();
+                p.write(
+                    &[put(
+                        key.as_bytes(),
+                        format!("clock-{i}").as_bytes(),
+                        format!("value-{i}-{}", "x".repeat(200)).as_bytes(),
+                        &[],
+                    )],
+                    1_700_000_000_000 + i as u64,
+                )
+                .await
+                .unwrap();
             }
             let seqs: Vec<u64> = p.versions(b"fixture-00").iter().map(|l| l.seq).collect();
-            p.write(&[put(b"fixture-00", b"clock-new", b"replaced", &seqs)], 1_700_000_001_000).await.unwrap();
-            p.write(&[put(b"fixture-01", b"clock-sibling", b"sibling", &[])], 1_700_000_001_001).await.unwrap();
+            p.write(
+                &[put(b"fixture-00", b"clock-new", b"replaced", &seqs)],
+                1_700_000_001_000,
+            )
+            .await
+            .unwrap();
+            p.write(
+                &[put(b"fixture-01", b"clock-sibling", b"sibling", &[])],
+                1_700_000_001_001,
+            )
+            .await
+            .unwrap();
             let seqs: Vec<u64> = p.versions(b"fixture-02").iter().map(|l| l.seq).collect();
-            p.write(&[WriteOp { key: b"fixture-02", version: b"clock-del", value: None, replaces: &seqs }], 1_700_000_001_002).await.unwrap();
+            p.write(
+                &[WriteOp {
+                    key: b"fixture-02",
+                    version: b"clock-del",
+                    value: None,
+                    replaces: &seqs,
+                }],
+                1_700_000_001_002,
+            )
+            .await
+            .unwrap();
             p.close().await.unwrap();
         });
     }
@@ -361,17 +500,35 @@ fn format_v1_fixture_still_opens() {
         let (p, report) = open(&copy, PartitionConfig::default(), 1_800_000_000_000).await;
         assert!(report.corruption.is_empty(), "{report:?}");
         assert!(report.segments >= 2, "fixture spans segments");
-        assert_eq!(value_of(&p, b"fixture-00").await, Some(b"replaced".to_vec()));
-        let mut sib: Vec<_> = p.get(b"fixture-01").await.unwrap().into_iter().map(|v| v.value.unwrap()).collect();
+        assert_eq!(
+            value_of(&p, b"fixture-00").await,
+            Some(b"replaced".to_vec())
+        );
+        let mut sib: Vec<_> = p
+            .get(b"fixture-01")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.value.unwrap())
+            .collect();
         sib.sort();
-        assert_eq!(sib, vec![b"sibling".to_vec(), format!("value-1-{}", "x".repeat(200)).into_bytes()]);
+        assert_eq!(
+            sib,
+            vec![
+                b"sibling".to_vec(),
+                format!("value-1-{}", "x".repeat(200)).into_bytes()
+            ]
+        );
         let del = p.get(b"fixture-02").await.unwrap();
         assert_eq!(del.len(), 1);
         assert_eq!(del[0].value, None);
         assert_eq!(del[0].version, b"clock-del");
         for i in 3..40u32 {
             let v = p.get(format!("fixture-{i:02}").as_bytes()).await.unwrap();
-            assert_eq!(v[0].value.as_deref(), Some(format!("value-{i}-{}", "x".repeat(200)).as_bytes()));
+            assert_eq!(
+                v[0].value.as_deref(),
+                Some(format!("value-{i}-{}", "x".repeat(200)).as_bytes())
+            );
             assert_eq!(v[0].version, format!("clock-{i}").as_bytes());
             assert_eq!(v[0].timestamp_ms, 1_700_000_000_000 + i as u64);
         }

@@ -27,7 +27,10 @@ fn config(durability: Durability) -> PartitionConfig {
     }
 }
 
-async fn read_state(p: &Partition<ringkv_engine::storage::mem::MemStorage>, keys: &[Vec<u8>]) -> Model {
+async fn read_state(
+    p: &Partition<ringkv_engine::storage::mem::MemStorage>,
+    keys: &[Vec<u8>],
+) -> Model {
     let mut out = Model::new();
     for key in keys {
         let mut versions: Vec<_> = p
@@ -86,14 +89,18 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
         // snapshots of the model after each op since the last acknowledged sync
         let mut candidates: Vec<Model> = vec![normalise(&model)];
         for op_index in 0..ops_before_crash {
-            now_ms += 1 + rng.next() % 20;
-            let choice = rng.next() % 100;
+            now_ms += 1 + rng.next_u64() % 20;
+            let choice = rng.next_u64() % 100;
             if choice < 70 {
                 // a batch of 1..3 writes on distinct keys
-                let n = if choice < 55 { 1 } else { 2 + (rng.next() % 2) as usize };
+                let n = if choice < 55 {
+                    1
+                } else {
+                    2 + (rng.next_u64() % 2) as usize
+                };
                 let mut chosen: Vec<usize> = Vec::new();
                 while chosen.len() < n {
-                    let k = (rng.next() % keys.len() as u64) as usize;
+                    let k = (rng.next_u64() % keys.len() as u64) as usize;
                     if !chosen.contains(&k) {
                         chosen.push(k);
                     }
@@ -106,15 +113,18 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
                     let mut replaces = Vec::new();
                     let mut replaced_versions = Vec::new();
                     for v in &stored {
-                        if rng.next() % 3 != 0 {
+                        if rng.next_u64() % 3 != 0 {
                             replaces.push(v.seq);
                             replaced_versions.push(v.version.clone());
                         }
                     }
-                    let tombstone = rng.next() % 5 == 0;
-                    let len = (rng.next() % 300) as usize;
-                    let value: Option<Vec<u8>> = (!tombstone)
-                        .then(|| (0..len).map(|i| (i as u64 ^ seed ^ op_index as u64) as u8).collect());
+                    let tombstone = rng.next_u64() % 5 == 0;
+                    let len = (rng.next_u64() % 300) as usize;
+                    let value: Option<Vec<u8>> = (!tombstone).then(|| {
+                        (0..len)
+                            .map(|i| (i as u64 ^ seed ^ op_index as u64) as u8)
+                            .collect()
+                    });
                     let version = format!("op{op_index}.{j}").into_bytes();
                     owned.push((key.clone(), version, value, replaces, replaced_versions));
                 }
@@ -158,11 +168,15 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
                 assert!(report.corruption.is_empty(), "{report:?}");
                 p = reopened;
                 let state = read_state(&p, &keys).await;
-                assert_eq!(state, normalise(&model), "seed {seed}: clean reopen lost data");
+                assert_eq!(
+                    state,
+                    normalise(&model),
+                    "seed {seed}: clean reopen lost data"
+                );
                 candidates = vec![normalise(&model)];
             } else {
                 // reads interleaved with writes
-                let key = &keys[(rng.next() % keys.len() as u64) as usize];
+                let key = &keys[(rng.next_u64() % keys.len() as u64) as usize];
                 let mut got: Vec<_> = p
                     .get(key)
                     .await
@@ -196,12 +210,20 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
         }
         // the recovered partition keeps working
         p.write(
-            &[WriteOp { key: b"after", version: b"v", value: Some(b"crash"), replaces: &[] }],
+            &[WriteOp {
+                key: b"after",
+                version: b"v",
+                value: Some(b"crash"),
+                replaces: &[],
+            }],
             now_ms + 2,
         )
         .await
         .unwrap();
-        assert_eq!(p.get(b"after").await.unwrap()[0].value.as_deref(), Some(&b"crash"[..]));
+        assert_eq!(
+            p.get(b"after").await.unwrap()[0].value.as_deref(),
+            Some(&b"crash"[..])
+        );
     });
 }
 
@@ -250,8 +272,14 @@ fn failed_fdatasync_stops_acknowledging_until_reopen() {
         let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::Sync), 5)
             .await
             .unwrap();
-        assert_eq!(p.get(b"a").await.unwrap()[0].value.as_deref(), Some(&b"1"[..]));
-        assert!(p.get(b"c").await.unwrap().is_empty(), "a refused write appeared");
+        assert_eq!(
+            p.get(b"a").await.unwrap()[0].value.as_deref(),
+            Some(&b"1"[..])
+        );
+        assert!(
+            p.get(b"c").await.unwrap().is_empty(),
+            "a refused write appeared"
+        );
         p.write(&[put(b"d", b"4")], 6).await.unwrap();
     });
 }

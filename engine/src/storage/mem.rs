@@ -82,23 +82,26 @@ impl MemDisk {
         let mut rng = SplitMix(seed);
         let mut state = self.state.borrow_mut();
         state.dirs = state.durable_dirs.clone();
-        let live: std::collections::BTreeSet<u64> =
-            state.dirs.values().flat_map(|d| d.values().copied()).collect();
+        let live: std::collections::BTreeSet<u64> = state
+            .dirs
+            .values()
+            .flat_map(|d| d.values().copied())
+            .collect();
         state.files.retain(|id, _| live.contains(id));
         for file in state.files.values_mut() {
             let unsynced = file.current.len() - file.durable_len;
             let mut keep = 0;
-            if unsynced > 0 && rng.next() % 2 == 0 {
-                keep = (rng.next() % (unsynced as u64 + 1)) as usize;
+            if unsynced > 0 && rng.next_u64() % 2 == 0 {
+                keep = (rng.next_u64() % (unsynced as u64 + 1)) as usize;
             }
             file.current.truncate(file.durable_len + keep);
-            if keep > 0 && rng.next() % 3 == 0 {
+            if keep > 0 && rng.next_u64() % 3 == 0 {
                 // a torn sector: the last few unsynced bytes hold garbage
-                let garbage = (rng.next() % 8 + 1) as usize;
+                let garbage = (rng.next_u64() % 8 + 1) as usize;
                 let n = file.current.len();
                 let from = n.saturating_sub(garbage).max(file.durable_len);
                 for b in &mut file.current[from..] {
-                    *b = rng.next() as u8;
+                    *b = rng.next_u64() as u8;
                 }
             }
             file.durable_len = file.current.len();
@@ -143,7 +146,7 @@ impl MemDisk {
 pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

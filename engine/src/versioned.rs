@@ -1,0 +1,184 @@
+//! The replica write path with versioning: the partition stores, for each key, exactly
+//! the surviving sibling set under the rules of [`crate::version`].
+//!
+//! - [`Partition::coordinate_put`]: this node coordinates a client put or delete: it
+//!   makes the new dotted version from the client's context and replaces, in one
+//!   atomic record, the stored siblings that context covered.
+//! - [`Partition::apply_version`]: a version made elsewhere (replication, a hint, read
+//!   repair, anti-entropy) is stored beside or over the stored siblings, or ignored as
+//!   stale, and the reply says which.
+//! - [`Partition::read_siblings`]: the sibling set with values, and the client context.
+//!
+//! Each write checks, in the same step as its append, that the key's siblings are the
+//! ones it read (a write in between makes it read and decide again).
+
+use crate::partition::{Partition, StoreError, WriteOp};
+use crate::storage::Storage;
+use crate::version::{
+    context_of, coordinate, reconcile, ActorId, CoordinateError, Reconcile, StaleReason, VClock,
+    Version,
+};
+
+/// How many times a write re-reads a key that other writes keep changing.
+const WRITE_ATTEMPTS_MAX: usize = 16;
+
+/// One stored sibling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub seq: u64,
+    pub version: Version,
+    /// `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Sibling {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+/// The result of a coordinated put or delete.
+#[derive(Debug, Clone)]
+pub struct PutOutcome {
+    pub version: Version,
+    /// Siblings stored for the key after the write (the new version included).
+    pub siblings: usize,
+    /// Context covering the whole sibling set after the write.
+    pub context: VClock,
+}
+
+/// What a replica did with a version made elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Stored; `replaced` siblings it supersedes were dropped.
+    Applied { replaced: usize, siblings: usize },
+    /// Already covered by what is stored: nothing written.
+    Stale(StaleReason),
+}
+
+impl<S: Storage> Partition<S> {
+    /// The siblings of `key` (tombstones included) and the context that covers them.
+    pub async fn read_siblings(&self, key: &[u8]) -> Result<(Vec<Sibling>, VClock), StoreError> {
+        let siblings = self.read_decoded(key).await?;
+        let versions: Vec<Version> = siblings.iter().map(|s| s.version.clone()).collect();
+        Ok((siblings, context_of(&versions)))
+    }
+
+    async fn read_decoded(&self, key: &[u8]) -> Result<Vec<Sibling>, StoreError> {
+        let stored = self.get(key).await?;
+        stored
+            .into_iter()
+            .map(|s| {
+                Ok(Sibling {
+                    seq: s.seq,
+                    version: Version::decode(&s.version)
+                        .map_err(|e| StoreError::BadVersion(e.to_string()))?,
+                    value: s.value,
+                })
+            })
+            .collect()
+    }
+
+    /// Coordinates a put (`value: Some`) or delete (`None`) of `key` on this node
+    /// `node`, superseding what `context` covers. Moves to a new actor epoch when the
+    /// context shows this node's local data was lost (kv679), then retries.
+    pub async fn coordinate_put(
+        &self,
+        node: u64,
+        key: &[u8],
+        context: &VClock,
+        value: Option<&[u8]>,
+        now_ms: u64,
+        clock_entries_max: usize,
+    ) -> Result<PutOutcome, StoreError> {
+        for _ in 0..WRITE_ATTEMPTS_MAX {
+            let stored = self.read_decoded(key).await?;
+            let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
+            let actor = ActorId {
+                node,
+                epoch: self.epoch(),
+            };
+            let made = match coordinate(actor, now_ms, context, &versions, clock_entries_max) {
+                Ok(made) => made,
+                Err(CoordinateError::LocalDataBehindContext { .. })
+                | Err(CoordinateError::CounterExhausted { .. }) => {
+                    self.bump_epoch(now_ms).await?;
+                    continue;
+                }
+            };
+            self.record_clock_truncation(made.truncated_entries);
+            let replaces: Vec<u64> = made.replaced.iter().map(|&i| stored[i].seq).collect();
+            let blob = made.version.encode_to_vec();
+            let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
+            let op = WriteOp {
+                key,
+                version: &blob,
+                value,
+                replaces: &replaces,
+            };
+            let written = self
+                .write_if(&[op], now_ms, |keydir| unchanged(keydir, key, &read_seqs))
+                .await?;
+            if written.is_some() {
+                let mut after: Vec<Version> = versions;
+                crate::version::remove_indices(&mut after, &made.replaced);
+                after.push(made.version.clone());
+                return Ok(PutOutcome {
+                    siblings: after.len(),
+                    context: context_of(&after),
+                    version: made.version,
+                });
+            }
+        }
+        Err(StoreError::Contended {
+            attempts: WRITE_ATTEMPTS_MAX,
+        })
+    }
+
+    /// Stores a version made by another coordinator under the sibling rules.
+    pub async fn apply_version(
+        &self,
+        key: &[u8],
+        version: &Version,
+        value: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Result<ApplyOutcome, StoreError> {
+        for _ in 0..WRITE_ATTEMPTS_MAX {
+            let stored = self.read_decoded(key).await?;
+            let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
+            let replaced = match reconcile(version, &versions) {
+                Reconcile::Stale(reason) => return Ok(ApplyOutcome::Stale(reason)),
+                Reconcile::Apply { replaced } => replaced,
+            };
+            let replaces: Vec<u64> = replaced.iter().map(|&i| stored[i].seq).collect();
+            let blob = version.encode_to_vec();
+            let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
+            let op = WriteOp {
+                key,
+                version: &blob,
+                value,
+                replaces: &replaces,
+            };
+            let written = self
+                .write_if(&[op], now_ms, |keydir| unchanged(keydir, key, &read_seqs))
+                .await?;
+            if written.is_some() {
+                return Ok(ApplyOutcome::Applied {
+                    replaced: replaces.len(),
+                    siblings: stored.len() - replaces.len() + 1,
+                });
+            }
+        }
+        Err(StoreError::Contended {
+            attempts: WRITE_ATTEMPTS_MAX,
+        })
+    }
+}
+
+fn unchanged(keydir: &crate::keydir::KeyDir, key: &[u8], read_seqs: &[u64]) -> bool {
+    let now: Vec<u64> = keydir
+        .get(key)
+        .map(|locs| locs.iter().map(|l| l.seq).collect())
+        .unwrap_or_default();
+    now.len() == read_seqs.len() && now.iter().all(|s| read_seqs.contains(s))
+}

@@ -1,0 +1,333 @@
+//! The storage engine keeps exactly the surviving sibling set: versioning rules through
+//! real partitions (on the in-memory disk), across replicas, compaction and wipes.
+
+use futures_lite::future::block_on;
+use ringkv_engine::storage::mem::{MemDisk, MemStorage};
+use ringkv_engine::version::{Context, VClock};
+use ringkv_engine::versioned::ApplyOutcome;
+use ringkv_engine::{Partition, PartitionConfig};
+
+const CLOCK_MAX: usize = 16;
+
+fn config() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes_max: 4096,
+        tombstone_grace_ms: 100,
+        ..PartitionConfig::default()
+    }
+}
+
+async fn replica(disk: &MemDisk, name: &str, now_ms: u64) -> Partition<MemStorage> {
+    Partition::open(disk.folder(name), config(), now_ms)
+        .await
+        .unwrap()
+        .0
+}
+
+async fn values(p: &Partition<MemStorage>, key: &[u8]) -> Vec<Option<Vec<u8>>> {
+    let (siblings, _) = p.read_siblings(key).await.unwrap();
+    let mut v: Vec<_> = siblings.into_iter().map(|s| s.value).collect();
+    v.sort();
+    v
+}
+
+/// Sends every sibling of `key` from one replica to another (anti-entropy / repair).
+async fn exchange(
+    from: &Partition<MemStorage>,
+    to: &Partition<MemStorage>,
+    key: &[u8],
+    now_ms: u64,
+) {
+    let (siblings, _) = from.read_siblings(key).await.unwrap();
+    for s in siblings {
+        to.apply_version(key, &s.version, s.value.as_deref(), now_ms)
+            .await
+            .unwrap();
+    }
+}
+
+#[test]
+fn puts_without_context_are_siblings_and_a_merged_context_collapses_them() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let p = replica(&disk, "a", 1_000).await;
+        p.coordinate_put(1, b"k", &VClock::new(), Some(b"x"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let out = p
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"y"), 1_002, CLOCK_MAX)
+            .await
+            .unwrap();
+        assert_eq!(out.siblings, 2);
+        assert_eq!(
+            values(&p, b"k").await,
+            vec![Some(b"x".to_vec()), Some(b"y".to_vec())]
+        );
+        // the client reads both and writes back with the context it got
+        let (_, ctx) = p.read_siblings(b"k").await.unwrap();
+        let wire = Context::encode(&ctx).bytes;
+        let ctx = Context::decode(&wire).unwrap();
+        let out = p
+            .coordinate_put(1, b"k", &ctx, Some(b"xy"), 1_003, CLOCK_MAX)
+            .await
+            .unwrap();
+        assert_eq!(out.siblings, 1);
+        assert_eq!(values(&p, b"k").await, vec![Some(b"xy".to_vec())]);
+        // survives a reopen and a compaction with exactly that sibling set
+        p.close().await.unwrap();
+        drop(p);
+        let p = replica(&disk, "a", 2_000).await;
+        p.compact(2_001).await.unwrap();
+        assert_eq!(values(&p, b"k").await, vec![Some(b"xy".to_vec())]);
+    });
+}
+
+#[test]
+fn stale_version_from_elsewhere_is_ignored_and_the_reply_says_so() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000).await;
+        let b = replica(&disk, "b", 1_000).await;
+        let first = a
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"old"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let second = a
+            .coordinate_put(1, b"k", &first.context, Some(b"new"), 1_002, CLOCK_MAX)
+            .await
+            .unwrap();
+        let applied = b
+            .apply_version(b"k", &second.version, Some(b"new"), 1_003)
+            .await
+            .unwrap();
+        assert_eq!(
+            applied,
+            ApplyOutcome::Applied {
+                replaced: 0,
+                siblings: 1
+            }
+        );
+        let stale = b
+            .apply_version(b"k", &first.version, Some(b"old"), 1_004)
+            .await
+            .unwrap();
+        assert!(matches!(stale, ApplyOutcome::Stale(_)), "{stale:?}");
+        let dup = b
+            .apply_version(b"k", &second.version, Some(b"new"), 1_005)
+            .await
+            .unwrap();
+        assert!(matches!(dup, ApplyOutcome::Stale(_)), "{dup:?}");
+        assert_eq!(values(&b, b"k").await, vec![Some(b"new".to_vec())]);
+    });
+}
+
+#[test]
+fn doomstone_late_tombstone_does_not_delete_a_recreated_value() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000).await;
+        let b = replica(&disk, "b", 1_000).await;
+        let put = a
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"v1"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        exchange(&a, &b, b"k", 1_001).await;
+        let del = a
+            .coordinate_put(1, b"k", &put.context, None, 1_002, CLOCK_MAX)
+            .await
+            .unwrap();
+        // the client reads the tombstone's context and recreates the key
+        let (_, ctx) = a.read_siblings(b"k").await.unwrap();
+        a.coordinate_put(1, b"k", &ctx, Some(b"v2"), 1_003, CLOCK_MAX)
+            .await
+            .unwrap();
+        exchange(&a, &b, b"k", 1_004).await;
+        // the tombstone arrives late, as a hint would deliver it
+        let late = b
+            .apply_version(b"k", &del.version, None, 1_005)
+            .await
+            .unwrap();
+        assert!(matches!(late, ApplyOutcome::Stale(_)));
+        assert_eq!(values(&b, b"k").await, vec![Some(b"v2".to_vec())]);
+
+        // with the tombstone reaped by compaction before the key is recreated
+        let c = replica(&disk, "c", 10_000).await;
+        let put = c
+            .coordinate_put(3, b"r", &VClock::new(), Some(b"v1"), 10_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let del = c
+            .coordinate_put(3, b"r", &put.context, None, 10_002, CLOCK_MAX)
+            .await
+            .unwrap();
+        let epoch_before = c.epoch();
+        c.write(
+            &[ringkv_engine::WriteOp {
+                key: b"filler",
+                version: &del.version.encode_to_vec(),
+                value: Some(&[0; 5000]),
+                replaces: &[],
+            }],
+            10_003,
+        )
+        .await
+        .unwrap();
+        let report = c.compact(20_000).await.unwrap();
+        assert_eq!(report.tombstones_dropped, 1);
+        assert!(values(&c, b"r").await.is_empty());
+        assert!(c.epoch() > epoch_before, "reaping moves to a new epoch");
+        c.coordinate_put(3, b"r", &VClock::new(), Some(b"v2"), 20_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let late = c
+            .apply_version(b"r", &del.version, None, 20_002)
+            .await
+            .unwrap();
+        // concurrent, so kept as a sibling: the new value is not lost
+        assert!(
+            matches!(late, ApplyOutcome::Applied { replaced: 0, .. }),
+            "{late:?}"
+        );
+        assert!(values(&c, b"r").await.contains(&Some(b"v2".to_vec())));
+    });
+}
+
+#[test]
+fn kv679_wiped_replica_keeps_coordinating_without_being_dominated() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000_000).await;
+        let b = replica(&disk, "b", 1_000_000).await;
+        let mut ctx = VClock::new();
+        for i in 0..5u8 {
+            let out = a
+                .coordinate_put(1, b"k", &ctx, Some(&[i]), 1_000_001 + i as u64, CLOCK_MAX)
+                .await
+                .unwrap();
+            ctx = out.context;
+        }
+        exchange(&a, &b, b"k", 1_000_010).await;
+        let old_epoch = a.epoch();
+        // node 1 loses the partition's disk and starts it again empty
+        a.destroy().await.unwrap();
+        let a = replica(&disk, "a", 1_005_000).await;
+        assert!(a.epoch() > old_epoch, "a wiped partition gets a new epoch");
+        // writes coordinated after the wipe, without and with a context from b
+        let fresh = a
+            .coordinate_put(
+                1,
+                b"k",
+                &VClock::new(),
+                Some(b"after-wipe"),
+                1_005_001,
+                CLOCK_MAX,
+            )
+            .await
+            .unwrap();
+        let (_, b_ctx) = b.read_siblings(b"k").await.unwrap();
+        let a2 = replica(&disk, "a2", 1_006_000).await;
+        let covering = a2
+            .coordinate_put(1, b"k", &b_ctx, Some(b"covering"), 1_006_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        // replicas exchange everything
+        exchange(&b, &a, b"k", 1_007_000).await;
+        exchange(&a, &b, b"k", 1_007_001).await;
+        exchange(&a2, &b, b"k", 1_007_002).await;
+        let on_b = values(&b, b"k").await;
+        assert!(on_b.contains(&Some(b"after-wipe".to_vec())), "{on_b:?}");
+        assert!(on_b.contains(&Some(b"covering".to_vec())), "{on_b:?}");
+        assert!(
+            !on_b.contains(&Some(vec![4])),
+            "the covering write replaced the old value: {on_b:?}"
+        );
+        let (sibs, _) = b.read_siblings(b"k").await.unwrap();
+        for s in &sibs {
+            for v in [&fresh.version, &covering.version] {
+                if s.version != *v {
+                    assert!(
+                        !s.version.descends(v),
+                        "an acknowledged write after the wipe is dominated"
+                    );
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn sibling_explosion_two_stale_clients_through_one_coordinator() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let p = replica(&disk, "a", 1).await;
+        // each client keeps the context from its own last write (never re-reads)
+        let mut contexts = [VClock::new(), VClock::new()];
+        let mut acked: Vec<(Vec<u8>, VClock)> = Vec::new();
+        let mut max_siblings = 0;
+        for round in 0..1000u32 {
+            let c = (round % 2) as usize;
+            let value = format!("c{c}-r{round}").into_bytes();
+            let out = p
+                .coordinate_put(
+                    1,
+                    b"k",
+                    &contexts[c],
+                    Some(&value),
+                    2 + round as u64,
+                    CLOCK_MAX,
+                )
+                .await
+                .unwrap();
+            max_siblings = max_siblings.max(out.siblings);
+            contexts[c] = out.context.clone();
+            acked.push((value, out.version.clock()));
+        }
+        assert!(max_siblings <= 2, "siblings grew to {max_siblings}");
+        // every acknowledged write is either stored or covered by a later write's context
+        let (siblings, ctx) = p.read_siblings(b"k").await.unwrap();
+        let present: Vec<Vec<u8>> = siblings.iter().filter_map(|s| s.value.clone()).collect();
+        for (value, clock) in &acked {
+            assert!(
+                present.contains(value) || ctx.descends(clock),
+                "write {:?} lost",
+                String::from_utf8_lossy(value)
+            );
+        }
+        // the last write of each client is present (nobody else saw it)
+        assert!(present.contains(&b"c0-r998".to_vec()) && present.contains(&b"c1-r999".to_vec()));
+    });
+}
+
+#[test]
+fn concurrent_writes_on_both_sides_of_a_partition_become_siblings_then_collapse() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000).await;
+        let b = replica(&disk, "b", 1_000).await;
+        let base = a
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"base"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        exchange(&a, &b, b"k", 1_002).await;
+        // the network splits; each side takes a write with the same (base) context
+        a.coordinate_put(1, b"k", &base.context, Some(b"left"), 1_003, CLOCK_MAX)
+            .await
+            .unwrap();
+        b.coordinate_put(2, b"k", &base.context, Some(b"right"), 1_004, CLOCK_MAX)
+            .await
+            .unwrap();
+        // heal: the replicas exchange versions
+        exchange(&a, &b, b"k", 1_005).await;
+        exchange(&b, &a, b"k", 1_006).await;
+        let want = vec![Some(b"left".to_vec()), Some(b"right".to_vec())];
+        assert_eq!(values(&a, b"k").await, want);
+        assert_eq!(values(&b, b"k").await, want);
+        let (_, merged) = a.read_siblings(b"k").await.unwrap();
+        a.coordinate_put(1, b"k", &merged, Some(b"resolved"), 1_007, CLOCK_MAX)
+            .await
+            .unwrap();
+        exchange(&a, &b, b"k", 1_008).await;
+        assert_eq!(values(&a, b"k").await, vec![Some(b"resolved".to_vec())]);
+        assert_eq!(values(&b, b"k").await, vec![Some(b"resolved".to_vec())]);
+    });
+}
