@@ -25,7 +25,10 @@ pub struct ClaimNode {
 /// `(floor, ceil)` of `partition_count * weight / total_weight`.
 pub fn share_bounds(partition_count: u32, nodes: &[ClaimNode]) -> Vec<(u32, u32)> {
     let weight_total: u64 = nodes.iter().map(|node| u64::from(node.weight)).sum();
-    assert!(weight_total > 0, "a claim needs at least one node of positive weight");
+    assert!(
+        weight_total > 0,
+        "a claim needs at least one node of positive weight"
+    );
     nodes
         .iter()
         .map(|node| {
@@ -79,47 +82,29 @@ pub fn rebalance(previous: &[Option<NodeId>], nodes: &[ClaimNode]) -> Vec<NodeId
         .map(|node| (!node.zone.is_empty()).then_some(node.zone.as_str()))
         .collect();
 
-    // 1. Nodes above their target release their most crowded partitions.
-    let mut pool: Vec<usize> = (0..partition_count).filter(|&p| owner[p].is_none()).collect();
-    for (index, (&count, &target)) in counts.iter().zip(&targets).enumerate() {
-        if count <= target {
-            continue;
-        }
-        let mut held: Vec<(u32, u64, usize)> = (0..partition_count)
-            .filter(|&p| owner[p] == Some(index))
-            .map(|p| {
-                let (same_node, same_zone) = conflicts(&owner, &zone_of, p, index);
-                (
-                    2 * same_node + same_zone,
-                    score(p, nodes[index].id),
-                    p,
-                )
-            })
-            .collect();
-        // Most conflicts first, then a pseudo-random but fixed order.
-        held.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for &(_, _, p) in held.iter().take((count - target) as usize) {
-            owner[p] = None;
-            pool.push(p);
-        }
-    }
-    pool.sort_unstable();
-
-    // 2. The pool goes to the nodes below their target, partition by partition, each to
-    //    the node that conflicts least with its neighbours and is furthest from its
-    //    target (relative to that target).
     let mut deficits: Vec<u32> = counts
         .iter()
         .zip(&targets)
         .map(|(&count, &target)| target.saturating_sub(count))
         .collect();
-    let deficit_total: u32 = deficits.iter().sum();
+    let mut surpluses: Vec<u32> = counts
+        .iter()
+        .zip(&targets)
+        .map(|(&count, &target)| count.saturating_sub(target))
+        .collect();
+    let orphans: Vec<usize> = (0..partition_count)
+        .filter(|&p| owner[p].is_none())
+        .collect();
     assert_eq!(
-        deficit_total as usize,
-        pool.len(),
+        deficits.iter().sum::<u32>() as usize,
+        orphans.len() + surpluses.iter().sum::<u32>() as usize,
         "claim: partitions to place must match the room below the targets"
     );
-    for &p in &pool {
+
+    // 1. Orphans (unassigned, or owned by a departed node) in ring order, each to the
+    //    node below target that conflicts least with the partition's neighbours and is
+    //    furthest from its target relative to that target.
+    for &p in &orphans {
         let mut best: Option<(usize, u32, u64)> = None;
         for (index, &deficit) in deficits.iter().enumerate() {
             if deficit == 0 {
@@ -127,25 +112,85 @@ pub fn rebalance(previous: &[Option<NodeId>], nodes: &[ClaimNode]) -> Vec<NodeId
             }
             let (same_node, same_zone) = conflicts(&owner, &zone_of, p, index);
             let penalty = 2 * same_node + same_zone;
-            let candidate_score = score(p, nodes[index].id);
             let better = match best {
                 None => true,
                 Some((best_index, best_penalty, best_score)) => {
                     // deficit / target, compared by cross-multiplication.
                     let mine = u64::from(deficit) * u64::from(targets[best_index]);
                     let theirs = u64::from(deficits[best_index]) * u64::from(targets[index]);
-                    (penalty, std::cmp::Reverse(mine), candidate_score)
+                    (penalty, std::cmp::Reverse(mine), score(p, nodes[index].id))
                         < (best_penalty, std::cmp::Reverse(theirs), best_score)
                 }
             };
             if better {
-                best = Some((index, penalty, candidate_score));
+                best = Some((index, penalty, score(p, nodes[index].id)));
             }
         }
-        let (index, _, _) = best.expect("a pooled partition always has a node below target");
+        let (index, _, _) = best.expect("an orphan always has a node below target");
         owner[p] = Some(index);
         deficits[index] -= 1;
     }
+
+    // 2. Nodes above target hand their surplus to nodes below target. Each pass scores
+    //    every partition of a giver with its best receiver (relief of the giver's
+    //    neighbourhood minus crowding of the receiver's) and applies the best moves
+    //    whose neighbourhood no earlier move of the pass touched (their scores are
+    //    still exact). Every pass applies at least one move, so the passes are bounded
+    //    by the total surplus.
+    let mut transfers_left: u32 = surpluses.iter().sum();
+    let reach = spread_reach(partition_count);
+    let passes_max = transfers_left;
+    for _pass in 0..=passes_max {
+        if transfers_left == 0 {
+            break;
+        }
+        let mut candidates: Vec<((i64, u64), usize, usize)> = Vec::new();
+        for p in 0..partition_count {
+            let giver = owner[p].expect("orphans are placed");
+            if surpluses[giver] == 0 {
+                continue;
+            }
+            let (giver_node, giver_zone) = conflicts(&owner, &zone_of, p, giver);
+            let relief = i64::from(2 * giver_node + giver_zone);
+            let best = deficits
+                .iter()
+                .enumerate()
+                .filter(|(_, &deficit)| deficit > 0)
+                .map(|(receiver, _)| {
+                    let (same_node, same_zone) = conflicts(&owner, &zone_of, p, receiver);
+                    let key = (
+                        i64::from(2 * same_node + same_zone) - relief,
+                        score(p, nodes[receiver].id),
+                    );
+                    (key, p, receiver)
+                })
+                .min();
+            candidates.extend(best);
+        }
+        candidates.sort_unstable();
+        let mut touched = vec![false; partition_count];
+        for (_, p, receiver) in candidates {
+            if transfers_left == 0 {
+                break;
+            }
+            let giver = owner[p].expect("placed");
+            if touched[p] || surpluses[giver] == 0 || deficits[receiver] == 0 {
+                continue;
+            }
+            surpluses[giver] -= 1;
+            deficits[receiver] -= 1;
+            owner[p] = Some(receiver);
+            transfers_left -= 1;
+            for distance in 0..=reach {
+                touched[(p + distance) % partition_count] = true;
+                touched[(p + partition_count - distance) % partition_count] = true;
+            }
+        }
+    }
+    assert!(
+        deficits.iter().all(|&deficit| deficit == 0),
+        "claim: targets met"
+    );
 
     owner
         .into_iter()
@@ -178,7 +223,10 @@ fn targets(partition_count: u32, nodes: &[ClaimNode], counts: &[u32]) -> Vec<u32
         })
         .collect();
     candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-    assert!(candidates.len() >= extra as usize, "claim: not enough fractional shares");
+    assert!(
+        candidates.len() >= extra as usize,
+        "claim: not enough fractional shares"
+    );
     for &(_, _, _, index) in candidates.iter().take(extra as usize) {
         targets[index] += 1;
     }
@@ -210,8 +258,7 @@ fn conflicts(
     let partition_count = owner.len();
     let mut same_node = 0;
     let mut same_zone = 0;
-    let reach = (CLAIM_SPREAD_PARTITIONS - 1).min(partition_count / 2);
-    for distance in 1..=reach {
+    for distance in 1..=spread_reach(partition_count) {
         for neighbour in [
             (p + distance) % partition_count,
             (p + partition_count - distance) % partition_count,
@@ -226,6 +273,11 @@ fn conflicts(
         }
     }
     (same_node, same_zone)
+}
+
+/// How far either side of a partition its neighbourhood reaches.
+fn spread_reach(partition_count: usize) -> usize {
+    (CLAIM_SPREAD_PARTITIONS - 1).min(partition_count / 2)
 }
 
 /// A fixed pseudo-random score of (partition, node) for tie-breaks, so that ties do not
@@ -280,9 +332,6 @@ mod tests {
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         assert_eq!(moved, 16);
         assert_eq!(minimum_moves(&previous, &nodes(&[1, 1, 1, 1])), 16);
-        assert!(before
-            .iter()
-            .zip(&after)
-            .all(|(a, b)| a == b || b.0 == 3));
+        assert!(before.iter().zip(&after).all(|(a, b)| a == b || b.0 == 3));
     }
 }

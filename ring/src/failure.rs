@@ -73,7 +73,10 @@ pub struct FailureDetector {
 impl FailureDetector {
     pub fn new(config: FailureDetectorConfig) -> Self {
         assert!(config.unanswered_max > 0, "unanswered_max must be positive");
-        assert!(config.probe_interval_ms > 0, "probe interval must be positive");
+        assert!(
+            config.probe_interval_ms > 0,
+            "probe interval must be positive"
+        );
         Self {
             config,
             peers: BTreeMap::new(),
@@ -205,7 +208,12 @@ impl FailureDetector {
     }
 }
 
-fn push_change(changes: &mut VecDeque<ReachabilityChange>, peer: NodeId, reachable: bool, at_ms: u64) {
+fn push_change(
+    changes: &mut VecDeque<ReachabilityChange>,
+    peer: NodeId,
+    reachable: bool,
+    at_ms: u64,
+) {
     if changes.len() >= CHANGES_MAX {
         changes.pop_front();
     }

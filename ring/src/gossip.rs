@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 
 use crate::membership::{
-    decode_member, encode_member, Member, Membership, MembershipError, NodeId, Reader,
-    Status, MEMBERS_MAX,
+    decode_member, encode_member, Member, Membership, MembershipError, NodeId, Reader, Status,
+    MEMBERS_MAX,
 };
 use crate::rng::Rng;
 
@@ -105,8 +105,14 @@ pub struct Gossip {
 
 impl Gossip {
     pub fn new(config: GossipConfig, membership: Membership) -> Self {
-        assert!(config.gossip_period_ms > 0, "gossip period must be positive");
-        assert!(config.seed_every_rounds > 0, "seed_every_rounds must be positive");
+        assert!(
+            config.gossip_period_ms > 0,
+            "gossip period must be positive"
+        );
+        assert!(
+            config.seed_every_rounds > 0,
+            "seed_every_rounds must be positive"
+        );
         let mut rng = Rng::new(config.rng_seed);
         let seed_phase = rng.below(config.seed_every_rounds);
         Self {
@@ -250,10 +256,9 @@ impl Gossip {
         } else {
             Some(peers[self.rng.below(peers.len() as u64) as usize])
         };
-        let seed_due = peer.is_none()
-            || (round + self.seed_phase) % self.config.seed_every_rounds == 0;
-        let seed = if seed_due && !seeds.is_empty() && !peer.is_some_and(|p| seeds.contains(&p))
-        {
+        let seed_due =
+            peer.is_none() || (round + self.seed_phase) % self.config.seed_every_rounds == 0;
+        let seed = if seed_due && !seeds.is_empty() && !peer.is_some_and(|p| seeds.contains(&p)) {
             Some(seeds[self.rng.below(seeds.len() as u64) as usize])
         } else {
             None

@@ -180,8 +180,17 @@ mod tests {
         assert_eq!(partition_for_hash(u64::MAX, 1), 0);
         assert_eq!(partition_for_hash(1 << 63, 2), 1);
         // "abc" hashes to 0x44BC...: top 6 bits 010001 = 17, top 10 bits = 274.
-        assert_eq!(partition_for_key(b"abc", 64), 17);
-        assert_eq!(partition_for_key(b"abc", 1024), 274);
+        // The table of docs/ring.md.
+        let pinned: [(&[u8], u32, u32); 4] = [
+            (b"", 59, 957),
+            (b"a", 52, 841),
+            (b"abc", 17, 274),
+            (b"Nobody inspects the spammish repetition", 62, 1007),
+        ];
+        for (key, partition_of_64, partition_of_1024) in pinned {
+            assert_eq!(partition_for_key(key, 64), partition_of_64);
+            assert_eq!(partition_for_key(key, 1024), partition_of_1024);
+        }
     }
 
     #[test]

@@ -187,13 +187,23 @@ impl Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipError {
     InvalidPartitionCount(u32),
-    PartitionCountMismatch { local: u32, remote: u32 },
+    PartitionCountMismatch {
+        local: u32,
+        remote: u32,
+    },
     TooManyMembers,
     AlreadyMember(NodeId),
     UnknownMember(NodeId),
     /// The requested status change is not allowed from the member's current status.
-    InvalidTransition { id: NodeId, from: Status, to: Status },
-    InvalidMember { id: NodeId, reason: &'static str },
+    InvalidTransition {
+        id: NodeId,
+        from: Status,
+        to: Status,
+    },
+    InvalidMember {
+        id: NodeId,
+        reason: &'static str,
+    },
     /// The bytes are not a membership encoding this version understands.
     Decode(&'static str),
 }
@@ -563,15 +573,21 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn u16(&mut self) -> Result<u16, MembershipError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     pub(crate) fn u32(&mut self) -> Result<u32, MembershipError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     pub(crate) fn u64(&mut self) -> Result<u64, MembershipError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn string(&mut self, length_max: usize) -> Result<String, MembershipError> {
@@ -590,9 +606,15 @@ mod tests {
 
     fn three_node_membership() -> Membership {
         let mut membership = Membership::new(64).unwrap();
-        membership.join(NodeId(1), "10.0.0.1:7000", 1, "a", 4).unwrap();
-        membership.join(NodeId(2), "10.0.0.2:7000", 2, "b", 4).unwrap();
-        membership.join(NodeId(3), "10.0.0.3:7000", 1, "", 8).unwrap();
+        membership
+            .join(NodeId(1), "10.0.0.1:7000", 1, "a", 4)
+            .unwrap();
+        membership
+            .join(NodeId(2), "10.0.0.2:7000", 2, "b", 4)
+            .unwrap();
+        membership
+            .join(NodeId(3), "10.0.0.3:7000", 1, "", 8)
+            .unwrap();
         membership
     }
 
@@ -610,7 +632,10 @@ mod tests {
     fn decode_rejects_every_truncation_and_every_single_bit_flip() {
         let bytes = three_node_membership().encode();
         for length in 0..bytes.len() {
-            assert!(Membership::decode(&bytes[..length]).is_err(), "len {length}");
+            assert!(
+                Membership::decode(&bytes[..length]).is_err(),
+                "len {length}"
+            );
         }
         for bit in 0..bytes.len() * 8 {
             let mut flipped = bytes.clone();
