@@ -136,12 +136,16 @@ pub struct RecoveryReport {
     pub segments_from_hints: usize,
     pub records: u64,
     pub keys: usize,
-    /// Bytes cut from the active segment's tail (a torn or unsynced write).
+    /// Non-zero bytes cut from the tail of a segment whose seal never finished (a torn
+    /// or unsynced write; zero padding is cut silently), plus the length of an empty
+    /// segment a cut-short roll-over left behind.
     pub truncated_tail_bytes: u64,
     /// Records of an unfinished batch that were dropped.
     pub dropped_batch_records: usize,
-    /// Corruption found inside segments: the partition needs repair from replicas.
+    /// Problems found: corruption inside segments (then `needs_repair` is set) and
+    /// unreadable hint files (the segment was scanned instead; nothing lost).
     pub corruption: Vec<String>,
+    /// Leftover `*.tmp` files and hints without a segment, removed.
     pub temp_files_removed: usize,
 }
 
@@ -293,6 +297,18 @@ impl<S: Storage> Partition<S> {
                 None => {}
             }
         }
+        // a hint whose segment is gone (a compaction that crashed before renaming its
+        // output) describes nothing
+        let orphans: Vec<u64> = hint_ids
+            .iter()
+            .copied()
+            .filter(|id| !seg_ids.contains(id))
+            .collect();
+        for id in orphans {
+            storage.remove(&segment::hint_name(id)).await?;
+            hint_ids.remove(&id);
+            report.temp_files_removed += 1;
+        }
         if report.temp_files_removed > 0 {
             storage.sync_dir().await?;
         }
@@ -322,6 +338,7 @@ impl<S: Storage> Partition<S> {
             let file = storage.open(&name).await?;
             let len = file.len();
             let is_last = Some(id) == last_id;
+            let has_hint = hint_ids.contains(&id);
             let mut entries = None;
             if hint_ids.contains(&id) {
                 let hint = storage.open(&segment::hint_name(id)).await?;
@@ -338,8 +355,8 @@ impl<S: Storage> Partition<S> {
                     }
                 }
             }
-            let has_hint = hint_ids.contains(&id);
-            let mut sealed = !is_last || entries.is_some();
+            // a segment with a hint file was sealed, even if the hint is unreadable
+            let mut sealed = !is_last || has_hint;
             let mut seg_len = len;
             let entries = match entries {
                 Some(e) => e,
@@ -947,6 +964,28 @@ impl<S: Storage> Partition<S> {
             report.bytes_in += bytes.len() as u64;
             report.segments_in += 1;
             let scan = segment::scan(&bytes, seg.id);
+            if scan.header_error.is_some() || !scan.corrupt.is_empty() || scan.torn_tail.is_some() {
+                // A sealed segment went bad after it was opened: its live records cannot
+                // all be copied. Keep everything as it is and report it.
+                for (id, _) in &outputs {
+                    let _ = self
+                        .storage
+                        .remove(&format!("{}.tmp", segment::segment_name(*id)))
+                        .await;
+                }
+                self.state.borrow_mut().needs_repair = true;
+                return Err(StoreError::Corrupt {
+                    segment: seg.id,
+                    offset: scan
+                        .corrupt
+                        .first()
+                        .map(|b| b.start)
+                        .or(scan.torn_tail.as_ref().map(|b| b.start))
+                        .unwrap_or(0),
+                    error: "compaction found a damaged sealed segment; partition needs repair"
+                        .into(),
+                });
+            }
             for rec in scan.records {
                 self.storage.yield_now().await;
                 let len = rec.header.total_bytes() as u32;

@@ -12,7 +12,7 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"RKVSEG\x00\x01";
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const HINT_MAGIC: &[u8; 8] = b"RKVHNT\x00\x01";
 const HINT_HEADER_BYTES: usize = 32;
-const HINT_ENTRY_FIXED_BYTES: usize = 32;
+const HINT_ENTRY_FIXED_BYTES: usize = 36;
 
 pub fn segment_name(id: u64) -> String {
     format!("{id:016x}.seg")
@@ -172,7 +172,9 @@ pub fn scan(bytes: &[u8], expected_id: u64) -> ScanResult {
                             end: next as u64,
                             error: err.to_string(),
                         });
-                        // a batch cut by corruption is dropped whole
+                        // the records of a batch before the damage are dropped; records
+                        // after it cannot be told apart from a new batch, and the
+                        // segment is reported corrupt (needs repair) either way
                         result.incomplete_batch_records += batch.len();
                         batch.clear();
                         at = next;
@@ -303,13 +305,8 @@ pub fn decode_hint(buf: &[u8], id: u64, segment_len: u64) -> Result<Vec<Scanned>
         let len = u32::from_le_bytes(e[24..28].try_into().expect("4 bytes"));
         let flags = e[28];
         let key_len = u16::from_le_bytes([e[30], e[31]]) as usize;
-        // bytes 32.. of the entry continue past the fixed part:
+        let replaced_count = u16::from_le_bytes([e[32], e[33]]) as usize;
         at += HINT_ENTRY_FIXED_BYTES;
-        if body.len() < at + 4 {
-            return Err(HintError::Truncated);
-        }
-        let replaced_count = u16::from_le_bytes([body[at], body[at + 1]]) as usize;
-        at += 4;
         if replaced_count > record::REPLACED_COUNT_MAX {
             return Err(RecordError::OutOfBounds("replaced_count").into());
         }

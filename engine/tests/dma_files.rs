@@ -534,3 +534,59 @@ fn format_v1_fixture_still_opens() {
         }
     });
 }
+
+/// Regression (review): compaction of a sealed segment damaged after open panicked on
+/// a keydir entry it could not copy; now it stops, reports, and changes nothing.
+#[test]
+fn compaction_over_a_damaged_sealed_segment_reports_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, _) = open(&p2, small_segments(), 1).await;
+        for i in 0..200u32 {
+            let key = format!("k{i:03}");
+            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
+                .await
+                .unwrap();
+        }
+        // damage the first sealed segment while the partition is open
+        let first = segment_files(&p2).remove(0);
+        let mut bytes = std::fs::read(&first).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x40;
+        std::fs::write(&first, &bytes).unwrap();
+        let err = p.compact(3).await.unwrap_err();
+        assert!(err.to_string().contains("needs repair"), "{err}");
+        assert!(p.needs_repair());
+        let mut readable = 0;
+        for i in 0..200u32 {
+            if let Ok(v) = p.get(format!("k{i:03}").as_bytes()).await {
+                assert_eq!(v[0].value.as_deref(), Some(&[i as u8; 100][..]));
+                readable += 1;
+            }
+        }
+        assert_eq!(readable, 199);
+        assert!(std::fs::read_dir(&p2).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+    });
+}
+
+/// A hint left without its segment (compaction crashed before renaming its output)
+/// is removed on open.
+#[test]
+fn orphan_hint_is_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("0000000001000001.hint"), b"leftover").unwrap();
+    run_local(move || async move {
+        let (p, report) = open(&path, small_segments(), 1).await;
+        assert_eq!(report.temp_files_removed, 1);
+        assert!(!path.join("0000000001000001.hint").exists());
+        p.write(&[put(b"k", b"v", b"x", &[])], 2).await.unwrap();
+    });
+}

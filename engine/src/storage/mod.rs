@@ -3,7 +3,8 @@
 //! A [`Storage`] is one partition's folder; a [`StorageFile`] is one file in it.
 //! Appends are buffered in memory and reach the device on [`StorageFile::flush`];
 //! [`StorageFile::sync`] is flush plus `fdatasync`. Creating, renaming and removing a
-//! file is made durable by [`Storage::sync_dir`], which the log calls after each of them.
+//! file is made durable by [`Storage::sync_dir`], which the log calls before it relies on
+//! them (once after a group of renames or removes).
 //!
 //! - [`dma`]: the real backend, glommio `DmaFile` (io_uring, `O_DIRECT`).
 //! - [`mem`]: an in-memory backend that can crash: unsynced bytes are lost, the last
