@@ -98,6 +98,10 @@ pub enum StoreError {
         offset: u64,
         error: String,
     },
+    #[error("the partition is closed")]
+    Closed,
+    #[error("the active segment is full while a roll-over runs; try again")]
+    SegmentFull,
     #[error("actor epoch: {0}")]
     Epoch(String),
     #[error("stored version blob of a key is unreadable: {0}")]
@@ -206,6 +210,8 @@ struct State<F> {
     active: u32,
     next_seq: u64,
     failed: Option<String>,
+    /// `close` ran: writes are refused, reads still work.
+    closed: bool,
     needs_repair: bool,
     rolling: bool,
     compacting: bool,
@@ -260,6 +266,9 @@ pub struct Partition<S: Storage> {
     storage: S,
     config: PartitionConfig,
     state: RefCell<State<S::File>>,
+    /// An `EPOCH` write is running (they take turns).
+    epoch_busy: Cell<bool>,
+    epoch_done: Notify,
 }
 
 impl<S: Storage> std::fmt::Debug for Partition<S> {
@@ -313,7 +322,18 @@ impl<S: Storage> Partition<S> {
             storage.sync_dir().await?;
         }
         seg_ids.sort_unstable();
+        // The epoch is settled and persisted as "open" before recovery changes any
+        // file: after a crash (not closed cleanly) writes that were visible may be gone,
+        // so the node moves to a fresh epoch and never reuses a clock counter, even if
+        // it crashes again during this recovery.
         let persisted_epoch = read_epoch(&storage).await?;
+        let mut epoch = match persisted_epoch {
+            Some((e, true)) => e,
+            other => crate::version::next_epoch(other.map(|(e, _)| e), now_ms)
+                .map_err(|e| StoreError::Epoch(e.to_string()))?,
+        };
+        let bumped_at_start = persisted_epoch.map(|(e, _)| e) != Some(epoch);
+        write_epoch(&storage, epoch, false).await?;
 
         let mut state = State {
             keydir: KeyDir::new(),
@@ -322,6 +342,7 @@ impl<S: Storage> Partition<S> {
             active: 0,
             next_seq: 1,
             failed: None,
+            closed: false,
             needs_repair: false,
             rolling: false,
             compacting: false,
@@ -439,7 +460,7 @@ impl<S: Storage> Partition<S> {
                         0
                     },
                 };
-                state.next_seq = state.next_seq.max(e.header.seq + 1);
+                state.next_seq = state.next_seq.max(e.header.seq.saturating_add(1));
                 state.apply(&e.key, loc, &e.replaced);
             }
             report.records += entries.len() as u64;
@@ -451,25 +472,24 @@ impl<S: Storage> Partition<S> {
         report.segments = seg_ids.len();
         report.keys = state.keydir.len();
 
-        // Data this node may have coordinated is gone (corruption, a cut tail, a new or
-        // imported folder): move to a fresh actor epoch so no clock counter is reused.
+        // Data was lost even though the partition was closed cleanly (corruption found):
+        // move on to a fresh epoch too.
         let data_lost = state.needs_repair
             || report.truncated_tail_bytes > 0
             || report.dropped_batch_records > 0;
-        state.epoch = match persisted_epoch {
-            Some(e) if !data_lost => e,
-            previous => {
-                let epoch = crate::version::next_epoch(previous, now_ms)
-                    .map_err(|e| StoreError::Epoch(e.to_string()))?;
-                write_epoch(&storage, epoch).await?;
-                epoch
-            }
-        };
+        if data_lost && !bumped_at_start {
+            epoch = crate::version::next_epoch(Some(epoch), now_ms)
+                .map_err(|e| StoreError::Epoch(e.to_string()))?;
+            write_epoch(&storage, epoch, false).await?;
+        }
+        state.epoch = epoch;
 
         let partition = Self {
             storage,
             config,
             state: RefCell::new(state),
+            epoch_busy: Cell::new(false),
+            epoch_done: Notify::default(),
         };
         match reopen_active {
             Some(slot) => partition.state.borrow_mut().active = slot,
@@ -512,13 +532,32 @@ impl<S: Storage> Partition<S> {
     /// Moves this partition to a new actor epoch (persisted before it is used): after
     /// tombstone reaping, or when a client context shows local data was lost.
     pub async fn bump_epoch(&self, now_ms: u64) -> Result<u32, StoreError> {
-        let previous = self.state.borrow().epoch;
-        let epoch = crate::version::next_epoch(Some(previous), now_ms)
-            .map_err(|e| StoreError::Epoch(e.to_string()))?;
-        write_epoch(&self.storage, epoch).await?;
-        let mut state = self.state.borrow_mut();
-        state.epoch = state.epoch.max(epoch);
-        Ok(state.epoch)
+        self.persist_epoch(Some(now_ms), false).await
+    }
+
+    /// Writes the `EPOCH` file, one writer at a time (they share `EPOCH.tmp`): with
+    /// `bump_at_ms`, a new epoch first. A failure fails the partition.
+    async fn persist_epoch(&self, bump_at_ms: Option<u64>, clean: bool) -> Result<u32, StoreError> {
+        while self.epoch_busy.get() {
+            self.epoch_done.wait().await;
+        }
+        self.epoch_busy.set(true);
+        let current = self.state.borrow().epoch;
+        let result = async {
+            let epoch = match bump_at_ms {
+                Some(now_ms) => crate::version::next_epoch(Some(current), now_ms)
+                    .map_err(|e| StoreError::Epoch(e.to_string()))?,
+                None => current,
+            };
+            write_epoch(&self.storage, epoch, clean).await?;
+            Ok(epoch)
+        }
+        .await;
+        self.epoch_busy.set(false);
+        self.epoch_done.notify_all();
+        let epoch = result.map_err(|e| self.fail_with(e))?;
+        self.state.borrow_mut().epoch = epoch;
+        Ok(epoch)
     }
 
     /// Counts clock entries cut by truncation (reported in stats).
@@ -602,6 +641,9 @@ impl<S: Storage> Partition<S> {
             if let Some(err) = &state.failed {
                 return Err(StoreError::Failed(err.clone()));
             }
+            if state.closed {
+                return Err(StoreError::Closed);
+            }
             if !precondition(&state.keydir) {
                 return Ok(None);
             }
@@ -635,6 +677,11 @@ impl<S: Storage> Partition<S> {
             }
             let active = state.active;
             let segment = state.segment(active).clone();
+            if segment.file.len() + buf.len() as u64 > u32::MAX as u64 {
+                // a roll is running and writes outran it; offsets must fit in u32
+                state.next_seq -= ops.len() as u64;
+                return Err(StoreError::SegmentFull);
+            }
             let base = segment.file.append(&buf);
             let end = base + buf.len() as u64;
             for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
@@ -721,6 +768,21 @@ impl<S: Storage> Partition<S> {
         outcome
     }
 
+    /// Like [`fail`](Self::fail) for any error on a path that must not stop halfway.
+    fn fail_with(&self, err: StoreError) -> StoreError {
+        match err {
+            StoreError::Io(io) => self.fail(io),
+            StoreError::Failed(msg) => StoreError::Failed(msg),
+            other => {
+                let mut state = self.state.borrow_mut();
+                if state.failed.is_none() {
+                    state.failed = Some(other.to_string());
+                }
+                StoreError::Failed(other.to_string())
+            }
+        }
+    }
+
     /// Records an I/O failure: from now on the partition refuses writes.
     fn fail(&self, err: io::Error) -> StoreError {
         let mut state = self.state.borrow_mut();
@@ -790,7 +852,9 @@ impl<S: Storage> Partition<S> {
         segment.io_busy.set(false);
         segment.io_done.notify_all();
         truncated.map_err(|e| self.fail(e))?;
-        let bytes = read_all(&segment.file, &self.storage).await?;
+        let bytes = read_all(&segment.file, &self.storage)
+            .await
+            .map_err(|e| self.fail_with(e))?;
         let scan = segment::scan(&bytes, segment.id);
         if scan.header_error.is_none() && scan.corrupt.is_empty() && scan.torn_tail.is_none() {
             write_hint(&self.storage, segment.id, end, &scan.records)
@@ -913,6 +977,9 @@ impl<S: Storage> Partition<S> {
             let mut state = self.state.borrow_mut();
             if let Some(err) = &state.failed {
                 return Err(StoreError::Failed(err.clone()));
+            }
+            if state.closed {
+                return Err(StoreError::Closed);
             }
             if state.compacting {
                 return Ok(CompactionReport::default());
@@ -1072,18 +1139,25 @@ impl<S: Storage> Partition<S> {
             report.bytes_out += file.len();
             write_hint(&self.storage, *id, file.len(), &out_records[i]).await?;
         }
-        for (id, _) in &outputs {
-            let name = segment::segment_name(*id);
-            self.storage.rename(&format!("{name}.tmp"), &name).await?;
+        // From the first rename on, files on disk and the keydir must not part ways: an
+        // error fails the partition, and reopening rebuilds everything from the files.
+        let made_visible = async {
+            for (id, _) in &outputs {
+                let name = segment::segment_name(*id);
+                self.storage.rename(&format!("{name}.tmp"), &name).await?;
+            }
+            self.storage.sync_dir().await?;
+            if !dropped_tombstones.is_empty() {
+                // A reaped tombstone's dot is forgotten once the keydir swaps below;
+                // every write this node coordinates afterwards must use a new epoch so
+                // it never reuses that counter (the doomstone case).
+                self.bump_epoch(now_ms).await?;
+            }
+            Ok::<(), StoreError>(())
         }
-        self.storage.sync_dir().await?;
+        .await;
+        made_visible.map_err(|e| self.fail_with(e))?;
         report.segments_out = outputs.len();
-        if !dropped_tombstones.is_empty() {
-            // A reaped tombstone's dot is forgotten once the keydir swaps below; every
-            // write this node coordinates afterwards must use a new epoch so it never
-            // reuses that counter (the doomstone case).
-            self.bump_epoch(now_ms).await?;
-        }
 
         // swap the keydir over to the output, in one step
         {
@@ -1115,12 +1189,13 @@ impl<S: Storage> Partition<S> {
                 }
             }
             for (key, seq, from) in &dropped_tombstones {
-                let still_sole = state.keydir.get(key).is_some_and(|locs| {
-                    locs.len() == 1
-                        && locs[0].seq == *seq
-                        && (locs[0].segment, locs[0].offset) == *from
+                // reaped even if a concurrent sibling arrived meanwhile (its record is
+                // gone with the sources; it was past the grace period)
+                let still_there = state.keydir.get(key).is_some_and(|locs| {
+                    locs.iter()
+                        .any(|l| l.seq == *seq && (l.segment, l.offset) == *from)
                 });
-                if still_sole {
+                if still_there {
                     state.keydir.remove_seqs(key, &[*seq]);
                 }
             }
@@ -1148,17 +1223,25 @@ impl<S: Storage> Partition<S> {
             );
         }
         // only now remove the sources, oldest first
-        for (_, seg) in &sources {
-            let _ = self.storage.remove(&segment::hint_name(seg.id)).await;
-            self.storage.remove(&segment::segment_name(seg.id)).await?;
+        let removed = async {
+            for (_, seg) in &sources {
+                let _ = self.storage.remove(&segment::hint_name(seg.id)).await;
+                self.storage.remove(&segment::segment_name(seg.id)).await?;
+            }
+            self.storage.sync_dir().await
         }
-        self.storage.sync_dir().await?;
+        .await;
+        removed.map_err(|e| self.fail(e))?;
         Ok(report)
     }
 
-    /// Flushes and syncs everything; the partition can be dropped afterwards.
+    /// Syncs everything and records a clean shutdown (the next open keeps the epoch).
+    /// Afterwards the partition refuses writes; reads still work.
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.sync().await
+        self.sync().await?;
+        self.state.borrow_mut().closed = true;
+        self.persist_epoch(None, true).await?;
+        Ok(())
     }
 
     /// Removes the whole partition from disk (the node no longer owns it).
@@ -1199,30 +1282,38 @@ async fn write_hint<S: Storage>(
     Ok(())
 }
 
-async fn read_epoch<S: Storage>(storage: &S) -> Result<Option<u32>, StoreError> {
+const EPOCH_FILE_BYTES: usize = 20;
+const EPOCH_FLAG_CLEAN: u32 = 1;
+
+/// Reads `EPOCH`: the epoch, and whether the partition was closed cleanly.
+async fn read_epoch<S: Storage>(storage: &S) -> Result<Option<(u32, bool)>, StoreError> {
     let file = match storage.open(EPOCH_FILE).await {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let len = file.len() as usize;
-    let bytes = file.read_at(0, len.min(16)).await?;
-    if bytes.len() == 16 && &bytes[0..8] == EPOCH_MAGIC {
+    let bytes = file.read_at(0, len.min(EPOCH_FILE_BYTES)).await?;
+    if bytes.len() == EPOCH_FILE_BYTES && &bytes[0..8] == EPOCH_MAGIC {
         let epoch = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
-        if crc == crc32fast::hash(&bytes[0..12]) {
-            return Ok(Some(epoch));
+        let flags = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+        if crc == crc32fast::hash(&bytes[0..16]) {
+            return Ok(Some((epoch, flags & EPOCH_FLAG_CLEAN != 0)));
         }
     }
     // an unreadable epoch counts as lost: a fresh one will be chosen
     Ok(None)
 }
 
-/// `EPOCH`: magic "RKVEPCH1" | u32 epoch | u32 CRC32 of the first 12 bytes.
-async fn write_epoch<S: Storage>(storage: &S, epoch: u32) -> Result<(), StoreError> {
-    let mut bytes = Vec::with_capacity(16);
+/// `EPOCH`: magic "RKVEPCH1" | u32 epoch | u32 flags (bit 0: closed cleanly) |
+/// u32 CRC32 of the first 16 bytes.
+async fn write_epoch<S: Storage>(storage: &S, epoch: u32, clean: bool) -> Result<(), StoreError> {
+    let mut bytes = Vec::with_capacity(EPOCH_FILE_BYTES);
     bytes.extend_from_slice(EPOCH_MAGIC);
     bytes.extend_from_slice(&epoch.to_le_bytes());
+    let flags = if clean { EPOCH_FLAG_CLEAN } else { 0 };
+    bytes.extend_from_slice(&flags.to_le_bytes());
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
     let tmp = format!("{EPOCH_FILE}.tmp");

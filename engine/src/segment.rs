@@ -146,11 +146,15 @@ pub fn scan(bytes: &[u8], expected_id: u64) -> ScanResult {
     result.valid_end = at as u64;
     let mut batch: Vec<Scanned> = Vec::new();
     let mut batch_end = at;
+    // seqs only grow along a segment; a "record" found after damage with a seq not
+    // above the last good one is bytes inside a damaged value, not a record
+    let mut last_seq = 0u64;
     // each iteration consumes at least one byte
     while at < bytes.len() {
         match record::decode(&bytes[at..]) {
             Ok(r) => {
                 let total = r.total_bytes();
+                last_seq = last_seq.max(r.header.seq);
                 batch.push(Scanned::from_record(at as u64, &r));
                 at += total;
                 if !r.header.batch_continues() {
@@ -165,7 +169,7 @@ pub fn scan(bytes: &[u8], expected_id: u64) -> ScanResult {
                     // zero padding of the last O_DIRECT block: a clean end
                     break;
                 }
-                match resync(bytes, at + 1) {
+                match resync(bytes, at + 1, last_seq) {
                     Some(next) => {
                         result.corrupt.push(BadRange {
                             start: bad_start as u64,
@@ -198,15 +202,16 @@ pub fn scan(bytes: &[u8], expected_id: u64) -> ScanResult {
     result
 }
 
-/// The next offset at or after `from` where a whole valid record starts.
-fn resync(bytes: &[u8], from: usize) -> Option<usize> {
+/// The next offset at or after `from` where a whole valid record with a seq above
+/// `last_seq` starts.
+fn resync(bytes: &[u8], from: usize, last_seq: u64) -> Option<usize> {
     let magic = RECORD_MAGIC.to_le_bytes();
     let mut at = from;
     while at + record::RECORD_HEADER_BYTES <= bytes.len() {
         if bytes[at] == magic[0]
             && bytes[at + 1] == magic[1]
             && bytes[at + 2] == RECORD_FORMAT_V1
-            && record::decode(&bytes[at..]).is_ok()
+            && record::decode(&bytes[at..]).is_ok_and(|r| r.header.seq > last_seq)
         {
             return Some(at);
         }

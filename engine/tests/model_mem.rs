@@ -299,3 +299,141 @@ fn compaction_output_records_end_their_batches() {
         run(seed * 1000 + 90, 90, Durability::Sync);
     }
 }
+
+/// Regression (review): a tombstone compaction chose to reap gained a concurrent
+/// sibling while compaction was still running; the keydir kept pointing at the
+/// removed source segment and the dangling-entry assert fired.
+#[test]
+fn tombstone_reaped_while_a_sibling_arrives_does_not_dangle() {
+    for delay in 0..40usize {
+        block_on(async {
+            let disk = MemDisk::new();
+            let config = PartitionConfig {
+                tombstone_grace_ms: 10,
+                ..config(Durability::Sync)
+            };
+            let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1)
+                .await
+                .unwrap();
+            p.write(
+                &[WriteOp {
+                    key: b"t",
+                    version: b"tomb",
+                    value: None,
+                    replaces: &[],
+                }],
+                2,
+            )
+            .await
+            .unwrap();
+            for i in 0..20u32 {
+                let key = format!("fill-{i}");
+                p.write(
+                    &[WriteOp {
+                        key: key.as_bytes(),
+                        version: b"v",
+                        value: Some(&[1; 300]),
+                        replaces: &[],
+                    }],
+                    3,
+                )
+                .await
+                .unwrap();
+            }
+            disk.set_yielding(true);
+            let compaction = p.compact(10_000);
+            let writer = async {
+                for _ in 0..delay {
+                    ringkv_engine::storage::mem::YieldOnce(false).await;
+                }
+                p.write(
+                    &[WriteOp {
+                        key: b"t",
+                        version: b"sibling",
+                        value: Some(b"new"),
+                        replaces: &[],
+                    }],
+                    10_001,
+                )
+                .await
+                .unwrap();
+            };
+            let (report, ()) = futures_lite::future::zip(compaction, writer).await;
+            report.unwrap();
+            disk.set_yielding(false);
+            let got = p.get(b"t").await.unwrap();
+            assert!(
+                got.iter().any(|v| v.value.as_deref() == Some(&b"new"[..])),
+                "delay {delay}: {got:?}"
+            );
+            p.close().await.unwrap();
+            drop(p);
+            let (p, report) = Partition::open(disk.folder(FOLDER), config, 20_000)
+                .await
+                .unwrap();
+            assert!(report.corruption.is_empty());
+            let reread = p.get(b"t").await.unwrap();
+            assert_eq!(got, reread, "delay {delay}: reopen disagrees with memory");
+        });
+    }
+}
+
+#[test]
+fn epoch_moves_on_after_an_unclean_shutdown_only() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let now = 5_000_000u64;
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::Sync), now)
+            .await
+            .unwrap();
+        let first = p.epoch();
+        p.write(
+            &[WriteOp {
+                key: b"k",
+                version: b"v",
+                value: Some(b"1"),
+                replaces: &[],
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+        p.close().await.unwrap();
+        assert!(
+            p.write(
+                &[WriteOp {
+                    key: b"k",
+                    version: b"v",
+                    value: Some(b"2"),
+                    replaces: &[]
+                }],
+                now
+            )
+            .await
+            .is_err(),
+            "closed refuses writes"
+        );
+        drop(p);
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::Sync), now)
+            .await
+            .unwrap();
+        assert_eq!(p.epoch(), first, "a clean close keeps the epoch");
+        p.write(
+            &[WriteOp {
+                key: b"k",
+                version: b"v",
+                value: Some(b"3"),
+                replaces: &[],
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+        drop(p);
+        disk.crash(1);
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::Sync), now)
+            .await
+            .unwrap();
+        assert!(p.epoch() > first, "after a crash the epoch moves on");
+    });
+}

@@ -31,6 +31,8 @@ struct DiskState {
     next_file_id: u64,
     syncs_until_failure: Option<u64>,
     sync_count: u64,
+    /// `yield_now` and every file sync give other tasks a turn (interleaving tests).
+    yielding: bool,
 }
 
 impl DiskState {
@@ -122,6 +124,16 @@ impl MemDisk {
         }
         file.current[at] ^= mask;
         true
+    }
+
+    /// Makes `yield_now` and every file sync yield once to other tasks, so tests can
+    /// interleave foreground writes with background work deterministically.
+    pub fn set_yielding(&self, yielding: bool) {
+        self.state.borrow_mut().yielding = yielding;
+    }
+
+    fn yielding(&self) -> bool {
+        self.state.borrow().yielding
     }
 
     /// The next `n` syncs succeed, every later one fails with an I/O error.
@@ -257,7 +269,11 @@ impl Storage for MemStorage {
         Ok(())
     }
 
-    async fn yield_now(&self) {}
+    async fn yield_now(&self) {
+        if self.disk.yielding() {
+            YieldOnce(false).await;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -332,6 +348,9 @@ impl StorageFile for MemFile {
     }
 
     async fn sync(&self) -> io::Result<()> {
+        if self.disk.yielding() {
+            YieldOnce(false).await;
+        }
         self.flush_now()?;
         let mut state = self.disk.state.borrow_mut();
         state.check_sync()?;
@@ -359,5 +378,24 @@ impl StorageFile for MemFile {
 
     fn buffered_bytes(&self) -> u64 {
         self.inner.borrow().buffer.len() as u64
+    }
+}
+
+/// A future that is pending once, waking itself, then ready.
+#[derive(Debug)]
+pub struct YieldOnce(pub bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
