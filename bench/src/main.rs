@@ -3,11 +3,14 @@
 //! ```text
 //! ringkv-bench storage [--dir DIR] [--seconds S] [--value-bytes B]
 //!                      [--writers 1,128] [--keys 1000000] [--readers 128]
-//!                      [--only put|get|memory]
+//!                      [--only put|get|memory|compact]
 //! ```
 //! - put: `sync` durability, each writer task puts fresh keys in a loop; every put is
 //!   acknowledged only after the group-commit fdatasync that covers it.
 //! - get: loads `--keys` keys, then random gets from `--readers` concurrent tasks.
+//! - compact: 32 writers overwrite 10,000 keys, without and then with the background
+//!   compactor in its low-priority task queue, to see what compaction costs foreground
+//!   latency.
 //! - memory: bytes per key of a keydir holding `--keys` 16-byte keys, measured with a
 //!   counting global allocator.
 
@@ -97,7 +100,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 }
 
 const USAGE: &str = "usage: ringkv-bench storage [--dir DIR] [--seconds S] [--value-bytes B] \
-[--writers 1,128] [--keys N] [--readers R] [--only put|get|memory]";
+[--writers 1,128] [--keys N] [--readers R] [--only put|get|memory|compact]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -142,6 +145,10 @@ fn storage(o: Options) -> anyhow::Result<()> {
     }
     if want("memory") {
         bench_keydir_memory(o.keys);
+    }
+    if want("compact") {
+        bench_overwrite(&o, false)?;
+        bench_overwrite(&o, true)?;
     }
     Ok(())
 }
@@ -306,6 +313,101 @@ fn bench_get(o: &Options) -> anyhow::Result<()> {
         stats.keydir_heap_bytes as f64 / stats.keys.max(1) as f64
     );
     let _ = std::fs::remove_dir_all(o.dir.join("get"));
+    Ok(())
+}
+
+/// 32 writers overwrite 10,000 keys in `sync` mode with small segments, with and
+/// without the background compactor (low-priority task queue) running beside them.
+fn bench_overwrite(o: &Options, compactor: bool) -> anyhow::Result<()> {
+    let name = if compactor {
+        "overwrite-compacting"
+    } else {
+        "overwrite"
+    };
+    let dir = fresh_dir(o, name)?;
+    let (seconds, value_bytes) = (o.seconds, o.value_bytes);
+    let (ops, elapsed, hist, compactions, bytes) = run_local(move || async move {
+        let storage = DmaStorage::open(&dir).await.expect("open folder");
+        let config = PartitionConfig {
+            durability: Durability::Sync,
+            segment_bytes_max: 4 << 20,
+            ..PartitionConfig::default()
+        };
+        let (p, _) = Partition::open(storage, config, now_ms())
+            .await
+            .expect("open partition");
+        let p = Rc::new(p);
+        let background = compactor.then(|| {
+            ringkv_engine::runtime::spawn_compactor(
+                p.clone(),
+                ringkv_engine::runtime::background_queue(),
+                0.5,
+                Duration::from_millis(10),
+                1_000_000,
+                now_ms,
+            )
+        });
+        let hist = Rc::new(RefCell::new(latency_histogram()));
+        let value = Rc::new(vec![0x5Au8; value_bytes]);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::new();
+        for w in 0..32u64 {
+            let (p, hist, value) = (p.clone(), hist.clone(), value.clone());
+            tasks.push(glommio::spawn_local(async move {
+                let mut rng = ringkv_engine::storage::mem::SplitMix(w + 1);
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let key = format!("key-{:06}", rng.next_u64() % 10_000);
+                    let t = Instant::now();
+                    let old: Vec<u64> = p.versions(key.as_bytes()).iter().map(|l| l.seq).collect();
+                    p.write(
+                        &[WriteOp {
+                            key: key.as_bytes(),
+                            version: b"bench",
+                            value: Some(&value),
+                            replaces: &old,
+                        }],
+                        now_ms(),
+                    )
+                    .await
+                    .expect("durable put");
+                    hist.borrow_mut()
+                        .record(t.elapsed().as_nanos() as u64)
+                        .expect("in range");
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut ops = 0;
+        for t in tasks {
+            ops += t.await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        p.close().await.expect("close");
+        let compactions = match background {
+            Some(task) => task.await.expect("compactor"),
+            None => 0,
+        };
+        let bytes = p.stats().bytes;
+        let hist = hist.borrow().clone();
+        (ops, elapsed, hist, compactions, bytes)
+    });
+    println!(
+        "{}  ({compactions} compactions, {:.1} MiB on disk at the end)",
+        report_line(
+            &format!(
+                "overwrite sync, 32 writers{}",
+                if compactor { ", compacting" } else { "" }
+            ),
+            ops,
+            elapsed,
+            &hist
+        ),
+        bytes as f64 / (1 << 20) as f64
+    );
+    let _ = std::fs::remove_dir_all(o.dir.join(name));
     Ok(())
 }
 

@@ -574,6 +574,11 @@ impl<S: Storage> Partition<S> {
         self.state.borrow().needs_repair
     }
 
+    /// `close` ran.
+    pub fn is_closed(&self) -> bool {
+        self.state.borrow().closed
+    }
+
     /// Why the partition refuses writes, if it does.
     pub fn failure(&self) -> Option<String> {
         self.state.borrow().failed.clone()

@@ -52,3 +52,78 @@ where
         .join()
         .expect("glommio executor thread")
 }
+
+use crate::partition::{Durability, Partition, StoreError};
+use crate::storage::Storage;
+use glommio::{Latency, Shares, TaskQueueHandle};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Shares of the background task queue; the default foreground queue has 1000, so
+/// background work (compaction) gets about 1 part in 11 of a busy core and all of an
+/// idle one.
+pub const BACKGROUND_SHARES: usize = 100;
+
+/// Creates the shard's low-priority task queue for background work.
+pub fn background_queue() -> TaskQueueHandle {
+    glommio::executor().create_task_queue(
+        Shares::Static(BACKGROUND_SHARES),
+        Latency::NotImportant,
+        "ringkv-background",
+    )
+}
+
+/// Compacts `partition` in the low-priority `queue` whenever at least `min_dead_ratio`
+/// of its sealed bytes are dead, checking every `check_every`; stops when the
+/// partition is closed or failed, or after `rounds_max` checks.
+pub fn spawn_compactor<S: Storage + 'static>(
+    partition: Rc<Partition<S>>,
+    queue: TaskQueueHandle,
+    min_dead_ratio: f64,
+    check_every: Duration,
+    rounds_max: u64,
+    now_ms: impl Fn() -> u64 + 'static,
+) -> glommio::Task<Result<u64, StoreError>> {
+    glommio::spawn_local_into(
+        async move {
+            let mut compactions = 0;
+            for _ in 0..rounds_max {
+                if partition.failure().is_some() || partition.is_closed() {
+                    break;
+                }
+                if partition.compaction_due(min_dead_ratio) {
+                    partition.compact(now_ms()).await?;
+                    compactions += 1;
+                }
+                glommio::timer::sleep(check_every).await;
+            }
+            Ok(compactions)
+        },
+        queue,
+    )
+    .expect("spawn into the background queue")
+}
+
+/// For `Durability::Interval { ms }`: syncs `partition` every `ms` until it is closed
+/// or failed (or after `rounds_max` rounds). Returns the number of syncs that ran.
+pub fn spawn_interval_syncer<S: Storage + 'static>(
+    partition: Rc<Partition<S>>,
+    rounds_max: u64,
+) -> glommio::Task<Result<u64, StoreError>> {
+    let ms = match partition.config().durability {
+        Durability::Interval { ms } => ms.max(1),
+        _ => 1000,
+    };
+    glommio::spawn_local(async move {
+        let mut syncs = 0;
+        for _ in 0..rounds_max {
+            glommio::timer::sleep(Duration::from_millis(ms)).await;
+            if partition.failure().is_some() || partition.is_closed() {
+                break;
+            }
+            partition.sync().await?;
+            syncs += 1;
+        }
+        Ok(syncs)
+    })
+}

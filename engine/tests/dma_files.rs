@@ -590,3 +590,98 @@ fn orphan_hint_is_removed_on_open() {
         p.write(&[put(b"k", b"v", b"x", &[])], 2).await.unwrap();
     });
 }
+
+/// `interval(ms)` durability: acknowledged at once, synced by the runtime's timer.
+#[test]
+fn interval_mode_is_synced_by_the_runtime_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    run_local(move || async move {
+        let config = PartitionConfig {
+            durability: Durability::Interval { ms: 5 },
+            ..PartitionConfig::default()
+        };
+        let (p, _) = open(&path, config, 1).await;
+        let p = Rc::new(p);
+        let syncer = ringkv_engine::runtime::spawn_interval_syncer(p.clone(), 10_000);
+        p.write(&[put(b"k", b"v", b"x", &[])], 2).await.unwrap();
+        assert_eq!(p.stats().syncs, 0, "acknowledged before any sync");
+        for _ in 0..1000 {
+            if p.stats().syncs > 0 {
+                break;
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert!(p.stats().syncs > 0, "the timer synced the write");
+        p.close().await.unwrap();
+        let ran = syncer.await.unwrap();
+        assert!(ran >= 1);
+    });
+}
+
+/// Compaction in the low-priority queue while foreground writers overwrite keys:
+/// every write lands, dead space is reclaimed, nothing is lost.
+#[test]
+fn background_compaction_runs_beside_foreground_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    run_local(move || async move {
+        let config = PartitionConfig {
+            durability: Durability::None,
+            segment_bytes_max: 16 << 10,
+            ..PartitionConfig::default()
+        };
+        let (p, _) = open(&path, config.clone(), 1).await;
+        let p = Rc::new(p);
+        let compactor = ringkv_engine::runtime::spawn_compactor(
+            p.clone(),
+            ringkv_engine::runtime::background_queue(),
+            0.3,
+            std::time::Duration::from_millis(1),
+            1_000_000,
+            || 100,
+        );
+        for round in 0..40u32 {
+            for i in 0..100u32 {
+                let key = format!("k{i}");
+                let old: Vec<u64> = p.versions(key.as_bytes()).iter().map(|l| l.seq).collect();
+                p.write(
+                    &[put(
+                        key.as_bytes(),
+                        b"v",
+                        &round.to_le_bytes().repeat(25),
+                        &old,
+                    )],
+                    10,
+                )
+                .await
+                .unwrap();
+            }
+            glommio::yield_if_needed().await;
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        p.close().await.unwrap();
+        let compactions = compactor.await.unwrap();
+        assert!(compactions > 0, "the background compactor ran");
+        for i in 0..100u32 {
+            assert_eq!(
+                value_of(&p, format!("k{i}").as_bytes()).await,
+                Some(39u32.to_le_bytes().repeat(25))
+            );
+        }
+        let stats = p.stats();
+        assert!(
+            stats.bytes < 40 * 100 * 150,
+            "dead versions were reclaimed: {stats:?}"
+        );
+        drop(p);
+        let (p, report) = open(&path, config, 200).await;
+        assert!(report.corruption.is_empty());
+        for i in 0..100u32 {
+            assert_eq!(
+                value_of(&p, format!("k{i}").as_bytes()).await,
+                Some(39u32.to_le_bytes().repeat(25))
+            );
+        }
+    });
+}
