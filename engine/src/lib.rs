@@ -21,6 +21,7 @@ pub mod partition;
 pub mod record;
 pub mod runtime;
 pub mod segment;
+pub mod server;
 pub mod storage;
 pub mod version;
 pub mod versioned;

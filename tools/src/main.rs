@@ -3,15 +3,18 @@
 //! Subcommands (each lives in its own module):
 //! - `logdump DIR`, `logcheck DIR`: inspect partition log files (`log_cmd`).
 //! - `ring ...`: the ring planner for capacity planners (`ring_cmd`).
+//! - `server ...`: one node (`server_cmd`).
 
 mod log_cmd;
 mod ring_cmd;
+mod server_cmd;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: ringkv <command> [args]
 
 commands:
+  server [options] start a node (see `ringkv server --help`)
   logdump DIR     print every record of a partition folder (or one segment file)
   logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
   ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         "logdump" => log_cmd::logdump(rest),
         "logcheck" => log_cmd::logcheck(rest),
         "ring" => ring_cmd::run(rest),
+        "server" => server_cmd::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,234 @@
+//! The node: one glommio executor per shard, each owning the partitions `p` with
+//! `p % shards == shard`, serving protocol v1 on the shared client port
+//! (`SO_REUSEPORT`) and on its own shard port. A request that reaches the wrong shard
+//! travels to its owner over the glommio channel mesh, never through a lock.
+//!
+//! - [`ServerConfig`]: everything a node needs, with production defaults.
+//! - [`run`]: starts the shards and blocks until shutdown (SIGINT/SIGTERM or the
+//!   caller's flag): stop accepting, finish in-flight requests, sync and close logs.
+//! - `shard`: a shard's partitions and request execution (no sockets).
+//! - `conn`: the connection loop: check frames, pipeline, enforce limits and timeouts.
+
+mod conn;
+mod shard;
+
+use crate::partition::Durability;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use shard::ShardStats;
+
+/// Everything a node needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    /// The client port every shard accepts on.
+    pub listen: SocketAddr,
+    /// Shard `s` also listens on `shard_port_base + s` (0: no shard ports).
+    pub shard_port_base: u16,
+    pub shards: usize,
+    /// Q, fixed at creation: a power of two.
+    pub partitions: u32,
+    pub durability: Durability,
+    pub segment_bytes_max: u64,
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    pub frame_bytes_max: usize,
+    pub in_flight_per_connection_max: usize,
+    pub connections_per_shard_max: usize,
+    /// A connection with nothing to read for this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame started but not finished within this long closes the connection, and a
+    /// client that does not read its replies within it is dropped.
+    pub slow_client_timeout: Duration,
+    /// Clock entries kept per version before truncation.
+    pub clock_entries_max: usize,
+    /// Siblings per key above which a warning is logged and writes are refused.
+    pub siblings_max: usize,
+    /// Compaction runs when this fraction of sealed bytes is dead.
+    pub compaction_dead_ratio: f64,
+    pub tombstone_grace: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            node_id: 1,
+            data_dir: PathBuf::from("ringkv-data"),
+            listen: "127.0.0.1:7379".parse().expect("valid address"),
+            shard_port_base: 7380,
+            shards: cores,
+            partitions: 64,
+            durability: Durability::Sync,
+            segment_bytes_max: 64 << 20,
+            key_bytes_max: 4096,
+            value_bytes_max: 4 << 20,
+            frame_bytes_max: ringkv_net::protocol::FRAME_BYTES_MAX_DEFAULT,
+            in_flight_per_connection_max: 1024,
+            connections_per_shard_max: 8192,
+            idle_timeout: Duration::from_secs(300),
+            slow_client_timeout: Duration::from_secs(10),
+            clock_entries_max: crate::version::CLOCK_ENTRIES_MAX,
+            siblings_max: 100,
+            compaction_dead_ratio: 0.5,
+            tombstone_grace: Duration::from_secs(24 * 3600),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(format!("shards must be 1..=1024, not {}", self.shards));
+        }
+        if !ringkv_ring::hash::is_valid_partition_count(self.partitions) {
+            return Err(format!(
+                "partitions must be a power of two, not {}",
+                self.partitions
+            ));
+        }
+        if (self.partitions as usize) < self.shards {
+            return Err("fewer partitions than shards: some shards would own nothing".into());
+        }
+        if self.shard_port_base != 0
+            && self.shard_port_base as usize + self.shards > u16::MAX as usize
+        {
+            return Err("shard ports run past 65535".into());
+        }
+        if self.key_bytes_max == 0 || self.key_bytes_max > u16::MAX as usize {
+            return Err("key_bytes_max must be 1..=65535".into());
+        }
+        if self.frame_bytes_max < self.value_bytes_max + self.key_bytes_max + 4096 {
+            return Err("frame_bytes_max must hold the largest value, key and context".into());
+        }
+        Ok(())
+    }
+}
+
+/// Set by SIGINT/SIGTERM (or by the caller) to stop the node gracefully.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Triggers this on SIGINT or SIGTERM (a background thread waits for them). Call
+    /// before any other thread starts, so every thread inherits the blocked mask.
+    pub fn on_signals(&self) -> std::io::Result<()> {
+        // SAFETY: plain libc signal-mask calls on a zeroed sigset_t we own.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            set
+        };
+        let flag = self.clone();
+        std::thread::Builder::new()
+            .name("ringkv-signals".into())
+            .spawn(move || {
+                let mut signal: libc::c_int = 0;
+                // SAFETY: sigwait on the set blocked above.
+                unsafe { libc::sigwait(&set, &mut signal) };
+                flag.trigger();
+            })?;
+        Ok(())
+    }
+}
+
+/// What a shard reports when it stops.
+#[derive(Debug, Clone, Default)]
+pub struct ShardExit {
+    pub shard: usize,
+    pub stats: ShardStats,
+}
+
+/// Runs the node until `shutdown` triggers. `ready` is called once every shard
+/// listens (with the client address actually bound).
+pub fn run(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    ready: impl FnOnce(SocketAddr) + Send + 'static,
+) -> Result<Vec<ShardExit>, String> {
+    config.validate()?;
+    crate::runtime::raise_memlock_limit(1 << 30);
+    std::fs::create_dir_all(config.data_dir.join("partitions"))
+        .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    // bind the client port once here to learn the address (port 0 picks one), then
+    // every shard binds the same address with SO_REUSEPORT
+    let probe = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listen = probe.local_addr().map_err(|e| e.to_string())?;
+    drop(probe);
+    let config = ServerConfig { listen, ..config };
+    let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.shards, 1024);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::new();
+    for shard_id in 0..config.shards {
+        let (config, shutdown, mesh, ready_tx) =
+            (config.clone(), shutdown.clone(), mesh.clone(), ready_tx.clone());
+        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(
+            shard_id % cores,
+        ))
+        .name(&format!("ringkv-shard-{shard_id}"));
+        let handle = builder
+            .spawn(move || async move {
+                shard::shard_main(shard_id, config, shutdown, mesh, ready_tx).await
+            })
+            .map_err(|e| format!("cannot start shard {shard_id}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    let mut failure = None;
+    for _ in 0..config.shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+            Err(_) => {
+                failure = Some("a shard stopped before it was ready".into());
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        shutdown.trigger();
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
+    ready(listen);
+    let mut exits = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(exit)) => exits.push(exit),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(format!("a shard thread failed: {e}")),
+        }
+    }
+    Ok(exits)
+}

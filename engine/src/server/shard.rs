@@ -1,0 +1,494 @@
+//! A shard: the partitions it owns, request execution, and the mesh link to the other
+//! shards. Requests for a partition another shard owns are forwarded whole over the
+//! glommio channel mesh; the owner executes them and sends the reply frame back.
+
+use super::{conn, ServerConfig, ShardExit, Shutdown};
+use crate::notify::Notify;
+use crate::partition::{Partition, PartitionConfig, StoreError};
+use crate::runtime;
+use crate::storage::dma::DmaStorage;
+use crate::version::{Context, VClock};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use ringkv_net::protocol::{self, encode, ErrorCode, HelloOk, Request};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// What travels between shards.
+#[derive(Debug)]
+pub(crate) enum ShardMsg {
+    /// A whole request frame for a partition the receiver owns.
+    Request { from: usize, token: u64, frame: Vec<u8> },
+    /// The reply frame to a forwarded request.
+    Reply { token: u64, frame: Vec<u8> },
+}
+
+/// Counters a shard keeps (merged by the caller across shards).
+#[derive(Debug, Clone, Default)]
+pub struct ShardStats {
+    pub requests: u64,
+    pub forwarded: u64,
+    pub errors: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+}
+
+pub(crate) struct Shard {
+    pub id: usize,
+    pub config: ServerConfig,
+    partitions: HashMap<u32, Rc<Partition<DmaStorage>>>,
+    senders: Option<Senders<ShardMsg>>,
+    pending: RefCell<HashMap<u64, Rc<Slot>>>,
+    next_token: Cell<u64>,
+    pub stats: RefCell<ShardStats>,
+    pub connections: Cell<usize>,
+    /// Requests being executed on this shard (local or forwarded in).
+    pub in_flight: Cell<usize>,
+    pub in_flight_done: Notify,
+    pub stopping: Cell<bool>,
+    pub stop: Notify,
+}
+
+/// Where a forwarded request's reply lands.
+#[derive(Default)]
+struct Slot {
+    reply: RefCell<Option<Vec<u8>>>,
+    arrived: Notify,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) async fn shard_main(
+    shard_id: usize,
+    config: ServerConfig,
+    shutdown: Shutdown,
+    mesh: MeshBuilder<ShardMsg, Full>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<ShardExit, String> {
+    match start(shard_id, config, shutdown, mesh).await {
+        Ok((shard, tasks)) => {
+            let _ = ready.send(Ok(()));
+            Ok(serve_until_shutdown(shard, tasks).await)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+type Started = (Rc<Shard>, Vec<glommio::Task<()>>);
+
+async fn start(
+    shard_id: usize,
+    config: ServerConfig,
+    shutdown: Shutdown,
+    mesh: MeshBuilder<ShardMsg, Full>,
+) -> Result<Started, String> {
+    let (senders, receivers) = if config.shards > 1 {
+        let (s, r) = mesh
+            .join()
+            .await
+            .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+        (Some(s), Some(r))
+    } else {
+        (None, None)
+    };
+    let mut partitions = HashMap::new();
+    for p in (0..config.partitions).filter(|p| *p as usize % config.shards == shard_id) {
+        let path = config.data_dir.join("partitions").join(format!("{p:05}"));
+        let storage = DmaStorage::open(&path)
+            .await
+            .map_err(|e| format!("partition {p}: cannot open {}: {e}", path.display()))?;
+        let pconfig = PartitionConfig {
+            partition: p as u64,
+            durability: config.durability,
+            segment_bytes_max: config.segment_bytes_max,
+            tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
+            key_bytes_max: config.key_bytes_max,
+            value_bytes_max: config.value_bytes_max,
+            ..PartitionConfig::default()
+        };
+        let (partition, report) = Partition::open(storage, pconfig, now_ms())
+            .await
+            .map_err(|e| format!("partition {p}: recovery failed: {e}"))?;
+        if !report.corruption.is_empty() || report.truncated_tail_bytes > 0 {
+            tracing::warn!(partition = p, ?report, "partition recovered with losses");
+        } else {
+            tracing::debug!(partition = p, keys = report.keys, "partition opened");
+        }
+        partitions.insert(p, Rc::new(partition));
+    }
+    let shard = Rc::new(Shard {
+        id: shard_id,
+        config: config.clone(),
+        partitions,
+        senders,
+        pending: RefCell::default(),
+        next_token: Cell::new(1),
+        stats: RefCell::default(),
+        connections: Cell::new(0),
+        in_flight: Cell::new(0),
+        in_flight_done: Notify::default(),
+        stopping: Cell::new(false),
+        stop: Notify::default(),
+    });
+    let mut tasks = Vec::new();
+    // background work: compaction (low priority) and interval syncs
+    let background = runtime::background_queue();
+    for p in shard.partitions.values() {
+        let compactor = runtime::spawn_compactor(
+            p.clone(),
+            background,
+            config.compaction_dead_ratio,
+            Duration::from_secs(1),
+            u64::MAX,
+            now_ms,
+        );
+        tasks.push(glommio::spawn_local(async move {
+            if let Err(e) = compactor.await {
+                tracing::error!(error = %e, "compaction stopped");
+            }
+        }));
+        if matches!(config.durability, crate::Durability::Interval { .. }) {
+            let syncer = runtime::spawn_interval_syncer(p.clone(), u64::MAX);
+            tasks.push(glommio::spawn_local(async move {
+                let _ = syncer.await;
+            }));
+        }
+    }
+    if let Some(mut receivers) = receivers {
+        for (_, rx) in receivers.streams() {
+            let shard = shard.clone();
+            tasks.push(glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    shard.clone().on_mesh_message(msg);
+                }
+            }));
+        }
+    }
+    // listeners: the shared client port and this shard's own port
+    let mut addrs = vec![config.listen];
+    if config.shard_port_base != 0 {
+        let mut own = config.listen;
+        own.set_port(config.shard_port_base + shard_id as u16);
+        addrs.push(own);
+    }
+    for addr in addrs {
+        let listener = glommio::net::TcpListener::bind(addr)
+            .map_err(|e| format!("shard {shard_id}: cannot listen on {addr}: {e}"))?;
+        let shard = shard.clone();
+        tasks.push(glommio::spawn_local(accept_loop(listener, shard)));
+    }
+    let watcher_shard = shard.clone();
+    tasks.push(glommio::spawn_local(async move {
+        while !shutdown.is_triggered() {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        watcher_shard.stopping.set(true);
+        watcher_shard.stop.notify_all();
+    }));
+    Ok((shard, tasks))
+}
+
+async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
+    let mut backoff_ms = 1u64;
+    loop {
+        if shard.stopping.get() {
+            return;
+        }
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.stop.wait().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            return;
+        };
+        match accepted {
+            Ok(stream) => {
+                backoff_ms = 1;
+                if shard.connections.get() >= shard.config.connections_per_shard_max {
+                    shard.stats.borrow_mut().connections_refused += 1;
+                    glommio::spawn_local(conn::refuse(stream)).detach();
+                    continue;
+                }
+                shard.stats.borrow_mut().connections_accepted += 1;
+                shard.connections.set(shard.connections.get() + 1);
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    conn::serve(stream, s.clone()).await;
+                    s.connections.set(s.connections.get() - 1);
+                })
+                .detach();
+            }
+            Err(e) => {
+                // out of file descriptors and the like: back off, keep serving
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(1000);
+            }
+        }
+    }
+}
+
+async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -> ShardExit {
+    while !shard.stopping.get() {
+        shard.stop.wait().await;
+    }
+    // listeners stop; requests already running finish (bounded wait)
+    let deadline = std::time::Instant::now() + shard.config.drain_timeout;
+    while shard.in_flight.get() > 0 && std::time::Instant::now() < deadline {
+        let _ = glommio::timer::timeout(Duration::from_millis(100), async {
+            shard.in_flight_done.wait().await;
+            Ok(())
+        })
+        .await;
+    }
+    for (p, partition) in &shard.partitions {
+        if let Err(e) = partition.close().await {
+            tracing::error!(partition = p, error = %e, "close failed");
+        }
+    }
+    drop(tasks);
+    ShardExit {
+        shard: shard.id,
+        stats: shard.stats.borrow().clone(),
+    }
+}
+
+impl Shard {
+    fn owner_of(&self, key: &[u8]) -> (u32, usize) {
+        let p = ringkv_ring::partition_for_key(key, self.config.partitions);
+        (p, p as usize % self.config.shards)
+    }
+
+    fn on_mesh_message(self: Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Request { from, token, frame } => {
+                glommio::spawn_local(async move {
+                    let mut out = Vec::new();
+                    self.execute_local(&frame, &mut out).await;
+                    if let Some(senders) = &self.senders {
+                        let _ = senders
+                            .send_to(from, ShardMsg::Reply { token, frame: out })
+                            .await;
+                    }
+                })
+                .detach();
+            }
+            ShardMsg::Reply { token, frame } => {
+                if let Some(slot) = self.pending.borrow_mut().remove(&token) {
+                    *slot.reply.borrow_mut() = Some(frame);
+                    slot.arrived.notify_all();
+                }
+            }
+        }
+    }
+
+    /// Executes one whole request frame and appends the reply frame to `out`.
+    pub(crate) async fn execute(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
+        self.stats.borrow_mut().requests += 1;
+        let owner = match Request::parse(frame) {
+            Ok((_, req)) => req.key().map(|k| self.owner_of(k).1),
+            Err(_) => None,
+        };
+        match owner {
+            Some(owner) if owner != self.id => {
+                self.stats.borrow_mut().forwarded += 1;
+                let reply = self.forward(owner, frame).await;
+                out.borrow_mut().extend_from_slice(&reply);
+            }
+            _ => {
+                let mut local = Vec::new();
+                self.execute_local(frame, &mut local).await;
+                out.borrow_mut().extend_from_slice(&local);
+            }
+        }
+    }
+
+    async fn forward(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
+        let request_id = protocol::header(frame).request_id;
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let slot = Rc::new(Slot::default());
+        self.pending.borrow_mut().insert(token, slot.clone());
+        let sent = match &self.senders {
+            Some(senders) => senders
+                .send_to(
+                    owner,
+                    ShardMsg::Request {
+                        from: self.id,
+                        token,
+                        frame: frame.to_vec(),
+                    },
+                )
+                .await
+                .is_ok(),
+            None => false,
+        };
+        let mut out = Vec::new();
+        if !sent {
+            self.pending.borrow_mut().remove(&token);
+            encode::error(&mut out, request_id, ErrorCode::Unavailable, "owning shard is gone");
+            return out;
+        }
+        let waited = glommio::timer::timeout(self.config.slow_client_timeout, async {
+            while slot.reply.borrow().is_none() {
+                slot.arrived.wait().await;
+            }
+            Ok(())
+        })
+        .await;
+        self.pending.borrow_mut().remove(&token);
+        let reply = slot.reply.borrow_mut().take();
+        match (waited, reply) {
+            (Ok(()), Some(reply)) => reply,
+            _ => {
+                encode::error(&mut out, request_id, ErrorCode::Timeout, "owning shard did not answer in time");
+                out
+            }
+        }
+    }
+
+    /// Executes a request whose partition is on this shard (or that has no key).
+    async fn execute_local(&self, frame: &[u8], out: &mut Vec<u8>) {
+        self.in_flight.set(self.in_flight.get() + 1);
+        let request_id = protocol::header(frame).request_id;
+        let result = self.run_request(frame, request_id, out).await;
+        if let Err((code, message)) = result {
+            self.stats.borrow_mut().errors += 1;
+            encode::error(out, request_id, code, &message);
+        }
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.in_flight_done.notify_all();
+    }
+
+    async fn run_request(
+        &self,
+        frame: &[u8],
+        request_id: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let (_, request) = Request::parse(frame).map_err(|e| (e.code(), e.to_string()))?;
+        if let Some(key) = request.key() {
+            if key.is_empty() {
+                return Err((ErrorCode::BadRequest, "empty key".into()));
+            }
+            if key.len() > self.config.key_bytes_max {
+                return Err((
+                    ErrorCode::KeyTooLong,
+                    format!("key is {} bytes, the limit is {}", key.len(), self.config.key_bytes_max),
+                ));
+            }
+        }
+        match request {
+            Request::Hello {
+                min_version,
+                max_version,
+            } => {
+                if !(min_version..=max_version).contains(&protocol::PROTOCOL_VERSION) {
+                    return Err((
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "server speaks protocol version {}, client {min_version}..={max_version}",
+                            protocol::PROTOCOL_VERSION
+                        ),
+                    ));
+                }
+                encode::hello_ok(
+                    out,
+                    request_id,
+                    &HelloOk {
+                        version: protocol::PROTOCOL_VERSION,
+                        node_id: self.config.node_id,
+                        partitions: self.config.partitions,
+                        shards: self.config.shards as u16,
+                        shard: self.id as u16,
+                        shard_port_base: self.config.shard_port_base,
+                        frame_bytes_max: self.config.frame_bytes_max as u32,
+                        in_flight_max: self.config.in_flight_per_connection_max as u32,
+                    },
+                );
+            }
+            Request::Ping => encode::pong(out, request_id),
+            Request::Get { key, .. } => {
+                let partition = self.partition_for(key)?;
+                let (siblings, context) = partition.read_siblings(key).await.map_err(store_error)?;
+                let encoded = Context::encode(&context);
+                partition.record_clock_truncation(encoded.truncated_entries);
+                let values: Vec<&[u8]> = siblings.iter().filter_map(|s| s.value.as_deref()).collect();
+                encode::get_ok(out, request_id, &encoded.bytes, values.into_iter());
+            }
+            Request::Put {
+                key,
+                context,
+                value,
+                ..
+            } => {
+                if value.len() > self.config.value_bytes_max {
+                    return Err((
+                        ErrorCode::ValueTooLarge,
+                        format!("value is {} bytes, the limit is {}", value.len(), self.config.value_bytes_max),
+                    ));
+                }
+                let partition = self.partition_for(key)?;
+                let context = decode_context(context)?;
+                let outcome = partition
+                    .coordinate_put(self.config.node_id, key, &context, Some(value), now_ms(), self.config.clock_entries_max)
+                    .await
+                    .map_err(store_error)?;
+                if outcome.siblings > self.config.siblings_max {
+                    tracing::warn!(siblings = outcome.siblings, key = %String::from_utf8_lossy(key), "key has many siblings: clients should put with the context they read");
+                }
+                let encoded = Context::encode(&outcome.context);
+                encode::put_ok(out, request_id, &encoded.bytes, outcome.siblings.min(u16::MAX as usize) as u16);
+            }
+            Request::Delete { key, context, .. } => {
+                let partition = self.partition_for(key)?;
+                let context = decode_context(context)?;
+                partition
+                    .coordinate_put(self.config.node_id, key, &context, None, now_ms(), self.config.clock_entries_max)
+                    .await
+                    .map_err(store_error)?;
+                encode::delete_ok(out, request_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn partition_for(&self, key: &[u8]) -> Result<&Rc<Partition<DmaStorage>>, (ErrorCode, String)> {
+        let (p, _) = self.owner_of(key);
+        self.partitions
+            .get(&p)
+            .ok_or((ErrorCode::Internal, format!("partition {p} is not on shard {}", self.id)))
+    }
+}
+
+fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
+    if bytes.is_empty() {
+        return Ok(VClock::new());
+    }
+    Context::decode(bytes).map_err(|e| (ErrorCode::BadContext, e.to_string()))
+}
+
+fn store_error(e: StoreError) -> (ErrorCode, String) {
+    let code = match &e {
+        StoreError::KeyTooLong { .. } => ErrorCode::KeyTooLong,
+        StoreError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+        StoreError::EmptyKey | StoreError::EmptyBatch | StoreError::VersionTooLarge { .. } => {
+            ErrorCode::BadRequest
+        }
+        StoreError::Failed(_)
+        | StoreError::Closed
+        | StoreError::SegmentFull
+        | StoreError::Contended { .. } => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    (code, e.to_string())
+}

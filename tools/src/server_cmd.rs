@@ -1,0 +1,145 @@
+//! `ringkv server`: one node, with an embedded default configuration (data in
+//! `./ringkv-data`, clients on 127.0.0.1:7379), a TOML file, and flags (flags win).
+
+use anyhow::{bail, Context as _};
+use ringkv_engine::server::{self, ServerConfig, Shutdown};
+use ringkv_engine::Durability;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub const USAGE: &str = "usage: ringkv server [--config FILE.toml] [--data-dir DIR] [--listen HOST:PORT]
+                     [--shard-port-base PORT|0] [--shards N] [--node-id ID] [--partitions Q]
+                     [--durability sync|none|interval(MS)]
+
+Starts one node. With no options: data in ./ringkv-data, clients on 127.0.0.1:7379,
+shard s also on port 7380+s, one shard per core, 64 partitions, sync durability.
+Stops gracefully on SIGINT/SIGTERM. Log level: RUST_LOG (default info).";
+
+/// The TOML file: every field optional, names as in `ServerConfig`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    shard_port_base: Option<u16>,
+    shards: Option<usize>,
+    partitions: Option<u32>,
+    durability: Option<String>,
+    segment_bytes_max: Option<u64>,
+    key_bytes_max: Option<usize>,
+    value_bytes_max: Option<usize>,
+    frame_bytes_max: Option<usize>,
+    in_flight_per_connection_max: Option<usize>,
+    connections_per_shard_max: Option<usize>,
+    idle_timeout_ms: Option<u64>,
+    slow_client_timeout_ms: Option<u64>,
+    siblings_max: Option<usize>,
+    tombstone_grace_ms: Option<u64>,
+}
+
+impl FileConfig {
+    fn apply(self, c: &mut ServerConfig) -> anyhow::Result<()> {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            node_id,
+            data_dir,
+            shard_port_base,
+            shards,
+            partitions,
+            segment_bytes_max,
+            key_bytes_max,
+            value_bytes_max,
+            frame_bytes_max,
+            in_flight_per_connection_max,
+            connections_per_shard_max,
+            siblings_max
+        );
+        if let Some(listen) = self.listen {
+            c.listen = listen.parse().with_context(|| format!("listen = {listen:?}"))?;
+        }
+        if let Some(d) = self.durability {
+            c.durability = d.parse::<Durability>().map_err(anyhow::Error::msg)?;
+        }
+        if let Some(ms) = self.idle_timeout_ms {
+            c.idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.slow_client_timeout_ms {
+            c.slow_client_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.tombstone_grace_ms {
+            c.tombstone_grace = Duration::from_millis(ms);
+        }
+        Ok(())
+    }
+}
+
+pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>> {
+    let mut config = ServerConfig::default();
+    // the file first, then flags on top
+    if let Some(i) = args.iter().position(|a| a == "--config") {
+        let path = args.get(i + 1).context("--config needs a file")?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        let file: FileConfig = toml::from_str(&text).with_context(|| format!("in {path}"))?;
+        file.apply(&mut config)?;
+    }
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => {
+                value()?;
+            }
+            "--data-dir" => config.data_dir = PathBuf::from(value()?),
+            "--listen" => config.listen = value()?.parse().context("--listen HOST:PORT")?,
+            "--shard-port-base" => config.shard_port_base = value()?.parse()?,
+            "--shards" => config.shards = value()?.parse()?,
+            "--node-id" => config.node_id = value()?.parse()?,
+            "--partitions" => config.partitions = value()?.parse()?,
+            "--durability" => {
+                config.durability = value()?.parse::<Durability>().map_err(anyhow::Error::msg)?
+            }
+            "--help" | "-h" => return Ok(None),
+            other => bail!("unknown option {other}\n\n{USAGE}"),
+        }
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(config))
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
+    let Some(config) = config_from_args(args)? else {
+        println!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals().context("cannot install signal handling")?;
+    let shown = config.clone();
+    let exits = server::run(config, shutdown, move |addr| {
+        tracing::info!(
+            %addr,
+            shards = shown.shards,
+            partitions = shown.partitions,
+            data_dir = %shown.data_dir.display(),
+            durability = ?shown.durability,
+            "ringkv node ready"
+        );
+        // a line scripts and tests can wait for
+        println!("ringkv listening on {addr}");
+    })
+    .map_err(anyhow::Error::msg)?;
+    let requests: u64 = exits.iter().map(|e| e.stats.requests).sum();
+    tracing::info!(requests, "ringkv node stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
