@@ -38,6 +38,39 @@ pub fn raise_memlock_limit(bytes: u64) -> u64 {
     }
 }
 
+/// Raises `RLIMIT_NOFILE` (open files, so sockets) to at least `files`, as far as the
+/// hard limit allows (further when running as root). Returns the soft limit after.
+pub fn raise_nofile_limit(files: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur >= files {
+            return limit.rlim_cur;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: files,
+            rlim_max: limit.rlim_max.max(files),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return files;
+        }
+        let capped = libc::rlimit {
+            rlim_cur: limit.rlim_max.min(files),
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &capped) == 0 {
+            return capped.rlim_cur;
+        }
+        limit.rlim_cur
+    }
+}
+
 /// Runs `make()` to completion on a fresh glommio executor in its own thread.
 pub fn run_local<T, Fut>(make: impl FnOnce() -> Fut + Send + 'static) -> T
 where

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub const USAGE: &str = "usage: ringkv server [--config FILE.toml] [--data-dir DIR] [--listen HOST:PORT]
+pub const USAGE: &str =
+    "usage: ringkv server [--config FILE.toml] [--data-dir DIR] [--listen HOST:PORT]
                      [--shard-port-base PORT|0] [--shards N] [--node-id ID] [--partitions Q]
                      [--durability sync|none|interval(MS)]
 
@@ -60,7 +61,9 @@ impl FileConfig {
             siblings_max
         );
         if let Some(listen) = self.listen {
-            c.listen = listen.parse().with_context(|| format!("listen = {listen:?}"))?;
+            c.listen = listen
+                .parse()
+                .with_context(|| format!("listen = {listen:?}"))?;
         }
         if let Some(d) = self.durability {
             c.durability = d.parse::<Durability>().map_err(anyhow::Error::msg)?;
@@ -124,7 +127,9 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let shutdown = Shutdown::new();
-    shutdown.on_signals().context("cannot install signal handling")?;
+    shutdown
+        .on_signals()
+        .context("cannot install signal handling")?;
     let shown = config.clone();
     let exits = server::run(config, shutdown, move |addr| {
         tracing::info!(

@@ -28,7 +28,12 @@ struct Output {
 /// Answers a connection over the per-shard limit with an error frame, then closes it.
 pub(crate) async fn refuse(mut stream: TcpStream) {
     let mut out = Vec::new();
-    encode::error(&mut out, 0, ErrorCode::Unavailable, "too many connections on this shard");
+    encode::error(
+        &mut out,
+        0,
+        ErrorCode::Unavailable,
+        "too many connections on this shard",
+    );
     let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
     let _ = stream.write_all(&out).await;
     let _ = stream.close().await;
@@ -98,7 +103,12 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         FrameError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
                         FrameError::TooShort(_) => ErrorCode::BadRequest,
                     };
-                    encode::error(&mut output.buf.borrow_mut(), request_id, code, &err.to_string());
+                    encode::error(
+                        &mut output.buf.borrow_mut(),
+                        request_id,
+                        code,
+                        &err.to_string(),
+                    );
                     output.ready.notify_all();
                     if err.resynchronisable() {
                         let len = protocol::header(&buf[consumed..]).frame_len as usize;
@@ -148,7 +158,12 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
 fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     let request_id = protocol::header(frame).request_id;
     if shard.stopping.get() {
-        encode::error(&mut output.buf.borrow_mut(), request_id, ErrorCode::ShuttingDown, "the node is shutting down");
+        encode::error(
+            &mut output.buf.borrow_mut(),
+            request_id,
+            ErrorCode::ShuttingDown,
+            "the node is shutting down",
+        );
         output.ready.notify_all();
         return;
     }

@@ -72,7 +72,7 @@ impl Default for ServerConfig {
             value_bytes_max: 4 << 20,
             frame_bytes_max: ringkv_net::protocol::FRAME_BYTES_MAX_DEFAULT,
             in_flight_per_connection_max: 1024,
-            connections_per_shard_max: 8192,
+            connections_per_shard_max: 4096,
             idle_timeout: Duration::from_secs(300),
             slow_client_timeout: Duration::from_secs(10),
             clock_entries_max: crate::version::CLOCK_ENTRIES_MAX,
@@ -172,6 +172,17 @@ pub fn run(
 ) -> Result<Vec<ShardExit>, String> {
     config.validate()?;
     crate::runtime::raise_memlock_limit(1 << 30);
+    let files = (config.connections_per_shard_max * config.shards) as u64
+        + 64 * config.partitions as u64
+        + 1024;
+    let files_limit = crate::runtime::raise_nofile_limit(files);
+    if files_limit < files {
+        tracing::warn!(
+            files_limit,
+            wanted = files,
+            "open-file limit is below what the connection limits allow"
+        );
+    }
     std::fs::create_dir_all(config.data_dir.join("partitions"))
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
     // bind the client port once here to learn the address (port 0 picks one), then
@@ -186,12 +197,15 @@ pub fn run(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut handles = Vec::new();
     for shard_id in 0..config.shards {
-        let (config, shutdown, mesh, ready_tx) =
-            (config.clone(), shutdown.clone(), mesh.clone(), ready_tx.clone());
-        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(
-            shard_id % cores,
-        ))
-        .name(&format!("ringkv-shard-{shard_id}"));
+        let (config, shutdown, mesh, ready_tx) = (
+            config.clone(),
+            shutdown.clone(),
+            mesh.clone(),
+            ready_tx.clone(),
+        );
+        let builder =
+            glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(shard_id % cores))
+                .name(&format!("ringkv-shard-{shard_id}"));
         let handle = builder
             .spawn(move || async move {
                 shard::shard_main(shard_id, config, shutdown, mesh, ready_tx).await

@@ -19,7 +19,11 @@ use std::time::Duration;
 #[derive(Debug)]
 pub(crate) enum ShardMsg {
     /// A whole request frame for a partition the receiver owns.
-    Request { from: usize, token: u64, frame: Vec<u8> },
+    Request {
+        from: usize,
+        token: u64,
+        frame: Vec<u8>,
+    },
     /// The reply frame to a forwarded request.
     Reply { token: u64, frame: Vec<u8> },
 }
@@ -335,7 +339,12 @@ impl Shard {
         let mut out = Vec::new();
         if !sent {
             self.pending.borrow_mut().remove(&token);
-            encode::error(&mut out, request_id, ErrorCode::Unavailable, "owning shard is gone");
+            encode::error(
+                &mut out,
+                request_id,
+                ErrorCode::Unavailable,
+                "owning shard is gone",
+            );
             return out;
         }
         let waited = glommio::timer::timeout(self.config.slow_client_timeout, async {
@@ -350,7 +359,12 @@ impl Shard {
         match (waited, reply) {
             (Ok(()), Some(reply)) => reply,
             _ => {
-                encode::error(&mut out, request_id, ErrorCode::Timeout, "owning shard did not answer in time");
+                encode::error(
+                    &mut out,
+                    request_id,
+                    ErrorCode::Timeout,
+                    "owning shard did not answer in time",
+                );
                 out
             }
         }
@@ -383,7 +397,11 @@ impl Shard {
             if key.len() > self.config.key_bytes_max {
                 return Err((
                     ErrorCode::KeyTooLong,
-                    format!("key is {} bytes, the limit is {}", key.len(), self.config.key_bytes_max),
+                    format!(
+                        "key is {} bytes, the limit is {}",
+                        key.len(),
+                        self.config.key_bytes_max
+                    ),
                 ));
             }
         }
@@ -419,10 +437,12 @@ impl Shard {
             Request::Ping => encode::pong(out, request_id),
             Request::Get { key, .. } => {
                 let partition = self.partition_for(key)?;
-                let (siblings, context) = partition.read_siblings(key).await.map_err(store_error)?;
+                let (siblings, context) =
+                    partition.read_siblings(key).await.map_err(store_error)?;
                 let encoded = Context::encode(&context);
                 partition.record_clock_truncation(encoded.truncated_entries);
-                let values: Vec<&[u8]> = siblings.iter().filter_map(|s| s.value.as_deref()).collect();
+                let values: Vec<&[u8]> =
+                    siblings.iter().filter_map(|s| s.value.as_deref()).collect();
                 encode::get_ok(out, request_id, &encoded.bytes, values.into_iter());
             }
             Request::Put {
@@ -434,26 +454,49 @@ impl Shard {
                 if value.len() > self.config.value_bytes_max {
                     return Err((
                         ErrorCode::ValueTooLarge,
-                        format!("value is {} bytes, the limit is {}", value.len(), self.config.value_bytes_max),
+                        format!(
+                            "value is {} bytes, the limit is {}",
+                            value.len(),
+                            self.config.value_bytes_max
+                        ),
                     ));
                 }
                 let partition = self.partition_for(key)?;
                 let context = decode_context(context)?;
                 let outcome = partition
-                    .coordinate_put(self.config.node_id, key, &context, Some(value), now_ms(), self.config.clock_entries_max)
+                    .coordinate_put(
+                        self.config.node_id,
+                        key,
+                        &context,
+                        Some(value),
+                        now_ms(),
+                        self.config.clock_entries_max,
+                    )
                     .await
                     .map_err(store_error)?;
                 if outcome.siblings > self.config.siblings_max {
                     tracing::warn!(siblings = outcome.siblings, key = %String::from_utf8_lossy(key), "key has many siblings: clients should put with the context they read");
                 }
                 let encoded = Context::encode(&outcome.context);
-                encode::put_ok(out, request_id, &encoded.bytes, outcome.siblings.min(u16::MAX as usize) as u16);
+                encode::put_ok(
+                    out,
+                    request_id,
+                    &encoded.bytes,
+                    outcome.siblings.min(u16::MAX as usize) as u16,
+                );
             }
             Request::Delete { key, context, .. } => {
                 let partition = self.partition_for(key)?;
                 let context = decode_context(context)?;
                 partition
-                    .coordinate_put(self.config.node_id, key, &context, None, now_ms(), self.config.clock_entries_max)
+                    .coordinate_put(
+                        self.config.node_id,
+                        key,
+                        &context,
+                        None,
+                        now_ms(),
+                        self.config.clock_entries_max,
+                    )
                     .await
                     .map_err(store_error)?;
                 encode::delete_ok(out, request_id);
@@ -464,9 +507,10 @@ impl Shard {
 
     fn partition_for(&self, key: &[u8]) -> Result<&Rc<Partition<DmaStorage>>, (ErrorCode, String)> {
         let (p, _) = self.owner_of(key);
-        self.partitions
-            .get(&p)
-            .ok_or((ErrorCode::Internal, format!("partition {p} is not on shard {}", self.id)))
+        self.partitions.get(&p).ok_or((
+            ErrorCode::Internal,
+            format!("partition {p} is not on shard {}", self.id),
+        ))
     }
 }
 

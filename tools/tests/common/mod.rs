@@ -1,0 +1,183 @@
+//! A real `ringkv server` process for tests, and a minimal raw protocol client (the
+//! bad-input tests need to send bytes no client library would).
+#![allow(dead_code)]
+
+use ringkv_net::protocol::{self, Reply, Request};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .args(["server", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-port-base",
+                "0",
+                "--shards",
+                "2",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringkv server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("ringkv listening on ") {
+                        break addr.parse().expect("address");
+                    }
+                }
+                _ => panic!("server exited before it was ready"),
+            }
+        };
+        // keep draining stdout so the server never blocks on it
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit (bounded).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        panic!("server did not stop within 15 s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A raw connection speaking protocol v1 frame by frame.
+pub struct Raw {
+    pub stream: TcpStream,
+    next_id: u64,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw { stream, next_id: 1 }
+    }
+
+    pub fn send(&mut self, req: Request<'_>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut out = Vec::new();
+        req.encode(id, &mut out);
+        self.stream.write_all(&out).expect("write");
+        id
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads one whole frame; `None` when the server closed the connection.
+    pub fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let mut frame = vec![0u8; 4];
+        if self.stream.read_exact(&mut frame).is_err() {
+            return None;
+        }
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert!(
+            (16..64 << 20).contains(&len),
+            "server sent a bad frame length {len}"
+        );
+        frame.resize(len, 0);
+        self.stream.read_exact(&mut frame[4..]).ok()?;
+        Some(frame)
+    }
+
+    pub fn call(&mut self, req: Request<'_>) -> (u64, Vec<u8>) {
+        let id = self.send(req);
+        let frame = self.read_frame().expect("a reply");
+        let (h, _) = Reply::parse(&frame).expect("valid reply");
+        assert_eq!(h.request_id, id);
+        (id, frame)
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8], context: &[u8]) -> Vec<u8> {
+        let (_, frame) = self.call(Request::Put {
+            w: 0,
+            key,
+            context,
+            value,
+        });
+        match Reply::parse(&frame).unwrap().1 {
+            Reply::PutOk { context, .. } => context.to_vec(),
+            other => panic!("put failed: {other:?}"),
+        }
+    }
+
+    /// (values sorted, context)
+    pub fn get(&mut self, key: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let (_, frame) = self.call(Request::Get { r: 0, key });
+        match Reply::parse(&frame).unwrap().1 {
+            Reply::GetOk { context, values } => {
+                let mut v: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
+                v.sort();
+                (v, context.to_vec())
+            }
+            other => panic!("get failed: {other:?}"),
+        }
+    }
+
+    pub fn ping(&mut self) -> bool {
+        let (_, frame) = self.call(Request::Ping);
+        matches!(Reply::parse(&frame).unwrap().1, Reply::Pong)
+    }
+}
+
+/// The error code of an ERROR reply frame.
+pub fn error_code(frame: &[u8]) -> Option<u16> {
+    match Reply::parse(frame).ok()?.1 {
+        Reply::Error { code, .. } => Some(code),
+        _ => None,
+    }
+}
+
+pub fn header_of(frame: &[u8]) -> protocol::Header {
+    protocol::header(frame)
+}

@@ -1,0 +1,167 @@
+//! End to end through a real `ringkv server` process: put/get/delete, siblings and
+//! reconciliation, pipelining from many clients, and SIGKILL during a write load.
+
+mod common;
+
+use common::{Raw, Server};
+use ringkv_net::protocol::{Reply, Request};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn put_get_delete_siblings_and_reconciliation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let mut c = Raw::connect(server.addr);
+    assert!(c.ping());
+    assert_eq!(c.get(b"absent").0, Vec::<Vec<u8>>::new());
+    let ctx = c.put(b"user:1", b"alice", b"");
+    assert_eq!(c.get(b"user:1").0, vec![b"alice".to_vec()]);
+    // overwrite with the context: one value
+    c.put(b"user:1", b"alice2", &ctx);
+    assert_eq!(c.get(b"user:1").0, vec![b"alice2".to_vec()]);
+    // two puts without context: siblings
+    c.put(b"cart", b"apple", b"");
+    c.put(b"cart", b"pear", b"");
+    let (values, merged) = c.get(b"cart");
+    assert_eq!(values, vec![b"apple".to_vec(), b"pear".to_vec()]);
+    // a put with the merged context reconciles them
+    c.put(b"cart", b"apple+pear", &merged);
+    assert_eq!(c.get(b"cart").0, vec![b"apple+pear".to_vec()]);
+    // delete with the context: gone
+    let (_, ctx) = c.get(b"user:1");
+    let (_, frame) = c.call(Request::Delete {
+        w: 0,
+        key: b"user:1",
+        context: &ctx,
+    });
+    assert!(matches!(Reply::parse(&frame).unwrap().1, Reply::DeleteOk));
+    assert_eq!(c.get(b"user:1").0, Vec::<Vec<u8>>::new());
+    // everything survives a graceful restart
+    assert!(server.stop().success());
+    let mut server = Server::start(dir.path(), &[]);
+    let mut c = Raw::connect(server.addr);
+    assert_eq!(c.get(b"cart").0, vec![b"apple+pear".to_vec()]);
+    assert_eq!(c.get(b"user:1").0, Vec::<Vec<u8>>::new());
+    assert!(server.stop().success());
+}
+
+#[test]
+fn pipelined_requests_from_many_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let addr = server.addr;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(addr);
+                // 200 puts written back to back, then 200 replies read
+                let mut ids = Vec::new();
+                for i in 0..200 {
+                    let key = format!("t{t}-k{i}");
+                    ids.push(c.send(Request::Put {
+                        w: 0,
+                        key: key.as_bytes(),
+                        context: b"",
+                        value: key.as_bytes(),
+                    }));
+                }
+                let mut seen = Vec::new();
+                for _ in 0..200 {
+                    let f = c.read_frame().expect("reply");
+                    let (h, reply) = Reply::parse(&f).unwrap();
+                    assert!(matches!(reply, Reply::PutOk { .. }), "{reply:?}");
+                    seen.push(h.request_id);
+                }
+                seen.sort();
+                assert_eq!(seen, ids, "every request answered once, matched by id");
+                for i in 0..200 {
+                    c.send(Request::Get {
+                        r: 0,
+                        key: format!("t{t}-k{i}").as_bytes(),
+                    });
+                }
+                for _ in 0..200 {
+                    let f = c.read_frame().expect("reply");
+                    match Reply::parse(&f).unwrap().1 {
+                        Reply::GetOk { values, .. } => assert_eq!(values.len(), 1),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn sigkill_during_sync_writes_loses_no_acknowledged_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let addr = server.addr;
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let acked = acked.clone();
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(addr);
+                c.stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                for i in 0..50_000u32 {
+                    let key = format!("w{t}-{i}");
+                    let value = format!("value-{t}-{i}-{}", "x".repeat((i % 64) as usize));
+                    let mut out = Vec::new();
+                    Request::Put {
+                        w: 0,
+                        key: key.as_bytes(),
+                        context: b"",
+                        value: value.as_bytes(),
+                    }
+                    .encode(i as u64, &mut out);
+                    if std::io::Write::write_all(&mut c.stream, &out).is_err() {
+                        return;
+                    }
+                    match c.read_frame() {
+                        Some(f)
+                            if matches!(Reply::parse(&f).map(|r| r.1), Ok(Reply::PutOk { .. })) =>
+                        {
+                            acked.lock().unwrap().push((key, value));
+                        }
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    // let the load run, then kill the server without warning
+    for _ in 0..100 {
+        if acked.lock().unwrap().len() >= 2000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty(), "the load ran before the kill");
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut c = Raw::connect(server.addr);
+    for (key, value) in &acked {
+        assert_eq!(
+            c.get(key.as_bytes()).0,
+            vec![value.as_bytes().to_vec()],
+            "acknowledged put of {key} lost"
+        );
+    }
+    println!(
+        "{} acknowledged puts all read back after SIGKILL",
+        acked.len()
+    );
+    assert!(server.stop().success());
+}
