@@ -2,9 +2,13 @@
 //!
 //! - `ringkv-bench storage ...` (this crate's binary): the storage engine's throughput
 //!   and latency on real files, and the keydir's memory per key.
+//! - `ringkv-bench load ...` ([`load`]): one closed-loop load generator for ringkv,
+//!   Redis and memcached.
 //! - `benches/engine.rs`: criterion micro-benchmarks of the hot functions.
 //!
 //! Figures are printed with HdrHistogram percentiles; nothing here asserts a time.
+
+pub mod load;
 
 use hdrhistogram::Histogram;
 

@@ -99,13 +99,14 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
     Ok(o)
 }
 
-const USAGE: &str = "usage: ringkv-bench storage [--dir DIR] [--seconds S] [--value-bytes B] \
+const USAGE: &str = "usage: ringkv-bench load ... (see ringkv-bench load --help)\n       ringkv-bench storage [--dir DIR] [--seconds S] [--value-bytes B] \
 [--writers 1,128] [--keys N] [--readers R] [--only put|get|memory|compact]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("storage") => storage(parse(&args[1..])?),
+        Some("load") => ringkv_bench::load::main(&args[1..]),
         _ => bail!("{USAGE}"),
     }
 }

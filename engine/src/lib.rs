@@ -11,10 +11,13 @@
 //! - [`record`]: the on-disk record format v1.
 //! - [`segment`]: segment and hint files, scanning with torn-tail/corruption detection.
 //! - [`storage`]: the storage trait; [`storage::dma`] (glommio) and [`storage::mem`].
+//! - [`cache`]: recently written or read records, by seq (reads are O_DIRECT).
 //! - [`keydir`]: key -> every live version's location, compact in memory.
 //! - [`partition`]: one partition's log, recovery and compaction.
+//! - [`sync_group`]: group commit across a shard's partitions (one `syncfs`).
 //! - [`version`]: clocks, dotted versions, sibling rules, client contexts.
 
+pub mod cache;
 pub mod keydir;
 mod notify;
 pub mod partition;
@@ -23,6 +26,7 @@ pub mod runtime;
 pub mod segment;
 pub mod server;
 pub mod storage;
+pub mod sync_group;
 pub mod version;
 pub mod versioned;
 

@@ -61,6 +61,8 @@ pub struct PartitionConfig {
     pub value_bytes_max: usize,
     /// Largest accepted opaque version blob.
     pub version_bytes_max: usize,
+    /// Bytes of recently written or read records kept in memory (reads are O_DIRECT).
+    pub cache_bytes_max: usize,
 }
 
 impl Default for PartitionConfig {
@@ -74,6 +76,7 @@ impl Default for PartitionConfig {
             key_bytes_max: 4096,
             value_bytes_max: 4 << 20,
             version_bytes_max: 4096,
+            cache_bytes_max: 2 << 20,
         }
     }
 }
@@ -268,6 +271,8 @@ pub struct Partition<S: Storage> {
     state: RefCell<State<S::File>>,
     /// An `EPOCH` write is running (they take turns).
     epoch_busy: Cell<bool>,
+    sync_group: RefCell<Option<Rc<crate::sync_group::SyncGroup>>>,
+    cache: RefCell<crate::cache::RecordCache>,
     epoch_done: Notify,
 }
 
@@ -484,12 +489,15 @@ impl<S: Storage> Partition<S> {
         }
         state.epoch = epoch;
 
+        let cache_bytes_max = config.cache_bytes_max;
         let partition = Self {
             storage,
             config,
             state: RefCell::new(state),
             epoch_busy: Cell::new(false),
             epoch_done: Notify::default(),
+            sync_group: RefCell::new(None),
+            cache: RefCell::new(crate::cache::RecordCache::new(cache_bytes_max)),
         };
         match reopen_active {
             Some(slot) => partition.state.borrow_mut().active = slot,
@@ -688,6 +696,12 @@ impl<S: Storage> Partition<S> {
                 return Err(StoreError::SegmentFull);
             }
             let base = segment.file.append(&buf);
+            {
+                let mut cache = self.cache.borrow_mut();
+                for (i, (start, len)) in places.iter().enumerate() {
+                    cache.insert(first_seq + i as u64, &buf[*start..*start + *len]);
+                }
+            }
             let end = base + buf.len() as u64;
             for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
                 let loc = Loc {
@@ -728,6 +742,7 @@ impl<S: Storage> Partition<S> {
         segment: &Rc<Segment<S::File>>,
         end: u64,
     ) -> Result<(), StoreError> {
+        let group = self.sync_group.borrow().clone();
         loop {
             if let Some(err) = &self.state.borrow().failed {
                 return Err(StoreError::Failed(err.clone()));
@@ -739,8 +754,34 @@ impl<S: Storage> Partition<S> {
                 segment.io_done.wait().await;
                 continue;
             }
-            self.file_io(segment, true).await?;
+            match &group {
+                None => self.file_io(segment, true).await?,
+                Some(group) => {
+                    // write our bytes to the device, then one shard-wide sync
+                    let target = segment.file.len();
+                    self.file_io(segment, false).await?;
+                    match group
+                        .sync_after_now(|| self.storage.sync_filesystem())
+                        .await
+                    {
+                        Ok(()) => {
+                            segment
+                                .durable_len
+                                .set(segment.durable_len.get().max(target));
+                            self.state.borrow_mut().syncs += 1;
+                            segment.io_done.notify_all();
+                        }
+                        Err(e) => return Err(self.fail(e)),
+                    }
+                }
+            }
         }
+    }
+
+    /// Shares group commit with the other partitions of the shard: `sync` mode
+    /// writes then waits for one file-system sync the group runs for all of them.
+    pub fn set_sync_group(&self, group: Rc<crate::sync_group::SyncGroup>) {
+        *self.sync_group.borrow_mut() = Some(group);
     }
 
     /// Runs one flush (or sync) of a segment's buffered bytes, taking turns with
@@ -910,10 +951,18 @@ impl<S: Storage> Partition<S> {
         loc: &Loc,
         segment: &Segment<S::File>,
     ) -> Result<StoredVersion, StoreError> {
-        let bytes = segment
-            .file
-            .read_at(loc.offset as u64, loc.len as usize)
-            .await?;
+        let cached = self.cache.borrow_mut().get(loc.seq);
+        let bytes: Rc<[u8]> = match cached {
+            Some(b) => b,
+            None => {
+                let b: Rc<[u8]> = segment
+                    .file
+                    .read_at(loc.offset as u64, loc.len as usize)
+                    .await?
+                    .into();
+                b
+            }
+        };
         let corrupt = |error: String| {
             self.state.borrow_mut().needs_repair = true;
             StoreError::Corrupt {
@@ -926,6 +975,7 @@ impl<S: Storage> Partition<S> {
         if r.key != key || r.header.seq != loc.seq {
             return Err(corrupt("record does not match the keydir".into()));
         }
+        self.cache.borrow_mut().insert(loc.seq, &bytes);
         Ok(StoredVersion {
             seq: r.header.seq,
             timestamp_ms: r.header.timestamp_ms,

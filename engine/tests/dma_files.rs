@@ -543,7 +543,12 @@ fn compaction_over_a_damaged_sealed_segment_reports_and_keeps_data() {
     let path = dir.path().join("p");
     let p2 = path.clone();
     run_local(move || async move {
-        let (p, _) = open(&p2, small_segments(), 1).await;
+        // no record cache: reads must go to the damaged file
+        let config = PartitionConfig {
+            cache_bytes_max: 0,
+            ..small_segments()
+        };
+        let (p, _) = open(&p2, config, 1).await;
         for i in 0..200u32 {
             let key = format!("k{i:03}");
             p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)

@@ -77,6 +77,12 @@ fn same(a: &Model, b: &Model) -> bool {
 }
 
 fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
+    run_with(seed, ops_before_crash, durability, false)
+}
+
+/// `group`: the partition commits through a shard-wide `SyncGroup` (one file-system
+/// sync for many partitions) instead of its own fdatasync.
+fn run_with(seed: u64, ops_before_crash: usize, durability: Durability, group: bool) {
     block_on(async {
         let disk = MemDisk::new();
         let mut rng = SplitMix(seed);
@@ -85,6 +91,10 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
         let (mut p, _) = Partition::open(disk.folder(FOLDER), config(durability), now_ms)
             .await
             .unwrap();
+        let sync_group = std::rc::Rc::new(ringkv_engine::sync_group::SyncGroup::new());
+        if group {
+            p.set_sync_group(sync_group.clone());
+        }
         let mut model = Model::new();
         // snapshots of the model after each op since the last acknowledged sync
         let mut candidates: Vec<Model> = vec![normalise(&model)];
@@ -167,6 +177,9 @@ fn run(seed: u64, ops_before_crash: usize, durability: Durability) {
                         .unwrap();
                 assert!(report.corruption.is_empty(), "{report:?}");
                 p = reopened;
+                if group {
+                    p.set_sync_group(sync_group.clone());
+                }
                 let state = read_state(&p, &keys).await;
                 assert_eq!(
                     state,
@@ -436,4 +449,107 @@ fn epoch_moves_on_after_an_unclean_shutdown_only() {
             .unwrap();
         assert!(p.epoch() > first, "after a crash the epoch moves on");
     });
+}
+
+#[test]
+fn sync_mode_with_a_shard_sync_group_keeps_every_acknowledged_write() {
+    for seed in 0..150u64 {
+        for k in [0usize, 3, 15, 40, 150] {
+            run_with(seed * 31 + k as u64, k, Durability::Sync, true);
+        }
+    }
+}
+
+/// Two partitions share one group: concurrent writers on both are covered by far fewer
+/// file-system syncs than writes, and a failed sync fails both partitions.
+#[test]
+fn sync_group_shares_one_sync_between_partitions_and_fails_them_together() {
+    block_on(async {
+        let disk = MemDisk::new();
+        disk.set_yielding(true);
+        let group = std::rc::Rc::new(ringkv_engine::sync_group::SyncGroup::new());
+        let (a, _) = Partition::open(disk.folder("/a"), config(Durability::Sync), 1)
+            .await
+            .unwrap();
+        let (b, _) = Partition::open(disk.folder("/b"), config(Durability::Sync), 1)
+            .await
+            .unwrap();
+        a.set_sync_group(group.clone());
+        b.set_sync_group(group.clone());
+        let writes: Vec<_> = (0..64u32)
+            .map(|i| {
+                let p = if i % 2 == 0 { &a } else { &b };
+                async move {
+                    let key = format!("k{i}");
+                    p.write(
+                        &[WriteOp {
+                            key: key.as_bytes(),
+                            version: b"v",
+                            value: Some(b"x"),
+                            replaces: &[],
+                        }],
+                        2,
+                    )
+                    .await
+                }
+            })
+            .collect();
+        for r in join_all(writes).await {
+            r.unwrap();
+        }
+        assert!(
+            group.syncs() * 4 < 64,
+            "{} syncs for 64 writes",
+            group.syncs()
+        );
+        disk.fail_syncs_after(0);
+        let e1 = a
+            .write(
+                &[WriteOp {
+                    key: b"x",
+                    version: b"v",
+                    value: Some(b"1"),
+                    replaces: &[],
+                }],
+                3,
+            )
+            .await;
+        assert!(e1.is_err());
+        let e2 = b
+            .write(
+                &[WriteOp {
+                    key: b"y",
+                    version: b"v",
+                    value: Some(b"1"),
+                    replaces: &[],
+                }],
+                3,
+            )
+            .await;
+        assert!(e2.is_err(), "the group's failure is every member's failure");
+    });
+}
+
+/// Polls every future to completion, interleaved (a tiny join_all for tests).
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..futures.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futures.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
 }

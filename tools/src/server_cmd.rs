@@ -39,6 +39,7 @@ struct FileConfig {
     slow_client_timeout_ms: Option<u64>,
     siblings_max: Option<usize>,
     tombstone_grace_ms: Option<u64>,
+    cache_bytes_max: Option<usize>,
 }
 
 impl FileConfig {
@@ -58,7 +59,8 @@ impl FileConfig {
             frame_bytes_max,
             in_flight_per_connection_max,
             connections_per_shard_max,
-            siblings_max
+            siblings_max,
+            cache_bytes_max
         );
         if let Some(listen) = self.listen {
             c.listen = listen

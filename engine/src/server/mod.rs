@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub tombstone_grace: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Memory for recently written or read records, for the whole node (split
+    /// evenly over its partitions).
+    pub cache_bytes_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             compaction_dead_ratio: 0.5,
             tombstone_grace: Duration::from_secs(24 * 3600),
             drain_timeout: Duration::from_secs(10),
+            cache_bytes_max: 256 << 20,
         }
     }
 }
@@ -185,6 +189,9 @@ pub fn run(
     }
     std::fs::create_dir_all(config.data_dir.join("partitions"))
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)
+        .map_err(|e| format!("cannot resolve {}: {e}", config.data_dir.display()))?;
+    let config = ServerConfig { data_dir, ..config };
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
     let probe = std::net::TcpListener::bind(config.listen)

@@ -104,6 +104,7 @@ async fn start(
         (None, None)
     };
     let mut partitions = HashMap::new();
+    let sync_group = Rc::new(crate::sync_group::SyncGroup::new());
     for p in (0..config.partitions).filter(|p| *p as usize % config.shards == shard_id) {
         let path = config.data_dir.join("partitions").join(format!("{p:05}"));
         let storage = DmaStorage::open(&path)
@@ -116,6 +117,7 @@ async fn start(
             tombstone_grace_ms: config.tombstone_grace.as_millis() as u64,
             key_bytes_max: config.key_bytes_max,
             value_bytes_max: config.value_bytes_max,
+            cache_bytes_max: config.cache_bytes_max / config.partitions as usize,
             ..PartitionConfig::default()
         };
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
@@ -126,6 +128,7 @@ async fn start(
         } else {
             tracing::debug!(partition = p, keys = report.keys, "partition opened");
         }
+        partition.set_sync_group(sync_group.clone());
         partitions.insert(p, Rc::new(partition));
     }
     let shard = Rc::new(Shard {

@@ -31,7 +31,8 @@ pub struct DmaStorage {
 impl DmaStorage {
     /// Opens the folder, creating it (and syncing its parent) if needed.
     pub async fn open(path: impl AsRef<Path>) -> io::Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        // glommio opens relative directory paths with a bad descriptor (EBADF)
+        let path = std::path::absolute(path.as_ref())?;
         if !path.exists() {
             std::fs::create_dir_all(&path)?;
             if let Some(parent) = path.parent() {
@@ -152,6 +153,23 @@ impl Storage for DmaStorage {
             parent_dir.close().await.map_err(to_io)?;
         }
         Ok(())
+    }
+
+    async fn sync_filesystem(&self) -> io::Result<()> {
+        // syncfs has no io_uring form; it runs on glommio's blocking thread pool so
+        // the shard keeps serving while the device flushes
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(&self.path)?;
+        glommio::executor()
+            .spawn_blocking(move || {
+                // SAFETY: syncfs on a descriptor we own for the duration of the call.
+                if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            })
+            .await
     }
 
     async fn yield_now(&self) {

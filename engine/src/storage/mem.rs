@@ -269,6 +269,19 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    async fn sync_filesystem(&self) -> io::Result<()> {
+        if self.disk.yielding() {
+            YieldOnce(false).await;
+        }
+        let mut state = self.disk.state.borrow_mut();
+        state.check_sync()?;
+        for file in state.files.values_mut() {
+            file.durable_len = file.current.len();
+        }
+        state.durable_dirs = state.dirs.clone();
+        Ok(())
+    }
+
     async fn yield_now(&self) {
         if self.disk.yielding() {
             YieldOnce(false).await;

@@ -52,6 +52,9 @@ pub trait Storage {
     async fn sync_dir(&self) -> io::Result<()>;
     /// Removes the folder and everything in it.
     async fn destroy(self) -> io::Result<()>;
+    /// Makes everything written to the device anywhere on this file system durable,
+    /// data and metadata (`syncfs`): one flush for many files.
+    async fn sync_filesystem(&self) -> io::Result<()>;
     /// A cooperative yield point for long background loops (compaction, recovery).
     async fn yield_now(&self);
 }
