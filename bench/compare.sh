@@ -17,7 +17,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 ulimit -n 20000 2>/dev/null || true
 
-./target/release/ringkv server --data-dir "$work/ringkv" --listen 127.0.0.1:17379 --shard-port-base 0 \
+./target/release/ringkv server --data-dir "$work/ringkv" --listen 127.0.0.1:17379 --shard-port-base 17380 \
   --durability sync >"$work/ringkv.out" 2>"$work/ringkv.err" & pids+=($!)
 redis-server --port 16379 --bind 127.0.0.1 --save '' --appendonly yes --appendfsync always \
   --dir "$work" --daemonize no >"$work/redis.log" 2>&1 & pids+=($!)
@@ -33,6 +33,8 @@ for pipeline in 1 16; do
   for op in get put; do
     ./target/release/ringkv-bench load --target ringkv --addr 127.0.0.1:17379 --op $op \
       --connections 50 --pipeline $pipeline --seconds "$seconds"
+    ./target/release/ringkv-bench load --target ringkv --addr 127.0.0.1:17379 --op $op \
+      --connections 50 --pipeline $pipeline --seconds "$seconds" --shard-aware --no-preload
     ./target/release/ringkv-bench load --target redis --addr 127.0.0.1:16379 --op $op \
       --connections 50 --pipeline $pipeline --seconds "$seconds"
     ./target/release/ringkv-bench load --target memcached --addr 127.0.0.1:11311 --op $op \

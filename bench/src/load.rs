@@ -42,11 +42,14 @@ pub struct LoadOptions {
     pub keys: u64,
     /// Load every key once before a GET run.
     pub preload: bool,
+    /// ringkv only: each connection goes to one shard's own port and asks only for
+    /// keys that shard owns (what a shard-aware client does).
+    pub shard_aware: bool,
 }
 
 pub const USAGE: &str = "usage: ringkv-bench load --target ringkv|redis|memcached --addr HOST:PORT
         --op get|put [--connections 50] [--pipeline 1] [--seconds 10] [--value-bytes 100]
-        [--keys 100000] [--no-preload]";
+        [--keys 100000] [--no-preload] [--shard-aware]";
 
 pub fn parse(args: &[String]) -> anyhow::Result<LoadOptions> {
     let mut o = LoadOptions {
@@ -59,6 +62,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<LoadOptions> {
         value_bytes: 100,
         keys: 100_000,
         preload: true,
+        shard_aware: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -86,6 +90,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<LoadOptions> {
             "--value-bytes" => o.value_bytes = value()?.parse()?,
             "--keys" => o.keys = value()?.parse()?,
             "--no-preload" => o.preload = false,
+            "--shard-aware" => o.shard_aware = true,
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
@@ -105,11 +110,17 @@ trait Driver {
     /// Reads one reply; an error reply or a broken stream is an error.
     fn reply(&mut self, op: Op) -> anyhow::Result<()>;
     fn stream(&mut self) -> &mut TcpStream;
+    /// Whether this connection should be sent `key` (shard-aware routing).
+    fn accepts(&self, _key: &[u8]) -> bool {
+        true
+    }
 }
 
 struct RingkvDriver {
     reader: BufReader<TcpStream>,
     frame: Vec<u8>,
+    /// (partitions, shards, this connection's shard) when routing by shard.
+    shard: Option<(u32, usize, usize)>,
 }
 
 impl Driver for RingkvDriver {
@@ -143,6 +154,37 @@ impl Driver for RingkvDriver {
     }
     fn stream(&mut self) -> &mut TcpStream {
         self.reader.get_mut()
+    }
+    fn accepts(&self, key: &[u8]) -> bool {
+        match self.shard {
+            None => true,
+            Some((partitions, shards, shard)) => {
+                ringkv_ring::partition_for_key(key, partitions) as usize % shards == shard
+            }
+        }
+    }
+}
+
+/// Asks a node for its shard layout: (partitions, shards, shard port base).
+fn ringkv_layout(addr: &str) -> anyhow::Result<(u32, usize, u16)> {
+    let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut d = RingkvDriver {
+        reader: BufReader::new(stream),
+        frame: Vec::new(),
+        shard: None,
+    };
+    let mut out = Vec::new();
+    Request::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(0, &mut out);
+    d.stream().write_all(&out)?;
+    d.reply(Op::Get)?;
+    match Reply::parse(&d.frame)?.1 {
+        Reply::HelloOk(h) => Ok((h.partitions, h.shards as usize, h.shard_port_base)),
+        other => bail!("unexpected HELLO reply {other:?}"),
     }
 }
 
@@ -249,8 +291,20 @@ impl Driver for MemcachedDriver {
     }
 }
 
-fn connect(o: &LoadOptions) -> anyhow::Result<Box<dyn Driver + Send>> {
-    let stream = TcpStream::connect(&o.addr).with_context(|| format!("connect {}", o.addr))?;
+fn connect(o: &LoadOptions, connection: usize) -> anyhow::Result<Box<dyn Driver + Send>> {
+    let mut addr = o.addr.clone();
+    let mut shard = None;
+    if o.shard_aware && o.target == Target::Ringkv {
+        let (partitions, shards, port_base) = ringkv_layout(&o.addr)?;
+        if port_base == 0 {
+            bail!("--shard-aware needs a node started with shard ports (--shard-port-base)");
+        }
+        let s = connection % shards;
+        let host = o.addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+        addr = format!("{host}:{}", port_base as usize + s);
+        shard = Some((partitions, shards, s));
+    }
+    let stream = TcpStream::connect(&addr).with_context(|| format!("connect {addr}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let reader = BufReader::with_capacity(256 * 1024, stream);
@@ -258,6 +312,7 @@ fn connect(o: &LoadOptions) -> anyhow::Result<Box<dyn Driver + Send>> {
         Target::Ringkv => Box::new(RingkvDriver {
             reader,
             frame: Vec::new(),
+            shard,
         }),
         Target::Redis => Box::new(RedisDriver {
             reader,
@@ -282,7 +337,7 @@ fn preload(o: &LoadOptions) -> anyhow::Result<()> {
         .map(|t| {
             let o = o.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut d = connect(&o)?;
+                let mut d = connect(&LoadOptions { shard_aware: false, ..o.clone() }, 0)?;
                 let value = vec![b'v'; o.value_bytes];
                 let mut out = Vec::new();
                 let mut i = t;
@@ -321,7 +376,7 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<(u64, f64, Histogram<u64>)> {
         .map(|c| {
             let (o, stop) = (o.clone(), stop.clone());
             std::thread::spawn(move || -> anyhow::Result<(u64, Histogram<u64>)> {
-                let mut d = connect(&o)?;
+                let mut d = connect(&o, c)?;
                 let mut hist = latency_histogram();
                 let value = vec![b'x'; o.value_bytes];
                 let mut out = Vec::with_capacity(o.pipeline * (o.value_bytes + 64));
@@ -331,16 +386,19 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<(u64, f64, Histogram<u64>)> {
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     out.clear();
                     for j in 0..o.pipeline {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        d.request(
-                            o.op,
-                            &key_of(rng % o.keys),
-                            &value,
-                            ops + j as u64,
-                            &mut out,
-                        );
+                        // keys this connection's shard owns (all keys unless shard-aware);
+                        // bounded: a shard owns about 1/shards of the keys
+                        let mut key = Vec::new();
+                        for _ in 0..10_000 {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            key = key_of(rng % o.keys);
+                            if d.accepts(&key) {
+                                break;
+                            }
+                        }
+                        d.request(o.op, &key, &value, ops + j as u64, &mut out);
                     }
                     let t = Instant::now();
                     d.stream().write_all(&out)?;
@@ -380,8 +438,12 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     let o = parse(args)?;
     let (ops, seconds, hist) = run(&o)?;
     let name = format!(
-        "{:?} {:?} c={} p={}",
-        o.target, o.op, o.connections, o.pipeline
+        "{:?}{} {:?} c={} p={}",
+        o.target,
+        if o.shard_aware { " (shard-aware)" } else { "" },
+        o.op,
+        o.connections,
+        o.pipeline
     );
     println!("{}", report_line(&name, ops, seconds, &hist));
     Ok(())
