@@ -12,5 +12,8 @@
 //! - `async_client` (feature `tokio`): the same typed API for tokio, one connection
 //!   shared by many tasks.
 
+pub mod client;
 pub mod protocol;
 
+#[cfg(feature = "tokio")]
+pub mod async_client;

@@ -186,7 +186,10 @@ impl<'a> Reader<'a> {
     }
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
         let end = self.at.checked_add(n).ok_or(ParseError::Truncated(what))?;
-        let out = self.buf.get(self.at..end).ok_or(ParseError::Truncated(what))?;
+        let out = self
+            .buf
+            .get(self.at..end)
+            .ok_or(ParseError::Truncated(what))?;
         self.at = end;
         Ok(out)
     }
@@ -198,10 +201,14 @@ impl<'a> Reader<'a> {
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, ParseError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
     }
     fn bytes16(&mut self, what: &'static str) -> Result<&'a [u8], ParseError> {
         let n = self.u16(what)? as usize;
@@ -223,10 +230,16 @@ impl<'a> Reader<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
     /// Version negotiation: the client speaks versions `min..=max`.
-    Hello { min_version: u8, max_version: u8 },
+    Hello {
+        min_version: u8,
+        max_version: u8,
+    },
     Ping,
     /// `r`: replies to wait for (0: the cluster default).
-    Get { r: u8, key: &'a [u8] },
+    Get {
+        r: u8,
+        key: &'a [u8],
+    },
     /// `w`: acknowledgements to wait for (0: the cluster default). An empty context
     /// means "none".
     Put {
@@ -245,6 +258,9 @@ pub enum Request<'a> {
 impl<'a> Request<'a> {
     /// Parses the body of a whole frame (`frame` includes the header).
     pub fn parse(frame: &'a [u8]) -> Result<(Header, Request<'a>), ParseError> {
+        if frame.len() < HEADER_BYTES {
+            return Err(ParseError::Truncated("header"));
+        }
         let h = header(frame);
         let mut r = Reader::new(&frame[HEADER_BYTES..]);
         let req = match h.opcode {
@@ -371,6 +387,9 @@ pub enum Reply<'a> {
 
 impl<'a> Reply<'a> {
     pub fn parse(frame: &'a [u8]) -> Result<(Header, Reply<'a>), ParseError> {
+        if frame.len() < HEADER_BYTES {
+            return Err(ParseError::Truncated("header"));
+        }
         let h = header(frame);
         let mut r = Reader::new(&frame[HEADER_BYTES..]);
         let reply = match h.opcode {
@@ -470,6 +489,11 @@ pub mod encode {
     ) {
         let s = begin_frame(out, opcode::GET_OK, request_id);
         put_bytes16(out, context);
+        // the server caps siblings far below this; a count that does not fit is a bug
+        assert!(
+            values.len() <= u16::MAX as usize,
+            "more siblings than a GET_OK holds"
+        );
         out.extend_from_slice(&(values.len() as u16).to_le_bytes());
         for v in values {
             put_bytes32(out, v);
@@ -548,9 +572,15 @@ mod tests {
     fn limits_and_versions_are_refused() {
         let mut f = Vec::new();
         Request::Ping.encode(1, &mut f);
-        assert_eq!(check_frame(&f, 8), Err(FrameError::TooLarge { len: 16, max: 8 }));
+        assert_eq!(
+            check_frame(&f, 8),
+            Err(FrameError::TooLarge { len: 16, max: 8 })
+        );
         f[4] = 9;
-        assert_eq!(check_frame(&f, 1 << 20), Err(FrameError::UnsupportedVersion(9)));
+        assert_eq!(
+            check_frame(&f, 1 << 20),
+            Err(FrameError::UnsupportedVersion(9))
+        );
         let short = [3u8, 0, 0, 0, 1];
         assert_eq!(check_frame(&short, 1 << 20), Err(FrameError::TooShort(3)));
     }

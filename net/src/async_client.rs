@@ -1,0 +1,507 @@
+//! The tokio client (feature `tokio`): the typed API of [`crate::client`], async, over one
+//! connection that many tasks share. A writer task sends the frames callers queue (several
+//! per write when they pile up); a reader task matches each reply to its caller by request
+//! id through a map of oneshot channels, so replies may come back in any order.
+//!
+//! At most `in_flight_window` requests are outstanding; a request counts until its reply
+//! arrives, even if its caller timed out or went away, so the server's `in_flight_max` is
+//! never exceeded. A timeout fails only its own request. An I/O error or a malformed reply
+//! closes the connection and fails every outstanding request with
+//! [`ClientError::Closed`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use crate::client::{
+    accept_hello, check_request, settle, ClientConfig, ClientError, Context, Expect, OwnedReply,
+    PutOutcome, ReplyBuffer, Response, Versions,
+};
+use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
+
+/// Most frames the writer gathers into one write.
+const WRITE_BATCH_FRAMES_MAX: usize = 64;
+/// The writer stops gathering frames once a write holds this many bytes.
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+type ReplySender = oneshot::Sender<Result<OwnedReply, ClientError>>;
+type ReplyReceiver = oneshot::Receiver<Result<OwnedReply, ClientError>>;
+
+/// A request waiting for its reply; its window permit is released with it.
+struct Waiter {
+    reply: ReplySender,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, Waiter>,
+    /// Why the connection is closed, once it is.
+    closed: Option<String>,
+}
+
+/// What the caller side and the two tasks share.
+struct Shared {
+    pending: Mutex<Pending>,
+    window: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // every change under the lock is a single insert, remove or assignment, so a
+        // panic elsewhere cannot leave it half-done
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the connection: every waiting request fails with `reason`, and so does
+    /// every later one.
+    fn close(&self, reason: String) {
+        let waiting = {
+            let mut pending = self.lock();
+            if pending.closed.is_some() {
+                return;
+            }
+            pending.closed = Some(reason.clone());
+            std::mem::take(&mut pending.waiting)
+        };
+        self.window.close();
+        for (_, waiter) in waiting {
+            let _ = waiter.reply.send(Err(ClientError::Closed(reason.clone())));
+        }
+    }
+}
+
+struct Inner {
+    hello: HelloOk,
+    peer: SocketAddr,
+    config: ClientConfig,
+    next_request_id: AtomicU64,
+    frames: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// A connection to a node that many tasks may use at once (clone it: clones share the
+/// connection). The tasks end when the last clone is dropped.
+#[derive(Clone)]
+pub struct AsyncClient {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AsyncClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncClient")
+            .field("peer", &self.inner.peer)
+            .field("hello", &self.inner.hello)
+            .field("closed", &self.inner.shared.lock().closed)
+            .finish()
+    }
+}
+
+async fn read_reply_before(
+    stream: &mut TcpStream,
+    replies: &mut ReplyBuffer,
+    config: &ClientConfig,
+) -> Result<(u64, OwnedReply), ClientError> {
+    let read = async {
+        // Bounded: each read adds at least one byte to a frame of bounded size; the
+        // timeout around this ends the wait.
+        loop {
+            if let Some(got) = replies.next_reply(config.reply_frame_bytes_max)? {
+                return Ok(got);
+            }
+            match stream.read(replies.spare()).await? {
+                0 => return Err(ClientError::Closed("server closed the connection".into())),
+                n => replies.filled(n),
+            }
+        }
+    };
+    timeout(config.request_timeout, read)
+        .await
+        .unwrap_or(Err(ClientError::Timeout))
+}
+
+impl AsyncClient {
+    /// Connects to the first address of `addr` that answers and negotiates protocol v1.
+    /// Must be called inside a tokio runtime (it spawns the reader and writer tasks).
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+    ) -> Result<AsyncClient, ClientError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+        let mut last = ClientError::NoAddress("address resolved to nothing".into());
+        for addr in addrs {
+            match Self::connect_addr(addr, config.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_addr(addr: SocketAddr, config: ClientConfig) -> Result<Self, ClientError> {
+        let mut stream = timeout(config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let hello_request = Request::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+        };
+        let hello_request_id = 0;
+        let mut frame = Vec::new();
+        check_request(&hello_request, FRAME_BYTES_MAX_DEFAULT)?;
+        hello_request.encode(hello_request_id, &mut frame);
+        timeout(config.request_timeout, stream.write_all(&frame))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        let mut replies = ReplyBuffer::new();
+        let (request_id, reply) = read_reply_before(&mut stream, &mut replies, &config).await?;
+        if request_id != hello_request_id {
+            return Err(ClientError::Protocol(format!(
+                "HELLO answered with request id {request_id}"
+            )));
+        }
+        let hello = accept_hello(reply)?;
+        let window_size = config.in_flight_max.min(hello.in_flight_max).max(1) as usize;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            window: Arc::new(Semaphore::new(window_size)),
+        });
+        let (read_half, write_half) = stream.into_split();
+        let (frames, frames_rx) = mpsc::channel(window_size);
+        let reader = tokio::spawn(read_loop(
+            read_half,
+            replies,
+            config.reply_frame_bytes_max,
+            shared.clone(),
+        ));
+        let writer = tokio::spawn(write_loop(
+            write_half,
+            frames_rx,
+            config.request_timeout,
+            shared.clone(),
+        ));
+        Ok(AsyncClient {
+            inner: Arc::new(Inner {
+                hello,
+                peer: addr,
+                config,
+                next_request_id: AtomicU64::new(1),
+                frames,
+                shared,
+                reader,
+                writer,
+            }),
+        })
+    }
+
+    pub fn hello(&self) -> &HelloOk {
+        &self.inner.hello
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// Whether the connection is closed (every call now fails with
+    /// [`ClientError::Closed`]).
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.lock().closed.is_some()
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call(Request::Ping).await.map(|_| ())
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Versions, ClientError> {
+        self.get_with(key, 0).await
+    }
+
+    /// A get that waits for `r` replicas (0: the cluster default).
+    pub async fn get_with(&self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
+        match self.call(Request::Get { r, key }).await? {
+            Response::Get(versions) => Ok(versions),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+    ) -> Result<PutOutcome, ClientError> {
+        self.put_with(key, value, context, 0).await
+    }
+
+    /// A put that waits for `w` acknowledgements (0: the cluster default).
+    pub async fn put_with(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<PutOutcome, ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        let request = Request::Put {
+            w,
+            key,
+            context,
+            value,
+        };
+        match self.call(request).await? {
+            Response::Put(outcome) => Ok(outcome),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    pub async fn delete(&self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
+        self.delete_with(key, context, 0).await
+    }
+
+    /// A delete that waits for `w` acknowledgements (0: the cluster default).
+    pub async fn delete_with(
+        &self,
+        key: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<(), ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        self.call(Request::Delete { w, key, context })
+            .await
+            .map(|_| ())
+    }
+
+    /// Gets many keys: every request is queued before the first reply is awaited.
+    pub async fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Versions, ClientError>> {
+        let requests = keys.iter().map(|k| Request::Get {
+            r: 0,
+            key: k.as_ref(),
+        });
+        self.batch(requests)
+            .await
+            .into_iter()
+            .map(|r| match r? {
+                Response::Get(versions) => Ok(versions),
+                other => Err(mismatch(other)),
+            })
+            .collect()
+    }
+
+    /// Puts many (key, value) pairs without context, all queued before any reply is awaited.
+    pub async fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        items: &[(K, V)],
+    ) -> Vec<Result<PutOutcome, ClientError>> {
+        let requests = items.iter().map(|(k, v)| Request::Put {
+            w: 0,
+            key: k.as_ref(),
+            context: &[],
+            value: v.as_ref(),
+        });
+        self.batch(requests)
+            .await
+            .into_iter()
+            .map(|r| match r? {
+                Response::Put(outcome) => Ok(outcome),
+                other => Err(mismatch(other)),
+            })
+            .collect()
+    }
+
+    async fn batch<'r>(
+        &self,
+        requests: impl Iterator<Item = Request<'r>>,
+    ) -> Vec<Result<Response, ClientError>> {
+        let mut submitted = Vec::new();
+        for request in requests {
+            let expect = Expect::of(&request);
+            submitted.push(self.submit(request).await.map(|rx| (rx, expect)));
+        }
+        let mut results = Vec::with_capacity(submitted.len());
+        for s in submitted {
+            results.push(match s {
+                Ok((rx, expect)) => self.wait(rx, expect).await,
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    async fn call(&self, request: Request<'_>) -> Result<Response, ClientError> {
+        let expect = Expect::of(&request);
+        let rx = self.submit(request).await?;
+        self.wait(rx, expect).await
+    }
+
+    /// Queues one request for the writer; the receiver gets its reply.
+    async fn submit(&self, request: Request<'_>) -> Result<ReplyReceiver, ClientError> {
+        let inner = &*self.inner;
+        check_request(&request, inner.hello.frame_bytes_max as usize)?;
+        let request_id = inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        request.encode(request_id, &mut frame);
+        let closed = || ClientError::Closed(self.closed_reason());
+        let wait = async {
+            let permit = inner
+                .shared
+                .window
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| closed())?;
+            let slot = inner.frames.reserve().await.map_err(|_| closed())?;
+            Ok::<_, ClientError>((permit, slot))
+        };
+        let (permit, slot) = timeout(inner.config.request_timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        let (tx, rx) = oneshot::channel();
+        {
+            // registered and queued with no await in between, so a caller that goes away
+            // cannot leave a request registered but never sent
+            let mut pending = inner.shared.lock();
+            if let Some(reason) = &pending.closed {
+                return Err(ClientError::Closed(reason.clone()));
+            }
+            pending.waiting.insert(
+                request_id,
+                Waiter {
+                    reply: tx,
+                    _permit: permit,
+                },
+            );
+        }
+        slot.send(frame);
+        Ok(rx)
+    }
+
+    async fn wait(
+        &self,
+        rx: ReplyReceiver,
+        expect: Option<Expect>,
+    ) -> Result<Response, ClientError> {
+        let reply = match timeout(self.inner.config.request_timeout, rx).await {
+            Err(_) => return Err(ClientError::Timeout),
+            Ok(Err(_)) => return Err(ClientError::Closed(self.closed_reason())),
+            Ok(Ok(reply)) => reply?,
+        };
+        let expect = expect.ok_or_else(|| ClientError::Protocol("HELLO after connect".into()))?;
+        let result = settle(reply, expect);
+        if let Err(e @ ClientError::Protocol(_)) = &result {
+            self.inner.shared.close(e.to_string());
+        }
+        result
+    }
+
+    fn closed_reason(&self) -> String {
+        self.inner
+            .shared
+            .lock()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "connection closed".into())
+    }
+}
+
+fn mismatch(response: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {response:?}"))
+}
+
+/// Reads replies and hands each to its waiter until the connection ends.
+async fn read_loop(
+    mut read_half: OwnedReadHalf,
+    mut replies: ReplyBuffer,
+    reply_frame_bytes_max: usize,
+    shared: Arc<Shared>,
+) {
+    // Runs for the life of the connection: ends on EOF, an error, or when the client is
+    // dropped (the task is aborted).
+    let reason = 'connection: loop {
+        // Bounded by the bytes buffered: each pass consumes one whole frame.
+        loop {
+            match replies.next_reply(reply_frame_bytes_max) {
+                Ok(None) => break,
+                Ok(Some((request_id, reply))) => {
+                    let waiter = shared.lock().waiting.remove(&request_id);
+                    match (waiter, reply) {
+                        (Some(waiter), reply) => {
+                            // the caller may have timed out or gone away: nothing to do
+                            let _ = waiter.reply.send(Ok(reply));
+                        }
+                        (None, OwnedReply::Error { code, message }) => {
+                            break 'connection ClientError::from_server(code, message).to_string();
+                        }
+                        (None, _) => {
+                            break 'connection format!(
+                                "protocol error: reply for unknown request id {request_id}"
+                            );
+                        }
+                    }
+                }
+                Err(e) => break 'connection e.to_string(),
+            }
+        }
+        match read_half.read(replies.spare()).await {
+            Ok(0) => break "server closed the connection".to_string(),
+            Ok(n) => replies.filled(n),
+            Err(e) => break ClientError::Io(e).to_string(),
+        }
+    };
+    shared.close(reason);
+}
+
+/// Writes queued frames, gathering several into one write when they pile up.
+async fn write_loop(
+    mut write_half: OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    write_timeout: Duration,
+    shared: Arc<Shared>,
+) {
+    let mut batch: Vec<u8> = Vec::new();
+    // Runs until every sender (the client) is gone, or a write fails.
+    while let Some(frame) = frames.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&frame);
+        for _ in 1..WRITE_BATCH_FRAMES_MAX {
+            if batch.len() >= WRITE_BATCH_BYTES_MAX {
+                break;
+            }
+            match frames.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        match timeout(write_timeout, write_half.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.close(ClientError::Io(e).to_string());
+                return;
+            }
+            Err(_) => {
+                shared.close("timed out writing to the server".into());
+                return;
+            }
+        }
+    }
+    let _ = write_half.shutdown().await;
+}

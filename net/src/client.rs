@@ -1,0 +1,1489 @@
+//! The blocking client: one TCP connection per [`Client`] with requests pipelined over it,
+//! a [`Pool`] of such connections, and a [`ShardAwareClient`] that sends each key straight
+//! to the shard that owns it. Everything here is `std::net`; the tokio client is
+//! `async_client` (feature `tokio`) and shares the reply buffer and the typed results.
+//!
+//! A connection that saw an I/O error, a timeout or a malformed reply cannot be trusted
+//! to be in step with the server any more: it is closed and every later call on it returns
+//! [`ClientError::Closed`]. An ERROR reply from the server only fails its own request.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::protocol::{
+    check_frame, ErrorCode, HelloOk, Reply, Request, FRAME_BYTES_MAX_DEFAULT, HEADER_BYTES,
+    PROTOCOL_VERSION,
+};
+
+/// Default largest reply frame a client accepts: a GET may carry several 4 MiB siblings.
+pub const REPLY_FRAME_BYTES_MAX_DEFAULT: usize = 64 << 20;
+
+/// The smallest timeout handed to the socket (the OS refuses a zero timeout).
+const SOCKET_TIMEOUT_MIN: Duration = Duration::from_millis(1);
+
+/// Bytes the reply buffer reads at a time, and the size it shrinks back to.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// How a client connects, waits and limits itself.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Longest wait for the TCP connection to be set up (per address tried).
+    pub connect_timeout: Duration,
+    /// Longest wait for a request to be written, and for each reply to arrive.
+    /// In a pipeline, the wait restarts with every reply received.
+    pub request_timeout: Duration,
+    /// Largest reply frame accepted; a larger one closes the connection.
+    pub reply_frame_bytes_max: usize,
+    /// Most requests outstanding on one connection; the window used is the smaller of
+    /// this and the server's `in_flight_max`.
+    pub in_flight_max: u32,
+    /// Most per-shard connections a [`ShardAwareClient`] opens; a node with more shards
+    /// is reached through its main connection only.
+    pub shard_connections_max: u16,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            reply_frame_bytes_max: REPLY_FRAME_BYTES_MAX_DEFAULT,
+            in_flight_max: 128,
+            shard_connections_max: 256,
+        }
+    }
+}
+
+/// An ERROR code as received: one this client knows, or a newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerCode {
+    Known(ErrorCode),
+    Unknown(u16),
+}
+
+impl ServerCode {
+    pub fn from_u16(code: u16) -> Self {
+        match ErrorCode::from_u16(code) {
+            Some(known) => ServerCode::Known(known),
+            None => ServerCode::Unknown(code),
+        }
+    }
+
+    pub fn as_u16(self) -> u16 {
+        match self {
+            ServerCode::Known(known) => known as u16,
+            ServerCode::Unknown(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for ServerCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerCode::Known(known) => write!(f, "{known:?} ({})", *known as u16),
+            ServerCode::Unknown(code) => write!(f, "unknown code {code}"),
+        }
+    }
+}
+
+/// Everything a client call can fail with.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The connect, a write or a reply took longer than configured. The connection is
+    /// closed; a write may or may not have been applied.
+    #[error("timed out")]
+    Timeout,
+    /// The server answered the request with an ERROR reply.
+    #[error("server error {code}: {message}")]
+    Server { code: ServerCode, message: String },
+    /// The server could not gather W acknowledgements in time: the write may or may not
+    /// be applied. Reading the key tells which.
+    #[error("write not confirmed, it may or may not be applied: {message}")]
+    NotConfirmed { message: String },
+    /// The server sent something that is not protocol v1; the connection is closed.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection was closed, by the server or after an earlier error.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// The request cannot be sent: a field or the whole frame is over its limit.
+    #[error("{field} of {len_bytes} bytes exceeds the limit of {max_bytes} bytes")]
+    TooLarge {
+        field: &'static str,
+        len_bytes: usize,
+        max_bytes: usize,
+    },
+    #[error("address {0} resolved to nothing")]
+    NoAddress(String),
+}
+
+impl ClientError {
+    /// Whether the error leaves the connection unusable (as opposed to failing only the
+    /// request: an ERROR reply, a request over a limit).
+    pub fn breaks_connection(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io(_)
+                | ClientError::Timeout
+                | ClientError::Protocol(_)
+                | ClientError::Closed(_)
+        )
+    }
+
+    /// The server's error code, for an ERROR reply.
+    pub fn server_code(&self) -> Option<ServerCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            ClientError::NotConfirmed { .. } => Some(ServerCode::Known(ErrorCode::NotConfirmed)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_server(code: u16, message: String) -> Self {
+        if code == ErrorCode::NotConfirmed as u16 {
+            ClientError::NotConfirmed { message }
+        } else {
+            ClientError::Server {
+                code: ServerCode::from_u16(code),
+                message,
+            }
+        }
+    }
+
+    fn from_io(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
+            io::ErrorKind::UnexpectedEof => {
+                ClientError::Closed("server closed the connection".into())
+            }
+            _ => ClientError::Io(e),
+        }
+    }
+}
+
+/// The opaque causal context of a key, as returned by a get or a put; handed back on a
+/// put or delete, it says which versions the new one supersedes. Empty means "none".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Context(Vec<u8>);
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ContextHexError {
+    #[error("hex context has an odd length ({0})")]
+    OddLength(usize),
+    #[error("hex context has a non-hex character at byte {0}")]
+    BadDigit(usize),
+}
+
+impl Context {
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Lowercase hex, two digits a byte (for command lines and logs).
+    pub fn to_hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(self.0.len() * 2);
+        for &b in &self.0 {
+            out.push(DIGITS[usize::from(b >> 4)] as char);
+            out.push(DIGITS[usize::from(b & 0x0f)] as char);
+        }
+        out
+    }
+
+    /// Parses [`Context::to_hex`] output (either case). Surrounding whitespace is ignored.
+    pub fn from_hex(text: &str) -> Result<Self, ContextHexError> {
+        let text = text.trim().as_bytes();
+        if text.len() % 2 != 0 {
+            return Err(ContextHexError::OddLength(text.len()));
+        }
+        fn digit(c: u8, at: usize) -> Result<u8, ContextHexError> {
+            match c {
+                b'0'..=b'9' => Ok(c - b'0'),
+                b'a'..=b'f' => Ok(c - b'a' + 10),
+                b'A'..=b'F' => Ok(c - b'A' + 10),
+                _ => Err(ContextHexError::BadDigit(at)),
+            }
+        }
+        let mut out = Vec::with_capacity(text.len() / 2);
+        for (i, pair) in text.chunks_exact(2).enumerate() {
+            out.push(digit(pair[0], 2 * i)? << 4 | digit(pair[1], 2 * i + 1)?);
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What a get returns: the values of all live siblings and one context covering them.
+/// No values means the key is absent (or deleted; the context then covers the tombstone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub values: Vec<Vec<u8>>,
+    pub context: Context,
+}
+
+impl Versions {
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// More than one causally concurrent value: the caller should reconcile them and put
+    /// the result with [`Versions::context`].
+    pub fn has_siblings(&self) -> bool {
+        self.values.len() > 1
+    }
+}
+
+/// What a put returns: the context of the new version and how many siblings the key has
+/// now (1 when the put superseded everything).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub context: Context,
+    pub siblings: u16,
+}
+
+/// The result of one request of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Pong,
+    Get(Versions),
+    Put(PutOutcome),
+    Deleted,
+}
+
+/// A reply copied out of its frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OwnedReply {
+    HelloOk(HelloOk),
+    Pong,
+    GetOk(Versions),
+    PutOk(PutOutcome),
+    DeleteOk,
+    Error { code: u16, message: String },
+}
+
+impl OwnedReply {
+    fn from_reply(reply: Reply<'_>) -> Self {
+        match reply {
+            Reply::HelloOk(hello) => OwnedReply::HelloOk(hello),
+            Reply::Pong => OwnedReply::Pong,
+            Reply::GetOk { context, values } => OwnedReply::GetOk(Versions {
+                values: values.into_iter().map(<[u8]>::to_vec).collect(),
+                context: Context::from_bytes(context),
+            }),
+            Reply::PutOk { context, siblings } => OwnedReply::PutOk(PutOutcome {
+                context: Context::from_bytes(context),
+                siblings,
+            }),
+            Reply::DeleteOk => OwnedReply::DeleteOk,
+            Reply::Error { code, message } => OwnedReply::Error {
+                code,
+                message: String::from_utf8_lossy(message).into_owned(),
+            },
+        }
+    }
+}
+
+/// The reply a request kind expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    Pong,
+    Get,
+    Put,
+    Delete,
+}
+
+impl Expect {
+    pub(crate) fn of(request: &Request<'_>) -> Option<Self> {
+        match request {
+            Request::Hello { .. } => None,
+            Request::Ping => Some(Expect::Pong),
+            Request::Get { .. } => Some(Expect::Get),
+            Request::Put { .. } => Some(Expect::Put),
+            Request::Delete { .. } => Some(Expect::Delete),
+        }
+    }
+}
+
+/// Turns a reply into the typed result of a request that expected `expect`. A reply of the
+/// wrong kind is a [`ClientError::Protocol`] error (the caller closes the connection).
+pub(crate) fn settle(reply: OwnedReply, expect: Expect) -> Result<Response, ClientError> {
+    match (reply, expect) {
+        (OwnedReply::Error { code, message }, _) => Err(ClientError::from_server(code, message)),
+        (OwnedReply::Pong, Expect::Pong) => Ok(Response::Pong),
+        (OwnedReply::GetOk(versions), Expect::Get) => Ok(Response::Get(versions)),
+        (OwnedReply::PutOk(outcome), Expect::Put) => Ok(Response::Put(outcome)),
+        (OwnedReply::DeleteOk, Expect::Delete) => Ok(Response::Deleted),
+        (other, expect) => Err(ClientError::Protocol(format!(
+            "expected a reply to {expect:?}, got {}",
+            reply_name(&other)
+        ))),
+    }
+}
+
+fn reply_name(reply: &OwnedReply) -> &'static str {
+    match reply {
+        OwnedReply::HelloOk(_) => "HELLO_OK",
+        OwnedReply::Pong => "PONG",
+        OwnedReply::GetOk(_) => "GET_OK",
+        OwnedReply::PutOk(_) => "PUT_OK",
+        OwnedReply::DeleteOk => "DELETE_OK",
+        OwnedReply::Error { .. } => "ERROR",
+    }
+}
+
+/// Checks a HELLO answer: protocol v1 and limits that make sense.
+pub(crate) fn accept_hello(reply: OwnedReply) -> Result<HelloOk, ClientError> {
+    match reply {
+        OwnedReply::HelloOk(hello) => {
+            if hello.version != PROTOCOL_VERSION {
+                return Err(ClientError::Protocol(format!(
+                    "server chose protocol version {} but this client speaks only {}",
+                    hello.version, PROTOCOL_VERSION
+                )));
+            }
+            if (hello.frame_bytes_max as usize) < HEADER_BYTES {
+                return Err(ClientError::Protocol(format!(
+                    "server frame limit {} is below the {HEADER_BYTES}-byte header",
+                    hello.frame_bytes_max
+                )));
+            }
+            Ok(hello)
+        }
+        OwnedReply::Error { code, message } => Err(ClientError::from_server(code, message)),
+        other => Err(ClientError::Protocol(format!(
+            "expected HELLO_OK, got {}",
+            reply_name(&other)
+        ))),
+    }
+}
+
+/// The size of the frame `request` encodes to, after checking each field fits its
+/// length prefix and the frame fits `frame_bytes_max`. Nothing is encoded that fails.
+pub(crate) fn check_request(
+    request: &Request<'_>,
+    frame_bytes_max: usize,
+) -> Result<usize, ClientError> {
+    fn field(name: &'static str, bytes: &[u8], max_bytes: usize) -> Result<usize, ClientError> {
+        if bytes.len() > max_bytes {
+            return Err(ClientError::TooLarge {
+                field: name,
+                len_bytes: bytes.len(),
+                max_bytes,
+            });
+        }
+        Ok(bytes.len())
+    }
+    const U16: usize = u16::MAX as usize;
+    const U32: usize = u32::MAX as usize;
+    let body_bytes = match *request {
+        Request::Hello { .. } => 2,
+        Request::Ping => 0,
+        Request::Get { key, .. } => 1 + 2 + field("key", key, U16)?,
+        Request::Put {
+            key,
+            context,
+            value,
+            ..
+        } => {
+            1 + 2
+                + field("key", key, U16)?
+                + 2
+                + field("context", context, U16)?
+                + 4
+                + field("value", value, U32)?
+        }
+        Request::Delete { key, context, .. } => {
+            1 + 2 + field("key", key, U16)? + 2 + field("context", context, U16)?
+        }
+    };
+    let frame_bytes = HEADER_BYTES + body_bytes;
+    if frame_bytes > frame_bytes_max {
+        return Err(ClientError::TooLarge {
+            field: "request frame",
+            len_bytes: frame_bytes,
+            max_bytes: frame_bytes_max,
+        });
+    }
+    Ok(frame_bytes)
+}
+
+/// Bytes read from a connection that are not yet a whole reply. Holds at most one partial
+/// frame (bounded by the reply frame limit) plus one read chunk.
+#[derive(Debug)]
+pub(crate) struct ReplyBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReplyBuffer {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: vec![0; READ_CHUNK_BYTES],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next whole reply with its request id, if one is buffered. An error means the
+    /// stream cannot be trusted any more.
+    pub(crate) fn next_reply(
+        &mut self,
+        frame_bytes_max: usize,
+    ) -> Result<Option<(u64, OwnedReply)>, ClientError> {
+        let pending = &self.buf[self.start..self.end];
+        let frame_bytes = match check_frame(pending, frame_bytes_max) {
+            Ok(None) => return Ok(None),
+            Ok(Some(n)) => n,
+            Err(e) => return Err(ClientError::Protocol(format!("reply refused: {e}"))),
+        };
+        let frame = &pending[..frame_bytes];
+        let (header, reply) = Reply::parse(frame)
+            .map_err(|e| ClientError::Protocol(format!("malformed reply: {e}")))?;
+        let owned = OwnedReply::from_reply(reply);
+        self.start += frame_bytes;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > 16 * READ_CHUNK_BYTES {
+                // give back the memory of a large reply
+                self.buf.truncate(READ_CHUNK_BYTES);
+                self.buf.shrink_to_fit();
+            }
+        }
+        Ok(Some((header.request_id, owned)))
+    }
+
+    /// Free space to read into (at least one chunk), after moving buffered bytes to the
+    /// front. Call [`ReplyBuffer::filled`] with how much was read.
+    pub(crate) fn spare(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < READ_CHUNK_BYTES {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < READ_CHUNK_BYTES {
+            self.buf.resize(self.end + READ_CHUNK_BYTES, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    pub(crate) fn filled(&mut self, n: usize) {
+        assert!(self.end + n <= self.buf.len());
+        self.end += n;
+    }
+
+    /// Bytes buffered that are not a whole reply yet.
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// Resolves `addr` to the socket addresses to try, in order.
+pub(crate) fn resolve(
+    addr: impl ToSocketAddrs + fmt::Debug,
+) -> Result<Vec<SocketAddr>, ClientError> {
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(ClientError::NoAddress(format!("{addr:?}")));
+    }
+    Ok(addrs)
+}
+
+fn socket_timeout(d: Duration) -> Duration {
+    d.max(SOCKET_TIMEOUT_MIN)
+}
+
+/// One connection to a node (or one shard of it), negotiated with HELLO.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: ClientConfig,
+    hello: HelloOk,
+    next_request_id: u64,
+    replies: ReplyBuffer,
+    write_buf: Vec<u8>,
+    /// Why the connection cannot be used any more, once it cannot.
+    broken: Option<String>,
+}
+
+impl Client {
+    /// Connects to the first address of `addr` that answers, then negotiates protocol v1.
+    pub fn connect(
+        addr: impl ToSocketAddrs + fmt::Debug,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        Self::connect_any(&resolve(addr)?, config)
+    }
+
+    /// Tries each address in turn; the error is the last address's.
+    pub fn connect_any(addrs: &[SocketAddr], config: ClientConfig) -> Result<Client, ClientError> {
+        let mut last = ClientError::NoAddress("empty address list".into());
+        for &addr in addrs {
+            match Self::connect_addr(addr, config.clone()) {
+                Ok(client) => return Ok(client),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn connect_addr(addr: SocketAddr, config: ClientConfig) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect_timeout(&addr, socket_timeout(config.connect_timeout))
+            .map_err(ClientError::from_io)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(socket_timeout(config.request_timeout)))?;
+        let mut client = Client {
+            stream,
+            peer: addr,
+            config,
+            // a placeholder until the server's answer: limits for the HELLO itself
+            hello: HelloOk {
+                version: PROTOCOL_VERSION,
+                node_id: 0,
+                partitions: 0,
+                shards: 0,
+                shard: 0,
+                shard_port_base: 0,
+                frame_bytes_max: FRAME_BYTES_MAX_DEFAULT as u32,
+                in_flight_max: 1,
+            },
+            next_request_id: 1,
+            replies: ReplyBuffer::new(),
+            write_buf: Vec::with_capacity(4096),
+            broken: None,
+        };
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+        };
+        let mut replies = client.exchange(1, |_| hello)?;
+        let reply = match replies.pop() {
+            Some(Ok(reply)) => reply,
+            Some(Err(e)) => return Err(e),
+            None => return Err(ClientError::Protocol("no reply to HELLO".into())),
+        };
+        match accept_hello(reply) {
+            Ok(hello) => {
+                client.hello = hello;
+                Ok(client)
+            }
+            Err(e) => Err(client.close(e)),
+        }
+    }
+
+    /// What the server said in its HELLO_OK: node id, partitions, shards, limits.
+    pub fn hello(&self) -> &HelloOk {
+        &self.hello
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Whether an earlier error closed the connection (every call now fails).
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Requests written before their replies are read: the smaller of the client's and
+    /// the server's `in_flight_max` (at least 1).
+    pub fn in_flight_window(&self) -> usize {
+        self.config
+            .in_flight_max
+            .min(self.hello.in_flight_max)
+            .max(1) as usize
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.one(Request::Ping).map(|_| ())
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> Result<Versions, ClientError> {
+        self.get_with(key, 0)
+    }
+
+    /// A get that waits for `r` replicas (0: the cluster default).
+    pub fn get_with(&mut self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
+        match self.one(Request::Get { r, key })? {
+            Response::Get(versions) => Ok(versions),
+            other => Err(unreachable_kind(other)),
+        }
+    }
+
+    /// Writes `value`; with `context` (from a get) it supersedes the versions the context
+    /// covers, without one it becomes a sibling of whatever the key holds.
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+    ) -> Result<PutOutcome, ClientError> {
+        self.put_with(key, value, context, 0)
+    }
+
+    /// A put that waits for `w` acknowledgements (0: the cluster default).
+    pub fn put_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<PutOutcome, ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        match self.one(Request::Put {
+            w,
+            key,
+            context,
+            value,
+        })? {
+            Response::Put(outcome) => Ok(outcome),
+            other => Err(unreachable_kind(other)),
+        }
+    }
+
+    /// Writes a tombstone superseding what `context` covers.
+    pub fn delete(&mut self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
+        self.delete_with(key, context, 0)
+    }
+
+    /// A delete that waits for `w` acknowledgements (0: the cluster default).
+    pub fn delete_with(
+        &mut self,
+        key: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<(), ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        self.one(Request::Delete { w, key, context }).map(|_| ())
+    }
+
+    /// Gets many keys with their requests pipelined. The outer error is a connection
+    /// failure; each inner result is that key's.
+    pub fn get_many<K: AsRef<[u8]>>(
+        &mut self,
+        keys: &[K],
+    ) -> Result<Vec<Result<Versions, ClientError>>, ClientError> {
+        let results = self.run(keys.len(), |i| Request::Get {
+            r: 0,
+            key: keys[i].as_ref(),
+        })?;
+        Ok(results
+            .into_iter()
+            .map(|r| match r? {
+                Response::Get(versions) => Ok(versions),
+                other => Err(unreachable_kind(other)),
+            })
+            .collect())
+    }
+
+    /// Puts many (key, value) pairs without context, pipelined. The outer error is a
+    /// connection failure; each inner result is that pair's.
+    pub fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        items: &[(K, V)],
+    ) -> Result<Vec<Result<PutOutcome, ClientError>>, ClientError> {
+        let results = self.run(items.len(), |i| Request::Put {
+            w: 0,
+            key: items[i].0.as_ref(),
+            context: &[],
+            value: items[i].1.as_ref(),
+        })?;
+        Ok(results
+            .into_iter()
+            .map(|r| match r? {
+                Response::Put(outcome) => Ok(outcome),
+                other => Err(unreachable_kind(other)),
+            })
+            .collect())
+    }
+
+    /// A batch of requests of any kind, sent pipelined by [`Pipeline::execute`].
+    pub fn pipeline(&mut self) -> Pipeline<'_> {
+        Pipeline {
+            client: self,
+            requests: Vec::new(),
+        }
+    }
+
+    fn one(&mut self, request: Request<'_>) -> Result<Response, ClientError> {
+        match self.run(1, |_| request)?.pop() {
+            Some(result) => result,
+            None => Err(ClientError::Protocol("no reply".into())),
+        }
+    }
+
+    /// Sends `count` requests pipelined and turns each reply into its typed result.
+    fn run<'r>(
+        &mut self,
+        count: usize,
+        request_at: impl Fn(usize) -> Request<'r>,
+    ) -> Result<Vec<Result<Response, ClientError>>, ClientError> {
+        let replies = self.exchange(count, &request_at)?;
+        let mut results = Vec::with_capacity(count);
+        for (i, reply) in replies.into_iter().enumerate() {
+            let result = match (reply, Expect::of(&request_at(i))) {
+                (Ok(reply), Some(expect)) => settle(reply, expect),
+                (Ok(_), None) => Err(ClientError::Protocol("HELLO inside a batch".into())),
+                (Err(e), _) => Err(e),
+            };
+            if let Err(e @ ClientError::Protocol(_)) = &result {
+                // a reply of the wrong kind: the server is not speaking our protocol
+                let reason = e.to_string();
+                self.close_with(reason);
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Writes `count` requests, at most [`Client::in_flight_window`] outstanding, and
+    /// collects the replies, which may arrive in any order, by request id. A request over
+    /// a limit fails alone without being sent.
+    fn exchange<'r>(
+        &mut self,
+        count: usize,
+        request_at: impl Fn(usize) -> Request<'r>,
+    ) -> Result<Vec<Result<OwnedReply, ClientError>>, ClientError> {
+        if let Some(reason) = &self.broken {
+            return Err(ClientError::Closed(reason.clone()));
+        }
+        let window = self.in_flight_window();
+        let frame_bytes_max = self.hello.frame_bytes_max as usize;
+        let mut results: Vec<Option<Result<OwnedReply, ClientError>>> =
+            (0..count).map(|_| None).collect();
+        let mut pending: HashMap<u64, usize> = HashMap::with_capacity(window.min(count));
+        let mut next = 0;
+        // Bounded: every pass either moves `next` forward or removes a pending request,
+        // so there are at most 2 * count passes.
+        while next < count || !pending.is_empty() {
+            self.write_buf.clear();
+            while next < count && pending.len() < window {
+                let request = request_at(next);
+                match check_request(&request, frame_bytes_max) {
+                    Ok(_) => {
+                        let request_id = self.next_request_id;
+                        self.next_request_id = self.next_request_id.wrapping_add(1);
+                        request.encode(request_id, &mut self.write_buf);
+                        pending.insert(request_id, next);
+                    }
+                    Err(e) => results[next] = Some(Err(e)),
+                }
+                next += 1;
+            }
+            if !self.write_buf.is_empty() {
+                if let Err(e) = self.stream.write_all(&self.write_buf) {
+                    return Err(self.close(ClientError::from_io(e)));
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let (request_id, reply) = match self.read_reply() {
+                Ok(got) => got,
+                Err(e) => return Err(self.close(e)),
+            };
+            match pending.remove(&request_id) {
+                Some(i) => results[i] = Some(Ok(reply)),
+                None => {
+                    // Not ours: a connection-level ERROR (the server gives up on the
+                    // connection) or a confused server. Either way we are out of step.
+                    let e = match reply {
+                        OwnedReply::Error { code, message } => {
+                            ClientError::from_server(code, message)
+                        }
+                        other => ClientError::Protocol(format!(
+                            "{} for unknown request id {request_id}",
+                            reply_name(&other)
+                        )),
+                    };
+                    return Err(self.close(e));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClientError::Protocol("no reply".into()))))
+            .collect())
+    }
+
+    /// Reads until a whole reply is buffered, waiting at most `request_timeout`.
+    fn read_reply(&mut self) -> Result<(u64, OwnedReply), ClientError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let frame_bytes_max = self.config.reply_frame_bytes_max;
+        // Bounded: each read adds at least one byte to a frame of at most
+        // `frame_bytes_max` bytes, and the deadline ends the wait.
+        loop {
+            if let Some(got) = self.replies.next_reply(frame_bytes_max)? {
+                return Ok(got);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            self.stream
+                .set_read_timeout(Some(socket_timeout(deadline - now)))?;
+            match self.stream.read(self.replies.spare()) {
+                Ok(0) => {
+                    let buffered_bytes = self.replies.buffered_bytes();
+                    return Err(ClientError::Closed(if buffered_bytes == 0 {
+                        "server closed the connection".into()
+                    } else {
+                        format!("server closed the connection inside a reply ({buffered_bytes} bytes buffered)")
+                    }));
+                }
+                Ok(n) => self.replies.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ClientError::from_io(e)),
+            }
+        }
+    }
+
+    /// Closes the connection because of `e`, and returns `e`.
+    fn close(&mut self, e: ClientError) -> ClientError {
+        self.close_with(e.to_string());
+        e
+    }
+
+    fn close_with(&mut self, reason: String) {
+        if self.broken.is_none() {
+            self.broken = Some(reason);
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn unreachable_kind(response: Response) -> ClientError {
+    // `settle` already matched the reply against the request kind.
+    ClientError::Protocol(format!("unexpected response {response:?}"))
+}
+
+/// Requests gathered to be sent in one pipelined batch.
+#[derive(Debug)]
+pub struct Pipeline<'c> {
+    client: &'c mut Client,
+    requests: Vec<OwnedRequest>,
+}
+
+#[derive(Debug, Clone)]
+enum OwnedRequest {
+    Ping,
+    Get {
+        r: u8,
+        key: Vec<u8>,
+    },
+    Put {
+        w: u8,
+        key: Vec<u8>,
+        context: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        w: u8,
+        key: Vec<u8>,
+        context: Vec<u8>,
+    },
+}
+
+impl OwnedRequest {
+    fn as_request(&self) -> Request<'_> {
+        match self {
+            OwnedRequest::Ping => Request::Ping,
+            OwnedRequest::Get { r, key } => Request::Get { r: *r, key },
+            OwnedRequest::Put {
+                w,
+                key,
+                context,
+                value,
+            } => Request::Put {
+                w: *w,
+                key,
+                context,
+                value,
+            },
+            OwnedRequest::Delete { w, key, context } => Request::Delete {
+                w: *w,
+                key,
+                context,
+            },
+        }
+    }
+}
+
+fn context_bytes(context: Option<&Context>) -> Vec<u8> {
+    context.map_or_else(Vec::new, |c| c.as_bytes().to_vec())
+}
+
+impl Pipeline<'_> {
+    pub fn ping(&mut self) -> &mut Self {
+        self.requests.push(OwnedRequest::Ping);
+        self
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> &mut Self {
+        self.get_with(key, 0)
+    }
+
+    pub fn get_with(&mut self, key: &[u8], r: u8) -> &mut Self {
+        self.requests.push(OwnedRequest::Get {
+            r,
+            key: key.to_vec(),
+        });
+        self
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8], context: Option<&Context>) -> &mut Self {
+        self.put_with(key, value, context, 0)
+    }
+
+    pub fn put_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> &mut Self {
+        self.requests.push(OwnedRequest::Put {
+            w,
+            key: key.to_vec(),
+            context: context_bytes(context),
+            value: value.to_vec(),
+        });
+        self
+    }
+
+    pub fn delete(&mut self, key: &[u8], context: Option<&Context>) -> &mut Self {
+        self.delete_with(key, context, 0)
+    }
+
+    pub fn delete_with(&mut self, key: &[u8], context: Option<&Context>, w: u8) -> &mut Self {
+        self.requests.push(OwnedRequest::Delete {
+            w,
+            key: key.to_vec(),
+            context: context_bytes(context),
+        });
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Sends every request (pipelined, within the in-flight window) and returns their
+    /// results in the order they were added. The outer error is a connection failure.
+    pub fn execute(self) -> Result<Vec<Result<Response, ClientError>>, ClientError> {
+        let requests = self.requests;
+        self.client
+            .run(requests.len(), |i| requests[i].as_request())
+    }
+}
+
+/// A bounded set of connections to one address, shared by threads. A connection is
+/// checked out with [`Pool::connection`] and goes back when the guard drops, unless it
+/// broke.
+#[derive(Debug)]
+pub struct Pool {
+    addrs: Vec<SocketAddr>,
+    config: ClientConfig,
+    size: usize,
+    hello: HelloOk,
+    state: Mutex<PoolState>,
+    returned: Condvar,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    idle: Vec<Client>,
+    /// Connections open, idle or checked out.
+    open: usize,
+}
+
+impl Pool {
+    /// A pool of at most `size` connections (at least 1). One connection is opened now so
+    /// a wrong address fails here; the others as needed.
+    pub fn new(
+        addr: impl ToSocketAddrs + fmt::Debug,
+        config: ClientConfig,
+        size: usize,
+    ) -> Result<Pool, ClientError> {
+        let addrs = resolve(addr)?;
+        let first = Client::connect_any(&addrs, config.clone())?;
+        let hello = *first.hello();
+        Ok(Pool {
+            addrs,
+            config,
+            size: size.max(1),
+            hello,
+            state: Mutex::new(PoolState {
+                idle: vec![first],
+                open: 1,
+            }),
+            returned: Condvar::new(),
+        })
+    }
+
+    /// The HELLO_OK of the pool's first connection.
+    pub fn hello(&self) -> &HelloOk {
+        &self.hello
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Connections open now (idle or checked out).
+    pub fn open_count(&self) -> usize {
+        self.lock().open
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().idle.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // a thread that panicked while holding the lock left the state consistent: every
+        // change to it is a single push, pop or counter step
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection, a new one if fewer than `size` are open, or else the next one
+    /// returned within `request_timeout` ([`ClientError::Timeout`] after that).
+    pub fn connection(&self) -> Result<PooledClient<'_>, ClientError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut state = self.lock();
+        // Bounded by the deadline: every pass waits until it or returns.
+        loop {
+            if let Some(client) = state.idle.pop() {
+                return Ok(PooledClient {
+                    pool: self,
+                    client: Some(client),
+                });
+            }
+            if state.open < self.size {
+                state.open += 1;
+                drop(state);
+                return match Client::connect_any(&self.addrs, self.config.clone()) {
+                    Ok(client) => Ok(PooledClient {
+                        pool: self,
+                        client: Some(client),
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.returned.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            state = self
+                .returned
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn give_back(&self, client: Client) {
+        let mut state = self.lock();
+        if client.is_broken() {
+            state.open -= 1;
+        } else {
+            state.idle.push(client);
+        }
+        drop(state);
+        self.returned.notify_one();
+    }
+}
+
+/// A connection checked out of a [`Pool`]; it goes back when dropped.
+#[derive(Debug)]
+pub struct PooledClient<'p> {
+    pool: &'p Pool,
+    client: Option<Client>,
+}
+
+impl Deref for PooledClient<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PooledClient<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PooledClient<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            self.pool.give_back(client);
+        }
+    }
+}
+
+/// How keys map to shards, from a HELLO_OK that allows shard routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Routing {
+    partitions: u32,
+    shards: u16,
+}
+
+impl Routing {
+    fn from_hello(hello: &HelloOk, shard_connections_max: u16) -> Option<Self> {
+        let usable = hello.shard_port_base != 0
+            && hello.shards > 0
+            && hello.shards <= shard_connections_max
+            && ringkv_ring::hash::is_valid_partition_count(hello.partitions)
+            && hello
+                .shard_port_base
+                .checked_add(hello.shards - 1)
+                .is_some();
+        usable.then_some(Routing {
+            partitions: hello.partitions,
+            shards: hello.shards,
+        })
+    }
+
+    fn shard_for_key(&self, key: &[u8]) -> u16 {
+        let partition = ringkv_ring::partition_for_key(key, self.partitions);
+        ringkv_ring::shard_for_partition(partition, u32::from(self.shards)) as u16
+    }
+}
+
+/// A client that sends each key to the shard owning it: after the first HELLO it opens
+/// one connection per shard, to `shard_port_base + s` on the same host, and routes a key
+/// to shard `partition_for_key(key, partitions) % shards`. Without shard ports (or when a
+/// shard cannot be reached) requests go through the main connection, and the server
+/// forwards them. Broken connections are reopened before the next request (a request that
+/// failed is never resent).
+#[derive(Debug)]
+pub struct ShardAwareClient {
+    main: Client,
+    main_addrs: Vec<SocketAddr>,
+    /// One per shard when routing; `None`: that shard is reached through `main`.
+    shards: Vec<Option<Client>>,
+    routing: Option<Routing>,
+}
+
+/// Which connection a request goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Main,
+    Shard(u16),
+}
+
+impl ShardAwareClient {
+    pub fn connect(
+        addr: impl ToSocketAddrs + fmt::Debug,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let main_addrs = resolve(addr)?;
+        let main = Client::connect_any(&main_addrs, config.clone())?;
+        let routing = Routing::from_hello(main.hello(), config.shard_connections_max);
+        let mut client = ShardAwareClient {
+            main,
+            main_addrs,
+            shards: Vec::new(),
+            routing,
+        };
+        if let Some(routing) = routing {
+            client.shards = (0..routing.shards)
+                .map(|s| client.connect_shard(s))
+                .collect();
+        }
+        Ok(client)
+    }
+
+    /// A connection to shard `s` that reports being shard `s` of the same ring, if any.
+    fn connect_shard(&self, s: u16) -> Option<Client> {
+        let main_hello = self.main.hello();
+        let port = main_hello.shard_port_base.checked_add(s)?;
+        let addr = SocketAddr::new(self.main.peer_addr().ip(), port);
+        let client = Client::connect_addr(addr, self.main.config().clone()).ok()?;
+        let hello = client.hello();
+        let same_ring = hello.shard == s
+            && hello.shards == main_hello.shards
+            && hello.partitions == main_hello.partitions
+            && hello.node_id == main_hello.node_id;
+        same_ring.then_some(client)
+    }
+
+    /// The main connection's HELLO_OK.
+    pub fn hello(&self) -> &HelloOk {
+        self.main.hello()
+    }
+
+    /// The shard a key belongs to on this node, when the node has shard ports.
+    pub fn shard_for_key(&self, key: &[u8]) -> Option<u16> {
+        self.routing.map(|r| r.shard_for_key(key))
+    }
+
+    /// Shard connections open (0 without shard routing).
+    pub fn shard_connection_count(&self) -> usize {
+        self.shards.iter().filter(|c| c.is_some()).count()
+    }
+
+    fn route(&self, key: &[u8]) -> Route {
+        match self.shard_for_key(key) {
+            Some(s) if matches!(self.shards.get(usize::from(s)), Some(Some(_))) => Route::Shard(s),
+            _ => Route::Main,
+        }
+    }
+
+    /// The connection for `route`, reopening it if it broke. A shard that cannot be
+    /// reopened is reached through the main connection from then on.
+    fn connection(&mut self, route: Route) -> Result<&mut Client, ClientError> {
+        if let Route::Shard(s) = route {
+            let s_index = usize::from(s);
+            let broken = matches!(&self.shards[s_index], Some(c) if c.is_broken());
+            if broken {
+                self.shards[s_index] = self.connect_shard(s);
+            }
+            if self.shards[s_index].is_some() {
+                return Ok(self.shards[s_index].as_mut().expect("checked"));
+            }
+        }
+        if self.main.is_broken() {
+            self.main = Client::connect_any(&self.main_addrs, self.main.config().clone())?;
+        }
+        Ok(&mut self.main)
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.connection(Route::Main)?.ping()
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> Result<Versions, ClientError> {
+        self.get_with(key, 0)
+    }
+
+    pub fn get_with(&mut self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
+        let route = self.route(key);
+        self.connection(route)?.get_with(key, r)
+    }
+
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+    ) -> Result<PutOutcome, ClientError> {
+        self.put_with(key, value, context, 0)
+    }
+
+    pub fn put_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<PutOutcome, ClientError> {
+        let route = self.route(key);
+        self.connection(route)?.put_with(key, value, context, w)
+    }
+
+    pub fn delete(&mut self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
+        self.delete_with(key, context, 0)
+    }
+
+    pub fn delete_with(
+        &mut self,
+        key: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<(), ClientError> {
+        let route = self.route(key);
+        self.connection(route)?.delete_with(key, context, w)
+    }
+
+    /// Gets many keys: grouped by shard, each group pipelined on its connection. A
+    /// connection failure fails only the keys of that connection's group.
+    pub fn get_many<K: AsRef<[u8]>>(&mut self, keys: &[K]) -> Vec<Result<Versions, ClientError>> {
+        self.scatter(
+            keys.len(),
+            |i| keys[i].as_ref(),
+            |client, indices| {
+                let group: Vec<&[u8]> = indices.iter().map(|&i| keys[i].as_ref()).collect();
+                client.get_many(&group)
+            },
+        )
+    }
+
+    /// Puts many (key, value) pairs without context, grouped by shard and pipelined.
+    pub fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        items: &[(K, V)],
+    ) -> Vec<Result<PutOutcome, ClientError>> {
+        self.scatter(
+            items.len(),
+            |i| items[i].0.as_ref(),
+            |client, indices| {
+                let group: Vec<(&[u8], &[u8])> = indices
+                    .iter()
+                    .map(|&i| (items[i].0.as_ref(), items[i].1.as_ref()))
+                    .collect();
+                client.put_many(&group)
+            },
+        )
+    }
+
+    fn scatter<'k, T>(
+        &mut self,
+        count: usize,
+        key_at: impl Fn(usize) -> &'k [u8],
+        mut run: impl FnMut(&mut Client, &[usize]) -> Result<Vec<Result<T, ClientError>>, ClientError>,
+    ) -> Vec<Result<T, ClientError>> {
+        let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
+        for i in 0..count {
+            let route = self.route(key_at(i));
+            match groups.iter_mut().find(|(r, _)| *r == route) {
+                Some((_, indices)) => indices.push(i),
+                None => groups.push((route, vec![i])),
+            }
+        }
+        let mut results: Vec<Option<Result<T, ClientError>>> = (0..count).map(|_| None).collect();
+        for (route, indices) in groups {
+            let group_results = match self.connection(route) {
+                Ok(client) => run(client, &indices),
+                Err(e) => Err(e),
+            };
+            match group_results {
+                Ok(group_results) => {
+                    for (i, result) in indices.into_iter().zip(group_results) {
+                        results[i] = Some(result);
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    for i in indices {
+                        results[i] = Some(Err(ClientError::Closed(reason.clone())));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClientError::Protocol("no result".into()))))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_hex_round_trips_and_rejects_garbage() {
+        let c = Context::from_bytes(vec![0x00, 0x7f, 0xab, 0xff]);
+        assert_eq!(c.to_hex(), "007fabff");
+        assert_eq!(Context::from_hex("007FABFF\n"), Ok(c));
+        assert_eq!(Context::from_hex(""), Ok(Context::empty()));
+        assert_eq!(Context::from_hex("abc"), Err(ContextHexError::OddLength(3)));
+        assert_eq!(Context::from_hex("zz"), Err(ContextHexError::BadDigit(0)));
+        assert_eq!(Context::from_hex("0g"), Err(ContextHexError::BadDigit(1)));
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_before_encoding() {
+        let key = vec![0u8; 70_000];
+        let err = check_request(&Request::Get { r: 0, key: &key }, 1 << 30).unwrap_err();
+        assert!(
+            matches!(err, ClientError::TooLarge { field: "key", .. }),
+            "{err}"
+        );
+        let value = vec![0u8; 200];
+        let put = Request::Put {
+            w: 0,
+            key: b"k",
+            context: b"",
+            value: &value,
+        };
+        let err = check_request(&put, 100).unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::TooLarge {
+                field: "request frame",
+                ..
+            }
+        ));
+        let mut encoded = Vec::new();
+        put.encode(1, &mut encoded);
+        assert_eq!(check_request(&put, 1 << 20).unwrap(), encoded.len());
+    }
+
+    #[test]
+    fn routing_needs_shard_ports_and_a_valid_ring() {
+        let mut hello = HelloOk {
+            version: 1,
+            node_id: 1,
+            partitions: 64,
+            shards: 4,
+            shard: 0,
+            shard_port_base: 9000,
+            frame_bytes_max: 1 << 20,
+            in_flight_max: 8,
+        };
+        let routing = Routing::from_hello(&hello, 256).unwrap();
+        for key in [&b"a"[..], b"bb", b"user:42"] {
+            let p = ringkv_ring::partition_for_key(key, 64);
+            assert_eq!(u32::from(routing.shard_for_key(key)), p % 4);
+        }
+        hello.partitions = 63;
+        assert_eq!(Routing::from_hello(&hello, 256), None);
+        hello.partitions = 64;
+        hello.shard_port_base = 0;
+        assert_eq!(Routing::from_hello(&hello, 256), None);
+        hello.shard_port_base = u16::MAX - 1;
+        assert_eq!(Routing::from_hello(&hello, 256), None);
+        hello.shard_port_base = 9000;
+        assert_eq!(Routing::from_hello(&hello, 2), None);
+    }
+}

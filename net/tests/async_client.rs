@@ -1,0 +1,227 @@
+//! The tokio client against fake servers: many tasks on one connection with replies out
+//! of order, the in-flight window, timeouts, and malformed or ERROR replies.
+#![cfg(feature = "tokio")]
+
+mod support;
+
+use std::time::Duration;
+
+use ringkv_net::async_client::AsyncClient;
+use ringkv_net::client::{ClientConfig, ClientError, ServerCode};
+use ringkv_net::protocol::{begin_frame, encode, end_frame, opcode, ErrorCode};
+use support::{hello_ok, serve_one, FakeNode, Req};
+
+/// Joins a fake server thread without blocking the runtime (which must go on running so
+/// the dropped client's tasks end and close the socket the server waits on).
+async fn join(server: std::thread::JoinHandle<()>) {
+    tokio::task::spawn_blocking(move || server.join())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn short_timeout_config() -> ClientConfig {
+    ClientConfig {
+        request_timeout: Duration::from_millis(200),
+        ..ClientConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_share_one_connection_and_get_their_own_replies() {
+    const WINDOW: usize = 4;
+    const TASKS: usize = 30;
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(WINDOW as u32));
+        let mut answered = 0;
+        let mut ids = std::collections::HashSet::new();
+        // bounded: each pass answers at least one request
+        while answered < TASKS {
+            let mut got = Vec::new();
+            for _ in 0..WINDOW.min(TASKS - answered) {
+                got.push(conn.read_request().unwrap());
+            }
+            // a full window, then nothing until a reply goes out
+            if got.len() == WINDOW {
+                assert!(
+                    !conn.has_more_bytes(),
+                    "client exceeded the in-flight window"
+                );
+            }
+            let mut out = Vec::new();
+            for (id, req) in got.iter().rev() {
+                assert!(ids.insert(*id), "request id {id} reused");
+                match req {
+                    Req::Get { key, .. } => {
+                        encode::get_ok(&mut out, *id, b"c", [key.as_slice()].into_iter())
+                    }
+                    Req::Put { value, .. } => encode::put_ok(&mut out, *id, value, 1),
+                    other => panic!("{other:?}"),
+                }
+            }
+            answered += got.len();
+            conn.send(&out);
+        }
+        conn.wait_for_close();
+    });
+    let client = AsyncClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("key-{t}").into_bytes();
+            if t % 2 == 0 {
+                let versions = client.get(&key).await.unwrap();
+                assert_eq!(versions.values, vec![key]);
+            } else {
+                let outcome = client.put(&key, &key, None).await.unwrap();
+                assert_eq!(outcome.context.as_bytes(), key.as_slice());
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    drop(client);
+    join(server).await;
+}
+
+#[tokio::test]
+async fn typed_api_against_a_key_value_node() {
+    let node = FakeNode::start(8);
+    let client = AsyncClient::connect(node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    client.ping().await.unwrap();
+    client.put(b"k", b"a", None).await.unwrap();
+    client.put_with(b"k", b"b", None, 2).await.unwrap();
+    let versions = client.get_with(b"k", 1).await.unwrap();
+    assert_eq!(versions.values.len(), 2);
+    let outcome = client
+        .put(b"k", b"ab", Some(&versions.context))
+        .await
+        .unwrap();
+    assert_eq!(outcome.siblings, 1);
+    let keys: Vec<Vec<u8>> = (0..50).map(|i| vec![b'x', i]).collect();
+    let items: Vec<(Vec<u8>, Vec<u8>)> = keys.iter().map(|k| (k.clone(), k.clone())).collect();
+    assert!(client.put_many(&items).await.iter().all(Result::is_ok));
+    let got = client.get_many(&keys).await;
+    for (key, versions) in keys.iter().zip(got) {
+        assert_eq!(versions.unwrap().values, vec![key.clone()]);
+    }
+    client.delete(b"k", None).await.unwrap();
+    client.delete_with(b"k", None, 1).await.unwrap();
+    assert!(client.get(b"k").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_timeout_fails_only_its_request() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let (_ignored, _) = conn.read_request().unwrap();
+        let (id, _) = conn.read_request().unwrap();
+        let mut out = Vec::new();
+        encode::pong(&mut out, id);
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let client = AsyncClient::connect(addr, short_timeout_config())
+        .await
+        .unwrap();
+    let err = client.get(b"never answered").await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    client.ping().await.unwrap();
+    assert!(!client.is_closed());
+    drop(client);
+    join(server).await;
+}
+
+#[tokio::test]
+async fn a_malformed_reply_closes_the_connection_and_fails_everyone() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let _ = conn.read_request().unwrap();
+        let (id, _) = conn.read_request().unwrap();
+        // PUT_OK whose body is one byte short
+        let mut out = Vec::new();
+        let start = begin_frame(&mut out, opcode::PUT_OK, id);
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.push(1);
+        end_frame(&mut out, start);
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let client = AsyncClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get(b"waits forever").await })
+    };
+    // whichever request the server reads second gets the malformed reply; the server
+    // waits for both, so the spawned get is sent while the put waits
+    let err = client.put(b"k", b"v", None).await.unwrap_err();
+    assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Closed(m) if m.contains("malformed")),
+        "{err:?}"
+    );
+    assert!(client.is_closed());
+    let err = client.ping().await.unwrap_err();
+    assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
+    drop(client);
+    join(server).await;
+}
+
+#[tokio::test]
+async fn error_replies_map_to_server_and_not_confirmed() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let mut out = Vec::new();
+        let (id, _) = conn.read_request().unwrap();
+        encode::error(&mut out, id, ErrorCode::ValueTooLarge, "too big");
+        conn.send(&out);
+        out.clear();
+        let (id, _) = conn.read_request().unwrap();
+        encode::error(&mut out, id, ErrorCode::NotConfirmed, "maybe");
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let client = AsyncClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    let err = client.put(b"k", b"v", None).await.unwrap_err();
+    assert_eq!(
+        err.server_code(),
+        Some(ServerCode::Known(ErrorCode::ValueTooLarge))
+    );
+    let err = client.delete(b"k", None).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::NotConfirmed { message } if message == "maybe"),
+        "{err:?}"
+    );
+    assert!(!client.is_closed());
+    drop(client);
+    join(server).await;
+}
+
+#[tokio::test]
+async fn hello_error_fails_the_connect() {
+    let (addr, server) = serve_one(|mut conn| {
+        let (id, _) = conn.read_request().unwrap();
+        let mut out = Vec::new();
+        encode::error(&mut out, id, ErrorCode::ShuttingDown, "draining");
+        conn.send(&out);
+    });
+    let err = AsyncClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.server_code(),
+        Some(ServerCode::Known(ErrorCode::ShuttingDown))
+    );
+    join(server).await;
+}
