@@ -4,7 +4,9 @@
 //! - `logdump DIR`, `logcheck DIR`: inspect partition log files (`log_cmd`).
 //! - `ring ...`: the ring planner for capacity planners (`ring_cmd`).
 //! - `server ...`: one node (`server_cmd`).
+//! - `ping`, `get`, `put`, `del`: a client for one node (`client_cmd`).
 
+mod client_cmd;
 mod log_cmd;
 mod ring_cmd;
 mod server_cmd;
@@ -15,6 +17,7 @@ const USAGE: &str = "usage: ringkv <command> [args]
 
 commands:
   server [options] start a node (see `ringkv server --help`)
+  ping | get KEY | put KEY VALUE | del KEY   talk to a node (--addr, --context, --json)
   logdump DIR     print every record of a partition folder (or one segment file)
   logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
   ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         "logcheck" => log_cmd::logcheck(rest),
         "ring" => ring_cmd::run(rest),
         "server" => server_cmd::run(rest),
+        "ping" | "get" | "put" | "del" => client_cmd::run(command, rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,118 @@
+//! `ringkv ping | get | put | del`: talk to a node with the blocking client.
+//!
+//! Contexts travel on the command line as hex (what `get` and `put` print).
+
+use anyhow::{bail, Context as _};
+use ringkv_net::client::{Client, ClientConfig, Context};
+use std::process::ExitCode;
+
+pub const USAGE: &str = "usage: ringkv ping [--addr HOST:PORT]
+       ringkv get KEY [--json] [--r R] [--addr HOST:PORT]
+       ringkv put KEY VALUE [--context CTX] [--w W] [--addr HOST:PORT]
+       ringkv del KEY [--context CTX] [--w W] [--addr HOST:PORT]
+(default address 127.0.0.1:7379; CTX is the hex context `get` prints)";
+
+struct Args {
+    positional: Vec<String>,
+    addr: String,
+    context: Option<Context>,
+    json: bool,
+    quorum: u8,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let mut out = Args {
+        positional: Vec::new(),
+        addr: "127.0.0.1:7379".into(),
+        context: None,
+        json: false,
+        quorum: 0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--addr" => out.addr = value()?.clone(),
+            "--context" => {
+                let hex = value()?;
+                out.context =
+                    Some(Context::from_hex(hex).map_err(|e| anyhow::anyhow!("--context: {e}"))?)
+            }
+            "--json" => out.json = true,
+            "--r" | "--w" => out.quorum = value()?.parse().context("quorum 0..=255")?,
+            "--help" | "-h" => bail!("{USAGE}"),
+            s if s.starts_with("--") => bail!("unknown option {s}\n\n{USAGE}"),
+            _ => out.positional.push(a.clone()),
+        }
+    }
+    Ok(out)
+}
+
+fn connect(addr: &str) -> anyhow::Result<Client> {
+    Client::connect(addr, ClientConfig::default()).with_context(|| format!("cannot reach {addr}"))
+}
+
+pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
+    let a = parse(args)?;
+    let mut client = connect(&a.addr)?;
+    match (command, a.positional.as_slice()) {
+        ("ping", []) => {
+            let t = std::time::Instant::now();
+            client.ping()?;
+            let hello = client.hello();
+            println!(
+                "PONG from node {} at {} ({} shards, {} partitions) in {:.0} us",
+                hello.node_id,
+                a.addr,
+                hello.shards,
+                hello.partitions,
+                t.elapsed().as_secs_f64() * 1e6
+            );
+        }
+        ("get", [key]) => {
+            let v = client.get_with(key.as_bytes(), a.quorum)?;
+            if a.json {
+                let values: Vec<String> = v
+                    .values
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "values": values, "context": v.context.to_hex() })
+                );
+            } else if v.values.is_empty() {
+                println!("(not found)");
+                println!("context: {}", v.context.to_hex());
+            } else {
+                for (i, value) in v.values.iter().enumerate() {
+                    if v.values.len() > 1 {
+                        print!("sibling {}: ", i + 1);
+                    }
+                    println!("{}", String::from_utf8_lossy(value));
+                }
+                println!("context: {}", v.context.to_hex());
+            }
+        }
+        ("put", [key, value]) => {
+            let out = client.put_with(
+                key.as_bytes(),
+                value.as_bytes(),
+                a.context.as_ref(),
+                a.quorum,
+            )?;
+            println!(
+                "OK ({} sibling{})",
+                out.siblings,
+                if out.siblings == 1 { "" } else { "s" }
+            );
+            println!("context: {}", out.context.to_hex());
+        }
+        ("del", [key]) => {
+            client.delete_with(key.as_bytes(), a.context.as_ref(), a.quorum)?;
+            println!("OK");
+        }
+        _ => bail!("{USAGE}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
