@@ -337,7 +337,13 @@ fn preload(o: &LoadOptions) -> anyhow::Result<()> {
         .map(|t| {
             let o = o.clone();
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut d = connect(&LoadOptions { shard_aware: false, ..o.clone() }, 0)?;
+                let mut d = connect(
+                    &LoadOptions {
+                        shard_aware: false,
+                        ..o.clone()
+                    },
+                    0,
+                )?;
                 let value = vec![b'v'; o.value_bytes];
                 let mut out = Vec::new();
                 let mut i = t;
