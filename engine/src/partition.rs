@@ -63,6 +63,9 @@ pub struct PartitionConfig {
     pub version_bytes_max: usize,
     /// Bytes of recently written or read records kept in memory (reads are O_DIRECT).
     pub cache_bytes_max: usize,
+    /// A coordinated write that would leave a key more siblings than this is refused
+    /// (replicated versions are always stored).
+    pub siblings_max: usize,
 }
 
 impl Default for PartitionConfig {
@@ -77,6 +80,7 @@ impl Default for PartitionConfig {
             value_bytes_max: 4 << 20,
             version_bytes_max: 4096,
             cache_bytes_max: 2 << 20,
+            siblings_max: 100,
         }
     }
 }
@@ -101,6 +105,8 @@ pub enum StoreError {
         offset: u64,
         error: String,
     },
+    #[error("the key has {siblings} siblings, the limit is {max}: get, resolve, and put with the context")]
+    TooManySiblings { siblings: usize, max: usize },
     #[error("the partition is closed")]
     Closed,
     #[error("the active segment is full while a roll-over runs; try again")]

@@ -106,6 +106,14 @@ impl<S: Storage> Partition<S> {
                     continue;
                 }
             };
+            let siblings_after = stored.len() - made.replaced.len() + 1;
+            let siblings_max = self.config().siblings_max;
+            if siblings_after > siblings_max {
+                return Err(StoreError::TooManySiblings {
+                    siblings: stored.len(),
+                    max: siblings_max,
+                });
+            }
             self.record_clock_truncation(made.truncated_entries);
             let replaces: Vec<u64> = made.replaced.iter().map(|&i| stored[i].seq).collect();
             let blob = made.version.encode_to_vec();

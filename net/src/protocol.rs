@@ -60,6 +60,9 @@ pub enum ErrorCode {
     NotConfirmed = 11,
     ShuttingDown = 12,
     Timeout = 13,
+    /// The key has as many siblings as the server allows: put with the context of a
+    /// get to resolve them.
+    TooManySiblings = 14,
 }
 
 impl ErrorCode {
@@ -79,6 +82,7 @@ impl ErrorCode {
             11 => NotConfirmed,
             12 => ShuttingDown,
             13 => Timeout,
+            14 => TooManySiblings,
             _ => return None,
         })
     }

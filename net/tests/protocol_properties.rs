@@ -71,7 +71,7 @@ enum Rep {
     Error(ErrorCode, String),
 }
 
-const ERROR_CODES: [ErrorCode; 13] = [
+const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::BadRequest,
     ErrorCode::UnknownOpcode,
     ErrorCode::UnsupportedVersion,
@@ -85,6 +85,7 @@ const ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::NotConfirmed,
     ErrorCode::ShuttingDown,
     ErrorCode::Timeout,
+    ErrorCode::TooManySiblings,
 ];
 
 fn arb_hello() -> impl Strategy<Value = HelloOk> {
@@ -340,7 +341,7 @@ fn unknown_opcodes_are_refused_with_their_own_code() {
         assert_eq!(err.code(), ErrorCode::UnknownOpcode, "opcode {op:#04x}");
     }
     assert!(ErrorCode::from_u16(0).is_none());
-    assert!(ErrorCode::from_u16(14).is_none());
+    assert!(ErrorCode::from_u16(15).is_none());
     for code in ERROR_CODES {
         assert_eq!(ErrorCode::from_u16(code as u16), Some(code));
     }

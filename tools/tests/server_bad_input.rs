@@ -180,3 +180,90 @@ fn ten_thousand_connections_at_once() {
     assert!(fresh.ping());
     assert!(server.stop().success());
 }
+
+/// Review finding: blind puts could grow a key's siblings without bound until a GET
+/// reply overflowed; the server now refuses past `siblings_max`, and a put with the
+/// context still resolves them.
+#[test]
+fn siblings_past_the_limit_are_refused_and_resolvable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ringkv.toml");
+    std::fs::write(&config, "siblings_max = 5\n").unwrap();
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut c = Raw::connect(server.addr);
+    for i in 0..5 {
+        c.put(b"hot", format!("v{i}").as_bytes(), b"");
+    }
+    let (_, f) = c.call(Request::Put {
+        w: 0,
+        key: b"hot",
+        context: b"",
+        value: b"one-too-many",
+    });
+    assert_eq!(error_code(&f), Some(ErrorCode::TooManySiblings as u16));
+    let (values, ctx) = c.get(b"hot");
+    assert_eq!(values.len(), 5);
+    c.put(b"hot", b"resolved", &ctx);
+    assert_eq!(c.get(b"hot").0, vec![b"resolved".to_vec()]);
+    assert!(server.stop().success());
+}
+
+/// Review finding: a client that pipelines requests with big replies and never reads
+/// them made the server buffer replies without bound. Now the reader pauses at the
+/// output budget and the connection is dropped after the slow-client timeout, while
+/// other clients are served.
+#[test]
+fn a_client_that_never_reads_its_replies_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ringkv.toml");
+    std::fs::write(&config, "slow_client_timeout_ms = 1000\n").unwrap();
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut good = Raw::connect(server.addr);
+    let big = vec![b'x'; 1 << 20];
+    good.put(b"big", &big, b"");
+    let mut hog = Raw::connect(server.addr);
+    hog.stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // 2,000 GETs of a 1 MiB value = 2 GiB of replies; never read any
+    for id in 0..2000u64 {
+        let mut out = Vec::new();
+        Request::Get { r: 0, key: b"big" }.encode(id, &mut out);
+        if std::io::Write::write_all(&mut hog.stream, &out).is_err() {
+            break;
+        }
+    }
+    // the server stays responsive for others meanwhile
+    for i in 0..20u32 {
+        good.put(format!("k{i}").as_bytes(), b"v", b"");
+    }
+    assert!(server.is_running());
+    // and eventually closes the hog (its writes fail or the socket reaches EOF)
+    std::thread::sleep(Duration::from_millis(2500));
+    hog.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut drained = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let closed = (0..20_000).any(|_| match hog.stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => {
+            drained += n;
+            false
+        }
+        Err(_) => true,
+    });
+    assert!(closed, "the hog's connection was closed");
+    assert!(
+        drained < 512 << 20,
+        "the server did not buffer the hog's replies: {drained} bytes"
+    );
+    assert!(good.ping());
+    assert!(server.stop().success());
+}

@@ -2,10 +2,12 @@
 //!
 //! The reader checks the buffer for whole frames before parsing anything, runs each
 //! request as its own task (pipelining: replies go out as they complete, matched by
-//! request id) and refuses work past the in-flight limit. Replies are encoded straight
-//! into one shared output buffer that a writer task flushes in batches. A broken
-//! stream (bad length) gets an error frame and the connection closes; a bad request in
-//! a well-framed stream gets an error frame and the connection goes on.
+//! request id) and refuses work past the in-flight limits (requests and bytes). Replies
+//! are encoded into one shared output buffer that a writer task flushes in batches;
+//! while that buffer is over its budget the reader stops reading, so a client that does
+//! not read its replies cannot make the server hold unbounded memory. A broken stream
+//! (bad length) gets an error frame and the connection closes; a bad request in a
+//! well-framed stream gets an error frame and the connection goes on.
 
 use super::shard::Shard;
 use crate::notify::Notify;
@@ -14,15 +16,29 @@ use glommio::net::TcpStream;
 use ringkv_net::protocol::{self, encode, ErrorCode, FrameError};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 struct Output {
     buf: RefCell<Vec<u8>>,
+    /// Bytes the writer has taken and is sending.
+    sending_bytes: Cell<usize>,
     ready: Notify,
+    /// The writer drained some output (the reader may read again).
+    drained: Notify,
     closed: Cell<bool>,
+    /// The writer failed: the reader must stop.
+    broken: Cell<bool>,
     in_flight: Cell<usize>,
+    in_flight_bytes: Cell<usize>,
     in_flight_done: Notify,
+}
+
+impl Output {
+    fn pending_bytes(&self) -> usize {
+        self.buf.borrow().len() + self.sending_bytes.get()
+    }
 }
 
 /// Answers a connection over the per-shard limit with an error frame, then closes it.
@@ -34,7 +50,7 @@ pub(crate) async fn refuse(mut stream: TcpStream) {
         ErrorCode::Unavailable,
         "too many connections on this shard",
     );
-    let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = stream.write_all(&out).await;
     let _ = stream.close().await;
 }
@@ -46,13 +62,20 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let output = Rc::new(Output {
         buf: RefCell::new(Vec::with_capacity(64 * 1024)),
+        sending_bytes: Cell::new(0),
         ready: Notify::default(),
+        drained: Notify::default(),
         closed: Cell::new(false),
+        broken: Cell::new(false),
         in_flight: Cell::new(0),
+        in_flight_bytes: Cell::new(0),
         in_flight_done: Notify::default(),
     });
+    // the output a client may leave unread before the reader pauses
+    let output_budget = 2 * config.frame_bytes_max;
     let writer_task = {
         let output = output.clone();
+        let deadline_per_batch = config.slow_client_timeout;
         glommio::spawn_local(async move {
             let mut sending = Vec::with_capacity(64 * 1024);
             loop {
@@ -64,9 +87,19 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     continue;
                 }
                 std::mem::swap(&mut *output.buf.borrow_mut(), &mut sending);
-                if writer.write_all(&sending).await.is_err() {
-                    // the client stopped reading (slow-client timeout) or went away
+                output.sending_bytes.set(sending.len());
+                // the whole batch must go out within the slow-client timeout, however
+                // slowly the client reads
+                let sent = glommio::timer::timeout(deadline_per_batch, async {
+                    writer.write_all(&sending).await.map_err(Into::into)
+                })
+                .await;
+                output.sending_bytes.set(0);
+                output.drained.notify_all();
+                if sent.is_err() {
+                    output.broken.set(true);
                     output.closed.set(true);
+                    output.drained.notify_all();
                     break;
                 }
                 sending.clear();
@@ -81,6 +114,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
 
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    // when the first byte of the frame now being received arrived
+    let mut frame_started: Option<Instant> = None;
     'read: loop {
         // take every whole frame already buffered
         let mut consumed = 0;
@@ -120,31 +155,67 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             }
         }
         buf.drain(..consumed);
-        if output.closed.get() {
+        frame_started = match (buf.is_empty(), consumed > 0) {
+            (true, _) => None,
+            (false, true) => Some(Instant::now()),
+            (false, false) => frame_started.or(Some(Instant::now())),
+        };
+        if output.broken.get() || shard.stopping.get() {
             break;
         }
-        // idle connections wait long; a frame started must finish soon
-        let wait = if buf.is_empty() {
-            config.idle_timeout
-        } else {
-            config.slow_client_timeout
+        // backpressure: wait (bounded) for the writer before reading more
+        if output.pending_bytes() > output_budget {
+            let waited = glommio::timer::timeout(config.slow_client_timeout, async {
+                while output.pending_bytes() > output_budget && !output.broken.get() {
+                    output.drained.wait().await;
+                }
+                Ok(())
+            })
+            .await;
+            if waited.is_err() || output.broken.get() {
+                break;
+            }
+            continue;
+        }
+        // idle connections wait long; a frame started must finish within the
+        // slow-client timeout counted from its first byte
+        let wait = match frame_started {
+            None => config.idle_timeout,
+            Some(t) => match config.slow_client_timeout.checked_sub(t.elapsed()) {
+                Some(left) => left,
+                None => break,
+            },
         };
-        let read = glommio::timer::timeout(wait, async {
-            reader.read(&mut chunk).await.map_err(Into::into)
-        })
+        let read = futures_lite::future::or(
+            async {
+                Some(
+                    glommio::timer::timeout(wait, async {
+                        reader.read(&mut chunk).await.map_err(Into::into)
+                    })
+                    .await,
+                )
+            },
+            async {
+                // shutdown or a failed writer end the read at once
+                futures_lite::future::or(shard.stop.wait(), async {
+                    while !output.broken.get() {
+                        output.drained.wait().await;
+                    }
+                })
+                .await;
+                None
+            },
+        )
         .await;
         match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if shard.stopping.get() && output.in_flight.get() == 0 && buf.is_empty() {
-            break;
+            None | Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
     // let requests already running answer, then the writer drains and closes
-    let deadline = std::time::Instant::now() + shard.config.drain_timeout;
-    while output.in_flight.get() > 0 && std::time::Instant::now() < deadline {
-        let _ = glommio::timer::timeout(std::time::Duration::from_millis(100), async {
+    let deadline = Instant::now() + shard.config.drain_timeout;
+    while output.in_flight.get() > 0 && Instant::now() < deadline {
+        let _ = glommio::timer::timeout(Duration::from_millis(100), async {
             output.in_flight_done.wait().await;
             Ok(())
         })
@@ -157,32 +228,37 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
 
 fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     let request_id = protocol::header(frame).request_id;
-    if shard.stopping.get() {
-        encode::error(
-            &mut output.buf.borrow_mut(),
-            request_id,
-            ErrorCode::ShuttingDown,
-            "the node is shutting down",
-        );
+    let refuse = |code: ErrorCode, message: &str| {
+        encode::error(&mut output.buf.borrow_mut(), request_id, code, message);
         output.ready.notify_all();
-        return;
+    };
+    if shard.stopping.get() {
+        return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
     }
     if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
-        encode::error(
-            &mut output.buf.borrow_mut(),
-            request_id,
+        return refuse(
             ErrorCode::TooManyInFlight,
             "too many requests in flight on this connection",
         );
-        output.ready.notify_all();
-        return;
+    }
+    if output.in_flight_bytes.get() + frame.len() > 4 * shard.config.frame_bytes_max {
+        return refuse(
+            ErrorCode::TooManyInFlight,
+            "too many request bytes in flight on this connection",
+        );
     }
     output.in_flight.set(output.in_flight.get() + 1);
+    output
+        .in_flight_bytes
+        .set(output.in_flight_bytes.get() + frame.len());
     let frame = frame.to_vec();
     let (shard, output) = (shard.clone(), output.clone());
     glommio::spawn_local(async move {
         shard.execute(&frame, &output.buf).await;
         output.in_flight.set(output.in_flight.get() - 1);
+        output
+            .in_flight_bytes
+            .set(output.in_flight_bytes.get() - frame.len());
         output.ready.notify_all();
         output.in_flight_done.notify_all();
     })

@@ -47,7 +47,8 @@ pub struct ServerConfig {
     pub slow_client_timeout: Duration,
     /// Clock entries kept per version before truncation.
     pub clock_entries_max: usize,
-    /// Siblings per key above which a warning is logged and writes are refused.
+    /// A coordinated put or delete that would leave a key more siblings than this is
+    /// refused with `TooManySiblings`.
     pub siblings_max: usize,
     /// Compaction runs when this fraction of sealed bytes is dead.
     pub compaction_dead_ratio: f64,
@@ -222,24 +223,26 @@ pub fn run(
     }
     drop(ready_tx);
     let mut failure = None;
+    // recovery of big partitions takes time, but a shard that never reports (stuck
+    // joining the mesh because another failed to start) must not hang the node
+    let ready_deadline = std::time::Instant::now() + Duration::from_secs(600);
     for _ in 0..config.shards {
-        match ready_rx.recv() {
+        let left = ready_deadline.saturating_duration_since(std::time::Instant::now());
+        match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 failure = Some(e);
                 break;
             }
             Err(_) => {
-                failure = Some("a shard stopped before it was ready".into());
+                failure = Some("a shard stopped or hung before it was ready".into());
                 break;
             }
         }
     }
     if let Some(e) = failure {
+        // shards stuck in start-up cannot be joined; the caller exits the process
         shutdown.trigger();
-        for h in handles {
-            let _ = h.join();
-        }
         return Err(e);
     }
     ready(listen);

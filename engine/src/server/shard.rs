@@ -118,6 +118,7 @@ async fn start(
             key_bytes_max: config.key_bytes_max,
             value_bytes_max: config.value_bytes_max,
             cache_bytes_max: config.cache_bytes_max / config.partitions as usize,
+            siblings_max: config.siblings_max,
             ..PartitionConfig::default()
         };
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
@@ -248,21 +249,25 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
     while !shard.stopping.get() {
         shard.stop.wait().await;
     }
-    // listeners stop; requests already running finish (bounded wait)
+    // listeners stop; connections stop reading, let their requests answer and close;
+    // requests already running finish (all bounded by the drain timeout)
     let deadline = std::time::Instant::now() + shard.config.drain_timeout;
-    while shard.in_flight.get() > 0 && std::time::Instant::now() < deadline {
-        let _ = glommio::timer::timeout(Duration::from_millis(100), async {
+    while (shard.in_flight.get() > 0 || shard.connections.get() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        let _ = glommio::timer::timeout(Duration::from_millis(20), async {
             shard.in_flight_done.wait().await;
             Ok(())
         })
         .await;
     }
+    // background work stops before the partitions close
+    drop(tasks);
     for (p, partition) in &shard.partitions {
         if let Err(e) = partition.close().await {
             tracing::error!(partition = p, error = %e, "close failed");
         }
     }
-    drop(tasks);
     ShardExit {
         shard: shard.id,
         stats: shard.stats.borrow().clone(),
@@ -280,7 +285,17 @@ impl Shard {
             ShardMsg::Request { from, token, frame } => {
                 glommio::spawn_local(async move {
                     let mut out = Vec::new();
-                    self.execute_local(&frame, &mut out).await;
+                    if self.stopping.get() {
+                        let request_id = protocol::header(&frame).request_id;
+                        encode::error(
+                            &mut out,
+                            request_id,
+                            ErrorCode::ShuttingDown,
+                            "the owning shard is shutting down",
+                        );
+                    } else {
+                        self.execute_local(&frame, &mut out).await;
+                    }
                     if let Some(senders) = &self.senders {
                         let _ = senders
                             .send_to(from, ShardMsg::Reply { token, frame: out })
@@ -320,57 +335,58 @@ impl Shard {
     }
 
     async fn forward(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
+        self.in_flight.set(self.in_flight.get() + 1);
+        let reply = self.forward_inner(owner, frame).await;
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.in_flight_done.notify_all();
+        reply
+    }
+
+    async fn forward_inner(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
         let request_id = protocol::header(frame).request_id;
         let token = self.next_token.get();
         self.next_token.set(token + 1);
         let slot = Rc::new(Slot::default());
         self.pending.borrow_mut().insert(token, slot.clone());
-        let sent = match &self.senders {
-            Some(senders) => senders
-                .send_to(
-                    owner,
-                    ShardMsg::Request {
-                        from: self.id,
-                        token,
-                        frame: frame.to_vec(),
-                    },
-                )
-                .await
-                .is_ok(),
-            None => false,
-        };
-        let mut out = Vec::new();
-        if !sent {
-            self.pending.borrow_mut().remove(&token);
-            encode::error(
-                &mut out,
-                request_id,
-                ErrorCode::Unavailable,
-                "owning shard is gone",
-            );
-            return out;
-        }
-        let waited = glommio::timer::timeout(self.config.slow_client_timeout, async {
+        // sending and waiting share one deadline: a stalled peer cannot hold the
+        // request (and its connection) forever
+        let answered = glommio::timer::timeout(self.config.slow_client_timeout, async {
+            let Some(senders) = &self.senders else {
+                return Ok(false);
+            };
+            let message = ShardMsg::Request {
+                from: self.id,
+                token,
+                frame: frame.to_vec(),
+            };
+            if senders.send_to(owner, message).await.is_err() {
+                return Ok(false);
+            }
             while slot.reply.borrow().is_none() {
                 slot.arrived.wait().await;
             }
-            Ok(())
+            Ok(true)
         })
         .await;
         self.pending.borrow_mut().remove(&token);
         let reply = slot.reply.borrow_mut().take();
-        match (waited, reply) {
-            (Ok(()), Some(reply)) => reply,
-            _ => {
-                encode::error(
-                    &mut out,
-                    request_id,
-                    ErrorCode::Timeout,
-                    "owning shard did not answer in time",
-                );
-                out
-            }
+        let mut out = Vec::new();
+        match (answered, reply) {
+            (Ok(true), Some(reply)) => return reply,
+            (Ok(false), _) => encode::error(
+                &mut out,
+                request_id,
+                ErrorCode::Unavailable,
+                "owning shard is gone",
+            ),
+            _ => encode::error(
+                &mut out,
+                request_id,
+                ErrorCode::Timeout,
+                "owning shard did not answer in time",
+            ),
         }
+        out
     }
 
     /// Executes a request whose partition is on this shard (or that has no key).
@@ -446,6 +462,21 @@ impl Shard {
                 partition.record_clock_truncation(encoded.truncated_entries);
                 let values: Vec<&[u8]> =
                     siblings.iter().filter_map(|s| s.value.as_deref()).collect();
+                let reply_bytes: usize = protocol::HEADER_BYTES
+                    + 4
+                    + encoded.bytes.len()
+                    + values.iter().map(|v| 4 + v.len()).sum::<usize>();
+                if reply_bytes > self.config.frame_bytes_max || values.len() > u16::MAX as usize {
+                    return Err((
+                        ErrorCode::FrameTooLarge,
+                        format!(
+                            "{} siblings take {reply_bytes} bytes, over the {}-byte frame limit; \
+                             resolve them with a put that carries the context",
+                            values.len(),
+                            self.config.frame_bytes_max
+                        ),
+                    ));
+                }
                 encode::get_ok(out, request_id, &encoded.bytes, values.into_iter());
             }
             Request::Put {
@@ -477,7 +508,7 @@ impl Shard {
                     )
                     .await
                     .map_err(store_error)?;
-                if outcome.siblings > self.config.siblings_max {
+                if outcome.siblings * 2 > self.config.siblings_max {
                     tracing::warn!(siblings = outcome.siblings, key = %String::from_utf8_lossy(key), "key has many siblings: clients should put with the context they read");
                 }
                 let encoded = Context::encode(&outcome.context);
@@ -527,6 +558,7 @@ fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
 fn store_error(e: StoreError) -> (ErrorCode, String) {
     let code = match &e {
         StoreError::KeyTooLong { .. } => ErrorCode::KeyTooLong,
+        StoreError::TooManySiblings { .. } => ErrorCode::TooManySiblings,
         StoreError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
         StoreError::EmptyKey | StoreError::EmptyBatch | StoreError::VersionTooLarge { .. } => {
             ErrorCode::BadRequest

@@ -26,6 +26,9 @@ fn to_io(err: glommio::GlommioError<()>) -> io::Error {
 pub struct DmaStorage {
     path: PathBuf,
     dir: Directory,
+    /// Held open for `syncfs`: no descriptor to find at sync time, and write errors
+    /// recorded since the open are reported.
+    sync_handle: std::fs::File,
 }
 
 impl DmaStorage {
@@ -43,7 +46,12 @@ impl DmaStorage {
         }
         probe_device_once(&path).await?;
         let dir = Directory::open(&path).await.map_err(to_io)?;
-        Ok(Self { path, dir })
+        let sync_handle = std::fs::File::open(&path)?;
+        Ok(Self {
+            path,
+            dir,
+            sync_handle,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -159,7 +167,7 @@ impl Storage for DmaStorage {
         // syncfs has no io_uring form; it runs on glommio's blocking thread pool so
         // the shard keeps serving while the device flushes
         use std::os::fd::AsRawFd;
-        let dir = std::fs::File::open(&self.path)?;
+        let dir = self.sync_handle.try_clone()?;
         glommio::executor()
             .spawn_blocking(move || {
                 // SAFETY: syncfs on a descriptor we own for the duration of the call.
