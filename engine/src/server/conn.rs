@@ -35,9 +35,21 @@ struct Output {
     in_flight_done: Notify,
 }
 
+/// Output bytes each running request is assumed to add when deciding whether more
+/// requests may start (replies are usually far smaller; a bigger one only delays the
+/// next dispatch).
+const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
+
 impl Output {
     fn pending_bytes(&self) -> usize {
         self.buf.borrow().len() + self.sending_bytes.get()
+    }
+
+    /// Whether another request may start: output not over budget counting what running
+    /// requests will add, and fewer than the in-flight limit running.
+    fn can_dispatch(&self, budget: usize, in_flight_max: usize) -> bool {
+        self.in_flight.get() < in_flight_max
+            && self.pending_bytes() + self.in_flight.get() * REPLY_BYTES_ESTIMATE <= budget
     }
 }
 
@@ -120,6 +132,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         // take every whole frame already buffered
         let mut consumed = 0;
         loop {
+            if !output.can_dispatch(output_budget, config.in_flight_per_connection_max) {
+                // backpressure: the rest waits in `buf` until replies drain
+                break;
+            }
             match protocol::check_frame(&buf[consumed..], config.frame_bytes_max) {
                 Ok(None) => break,
                 Ok(Some(len)) => {
@@ -155,7 +171,11 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             }
         }
         buf.drain(..consumed);
-        frame_started = match (buf.is_empty(), consumed > 0) {
+        let whole_frame_waiting = matches!(
+            protocol::check_frame(&buf, config.frame_bytes_max),
+            Ok(Some(_))
+        );
+        frame_started = match (buf.is_empty() || whole_frame_waiting, consumed > 0) {
             (true, _) => None,
             (false, true) => Some(Instant::now()),
             (false, false) => frame_started.or(Some(Instant::now())),
@@ -163,11 +183,15 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         if output.broken.get() || shard.stopping.get() {
             break;
         }
-        // backpressure: wait (bounded) for the writer before reading more
-        if output.pending_bytes() > output_budget {
+        // backpressure: wait (bounded) for replies to drain or requests to finish
+        // before taking or reading more
+        if !output.can_dispatch(output_budget, config.in_flight_per_connection_max) {
             let waited = glommio::timer::timeout(config.slow_client_timeout, async {
-                while output.pending_bytes() > output_budget && !output.broken.get() {
-                    output.drained.wait().await;
+                while !output.can_dispatch(output_budget, config.in_flight_per_connection_max)
+                    && !output.broken.get()
+                {
+                    futures_lite::future::or(output.drained.wait(), output.in_flight_done.wait())
+                        .await;
                 }
                 Ok(())
             })
@@ -234,12 +258,6 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     };
     if shard.stopping.get() {
         return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
-    }
-    if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
-        return refuse(
-            ErrorCode::TooManyInFlight,
-            "too many requests in flight on this connection",
-        );
     }
     if output.in_flight_bytes.get() + frame.len() > 4 * shard.config.frame_bytes_max {
         return refuse(

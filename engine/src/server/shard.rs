@@ -284,19 +284,20 @@ impl Shard {
         match msg {
             ShardMsg::Request { from, token, frame } => {
                 glommio::spawn_local(async move {
-                    let mut out = Vec::new();
+                    let out = RefCell::new(Vec::new());
                     if self.stopping.get() {
                         let request_id = protocol::header(&frame).request_id;
                         encode::error(
-                            &mut out,
+                            &mut out.borrow_mut(),
                             request_id,
                             ErrorCode::ShuttingDown,
                             "the owning shard is shutting down",
                         );
                     } else {
-                        self.execute_local(&frame, &mut out).await;
+                        self.execute_local(&frame, &out).await;
                     }
                     if let Some(senders) = &self.senders {
+                        let out = out.into_inner();
                         let _ = senders
                             .send_to(from, ShardMsg::Reply { token, frame: out })
                             .await;
@@ -326,11 +327,8 @@ impl Shard {
                 let reply = self.forward(owner, frame).await;
                 out.borrow_mut().extend_from_slice(&reply);
             }
-            _ => {
-                let mut local = Vec::new();
-                self.execute_local(frame, &mut local).await;
-                out.borrow_mut().extend_from_slice(&local);
-            }
+            // the reply is encoded straight into the connection's output buffer
+            _ => self.execute_local(frame, out).await,
         }
     }
 
@@ -390,13 +388,13 @@ impl Shard {
     }
 
     /// Executes a request whose partition is on this shard (or that has no key).
-    async fn execute_local(&self, frame: &[u8], out: &mut Vec<u8>) {
+    async fn execute_local(&self, frame: &[u8], out: &RefCell<Vec<u8>>) {
         self.in_flight.set(self.in_flight.get() + 1);
         let request_id = protocol::header(frame).request_id;
         let result = self.run_request(frame, request_id, out).await;
         if let Err((code, message)) = result {
             self.stats.borrow_mut().errors += 1;
-            encode::error(out, request_id, code, &message);
+            encode::error(&mut out.borrow_mut(), request_id, code, &message);
         }
         self.in_flight.set(self.in_flight.get() - 1);
         self.in_flight_done.notify_all();
@@ -406,7 +404,7 @@ impl Shard {
         &self,
         frame: &[u8],
         request_id: u64,
-        out: &mut Vec<u8>,
+        out: &RefCell<Vec<u8>>,
     ) -> Result<(), (ErrorCode, String)> {
         let (_, request) = Request::parse(frame).map_err(|e| (e.code(), e.to_string()))?;
         if let Some(key) = request.key() {
@@ -439,7 +437,7 @@ impl Shard {
                     ));
                 }
                 encode::hello_ok(
-                    out,
+                    &mut out.borrow_mut(),
                     request_id,
                     &HelloOk {
                         version: protocol::PROTOCOL_VERSION,
@@ -453,7 +451,7 @@ impl Shard {
                     },
                 );
             }
-            Request::Ping => encode::pong(out, request_id),
+            Request::Ping => encode::pong(&mut out.borrow_mut(), request_id),
             Request::Get { key, .. } => {
                 let partition = self.partition_for(key)?;
                 let (siblings, context) =
@@ -477,7 +475,12 @@ impl Shard {
                         ),
                     ));
                 }
-                encode::get_ok(out, request_id, &encoded.bytes, values.into_iter());
+                encode::get_ok(
+                    &mut out.borrow_mut(),
+                    request_id,
+                    &encoded.bytes,
+                    values.into_iter(),
+                );
             }
             Request::Put {
                 key,
@@ -513,7 +516,7 @@ impl Shard {
                 }
                 let encoded = Context::encode(&outcome.context);
                 encode::put_ok(
-                    out,
+                    &mut out.borrow_mut(),
                     request_id,
                     &encoded.bytes,
                     outcome.siblings.min(u16::MAX as usize) as u16,
@@ -533,7 +536,7 @@ impl Shard {
                     )
                     .await
                     .map_err(store_error)?;
-                encode::delete_ok(out, request_id);
+                encode::delete_ok(&mut out.borrow_mut(), request_id);
             }
         }
         Ok(())
