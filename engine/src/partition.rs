@@ -205,6 +205,8 @@ struct Segment<F> {
     sealed: Cell<bool>,
     durable_len: Cell<u64>,
     dead_bytes: Cell<u64>,
+    /// Its hint file exists (or it cannot have one).
+    hinted: Cell<bool>,
     /// A flush, sync or truncate of this file is running.
     io_busy: Cell<bool>,
     io_done: Notify,
@@ -278,6 +280,9 @@ pub struct Partition<S: Storage> {
     /// An `EPOCH` write is running (they take turns).
     epoch_busy: Cell<bool>,
     sync_group: RefCell<Option<Rc<crate::sync_group::SyncGroup>>>,
+    /// `write_pending_hints` is running (they take turns).
+    hints_busy: Cell<bool>,
+    hints_done: Notify,
     cache: RefCell<crate::cache::RecordCache>,
     epoch_done: Notify,
 }
@@ -455,6 +460,7 @@ impl<S: Storage> Partition<S> {
                 sealed: Cell::new(sealed),
                 durable_len: Cell::new(seg_len),
                 dead_bytes: Cell::new(0),
+                hinted: Cell::new(sealed),
                 io_busy: Cell::new(false),
                 io_done: Notify::default(),
             };
@@ -503,6 +509,8 @@ impl<S: Storage> Partition<S> {
             epoch_busy: Cell::new(false),
             epoch_done: Notify::default(),
             sync_group: RefCell::new(None),
+            hints_busy: Cell::new(false),
+            hints_done: Notify::default(),
             cache: RefCell::new(crate::cache::RecordCache::new(cache_bytes_max)),
         };
         match reopen_active {
@@ -528,6 +536,7 @@ impl<S: Storage> Partition<S> {
             sealed: Cell::new(false),
             durable_len: Cell::new(len),
             dead_bytes: Cell::new(0),
+            hinted: Cell::new(false),
             io_busy: Cell::new(false),
             io_done: Notify::default(),
         };
@@ -904,20 +913,57 @@ impl<S: Storage> Partition<S> {
         segment.io_busy.set(false);
         segment.io_done.notify_all();
         truncated.map_err(|e| self.fail(e))?;
-        let bytes = read_all(&segment.file, &self.storage)
-            .await
-            .map_err(|e| self.fail_with(e))?;
-        let scan = segment::scan(&bytes, segment.id);
-        if scan.header_error.is_none() && scan.corrupt.is_empty() && scan.torn_tail.is_none() {
-            write_hint(&self.storage, segment.id, end, &scan.records)
-                .await
-                .map_err(|e| match e {
-                    StoreError::Io(io) => self.fail(io),
-                    other => other,
-                })?;
-        }
+        // the hint (a read and scan of the whole segment) is left to background work
+        // (`write_pending_hints`), off the writer's path; until it exists, opening the
+        // partition scans this segment instead
         segment.sealed.set(true);
         Ok(())
+    }
+
+    /// Writes the hint file of every sealed segment that has none yet. The runtime
+    /// calls this from its low-priority queue; `close` calls it too. Returns how many
+    /// hints were written.
+    pub async fn write_pending_hints(&self) -> Result<usize, StoreError> {
+        // one writer at a time: hint files are written through a shared temp name
+        while self.hints_busy.get() {
+            self.hints_done.wait().await;
+        }
+        self.hints_busy.set(true);
+        let result = self.write_pending_hints_inner().await;
+        self.hints_busy.set(false);
+        self.hints_done.notify_all();
+        result
+    }
+
+    async fn write_pending_hints_inner(&self) -> Result<usize, StoreError> {
+        let pending: Vec<Rc<Segment<S::File>>> = {
+            let state = self.state.borrow();
+            state
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| s.sealed.get() && !s.hinted.get())
+                .cloned()
+                .collect()
+        };
+        let mut written = 0;
+        let still_there = |id: u64| self.state.borrow().order.contains_key(&id);
+        for segment in pending {
+            if !still_there(segment.id) {
+                continue; // compacted away meanwhile
+            }
+            let bytes = read_all(&segment.file, &self.storage).await?;
+            let scan = segment::scan(&bytes, segment.id);
+            let clean =
+                scan.header_error.is_none() && scan.corrupt.is_empty() && scan.torn_tail.is_none();
+            if clean && still_there(segment.id) {
+                write_hint(&self.storage, segment.id, bytes.len() as u64, &scan.records).await?;
+                written += 1;
+            }
+            // a damaged segment keeps being scanned (and reported) on open
+            segment.hinted.set(true);
+        }
+        Ok(written)
     }
 
     /// Every live version of `key` (siblings and tombstones), each read from its log
@@ -1232,6 +1278,7 @@ impl<S: Storage> Partition<S> {
                     sealed: Cell::new(true),
                     durable_len: Cell::new(len),
                     dead_bytes: Cell::new(0),
+                    hinted: Cell::new(true),
                     io_busy: Cell::new(false),
                     io_done: Notify::default(),
                 }));
@@ -1300,6 +1347,7 @@ impl<S: Storage> Partition<S> {
     /// Afterwards the partition refuses writes; reads still work.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.sync().await?;
+        self.write_pending_hints().await?;
         self.state.borrow_mut().closed = true;
         self.persist_epoch(None, true).await?;
         Ok(())

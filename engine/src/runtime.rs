@@ -106,8 +106,8 @@ pub fn background_queue() -> TaskQueueHandle {
     )
 }
 
-/// Compacts `partition` in the low-priority `queue` whenever at least `min_dead_ratio`
-/// of its sealed bytes are dead, checking every `check_every`; stops when the
+/// Writes pending hint files of newly sealed segments and compacts `partition` in the
+/// low-priority `queue` whenever at least `min_dead_ratio` of its sealed bytes are dead, checking every `check_every`; stops when the
 /// partition is closed or failed, or after `rounds_max` checks.
 pub fn spawn_compactor<S: Storage + 'static>(
     partition: Rc<Partition<S>>,
@@ -124,6 +124,7 @@ pub fn spawn_compactor<S: Storage + 'static>(
                 if partition.failure().is_some() || partition.is_closed() {
                     break;
                 }
+                partition.write_pending_hints().await?;
                 if partition.compaction_due(min_dead_ratio) {
                     partition.compact(now_ms()).await?;
                     compactions += 1;
