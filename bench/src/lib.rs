@@ -1,14 +1,35 @@
 //! ringkv-bench: measurement tools for ringkv.
 //!
-//! - `ringkv-bench storage ...` (this crate's binary): the storage engine's throughput
-//!   and latency on real files, and the keydir's memory per key.
-//! - `ringkv-bench load ...` ([`load`]): one closed-loop load generator for ringkv,
-//!   Redis and memcached.
-//! - `benches/engine.rs`: criterion micro-benchmarks of the hot functions.
+//! **What this crate is.** The load generator that measures ringkv and its peers with
+//! the same code (YCSB-style workloads, closed and open loop, drivers written against
+//! each wire protocol), the io_uring echo server that is the round-trip reference, the
+//! storage engine bench, and criterion micro-benchmarks. **What it is not.** A test of
+//! correctness: nothing here asserts a time; figures are printed.
 //!
-//! Figures are printed with HdrHistogram percentiles; nothing here asserts a time.
+//! Modules:
+//! - [`workload`]: core workloads A, B, C, D, F and put-only; uniform, zipfian and
+//!   latest key distributions.
+//! - [`driver`]: ringkv (protocol v1, R/W, shard-aware), Redis (RESP), memcached
+//!   (text) and echo connections.
+//! - [`runner`]: the load phase, and the run phase in closed or open loop
+//!   (coordinated omission corrected), with a progress bar.
+//! - [`report`]: summary table, `.hgrm` export, JSON, SVG percentile plots.
+//! - [`echo`]: the io_uring echo server (`ringkv-echo`).
+//! - [`servers`]: start Redis, memcached, echo and ringkv on free local ports.
+//! - [`app`]: what `ringkv-bench run` and `ringkv-bench compare` do.
+//! - [`load`]: the earlier single-operation load generator (`ringkv-bench load`).
+//!
+//! The binary (`src/main.rs`) also has `ringkv-bench storage`; `benches/` has the
+//! criterion benches.
 
+pub mod app;
+pub mod driver;
+pub mod echo;
 pub mod load;
+pub mod report;
+pub mod runner;
+pub mod servers;
+pub mod workload;
 
 use hdrhistogram::Histogram;
 

@@ -1,4 +1,4 @@
-//! `ringkv-bench load`: one closed-loop load generator for ringkv and its peers, so
+//! `ringkv-bench load`: the first, single-operation closed-loop load generator for ringkv and its peers, so
 //! every system is measured by the same code with the same connections, pipeline
 //! depth, value size and key space.
 //!
@@ -47,60 +47,15 @@ pub struct LoadOptions {
     pub shard_aware: bool,
 }
 
-pub const USAGE: &str = "usage: ringkv-bench load --target ringkv|redis|memcached --addr HOST:PORT
-        --op get|put [--connections 50] [--pipeline 1] [--seconds 10] [--value-bytes 100]
-        [--keys 100000] [--no-preload] [--shard-aware]";
-
-pub fn parse(args: &[String]) -> anyhow::Result<LoadOptions> {
-    let mut o = LoadOptions {
-        target: Target::Ringkv,
-        addr: "127.0.0.1:7379".into(),
-        op: Op::Get,
-        connections: 50,
-        pipeline: 1,
-        seconds: 10.0,
-        value_bytes: 100,
-        keys: 100_000,
-        preload: true,
-        shard_aware: false,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--target" => {
-                o.target = match value()?.as_str() {
-                    "ringkv" => Target::Ringkv,
-                    "redis" => Target::Redis,
-                    "memcached" => Target::Memcached,
-                    other => bail!("unknown target {other}"),
-                }
-            }
-            "--addr" => o.addr = value()?.clone(),
-            "--op" => {
-                o.op = match value()?.as_str() {
-                    "get" => Op::Get,
-                    "put" | "set" => Op::Put,
-                    other => bail!("unknown op {other}"),
-                }
-            }
-            "--connections" => o.connections = value()?.parse()?,
-            "--pipeline" => o.pipeline = value()?.parse()?,
-            "--seconds" => o.seconds = value()?.parse()?,
-            "--value-bytes" => o.value_bytes = value()?.parse()?,
-            "--keys" => o.keys = value()?.parse()?,
-            "--no-preload" => o.preload = false,
-            "--shard-aware" => o.shard_aware = true,
-            other => bail!("unknown flag {other}\n{USAGE}"),
-        }
-    }
+/// Checks the options make sense.
+pub fn validate(o: &LoadOptions) -> anyhow::Result<()> {
     if !(1..=10_000).contains(&o.connections) || !(1..=1024).contains(&o.pipeline) {
         bail!("--connections 1..=10000, --pipeline 1..=1024");
     }
     if !(o.seconds > 0.0 && o.seconds <= 600.0) || o.keys == 0 {
         bail!("--seconds in (0, 600], --keys > 0");
     }
-    Ok(o)
+    Ok(())
 }
 
 /// One connection speaking one system's protocol.
@@ -440,8 +395,8 @@ pub fn run(o: &LoadOptions) -> anyhow::Result<(u64, f64, Histogram<u64>)> {
     Ok((total, start.elapsed().as_secs_f64(), hist))
 }
 
-pub fn main(args: &[String]) -> anyhow::Result<()> {
-    let o = parse(args)?;
+pub fn main(o: LoadOptions) -> anyhow::Result<()> {
+    validate(&o)?;
     let (ops, seconds, hist) = run(&o)?;
     let name = format!(
         "{:?}{} {:?} c={} p={}",

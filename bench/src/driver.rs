@@ -1,0 +1,448 @@
+//! Drivers: one connection speaking one system's wire protocol, written for speed
+//! (one buffered reader, requests appended to one buffer per pipeline batch).
+//!
+//! - ringkv: protocol v1 frames (`ringkv_net::protocol`), R/W per request, and
+//!   shard-aware routing (a connection to one shard's port, sent only that shard's keys).
+//! - Redis: RESP2 `GET`/`SET`.
+//! - memcached: text protocol `get`/`set`.
+//! - echo: length-prefixed frames the echo server sends back unchanged: the round trip
+//!   with no work on the server side.
+
+use anyhow::{bail, Context as _};
+use ringkv_net::protocol::{self, Reply, Request};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    Ringkv,
+    Redis,
+    Memcached,
+    Echo,
+}
+
+impl DriverKind {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "ringkv" => DriverKind::Ringkv,
+            "redis" => DriverKind::Redis,
+            "memcached" => DriverKind::Memcached,
+            "echo" => DriverKind::Echo,
+            other => bail!("unknown driver {other} (ringkv, redis, memcached, echo)"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Ringkv => "ringkv",
+            DriverKind::Redis => "redis",
+            DriverKind::Memcached => "memcached",
+            DriverKind::Echo => "echo",
+        }
+    }
+}
+
+/// How to reach the target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub driver: DriverKind,
+    pub addr: String,
+    /// ringkv: replies to wait for on a get (0: the cluster default).
+    pub r: u8,
+    /// ringkv: acknowledgements to wait for on a put (0: the cluster default).
+    pub w: u8,
+    /// ringkv: route each connection to one shard's port with that shard's keys.
+    pub shard_aware: bool,
+    pub timeout: Duration,
+}
+
+/// What a reply said, when the stream is still in sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A read that found the key; `context` is ringkv's (empty for others).
+    Found {
+        context: Vec<u8>,
+    },
+    NotFound,
+    /// The server answered with an error (counted, the connection carries on).
+    Error(String),
+}
+
+/// One connection. A broken stream or an unparseable reply is an `Err`.
+pub trait Connection: Send {
+    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>);
+    fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>);
+    /// Reads the reply to the oldest outstanding request.
+    fn read_reply(&mut self, is_get: bool) -> anyhow::Result<Outcome>;
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Whether this connection should be sent `key` (shard-aware routing).
+    fn accepts(&self, _key: &[u8]) -> bool {
+        true
+    }
+}
+
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("bad address {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))
+}
+
+fn open(addr: &str, timeout: Duration) -> anyhow::Result<BufReader<TcpStream>> {
+    let sa = resolve(addr)?;
+    let stream = TcpStream::connect_timeout(&sa, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(BufReader::with_capacity(256 * 1024, stream))
+}
+
+/// Opens connection number `index` of a run.
+pub fn connect(target: &Target, index: usize) -> anyhow::Result<Box<dyn Connection>> {
+    let what = target.driver.name();
+    let fail = |e: anyhow::Error| e.context(format!("{what} at {} unreachable", target.addr));
+    Ok(match target.driver {
+        DriverKind::Ringkv => {
+            let mut addr = target.addr.clone();
+            let mut shard = None;
+            if target.shard_aware {
+                let layout = ringkv_layout(&target.addr, target.timeout).map_err(fail)?;
+                if layout.shard_port_base == 0 {
+                    bail!(
+                        "--shard-aware needs a node started with shard ports (--shard-port-base)"
+                    );
+                }
+                let s = index % layout.shards as usize;
+                let host = target.addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                addr = format!("{host}:{}", layout.shard_port_base as usize + s);
+                shard = Some((layout.partitions, layout.shards as usize, s));
+            }
+            Box::new(RingkvConnection {
+                reader: open(&addr, target.timeout).map_err(fail)?,
+                frame: Vec::new(),
+                next_id: 1,
+                outstanding: std::collections::VecDeque::new(),
+                contexts: std::collections::HashMap::new(),
+                r: target.r,
+                w: target.w,
+                shard,
+            })
+        }
+        DriverKind::Redis => Box::new(RedisConnection {
+            reader: open(&target.addr, target.timeout).map_err(fail)?,
+            line: Vec::new(),
+            skip: Vec::new(),
+        }),
+        DriverKind::Memcached => Box::new(MemcachedConnection {
+            reader: open(&target.addr, target.timeout).map_err(fail)?,
+            line: Vec::new(),
+            skip: Vec::new(),
+        }),
+        DriverKind::Echo => Box::new(EchoConnection {
+            reader: open(&target.addr, target.timeout).map_err(fail)?,
+            frame: Vec::new(),
+        }),
+    })
+}
+
+/// Reads one ringkv-style frame (u32 LE length including itself) into `frame`.
+fn read_frame(reader: &mut BufReader<TcpStream>, frame: &mut Vec<u8>) -> anyhow::Result<()> {
+    frame.resize(4, 0);
+    reader.read_exact(frame)?;
+    let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
+    if !(protocol::HEADER_BYTES..64 << 20).contains(&len) {
+        bail!("bad frame length {len}");
+    }
+    frame.resize(len, 0);
+    reader.read_exact(&mut frame[4..])?;
+    Ok(())
+}
+
+/// Contexts a ringkv connection remembers before it forgets them all (bounded memory).
+const CONTEXTS_MAX: usize = 65_536;
+
+struct RingkvConnection {
+    reader: BufReader<TcpStream>,
+    frame: Vec<u8>,
+    next_id: u64,
+    /// Keys of the requests sent and not yet answered, oldest first.
+    outstanding: std::collections::VecDeque<Vec<u8>>,
+    /// The last context this connection saw per key: a put without a context of its
+    /// own uses it, as a Dynamo client does, so that an update supersedes what the
+    /// connection read or wrote before instead of adding a sibling.
+    contexts: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    r: u8,
+    w: u8,
+    shard: Option<(u32, usize, usize)>,
+}
+
+impl Connection for RingkvConnection {
+    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+        self.next_id += 1;
+        self.outstanding.push_back(key.to_vec());
+        Request::Get { r: self.r, key }.encode(self.next_id, out);
+    }
+    fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
+        self.next_id += 1;
+        let remembered = if context.is_empty() {
+            self.contexts.get(key).map(Vec::as_slice).unwrap_or(b"")
+        } else {
+            context
+        };
+        let context = remembered;
+        self.outstanding.push_back(key.to_vec());
+        Request::Put {
+            w: self.w,
+            key,
+            context,
+            value,
+        }
+        .encode(self.next_id, out);
+    }
+    fn read_reply(&mut self, _is_get: bool) -> anyhow::Result<Outcome> {
+        read_frame(&mut self.reader, &mut self.frame)?;
+        let key = self.outstanding.pop_front().unwrap_or_default();
+        let reply = Reply::parse(&self.frame)?.1;
+        if let Reply::GetOk { context, .. } | Reply::PutOk { context, .. } = &reply {
+            if !context.is_empty() {
+                if self.contexts.len() >= CONTEXTS_MAX {
+                    self.contexts.clear();
+                }
+                self.contexts.insert(key, context.to_vec());
+            }
+        }
+        Ok(match reply {
+            Reply::GetOk { values, .. } if values.is_empty() => Outcome::NotFound,
+            Reply::GetOk { context, .. } => Outcome::Found {
+                context: context.to_vec(),
+            },
+            Reply::PutOk { .. } | Reply::DeleteOk | Reply::Pong | Reply::HelloOk(_) => Outcome::Ok,
+            Reply::Error { code, message } => Outcome::Error(format!(
+                "error {code}: {}",
+                String::from_utf8_lossy(message)
+            )),
+        })
+    }
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+    fn accepts(&self, key: &[u8]) -> bool {
+        match self.shard {
+            None => true,
+            Some((partitions, shards, shard)) => {
+                ringkv_ring::partition_for_key(key, partitions) as usize % shards == shard
+            }
+        }
+    }
+}
+
+/// A node's shard layout, from its HELLO reply.
+#[derive(Debug, Clone, Copy)]
+pub struct RingkvLayout {
+    pub partitions: u32,
+    pub shards: u16,
+    pub shard_port_base: u16,
+}
+
+pub fn ringkv_layout(addr: &str, timeout: Duration) -> anyhow::Result<RingkvLayout> {
+    let mut reader = open(addr, timeout)?;
+    let mut out = Vec::new();
+    Request::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(0, &mut out);
+    reader.get_mut().write_all(&out)?;
+    let mut frame = Vec::new();
+    read_frame(&mut reader, &mut frame)?;
+    match Reply::parse(&frame)?.1 {
+        Reply::HelloOk(h) => Ok(RingkvLayout {
+            partitions: h.partitions,
+            shards: h.shards,
+            shard_port_base: h.shard_port_base,
+        }),
+        other => bail!("unexpected HELLO reply {other:?}"),
+    }
+}
+
+/// Reads a line ending in CRLF into `line` (without the CRLF).
+fn read_line(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> anyhow::Result<()> {
+    line.clear();
+    let n = reader.take(64 * 1024).read_until(b'\n', line)?;
+    if n == 0 {
+        bail!("connection closed by the server");
+    }
+    if !line.ends_with(b"\r\n") {
+        bail!("reply line not ended by CRLF");
+    }
+    line.truncate(line.len() - 2);
+    Ok(())
+}
+
+fn parse_usize(bytes: &[u8]) -> anyhow::Result<usize> {
+    std::str::from_utf8(bytes)?
+        .trim()
+        .parse()
+        .with_context(|| format!("bad number {:?}", String::from_utf8_lossy(bytes)))
+}
+
+struct RedisConnection {
+    reader: BufReader<TcpStream>,
+    line: Vec<u8>,
+    skip: Vec<u8>,
+}
+
+fn resp_arg(out: &mut Vec<u8>, a: &[u8]) {
+    use std::io::Write as _;
+    write!(out, "${}\r\n", a.len()).expect("writing to a Vec");
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Connection for RedisConnection {
+    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(b"*2\r\n$3\r\nGET\r\n");
+        resp_arg(out, key);
+    }
+    fn encode_put(&mut self, key: &[u8], value: &[u8], _context: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n");
+        resp_arg(out, key);
+        resp_arg(out, value);
+    }
+    fn read_reply(&mut self, _is_get: bool) -> anyhow::Result<Outcome> {
+        read_line(&mut self.reader, &mut self.line)?;
+        match self.line.first() {
+            Some(b'+') | Some(b':') => Ok(Outcome::Ok),
+            Some(b'-') => Ok(Outcome::Error(
+                String::from_utf8_lossy(&self.line[1..]).into_owned(),
+            )),
+            Some(b'$') if self.line == b"$-1" => Ok(Outcome::NotFound),
+            Some(b'$') => {
+                let n = parse_usize(&self.line[1..])?;
+                self.skip.resize(n + 2, 0);
+                self.reader.read_exact(&mut self.skip)?;
+                Ok(Outcome::Found {
+                    context: Vec::new(),
+                })
+            }
+            _ => bail!("redis replied {:?}", String::from_utf8_lossy(&self.line)),
+        }
+    }
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+}
+
+struct MemcachedConnection {
+    reader: BufReader<TcpStream>,
+    line: Vec<u8>,
+    skip: Vec<u8>,
+}
+
+impl Connection for MemcachedConnection {
+    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(b"get ");
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\r\n");
+    }
+    fn encode_put(&mut self, key: &[u8], value: &[u8], _context: &[u8], out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.extend_from_slice(b"set ");
+        out.extend_from_slice(key);
+        write!(out, " 0 0 {}\r\n", value.len()).expect("writing to a Vec");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    fn read_reply(&mut self, is_get: bool) -> anyhow::Result<Outcome> {
+        read_line(&mut self.reader, &mut self.line)?;
+        if self.line.starts_with(b"SERVER_ERROR") || self.line.starts_with(b"CLIENT_ERROR") {
+            return Ok(Outcome::Error(
+                String::from_utf8_lossy(&self.line).into_owned(),
+            ));
+        }
+        if !is_get {
+            return match self.line.as_slice() {
+                b"STORED" => Ok(Outcome::Ok),
+                b"NOT_STORED" => Ok(Outcome::Error("NOT_STORED".into())),
+                other => bail!("memcached replied {:?}", String::from_utf8_lossy(other)),
+            };
+        }
+        // VALUE key flags bytes CRLF data CRLF END CRLF, or END CRLF
+        if self.line == b"END" {
+            return Ok(Outcome::NotFound);
+        }
+        if !self.line.starts_with(b"VALUE ") {
+            bail!(
+                "memcached replied {:?}",
+                String::from_utf8_lossy(&self.line)
+            );
+        }
+        let bytes = self
+            .line
+            .split(|&b| b == b' ')
+            .nth(3)
+            .context("VALUE line without a length")?;
+        let n = parse_usize(bytes)?;
+        self.skip.resize(n + 2, 0);
+        self.reader.read_exact(&mut self.skip)?;
+        read_line(&mut self.reader, &mut self.line)?;
+        if self.line != b"END" {
+            bail!(
+                "memcached replied {:?} after a value",
+                String::from_utf8_lossy(&self.line)
+            );
+        }
+        Ok(Outcome::Found {
+            context: Vec::new(),
+        })
+    }
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+}
+
+/// Sends the same bytes a ringkv request would be; the echo server returns them.
+struct EchoConnection {
+    reader: BufReader<TcpStream>,
+    frame: Vec<u8>,
+}
+
+impl Connection for EchoConnection {
+    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+        Request::Get { r: 0, key }.encode(0, out);
+    }
+    fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
+        Request::Put {
+            w: 0,
+            key,
+            context,
+            value,
+        }
+        .encode(0, out);
+    }
+    fn read_reply(&mut self, is_get: bool) -> anyhow::Result<Outcome> {
+        read_frame(&mut self.reader, &mut self.frame)?;
+        let opcode = protocol::header(&self.frame).opcode;
+        let expected = if is_get {
+            protocol::opcode::GET
+        } else {
+            protocol::opcode::PUT
+        };
+        if opcode != expected {
+            bail!("echo returned opcode {opcode}, sent {expected}");
+        }
+        Ok(if is_get {
+            Outcome::Found {
+                context: Vec::new(),
+            }
+        } else {
+            Outcome::Ok
+        })
+    }
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+}
