@@ -280,6 +280,10 @@ pub struct Partition<S: Storage> {
     /// An `EPOCH` write is running (they take turns).
     epoch_busy: Cell<bool>,
     sync_group: RefCell<Option<Rc<crate::sync_group::SyncGroup>>>,
+    /// Keys with a versioned write in progress (read, decide, append): such writes to
+    /// one key take turns instead of racing and retrying.
+    key_locks: RefCell<std::collections::HashSet<Box<[u8]>, ahash::RandomState>>,
+    key_unlocked: Notify,
     /// `write_pending_hints` is running (they take turns).
     hints_busy: Cell<bool>,
     hints_done: Notify,
@@ -509,6 +513,8 @@ impl<S: Storage> Partition<S> {
             epoch_busy: Cell::new(false),
             epoch_done: Notify::default(),
             sync_group: RefCell::new(None),
+            key_locks: RefCell::default(),
+            key_unlocked: Notify::default(),
             hints_busy: Cell::new(false),
             hints_done: Notify::default(),
             cache: RefCell::new(crate::cache::RecordCache::new(cache_bytes_max)),
@@ -597,6 +603,19 @@ impl<S: Storage> Partition<S> {
         self.state.borrow().needs_repair
     }
 
+    /// Waits until no other versioned write holds `key`, then holds it until the guard
+    /// is dropped (also when the write's future is dropped half-way).
+    pub async fn lock_key(&self, key: &[u8]) -> KeyGuard<'_, S> {
+        while self.key_locks.borrow().contains(key) {
+            self.key_unlocked.wait().await;
+        }
+        self.key_locks.borrow_mut().insert(key.into());
+        KeyGuard {
+            partition: self,
+            key: key.into(),
+        }
+    }
+
     /// `close` ran.
     pub fn is_closed(&self) -> bool {
         self.state.borrow().closed
@@ -657,6 +676,20 @@ impl<S: Storage> Partition<S> {
         ops: &[WriteOp<'_>],
         now_ms: u64,
         precondition: impl FnOnce(&KeyDir) -> bool,
+    ) -> Result<Option<Vec<u64>>, StoreError> {
+        self.write_if_then(ops, now_ms, precondition, || ()).await
+    }
+
+    /// Like [`write_if`](Self::write_if); `appended` runs once the batch is in the
+    /// keydir and the log buffer, before the wait for durability (not when the write is
+    /// refused): a versioned write releases its key there, so the next write to the
+    /// same key can join the same group commit.
+    pub async fn write_if_then(
+        &self,
+        ops: &[WriteOp<'_>],
+        now_ms: u64,
+        precondition: impl FnOnce(&KeyDir) -> bool,
+        appended: impl FnOnce(),
     ) -> Result<Option<Vec<u64>>, StoreError> {
         if ops.is_empty() {
             return Err(StoreError::EmptyBatch);
@@ -736,6 +769,7 @@ impl<S: Storage> Partition<S> {
             let seqs = (first_seq..first_seq + ops.len() as u64).collect();
             (segment, end, seqs, roll)
         };
+        appended();
         if roll {
             self.roll().await?;
         }
@@ -1359,6 +1393,19 @@ impl<S: Storage> Partition<S> {
         drop(state);
         storage.destroy().await?;
         Ok(())
+    }
+}
+
+/// Holds a key for one versioned write (see [`Partition::lock_key`]).
+pub struct KeyGuard<'a, S: Storage> {
+    partition: &'a Partition<S>,
+    key: Box<[u8]>,
+}
+
+impl<S: Storage> Drop for KeyGuard<'_, S> {
+    fn drop(&mut self) {
+        self.partition.key_locks.borrow_mut().remove(&self.key);
+        self.partition.key_unlocked.notify_all();
     }
 }
 

@@ -124,10 +124,19 @@ pub fn spawn_compactor<S: Storage + 'static>(
                 if partition.failure().is_some() || partition.is_closed() {
                     break;
                 }
-                partition.write_pending_hints().await?;
+                // the partition may close while a round runs: that ends the loop
+                match partition.write_pending_hints().await {
+                    Err(StoreError::Closed) => break,
+                    other => {
+                        other?;
+                    }
+                }
                 if partition.compaction_due(min_dead_ratio) {
-                    partition.compact(now_ms()).await?;
-                    compactions += 1;
+                    match partition.compact(now_ms()).await {
+                        Ok(_) => compactions += 1,
+                        Err(StoreError::Closed) => break,
+                        Err(e) => return Err(e),
+                    }
                 }
                 glommio::timer::sleep(check_every).await;
             }

@@ -9,8 +9,9 @@
 //!   stale, and the reply says which.
 //! - [`Partition::read_siblings`]: the sibling set with values, and the client context.
 //!
-//! Each write checks, in the same step as its append, that the key's siblings are the
-//! ones it read (a write in between makes it read and decide again).
+//! Versioned writes to one key take turns (`Partition::lock_key`), and each still
+//! checks, in the same step as its append, that the key's siblings are the ones it read
+//! (a plain `write` in between makes it read and decide again).
 
 use crate::partition::{Partition, StoreError, WriteOp};
 use crate::storage::Storage;
@@ -91,6 +92,7 @@ impl<S: Storage> Partition<S> {
         now_ms: u64,
         clock_entries_max: usize,
     ) -> Result<PutOutcome, StoreError> {
+        let mut turn = Some(self.lock_key(key).await);
         for _ in 0..WRITE_ATTEMPTS_MAX {
             let stored = self.read_decoded(key).await?;
             let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
@@ -125,7 +127,12 @@ impl<S: Storage> Partition<S> {
                 replaces: &replaces,
             };
             let written = self
-                .write_if(&[op], now_ms, |keydir| unchanged(keydir, key, &read_seqs))
+                .write_if_then(
+                    &[op],
+                    now_ms,
+                    |keydir| unchanged(keydir, key, &read_seqs),
+                    || drop(turn.take()),
+                )
                 .await?;
             if written.is_some() {
                 let mut after: Vec<Version> = versions;
@@ -151,6 +158,7 @@ impl<S: Storage> Partition<S> {
         value: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<ApplyOutcome, StoreError> {
+        let mut turn = Some(self.lock_key(key).await);
         for _ in 0..WRITE_ATTEMPTS_MAX {
             let stored = self.read_decoded(key).await?;
             let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
@@ -168,7 +176,12 @@ impl<S: Storage> Partition<S> {
                 replaces: &replaces,
             };
             let written = self
-                .write_if(&[op], now_ms, |keydir| unchanged(keydir, key, &read_seqs))
+                .write_if_then(
+                    &[op],
+                    now_ms,
+                    |keydir| unchanged(keydir, key, &read_seqs),
+                    || drop(turn.take()),
+                )
                 .await?;
             if written.is_some() {
                 return Ok(ApplyOutcome::Applied {
