@@ -8,63 +8,40 @@ use std::future::Future;
 /// Raises `RLIMIT_MEMLOCK` to at least `bytes` (as far as the hard limit allows, or
 /// further when running as root). Returns the soft limit in force afterwards.
 pub fn raise_memlock_limit(bytes: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur >= bytes {
-            return limit.rlim_cur;
-        }
-        let wanted = libc::rlimit {
-            rlim_cur: bytes,
-            rlim_max: limit.rlim_max.max(bytes),
-        };
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &wanted) == 0 {
-            return bytes;
-        }
-        let capped = libc::rlimit {
-            rlim_cur: limit.rlim_max.min(bytes),
-            rlim_max: limit.rlim_max,
-        };
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &capped) == 0 {
-            return capped.rlim_cur;
-        }
-        limit.rlim_cur
-    }
+    raise_limit(libc::RLIMIT_MEMLOCK, bytes)
 }
 
 /// Raises `RLIMIT_NOFILE` (open files, so sockets) to at least `files`, as far as the
 /// hard limit allows (further when running as root). Returns the soft limit after.
 pub fn raise_nofile_limit(files: u64) -> u64 {
+    raise_limit(libc::RLIMIT_NOFILE, files)
+}
+
+fn raise_limit(resource: libc::__rlimit_resource_t, wanted: u64) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+        if libc::getrlimit(resource, &mut limit) != 0 {
             return 0;
         }
-        if limit.rlim_cur >= files {
+        if limit.rlim_cur >= wanted {
             return limit.rlim_cur;
         }
-        let wanted = libc::rlimit {
-            rlim_cur: files,
-            rlim_max: limit.rlim_max.max(files),
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: limit.rlim_max.max(wanted),
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-            return files;
+        if libc::setrlimit(resource, &raised) == 0 {
+            return wanted;
         }
         let capped = libc::rlimit {
-            rlim_cur: limit.rlim_max.min(files),
+            rlim_cur: limit.rlim_max.min(wanted),
             rlim_max: limit.rlim_max,
         };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &capped) == 0 {
+        if libc::setrlimit(resource, &capped) == 0 {
             return capped.rlim_cur;
         }
         limit.rlim_cur
