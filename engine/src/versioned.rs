@@ -117,24 +117,18 @@ impl<S: Storage> Partition<S> {
                 });
             }
             self.record_clock_truncation(made.truncated_entries);
-            let replaces: Vec<u64> = made.replaced.iter().map(|&i| stored[i].seq).collect();
-            let blob = made.version.encode_to_vec();
-            let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
-            let op = WriteOp {
-                key,
-                version: &blob,
-                value,
-                replaces: &replaces,
-            };
             let written = self
-                .write_if_then(
-                    &[op],
+                .replace_siblings(
+                    key,
+                    &stored,
+                    &made.replaced,
+                    &made.version,
+                    value,
                     now_ms,
-                    |keydir| unchanged(keydir, key, &read_seqs),
-                    || drop(turn.take()),
+                    &mut turn,
                 )
                 .await?;
-            if written.is_some() {
+            if written {
                 let mut after: Vec<Version> = versions;
                 crate::version::remove_indices(&mut after, &made.replaced);
                 after.push(made.version.clone());
@@ -166,33 +160,55 @@ impl<S: Storage> Partition<S> {
                 Reconcile::Stale(reason) => return Ok(ApplyOutcome::Stale(reason)),
                 Reconcile::Apply { replaced } => replaced,
             };
-            let replaces: Vec<u64> = replaced.iter().map(|&i| stored[i].seq).collect();
-            let blob = version.encode_to_vec();
-            let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
-            let op = WriteOp {
-                key,
-                version: &blob,
-                value,
-                replaces: &replaces,
-            };
             let written = self
-                .write_if_then(
-                    &[op],
-                    now_ms,
-                    |keydir| unchanged(keydir, key, &read_seqs),
-                    || drop(turn.take()),
-                )
+                .replace_siblings(key, &stored, &replaced, version, value, now_ms, &mut turn)
                 .await?;
-            if written.is_some() {
+            if written {
                 return Ok(ApplyOutcome::Applied {
-                    replaced: replaces.len(),
-                    siblings: stored.len() - replaces.len() + 1,
+                    replaced: replaced.len(),
+                    siblings: stored.len() - replaced.len() + 1,
                 });
             }
         }
         Err(StoreError::Contended {
             attempts: WRITE_ATTEMPTS_MAX,
         })
+    }
+}
+
+impl<S: Storage> Partition<S> {
+    /// Appends `version` for `key`, superseding the `stored` siblings at `replaced`, if
+    /// the key's siblings are still exactly `stored`; releases `turn` once appended.
+    /// `Ok(false)`: the key changed since it was read (read and decide again).
+    #[allow(clippy::too_many_arguments)]
+    async fn replace_siblings(
+        &self,
+        key: &[u8],
+        stored: &[Sibling],
+        replaced: &[usize],
+        version: &Version,
+        value: Option<&[u8]>,
+        now_ms: u64,
+        turn: &mut Option<crate::partition::KeyGuard<'_, S>>,
+    ) -> Result<bool, StoreError> {
+        let replaces: Vec<u64> = replaced.iter().map(|&i| stored[i].seq).collect();
+        let blob = version.encode_to_vec();
+        let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
+        let op = WriteOp {
+            key,
+            version: &blob,
+            value,
+            replaces: &replaces,
+        };
+        let written = self
+            .write_if_then(
+                &[op],
+                now_ms,
+                |keydir| unchanged(keydir, key, &read_seqs),
+                || drop(turn.take()),
+            )
+            .await?;
+        Ok(written.is_some())
     }
 }
 
