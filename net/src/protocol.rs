@@ -179,16 +179,16 @@ impl ParseError {
 }
 
 /// A bounds-checked little-endian reader over a body.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Self { buf, at: 0 }
     }
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
         let end = self.at.checked_add(n).ok_or(ParseError::Truncated(what))?;
         let out = self
             .buf
@@ -197,32 +197,32 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(out)
     }
-    fn u8(&mut self, what: &'static str) -> Result<u8, ParseError> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, ParseError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &'static str) -> Result<u16, ParseError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, ParseError> {
         let b = self.take(2, what)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self, what: &'static str) -> Result<u32, ParseError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, ParseError> {
         Ok(u32::from_le_bytes(
             self.take(4, what)?.try_into().expect("4"),
         ))
     }
-    fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, ParseError> {
         Ok(u64::from_le_bytes(
             self.take(8, what)?.try_into().expect("8"),
         ))
     }
-    fn bytes16(&mut self, what: &'static str) -> Result<&'a [u8], ParseError> {
+    pub(crate) fn bytes16(&mut self, what: &'static str) -> Result<&'a [u8], ParseError> {
         let n = self.u16(what)? as usize;
         self.take(n, what)
     }
-    fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], ParseError> {
+    pub(crate) fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], ParseError> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
     }
-    fn finish(self) -> Result<(), ParseError> {
+    pub(crate) fn finish(self) -> Result<(), ParseError> {
         match self.buf.len() - self.at {
             0 => Ok(()),
             n => Err(ParseError::Trailing(n)),

@@ -1,0 +1,322 @@
+//! A peer link: one persistent, pipelined connection from this shard to another node,
+//! on glommio. Callers hand it whole request frames and await the reply frame with the
+//! same request id; many requests are in flight at once. A background task connects,
+//! writes queued frames in batches and matches replies; when the connection fails it
+//! fails every waiting request at once (so the caller's failure detector hears about it
+//! promptly) and reconnects with exponential backoff. While the peer is known to be down
+//! (between a failed connect and the next attempt) calls fail fast instead of queueing.
+//! Both the queue and the number of waiting requests are bounded.
+
+use crate::notify::Notify;
+use crate::protocol::{check_frame, header};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Limits and timings of a link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub connect_timeout: Duration,
+    /// Requests waiting for a reply, at most.
+    pub pending_max: usize,
+    /// Encoded bytes waiting to be written, at most (a single larger frame is still
+    /// accepted when the queue is empty).
+    pub queue_bytes_max: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// The largest reply frame accepted.
+    pub frame_bytes_max: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+            pending_max: 4096,
+            queue_bytes_max: 16 << 20,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            frame_bytes_max: crate::protocol::FRAME_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("the link to {0} is full (too many requests waiting)")]
+    QueueFull(String),
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("{addr} is unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("the link is closed")]
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Connected,
+    /// The last connect failed; calls fail fast until `retry_at`.
+    Down {
+        retry_at: Instant,
+    },
+}
+
+#[derive(Default)]
+struct Slot {
+    reply: RefCell<Option<Result<Vec<u8>, LinkError>>>,
+    done: Notify,
+}
+
+struct Inner {
+    addr: RefCell<String>,
+    config: LinkConfig,
+    queue: RefCell<Vec<u8>>,
+    pending: RefCell<HashMap<u64, Rc<Slot>>>,
+    next_id: Cell<u64>,
+    wake: Notify,
+    state: Cell<State>,
+    last_error: RefCell<String>,
+    closed: Cell<bool>,
+    connects: Cell<u64>,
+}
+
+/// A link to one peer; dropping it stops its task and fails its waiting requests.
+pub struct PeerLink {
+    inner: Rc<Inner>,
+    task: RefCell<Option<glommio::Task<()>>>,
+}
+
+impl PeerLink {
+    /// Creates the link and starts its connection task on the current executor.
+    pub fn spawn(addr: &str, config: LinkConfig) -> PeerLink {
+        let inner = Rc::new(Inner {
+            addr: RefCell::new(addr.to_string()),
+            config,
+            queue: RefCell::default(),
+            pending: RefCell::default(),
+            next_id: Cell::new(1),
+            wake: Notify::default(),
+            state: Cell::new(State::Connecting),
+            last_error: RefCell::default(),
+            closed: Cell::new(false),
+            connects: Cell::new(0),
+        });
+        let task = glommio::spawn_local(connection_task(inner.clone()));
+        PeerLink {
+            inner,
+            task: RefCell::new(Some(task)),
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.inner.addr.borrow().clone()
+    }
+
+    /// Points the link at a new address (the peer moved); the current connection drops.
+    pub fn set_addr(&self, addr: &str) {
+        if *self.inner.addr.borrow() != addr {
+            *self.inner.addr.borrow_mut() = addr.to_string();
+            self.inner.state.set(State::Connecting);
+            // the connection task notices the change on its next turn
+            self.inner.wake.notify_all();
+        }
+    }
+
+    /// True while a connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.state.get() == State::Connected
+    }
+
+    /// Successful connects so far (tests and stats).
+    pub fn connects(&self) -> u64 {
+        self.inner.connects.get()
+    }
+
+    /// Sends one request, built by `build(request_id, out)` (it must append exactly one
+    /// frame carrying that request id), and waits up to `timeout` for its reply frame.
+    pub async fn call(
+        &self,
+        timeout: Duration,
+        build: impl FnOnce(u64, &mut Vec<u8>),
+    ) -> Result<Vec<u8>, LinkError> {
+        let inner = &self.inner;
+        if inner.closed.get() {
+            return Err(LinkError::Closed);
+        }
+        if let State::Down { retry_at } = inner.state.get() {
+            if Instant::now() < retry_at {
+                return Err(self.unreachable());
+            }
+        }
+        {
+            let queue = inner.queue.borrow();
+            if inner.pending.borrow().len() >= inner.config.pending_max
+                || (!queue.is_empty() && queue.len() >= inner.config.queue_bytes_max)
+            {
+                return Err(LinkError::QueueFull(self.addr()));
+            }
+        }
+        let id = inner.next_id.get();
+        inner.next_id.set(id + 1);
+        build(id, &mut inner.queue.borrow_mut());
+        let slot = Rc::new(Slot::default());
+        inner.pending.borrow_mut().insert(id, slot.clone());
+        inner.wake.notify_all();
+        let waited = glommio::timer::timeout(timeout, async {
+            while slot.reply.borrow().is_none() {
+                slot.done.wait().await;
+            }
+            Ok(())
+        })
+        .await;
+        inner.pending.borrow_mut().remove(&id);
+        let reply = slot.reply.borrow_mut().take();
+        let _ = waited;
+        match reply {
+            Some(reply) => reply,
+            None => Err(LinkError::Timeout {
+                addr: self.addr(),
+                after: timeout,
+            }),
+        }
+    }
+
+    fn unreachable(&self) -> LinkError {
+        LinkError::Unreachable {
+            addr: self.addr(),
+            reason: self.inner.last_error.borrow().clone(),
+        }
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.inner.closed.set(true);
+        fail_all(&self.inner, LinkError::Closed);
+        self.inner.wake.notify_all();
+        // dropping the task handle cancels it
+        drop(self.task.borrow_mut().take());
+    }
+}
+
+fn fail_all(inner: &Inner, error: LinkError) {
+    inner.queue.borrow_mut().clear();
+    let slots: Vec<Rc<Slot>> = inner.pending.borrow_mut().drain().map(|(_, s)| s).collect();
+    for slot in slots {
+        *slot.reply.borrow_mut() = Some(Err(error.clone()));
+        slot.done.notify_all();
+    }
+}
+
+async fn connection_task(inner: Rc<Inner>) {
+    let mut backoff = inner.config.backoff_min;
+    loop {
+        if inner.closed.get() {
+            return;
+        }
+        inner.state.set(State::Connecting);
+        let addr = inner.addr.borrow().clone();
+        let connected = glommio::timer::timeout(inner.config.connect_timeout, async {
+            TcpStream::connect(addr.as_str()).await
+        })
+        .await;
+        match connected {
+            Ok(stream) => {
+                backoff = inner.config.backoff_min;
+                inner.connects.set(inner.connects.get() + 1);
+                inner.state.set(State::Connected);
+                let reason = run_connection(&inner, stream, &addr).await;
+                *inner.last_error.borrow_mut() = reason.clone();
+                // requests on the lost connection may or may not have been served
+                fail_all(
+                    &inner,
+                    LinkError::Unreachable {
+                        addr: addr.clone(),
+                        reason,
+                    },
+                );
+            }
+            Err(e) => {
+                *inner.last_error.borrow_mut() = format!("connect failed: {e}");
+                inner.state.set(State::Down {
+                    retry_at: Instant::now() + backoff,
+                });
+                fail_all(
+                    &inner,
+                    LinkError::Unreachable {
+                        addr: addr.clone(),
+                        reason: format!("connect failed: {e}"),
+                    },
+                );
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(inner.config.backoff_max);
+            }
+        }
+    }
+}
+
+/// Serves one connection until it fails, the link closes or the address changes;
+/// returns why it ended.
+async fn run_connection(inner: &Rc<Inner>, stream: TcpStream, addr: &str) -> String {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let write_loop = async {
+        loop {
+            loop {
+                if inner.closed.get() {
+                    return "link closed".to_string();
+                }
+                if *inner.addr.borrow() != addr {
+                    return "address changed".to_string();
+                }
+                if !inner.queue.borrow().is_empty() {
+                    break;
+                }
+                inner.wake.wait().await;
+            }
+            let batch = std::mem::take(&mut *inner.queue.borrow_mut());
+            if let Err(e) = writer.write_all(&batch).await {
+                return format!("write failed: {e}");
+            }
+            if let Err(e) = writer.flush().await {
+                return format!("write failed: {e}");
+            }
+        }
+    };
+    let read_loop = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match reader.read(&mut chunk).await {
+                Ok(0) => return "closed by peer".to_string(),
+                Ok(n) => n,
+                Err(e) => return format!("read failed: {e}"),
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            loop {
+                match check_frame(&buf[at..], inner.config.frame_bytes_max) {
+                    Ok(Some(len)) => {
+                        let frame = &buf[at..at + len];
+                        let id = header(frame).request_id;
+                        if let Some(slot) = inner.pending.borrow_mut().remove(&id) {
+                            *slot.reply.borrow_mut() = Some(Ok(frame.to_vec()));
+                            slot.done.notify_all();
+                        }
+                        at += len;
+                    }
+                    Ok(None) => break,
+                    Err(e) => return format!("bad reply frame: {e}"),
+                }
+            }
+            buf.drain(..at);
+        }
+    };
+    futures_lite::future::or(write_loop, read_loop).await
+}
