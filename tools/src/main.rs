@@ -5,8 +5,11 @@
 //! - `ring ...`: the ring planner for capacity planners (`ring_cmd`).
 //! - `server ...`: one node (`server_cmd`).
 //! - `ping`, `get`, `put`, `del`: a client for one node (`client_cmd`).
+//! - `status`, `join`, `leave`, `dev`: cluster admin and a local dev cluster
+//!   (`cluster_cmd`).
 
 mod client_cmd;
+mod cluster_cmd;
 mod log_cmd;
 mod ring_cmd;
 mod server_cmd;
@@ -16,7 +19,11 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: ringkv <command> [args]
 
 commands:
+  dev [--nodes K]  start a local cluster of K nodes (default 3) under ./ringkv-data/dev
   server [options] start a node (see `ringkv server --help`)
+  status [--json]  a node's view of the cluster: members, status, reachability, partitions
+  join SEED        make the node at --addr join the cluster of SEED
+  leave            make the node at --addr leave its cluster
   ping | get KEY | put KEY VALUE | del KEY   talk to a node (--addr, --context, --json)
   logdump DIR     print every record of a partition folder (or one segment file)
   logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
@@ -36,6 +43,10 @@ fn main() -> ExitCode {
         "ring" => ring_cmd::run(rest),
         "server" => server_cmd::run(rest),
         "ping" | "get" | "put" | "del" => client_cmd::run(command, rest),
+        "status" => cluster_cmd::status(rest),
+        "join" => cluster_cmd::join(rest),
+        "leave" => cluster_cmd::leave(rest),
+        "dev" => cluster_cmd::dev(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

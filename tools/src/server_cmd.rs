@@ -12,10 +12,17 @@ use std::time::Duration;
 pub const USAGE: &str =
     "usage: ringkv server [--config FILE.toml] [--data-dir DIR] [--listen HOST:PORT]
                      [--shard-port-base PORT|0] [--shards N] [--node-id ID] [--partitions Q]
-                     [--durability sync|none|interval(MS)]
+                     [--durability sync|none|interval(MS)] [--seeds HOST:PORT,...]
+                     [--advertise HOST:PORT] [--replicas N] [--r R] [--w W]
+                     [--request-timeout-ms MS] [--weight W] [--zone Z]
+                     [--hinted-handoff on|off]
 
 Starts one node. With no options: data in ./ringkv-data, clients on 127.0.0.1:7379,
 shard s also on port 7380+s, one shard per core, 64 partitions, sync durability.
+Without --seeds and without a persisted membership the node starts a cluster of its
+own; with --seeds it joins the cluster of the first seed that admits it. A restarted
+node rejoins with its persisted membership (data-dir/cluster/membership).
+Replication: N = 3, R = 2, W = 2 (each capped by the number of nodes).
 Stops gracefully on SIGINT/SIGTERM. Log level: RUST_LOG (default info).";
 
 /// The TOML file: every field optional, names as in `ServerConfig`.
@@ -40,6 +47,16 @@ struct FileConfig {
     siblings_max: Option<usize>,
     tombstone_grace_ms: Option<u64>,
     cache_bytes_max: Option<usize>,
+    seeds: Option<Vec<String>>,
+    advertise: Option<String>,
+    replicas: Option<usize>,
+    read_quorum: Option<usize>,
+    write_quorum: Option<usize>,
+    request_timeout_ms: Option<u64>,
+    gossip_period_ms: Option<u64>,
+    weight: Option<u32>,
+    zone: Option<String>,
+    hinted_handoff: Option<bool>,
 }
 
 impl FileConfig {
@@ -60,8 +77,24 @@ impl FileConfig {
             in_flight_per_connection_max,
             connections_per_shard_max,
             siblings_max,
-            cache_bytes_max
+            cache_bytes_max,
+            seeds,
+            replicas,
+            read_quorum,
+            write_quorum,
+            weight,
+            zone,
+            hinted_handoff
         );
+        if let Some(a) = self.advertise {
+            c.advertise = a.parse().with_context(|| format!("advertise = {a:?}"))?;
+        }
+        if let Some(ms) = self.request_timeout_ms {
+            c.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.gossip_period_ms {
+            c.gossip_period = Duration::from_millis(ms.max(1));
+        }
         if let Some(listen) = self.listen {
             c.listen = listen
                 .parse()
@@ -108,6 +141,31 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             "--durability" => {
                 config.durability = value()?.parse::<Durability>().map_err(anyhow::Error::msg)?
             }
+            "--seeds" => {
+                config.seeds = value()?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            "--advertise" => {
+                config.advertise = value()?.parse().context("--advertise HOST:PORT")?
+            }
+            "--replicas" | "--n" => config.replicas = value()?.parse()?,
+            "--r" => config.read_quorum = value()?.parse()?,
+            "--w" => config.write_quorum = value()?.parse()?,
+            "--request-timeout-ms" => {
+                config.request_timeout = Duration::from_millis(value()?.parse()?)
+            }
+            "--weight" => config.weight = value()?.parse()?,
+            "--hinted-handoff" => {
+                config.hinted_handoff = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("--hinted-handoff on|off, not {other}"),
+                }
+            }
+            "--zone" => config.zone = value()?.clone(),
             "--help" | "-h" => return Ok(None),
             other => bail!("unknown option {other}\n\n{USAGE}"),
         }

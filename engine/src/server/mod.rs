@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use shard::ShardStats;
+pub use shard::{ClusterStats, NodeCounters, ShardStats};
 
 /// Everything a node needs.
 #[derive(Debug, Clone)]
@@ -58,6 +58,25 @@ pub struct ServerConfig {
     /// Memory for recently written or read records, for the whole node (split
     /// evenly over its partitions).
     pub cache_bytes_max: usize,
+    /// Addresses (`host:port`) of members to join through when this node has no
+    /// persisted membership yet. Empty: the node starts a cluster of its own.
+    pub seeds: Vec<String>,
+    /// The address peers and clients reach this node at (default: `listen`).
+    pub advertise: SocketAddr,
+    /// N: replicas of every key (capped by the number of nodes).
+    pub replicas: usize,
+    /// R and W: the default read and write quorums (capped by N).
+    pub read_quorum: usize,
+    pub write_quorum: usize,
+    /// How long a coordinator waits for replicas before answering without them.
+    pub request_timeout: Duration,
+    pub gossip_period: Duration,
+    /// This node's claim weight and zone in the ring.
+    pub weight: u32,
+    pub zone: String,
+    /// Deliver hints to their owners (off: hints are kept, not sent; for tests and
+    /// for operators who want to hold handoff during maintenance).
+    pub hinted_handoff: bool,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +104,16 @@ impl Default for ServerConfig {
             tombstone_grace: Duration::from_secs(24 * 3600),
             drain_timeout: Duration::from_secs(10),
             cache_bytes_max: 256 << 20,
+            seeds: Vec::new(),
+            advertise: "0.0.0.0:0".parse().expect("valid address"),
+            replicas: 3,
+            read_quorum: 2,
+            write_quorum: 2,
+            request_timeout: Duration::from_secs(2),
+            gossip_period: Duration::from_secs(1),
+            weight: 1,
+            zone: String::new(),
+            hinted_handoff: true,
         }
     }
 }
@@ -111,6 +140,18 @@ impl ServerConfig {
         }
         if self.key_bytes_max == 0 || self.key_bytes_max > u16::MAX as usize {
             return Err("key_bytes_max must be 1..=65535".into());
+        }
+        if self.replicas == 0 || self.read_quorum == 0 || self.write_quorum == 0 {
+            return Err("replicas, read and write quorums must be at least 1".into());
+        }
+        if self.read_quorum > self.replicas || self.write_quorum > self.replicas {
+            return Err(format!(
+                "R = {} and W = {} cannot exceed N = {}",
+                self.read_quorum, self.write_quorum, self.replicas
+            ));
+        }
+        if self.node_id == 0 {
+            return Err("node ids start at 1".into());
         }
         if self.frame_bytes_max < self.value_bytes_max + self.key_bytes_max + 4096 {
             return Err("frame_bytes_max must hold the largest value, key and context".into());
@@ -199,24 +240,71 @@ pub fn run(
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let listen = probe.local_addr().map_err(|e| e.to_string())?;
     drop(probe);
-    let config = ServerConfig { listen, ..config };
+    let advertise = if config.advertise.port() == 0 {
+        listen
+    } else {
+        config.advertise
+    };
+    let config = ServerConfig {
+        listen,
+        advertise,
+        ..config
+    };
+    // the membership: persisted, or a new cluster of this node alone, or (with seeds)
+    // none until a seed admits this node
+    let membership = match crate::server::shard::load_membership(&config.data_dir)? {
+        Some(m) => {
+            if m.partition_count() != config.partitions {
+                return Err(format!(
+                    "the data directory belongs to a cluster of {} partitions, not {}",
+                    m.partition_count(),
+                    config.partitions
+                ));
+            }
+            Some(m.encode())
+        }
+        None if config.seeds.is_empty() => {
+            let mut m =
+                ringkv_ring::Membership::new(config.partitions).map_err(|e| e.to_string())?;
+            let id = ringkv_ring::NodeId(config.node_id);
+            m.join(
+                id,
+                &advertise.to_string(),
+                config.weight,
+                &config.zone,
+                config.shards as u32,
+            )
+            .map_err(|e| e.to_string())?;
+            m.set_status(id, ringkv_ring::Status::Valid)
+                .map_err(|e| e.to_string())?;
+            crate::server::shard::persist_membership(&config.data_dir, &m)?;
+            Some(m.encode())
+        }
+        None => None,
+    };
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.shards, 1024);
+    let counters = Arc::new(NodeCounters::new(config.shards));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut handles = Vec::new();
     for shard_id in 0..config.shards {
-        let (config, shutdown, mesh, ready_tx) = (
+        let (config, shutdown, mesh, ready_tx, membership, counters) = (
             config.clone(),
             shutdown.clone(),
             mesh.clone(),
             ready_tx.clone(),
+            membership.clone(),
+            counters.clone(),
         );
         let builder =
             glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(shard_id % cores))
                 .name(&format!("ringkv-shard-{shard_id}"));
         let handle = builder
             .spawn(move || async move {
-                shard::shard_main(shard_id, config, shutdown, mesh, ready_tx).await
+                shard::shard_main(
+                    shard_id, config, shutdown, mesh, membership, counters, ready_tx,
+                )
+                .await
             })
             .map_err(|e| format!("cannot start shard {shard_id}: {e}"))?;
         handles.push(handle);

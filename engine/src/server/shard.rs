@@ -2,12 +2,17 @@
 //! shards. Requests for a partition another shard owns are forwarded whole over the
 //! glommio channel mesh; the owner executes them and sends the reply frame back.
 
+#[path = "cluster.rs"]
+mod cluster;
+
 use super::{conn, ServerConfig, ShardExit, Shutdown};
 use crate::notify::Notify;
 use crate::partition::{Partition, PartitionConfig, StoreError};
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
 use crate::version::{Context, VClock};
+pub(crate) use cluster::{load_membership, persist_membership};
+pub use cluster::{ClusterStats, NodeCounters};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use ringkv_net::protocol::{self, encode, ErrorCode, HelloOk, Request};
 use std::cell::{Cell, RefCell};
@@ -26,6 +31,8 @@ pub(crate) enum ShardMsg {
     },
     /// The reply frame to a forwarded request.
     Reply { token: u64, frame: Vec<u8> },
+    /// Shard 0 changed the membership (encoded); every other shard installs it.
+    Membership(Vec<u8>),
 }
 
 /// Counters a shard keeps (merged by the caller across shards).
@@ -52,6 +59,8 @@ pub(crate) struct Shard {
     pub in_flight_done: Notify,
     pub stopping: Cell<bool>,
     pub stop: Notify,
+    cluster: cluster::ClusterState,
+    counters: std::sync::Arc<NodeCounters>,
 }
 
 /// Where a forwarded request's reply lands.
@@ -61,7 +70,7 @@ struct Slot {
     arrived: Notify,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -72,9 +81,11 @@ pub(crate) async fn shard_main(
     config: ServerConfig,
     shutdown: Shutdown,
     mesh: MeshBuilder<ShardMsg, Full>,
+    membership: Option<Vec<u8>>,
+    counters: std::sync::Arc<NodeCounters>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<ShardExit, String> {
-    match start(shard_id, config, shutdown, mesh).await {
+    match start(shard_id, config, shutdown, mesh, membership, counters).await {
         Ok((shard, tasks)) => {
             let _ = ready.send(Ok(()));
             Ok(serve_until_shutdown(shard, tasks).await)
@@ -88,11 +99,36 @@ pub(crate) async fn shard_main(
 
 type Started = (Rc<Shard>, Vec<glommio::Task<()>>);
 
+/// Shard 0 of a node that is in no cluster yet: asks each seed in turn until one admits
+/// it (a refusal is logged and retried: the operator may fix the cause).
+async fn join_through_seeds(shard: Rc<Shard>) {
+    let mut attempt = 0u32;
+    loop {
+        for seed in shard.config.seeds.clone() {
+            match shard.join_via(&seed).await {
+                Ok(membership) => {
+                    tracing::info!(seed, members = membership.len(), "joined the cluster");
+                    return;
+                }
+                Err(e) => {
+                    if attempt % 10 == 0 {
+                        tracing::warn!(seed, error = %e, "join through seed failed; retrying");
+                    }
+                }
+            }
+        }
+        attempt += 1;
+        glommio::timer::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn start(
     shard_id: usize,
     config: ServerConfig,
     shutdown: Shutdown,
     mesh: MeshBuilder<ShardMsg, Full>,
+    membership: Option<Vec<u8>>,
+    counters: std::sync::Arc<NodeCounters>,
 ) -> Result<Started, String> {
     let (senders, receivers) = if config.shards > 1 {
         let (s, r) = mesh
@@ -132,6 +168,30 @@ async fn start(
         partition.set_sync_group(sync_group.clone());
         partitions.insert(p, Rc::new(partition));
     }
+    // this shard's hint store: a partition of its own (delivered hints are tombstones
+    // that compaction drops at once)
+    let hints_path = config
+        .data_dir
+        .join("hints")
+        .join(format!("shard-{shard_id:03}"));
+    let hints_storage = DmaStorage::open(&hints_path)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", hints_path.display()))?;
+    let hints_config = PartitionConfig {
+        partition: u64::from(u32::MAX) + shard_id as u64,
+        durability: config.durability,
+        segment_bytes_max: config.segment_bytes_max,
+        tombstone_grace_ms: 0,
+        key_bytes_max: config.key_bytes_max + 16,
+        value_bytes_max: 16,
+        cache_bytes_max: 1 << 20,
+        ..PartitionConfig::default()
+    };
+    let (hints, _) = Partition::open(hints_storage, hints_config, now_ms())
+        .await
+        .map_err(|e| format!("hint store of shard {shard_id}: recovery failed: {e}"))?;
+    hints.set_sync_group(sync_group.clone());
+    let hints = Rc::new(hints);
     let shard = Rc::new(Shard {
         id: shard_id,
         config: config.clone(),
@@ -145,11 +205,29 @@ async fn start(
         in_flight_done: Notify::default(),
         stopping: Cell::new(false),
         stop: Notify::default(),
+        cluster: cluster::ClusterState::new(ringkv_ring::NodeId(config.node_id), hints.clone()),
+        counters,
     });
     let mut tasks = Vec::new();
+    if let Some(bytes) = &membership {
+        let membership =
+            ringkv_ring::Membership::decode(bytes).map_err(|e| format!("bad membership: {e}"))?;
+        if shard_id == 0 {
+            shard.start_gossip(membership);
+        } else {
+            shard.set_view(membership);
+        }
+    } else if shard_id == 0 {
+        // not in a cluster yet: ask the seeds until one admits this node
+        let joiner = shard.clone();
+        tasks.push(glommio::spawn_local(async move {
+            join_through_seeds(joiner).await;
+        }));
+    }
+    tasks.extend(shard.spawn_cluster_tasks());
     // background work: compaction (low priority) and interval syncs
     let background = runtime::background_queue();
-    for p in shard.partitions.values() {
+    for p in shard.partitions.values().chain(std::iter::once(&hints)) {
         let compactor = runtime::spawn_compactor(
             p.clone(),
             background,
@@ -188,7 +266,7 @@ async fn start(
         addrs.push(own);
     }
     for addr in addrs {
-        let listener = glommio::net::TcpListener::bind(addr)
+        let listener = listen_reusing(addr)
             .map_err(|e| format!("shard {shard_id}: cannot listen on {addr}: {e}"))?;
         let shard = shard.clone();
         tasks.push(glommio::spawn_local(accept_loop(listener, shard)));
@@ -202,6 +280,90 @@ async fn start(
         watcher_shard.stop.notify_all();
     }));
     Ok((shard, tasks))
+}
+
+/// A listener with SO_REUSEPORT (every shard accepts on the client port) and
+/// SO_REUSEADDR (a restarted node binds its port again while connections of the
+/// previous process are still in TIME_WAIT).
+fn listen_reusing(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::unix::io::FromRawFd;
+    let (domain, storage, len) = socket_addr_to_raw(addr);
+    // SAFETY: plain socket calls on a descriptor we own; it is closed on every error
+    // path and handed to the listener (which owns it from then on) on success.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let ok = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            size,
+        ) == 0
+            && libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                &one as *const _ as *const libc::c_void,
+                size,
+            ) == 0
+            && libc::bind(fd, &storage as *const _ as *const libc::sockaddr, len) == 0
+            && libc::listen(fd, 1024) == 0;
+        if !ok {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(glommio::net::TcpListener::from_raw_fd(fd))
+    }
+}
+
+fn socket_addr_to_raw(
+    addr: std::net::SocketAddr,
+) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid (empty) value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            (
+                libc::AF_INET,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        std::net::SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (
+                libc::AF_INET6,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
 }
 
 async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
@@ -268,6 +430,9 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
             tracing::error!(partition = p, error = %e, "close failed");
         }
     }
+    if let Err(e) = shard.cluster.hints.close().await {
+        tracing::error!(error = %e, "closing the hint store failed");
+    }
     ShardExit {
         shard: shard.id,
         stats: shard.stats.borrow().clone(),
@@ -275,6 +440,25 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
 }
 
 impl Shard {
+    /// The shard that runs a request: the owner of its key's or its partition, shard 0
+    /// for membership messages, `None` for anything any shard answers.
+    fn route(&self, frame: &[u8]) -> Option<usize> {
+        let opcode = protocol::header(frame).opcode;
+        if ringkv_net::peer::is_cluster_opcode(opcode) {
+            return match ringkv_net::peer::ClusterRequest::parse(frame) {
+                Ok((_, req)) => Some(match req.partition() {
+                    Some(p) => p as usize % self.config.shards,
+                    None => 0,
+                }),
+                Err(_) => None,
+            };
+        }
+        match Request::parse(frame) {
+            Ok((_, req)) => req.key().map(|k| self.owner_of(k).1),
+            Err(_) => None,
+        }
+    }
+
     fn owner_of(&self, key: &[u8]) -> (u32, usize) {
         let p = ringkv_ring::partition_for_key(key, self.config.partitions);
         (p, p as usize % self.config.shards)
@@ -311,16 +495,17 @@ impl Shard {
                     slot.arrived.notify_all();
                 }
             }
+            ShardMsg::Membership(bytes) => match ringkv_ring::Membership::decode(&bytes) {
+                Ok(membership) => self.set_view(membership),
+                Err(e) => tracing::error!(error = %e, "shard 0 sent a bad membership"),
+            },
         }
     }
 
     /// Executes one whole request frame and appends the reply frame to `out`.
     pub(crate) async fn execute(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
         self.stats.borrow_mut().requests += 1;
-        let owner = match Request::parse(frame) {
-            Ok((_, req)) => req.key().map(|k| self.owner_of(k).1),
-            Err(_) => None,
-        };
+        let owner = self.route(frame);
         match owner {
             Some(owner) if owner != self.id => {
                 self.stats.borrow_mut().forwarded += 1;
@@ -388,7 +573,7 @@ impl Shard {
     }
 
     /// Executes a request whose partition is on this shard (or that has no key).
-    async fn execute_local(&self, frame: &[u8], out: &RefCell<Vec<u8>>) {
+    async fn execute_local(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
         self.in_flight.set(self.in_flight.get() + 1);
         let request_id = protocol::header(frame).request_id;
         let result = self.run_request(frame, request_id, out).await;
@@ -401,11 +586,14 @@ impl Shard {
     }
 
     async fn run_request(
-        &self,
+        self: &Rc<Self>,
         frame: &[u8],
         request_id: u64,
         out: &RefCell<Vec<u8>>,
     ) -> Result<(), (ErrorCode, String)> {
+        if ringkv_net::peer::is_cluster_opcode(protocol::header(frame).opcode) {
+            return self.run_cluster_request(frame, request_id, out).await;
+        }
         let (_, request) = Request::parse(frame).map_err(|e| (e.code(), e.to_string()))?;
         if let Some(key) = request.key() {
             if key.is_empty() {
@@ -452,14 +640,14 @@ impl Shard {
                 );
             }
             Request::Ping => encode::pong(&mut out.borrow_mut(), request_id),
-            Request::Get { key, .. } => {
-                let partition = self.partition_for(key)?;
-                let (siblings, context) =
-                    partition.read_siblings(key).await.map_err(store_error)?;
+            Request::Get { r, key } => {
+                let (versions, context) = self.cluster_get(key, r).await?;
                 let encoded = Context::encode(&context);
-                partition.record_clock_truncation(encoded.truncated_entries);
+                if let Ok(partition) = self.partition_for(key) {
+                    partition.record_clock_truncation(encoded.truncated_entries);
+                }
                 let values: Vec<&[u8]> =
-                    siblings.iter().filter_map(|s| s.value.as_deref()).collect();
+                    versions.iter().filter_map(|s| s.value.as_deref()).collect();
                 let reply_bytes: usize = protocol::HEADER_BYTES
                     + 4
                     + encoded.bytes.len()
@@ -483,10 +671,10 @@ impl Shard {
                 );
             }
             Request::Put {
+                w,
                 key,
                 context,
                 value,
-                ..
             } => {
                 if value.len() > self.config.value_bytes_max {
                     return Err((
@@ -498,45 +686,14 @@ impl Shard {
                         ),
                     ));
                 }
-                let partition = self.partition_for(key)?;
                 let context = decode_context(context)?;
-                let outcome = partition
-                    .coordinate_put(
-                        self.config.node_id,
-                        key,
-                        &context,
-                        Some(value),
-                        now_ms(),
-                        self.config.clock_entries_max,
-                    )
-                    .await
-                    .map_err(store_error)?;
-                if outcome.siblings * 2 > self.config.siblings_max {
-                    tracing::warn!(siblings = outcome.siblings, key = %String::from_utf8_lossy(key), "key has many siblings: clients should put with the context they read");
-                }
-                let encoded = Context::encode(&outcome.context);
-                encode::put_ok(
-                    &mut out.borrow_mut(),
-                    request_id,
-                    &encoded.bytes,
-                    outcome.siblings.min(u16::MAX as usize) as u16,
-                );
+                self.cluster_put(frame, key, &context, Some(value), w, request_id, out)
+                    .await?;
             }
-            Request::Delete { key, context, .. } => {
-                let partition = self.partition_for(key)?;
+            Request::Delete { w, key, context } => {
                 let context = decode_context(context)?;
-                partition
-                    .coordinate_put(
-                        self.config.node_id,
-                        key,
-                        &context,
-                        None,
-                        now_ms(),
-                        self.config.clock_entries_max,
-                    )
-                    .await
-                    .map_err(store_error)?;
-                encode::delete_ok(&mut out.borrow_mut(), request_id);
+                self.cluster_put(frame, key, &context, None, w, request_id, out)
+                    .await?;
             }
         }
         Ok(())
@@ -558,7 +715,7 @@ fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
     Context::decode(bytes).map_err(|e| (ErrorCode::BadContext, e.to_string()))
 }
 
-fn store_error(e: StoreError) -> (ErrorCode, String) {
+pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {
     let code = match &e {
         StoreError::KeyTooLong { .. } => ErrorCode::KeyTooLong,
         StoreError::TooManySiblings { .. } => ErrorCode::TooManySiblings,

@@ -1,0 +1,1453 @@
+//! The cluster side of a shard: the runtime that drives the pure state machines
+//! (`crate::cluster::Coordinator`, `ringkv_ring::Gossip`, `ringkv_ring::FailureDetector`)
+//! with real time, peer links and the shard's partitions.
+//!
+//! - Client puts and deletes: the node computes the key's targets (N home nodes, an
+//!   unreachable one replaced by the next reachable fallback, which keeps a hint). If it
+//!   is not a target it forwards the request to the first target; otherwise it writes
+//!   locally (making the new version), sends the version to the other targets and
+//!   answers after W acknowledgements, or "not confirmed" when they do not come in time.
+//! - Client gets: asks the targets, answers after R replies with the reconciled sibling
+//!   set, then repairs replicas that missed a version (read repair).
+//! - Replica messages from peers run on the shard that owns the partition.
+//! - Hints: each shard keeps a hint store (a partition of its own); a background task
+//!   delivers hints to owners that are reachable and deletes them after the owner's ack.
+//! - Membership: shard 0 runs gossip, persists the membership and sends every change to
+//!   the other shards over the mesh; each shard has its own failure detector, fed by its
+//!   own peer requests and probes.
+//! - Joins and leaves are accepted only when every partition whose home replicas change
+//!   holds no keys (moving data on a membership change is not implemented yet).
+
+use super::{now_ms, Shard, ShardMsg};
+use crate::cluster::coordinator::{
+    choose_targets, CoordinatorOutput, GetResult, OpId, PutResult, Target, VersionedValue,
+};
+use crate::cluster::replica;
+use crate::notify::Notify;
+use crate::version::{context_of, Context, VClock, Version};
+use ringkv_net::link::{LinkConfig, LinkError, PeerLink};
+use ringkv_net::peer::{ClusterReply, ClusterRequest, WireVersion, FLAG_FORWARDED};
+use ringkv_net::protocol::{self, encode, ErrorCode, Reply};
+use ringkv_ring::{
+    FailureDetector, FailureDetectorConfig, Gossip, GossipConfig, GossipMessage, Membership,
+    NodeId, Ring, Status,
+};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+type Failure = (ErrorCode, String);
+
+/// The membership and the ring computed from it.
+pub(crate) struct View {
+    pub membership: Membership,
+    pub ring: Ring,
+}
+
+impl View {
+    fn new(membership: Membership) -> View {
+        let ring = Ring::from_membership(&membership);
+        View { membership, ring }
+    }
+
+    fn is_member(&self, id: NodeId) -> bool {
+        self.membership
+            .member(id)
+            .is_some_and(|m| !m.status.has_left())
+    }
+}
+
+/// Counters of the cluster side of one shard.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStats {
+    pub coordinated_puts: u64,
+    pub coordinated_gets: u64,
+    pub forwarded_to_coordinator: u64,
+    pub not_confirmed: u64,
+    pub replica_puts: u64,
+    pub replica_gets: u64,
+    pub hints_stored: u64,
+    pub hints_delivered: u64,
+    pub read_repairs: u64,
+}
+
+/// Counters of the whole node, shared by its shards (statistics only: nothing on the
+/// data path waits on them). `hints_pending[s]` is refreshed by shard s twice a second.
+#[derive(Debug)]
+pub struct NodeCounters {
+    pub hints_pending: Vec<AtomicU64>,
+    pub hints_stored: AtomicU64,
+    pub hints_delivered: AtomicU64,
+    pub read_repairs: AtomicU64,
+}
+
+impl NodeCounters {
+    pub fn new(shards: usize) -> NodeCounters {
+        NodeCounters {
+            hints_pending: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            hints_stored: AtomicU64::new(0),
+            hints_delivered: AtomicU64::new(0),
+            read_repairs: AtomicU64::new(0),
+        }
+    }
+}
+
+#[derive(Default)]
+struct OpSlot {
+    done: RefCell<Option<CoordinatorOutput>>,
+    notify: Notify,
+}
+
+pub(crate) struct ClusterState {
+    pub local: NodeId,
+    view: RefCell<Option<Rc<View>>>,
+    links: RefCell<HashMap<NodeId, Rc<PeerLink>>>,
+    fd: RefCell<FailureDetector>,
+    coordinator: RefCell<crate::cluster::coordinator::Coordinator>,
+    ops: RefCell<HashMap<OpId, Rc<OpSlot>>>,
+    pub hints: Rc<crate::Partition<crate::storage::dma::DmaStorage>>,
+    /// Shard 0 only: the gossip state machine (None until the node has joined).
+    gossip: RefCell<Option<Gossip>>,
+    /// Shard 0: membership changes (joins, leaves) take turns.
+    change_busy: Cell<bool>,
+    change_done: Notify,
+    pub stats: RefCell<ClusterStats>,
+    hint_wake: Notify,
+}
+
+impl ClusterState {
+    pub(crate) fn new(
+        local: NodeId,
+        hints: Rc<crate::Partition<crate::storage::dma::DmaStorage>>,
+    ) -> ClusterState {
+        ClusterState {
+            local,
+            view: RefCell::new(None),
+            links: RefCell::default(),
+            fd: RefCell::new(FailureDetector::new(FailureDetectorConfig {
+                unanswered_max: 2,
+                probe_timeout_ms: 500,
+                probe_interval_ms: 500,
+                idle_probe_after_ms: Some(2000),
+            })),
+            coordinator: RefCell::new(crate::cluster::coordinator::Coordinator::new(local)),
+            ops: RefCell::default(),
+            hints,
+            gossip: RefCell::new(None),
+            change_busy: Cell::new(false),
+            change_done: Notify::default(),
+            stats: RefCell::default(),
+            hint_wake: Notify::default(),
+        }
+    }
+
+    pub(crate) fn view(&self) -> Option<Rc<View>> {
+        self.view.borrow().clone()
+    }
+}
+
+/// Reads the persisted membership of a node, if it has one.
+pub(crate) fn load_membership(data_dir: &Path) -> Result<Option<Membership>, String> {
+    let path = data_dir.join("cluster").join("membership");
+    match std::fs::read(&path) {
+        Ok(bytes) => Membership::decode(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes the membership durably (temporary file, fsync, rename, fsync the folder).
+pub(crate) fn persist_membership(data_dir: &Path, membership: &Membership) -> Result<(), String> {
+    use std::io::Write;
+    let dir = data_dir.join("cluster");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tmp = dir.join("membership.tmp");
+    let path = dir.join("membership");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&membership.encode())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn error_of(frame: &[u8]) -> Option<(u16, String)> {
+    match Reply::parse(frame) {
+        Ok((_, Reply::Error { code, message })) => {
+            Some((code, String::from_utf8_lossy(message).into_owned()))
+        }
+        _ => None,
+    }
+}
+
+fn wire_to_versioned(v: &WireVersion<'_>) -> Option<VersionedValue> {
+    Some(VersionedValue {
+        version: Version::decode(v.version).ok()?,
+        value: v.value.map(<[u8]>::to_vec),
+    })
+}
+
+impl Shard {
+    /// The replication settings for this cluster size: (n, default r, default w).
+    fn quorum(&self, view: &View) -> (usize, usize, usize) {
+        let nodes = view.ring.nodes().len().max(1);
+        let n = self.config.replicas.min(nodes).max(1);
+        (
+            n,
+            self.config.read_quorum.clamp(1, n),
+            self.config.write_quorum.clamp(1, n),
+        )
+    }
+
+    fn reachable(&self, view: &View, id: NodeId) -> bool {
+        if id == self.cluster.local {
+            return true;
+        }
+        let down = view
+            .membership
+            .member(id)
+            .is_none_or(|m| m.status == Status::Down || m.status.has_left());
+        !down && self.cluster.fd.borrow().is_reachable(id)
+    }
+
+    fn targets(&self, view: &View, partition: u32, n: usize) -> Vec<Target> {
+        let pref: Vec<NodeId> = view.ring.preference_list(partition, n).iter().collect();
+        choose_targets(&pref, n, |id| self.reachable(view, id))
+    }
+
+    fn link(&self, id: NodeId) -> Option<Rc<PeerLink>> {
+        let view = self.cluster.view()?;
+        let addr = view.membership.member(id)?.addr.clone();
+        let mut links = self.cluster.links.borrow_mut();
+        let link = links.entry(id).or_insert_with(|| {
+            Rc::new(PeerLink::spawn(
+                &addr,
+                LinkConfig {
+                    frame_bytes_max: self.config.frame_bytes_max,
+                    ..LinkConfig::default()
+                },
+            ))
+        });
+        if link.addr() != addr {
+            link.set_addr(&addr);
+        }
+        Some(link.clone())
+    }
+
+    /// Sends one cluster request to `to` and returns its reply frame; feeds the
+    /// failure detector either way.
+    async fn call_peer(
+        &self,
+        to: NodeId,
+        request: &ClusterRequest<'_>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let Some(link) = self.link(to) else {
+            return Err(LinkError::Unreachable {
+                addr: format!("node {to}"),
+                reason: "not a member".into(),
+            });
+        };
+        let reply = link.call(timeout, |id, out| request.encode(id, out)).await;
+        let now = now_ms();
+        match &reply {
+            Ok(_) => self.cluster.fd.borrow_mut().handle_answered(now, to),
+            Err(LinkError::QueueFull(_)) => {}
+            Err(_) => self.cluster.fd.borrow_mut().handle_unanswered(now, to),
+        }
+        reply
+    }
+
+    // ---------------------------------------------------------------- client side
+
+    /// A client put (`value: Some`) or delete.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn cluster_put(
+        self: &Rc<Self>,
+        frame: &[u8],
+        key: &[u8],
+        context: &VClock,
+        value: Option<&[u8]>,
+        w_requested: u8,
+        request_id: u64,
+        out: &RefCell<Vec<u8>>,
+    ) -> Result<(), Failure> {
+        let view = self.joined_view()?;
+        let (n, _, w_default) = self.quorum(&view);
+        let w = self.requested_quorum(w_requested, w_default, n, "w")?;
+        let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
+        let targets = self.targets(&view, partition, n);
+        let forwarded = protocol::header(frame).flags & FLAG_FORWARDED != 0;
+        let me = targets
+            .iter()
+            .find(|t| t.node == self.cluster.local)
+            .copied();
+        if me.is_none() && !forwarded {
+            let Some(first) = targets.first() else {
+                return Err((ErrorCode::Unavailable, "no replica is reachable".into()));
+            };
+            return self.forward_to(first.node, frame, request_id, out).await;
+        }
+        let local = self.partition_for(key)?.clone();
+        let outcome = local
+            .coordinate_put(
+                self.config.node_id,
+                key,
+                context,
+                value,
+                now_ms(),
+                self.config.clock_entries_max,
+            )
+            .await
+            .map_err(super::store_error)?;
+        if let Some(Target {
+            hint_for: Some(home),
+            ..
+        }) = me
+        {
+            self.store_hint(home, partition, key).await?;
+        }
+        // a home replica that is down with no fallback left to stand in for it gets a
+        // hint here: this node holds the key and hands it off when the owner is back
+        for home in view.ring.preference_list(partition, n).replicas {
+            let covered = targets
+                .iter()
+                .any(|t| t.node == home || t.hint_for == Some(home));
+            if !covered && home != self.cluster.local {
+                self.store_hint(home, partition, key).await?;
+            }
+        }
+        let remote: Vec<Target> = targets
+            .iter()
+            .filter(|t| t.node != self.cluster.local)
+            .copied()
+            .collect();
+        let version = VersionedValue {
+            version: outcome.version.clone(),
+            value: value.map(<[u8]>::to_vec),
+        };
+        self.cluster.stats.borrow_mut().coordinated_puts += 1;
+        let (op, slot) = {
+            let mut coordinator = self.cluster.coordinator.borrow_mut();
+            let op = coordinator.start_put(
+                now_ms(),
+                partition,
+                key.to_vec(),
+                version,
+                &remote,
+                1,
+                w,
+                self.config.request_timeout.as_millis() as u64,
+            );
+            let slot = Rc::new(OpSlot::default());
+            self.cluster.ops.borrow_mut().insert(op, slot.clone());
+            (op, slot)
+        };
+        self.pump();
+        let done = self.wait_op(op, &slot).await;
+        match done {
+            CoordinatorOutput::PutDone {
+                result: PutResult::Ok { .. },
+                ..
+            } => {
+                if outcome.siblings * 2 > self.config.siblings_max {
+                    tracing::warn!(
+                        siblings = outcome.siblings,
+                        "key has many siblings: clients should put with the context they read"
+                    );
+                }
+                match value {
+                    Some(_) => {
+                        let encoded = Context::encode(&outcome.context);
+                        encode::put_ok(
+                            &mut out.borrow_mut(),
+                            request_id,
+                            &encoded.bytes,
+                            outcome.siblings.min(u16::MAX as usize) as u16,
+                        );
+                    }
+                    None => encode::delete_ok(&mut out.borrow_mut(), request_id),
+                }
+                Ok(())
+            }
+            CoordinatorOutput::PutDone {
+                result: PutResult::NotConfirmed { acks, w },
+                ..
+            } => {
+                self.cluster.stats.borrow_mut().not_confirmed += 1;
+                Err((
+                    ErrorCode::NotConfirmed,
+                    format!(
+                        "not confirmed: {acks} of the {w} replicas needed acknowledged in time; \
+                         the write may or may not be applied"
+                    ),
+                ))
+            }
+            other => Err((
+                ErrorCode::Internal,
+                format!("coordinator answered a put with {other:?}"),
+            )),
+        }
+    }
+
+    /// A client get: (siblings with values, context).
+    pub(crate) async fn cluster_get(
+        self: &Rc<Self>,
+        key: &[u8],
+        r_requested: u8,
+    ) -> Result<(Vec<VersionedValue>, VClock), Failure> {
+        let view = self.joined_view()?;
+        let (n, r_default, _) = self.quorum(&view);
+        let r = self.requested_quorum(r_requested, r_default, n, "r")?;
+        let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
+        let targets = self.targets(&view, partition, n);
+        let local_is_target = targets.iter().any(|t| t.node == self.cluster.local);
+        let local = if local_is_target {
+            let p = self.partition_for(key)?.clone();
+            Some(
+                replica::replica_get(&p, key)
+                    .await
+                    .map_err(super::store_error)?,
+            )
+        } else {
+            None
+        };
+        let remote: Vec<NodeId> = targets
+            .iter()
+            .map(|t| t.node)
+            .filter(|&id| id != self.cluster.local)
+            .collect();
+        self.cluster.stats.borrow_mut().coordinated_gets += 1;
+        let (op, slot) = {
+            let mut coordinator = self.cluster.coordinator.borrow_mut();
+            let op = coordinator.start_get(
+                now_ms(),
+                partition,
+                key.to_vec(),
+                &remote,
+                local,
+                r,
+                self.config.request_timeout.as_millis() as u64,
+            );
+            let slot = Rc::new(OpSlot::default());
+            self.cluster.ops.borrow_mut().insert(op, slot.clone());
+            (op, slot)
+        };
+        self.pump();
+        match self.wait_op(op, &slot).await {
+            CoordinatorOutput::GetDone {
+                result: GetResult::Ok { versions, .. },
+                ..
+            } => {
+                let clocks: Vec<Version> = versions.iter().map(|v| v.version.clone()).collect();
+                Ok((versions, context_of(&clocks)))
+            }
+            CoordinatorOutput::GetDone {
+                result: GetResult::Failed { replies, r },
+                ..
+            } => Err((
+                ErrorCode::Unavailable,
+                format!("only {replies} of the {r} replicas needed answered in time"),
+            )),
+            other => Err((
+                ErrorCode::Internal,
+                format!("coordinator answered a get with {other:?}"),
+            )),
+        }
+    }
+
+    fn joined_view(&self) -> Result<Rc<View>, Failure> {
+        match self.cluster.view() {
+            Some(view) if !view.ring.nodes().is_empty() => Ok(view),
+            _ => Err((
+                ErrorCode::Unavailable,
+                "this node has not joined a cluster yet".into(),
+            )),
+        }
+    }
+
+    fn requested_quorum(
+        &self,
+        requested: u8,
+        default: usize,
+        n: usize,
+        what: &str,
+    ) -> Result<usize, Failure> {
+        match requested as usize {
+            0 => Ok(default),
+            q if q <= n => Ok(q),
+            q => Err((
+                ErrorCode::BadRequest,
+                format!("{what} = {q} is more than the {n} replicas of the key"),
+            )),
+        }
+    }
+
+    async fn forward_to(
+        &self,
+        to: NodeId,
+        frame: &[u8],
+        request_id: u64,
+        out: &RefCell<Vec<u8>>,
+    ) -> Result<(), Failure> {
+        self.cluster.stats.borrow_mut().forwarded_to_coordinator += 1;
+        let Some(link) = self.link(to) else {
+            return Err((ErrorCode::Unavailable, format!("node {to} is unknown")));
+        };
+        let reply = link
+            .call(self.config.request_timeout * 2, |id, buf| {
+                let start = buf.len();
+                buf.extend_from_slice(frame);
+                let flags = protocol::header(frame).flags | FLAG_FORWARDED;
+                ringkv_net::peer::set_flags(&mut buf[start..], flags);
+                ringkv_net::peer::set_request_id(&mut buf[start..], id);
+            })
+            .await;
+        match reply {
+            Ok(mut reply) => {
+                self.cluster.fd.borrow_mut().handle_answered(now_ms(), to);
+                ringkv_net::peer::set_request_id(&mut reply, request_id);
+                out.borrow_mut().extend_from_slice(&reply);
+                Ok(())
+            }
+            Err(e) => {
+                self.cluster.fd.borrow_mut().handle_unanswered(now_ms(), to);
+                // the coordinator may have written before the link failed
+                let code = match protocol::header(frame).opcode {
+                    protocol::opcode::GET => ErrorCode::Unavailable,
+                    _ => ErrorCode::NotConfirmed,
+                };
+                Err((
+                    code,
+                    format!("forwarding to coordinator node {to} failed: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn wait_op(&self, op: OpId, slot: &OpSlot) -> CoordinatorOutput {
+        loop {
+            if let Some(done) = slot.done.borrow_mut().take() {
+                return done;
+            }
+            // the coordinator's deadline always ends an op; this is a backstop
+            let waited = glommio::timer::timeout(self.config.request_timeout * 4, async {
+                slot.notify.wait().await;
+                Ok(())
+            })
+            .await;
+            if waited.is_err() && slot.done.borrow().is_none() {
+                self.cluster.ops.borrow_mut().remove(&op);
+                return CoordinatorOutput::PutDone {
+                    op,
+                    result: PutResult::NotConfirmed { acks: 0, w: 0 },
+                };
+            }
+        }
+    }
+
+    /// Drains the coordinator's outputs.
+    fn pump(self: &Rc<Self>) {
+        loop {
+            let output = self.cluster.coordinator.borrow_mut().poll_output();
+            let Some(output) = output else { return };
+            self.dispatch(output);
+        }
+    }
+
+    fn dispatch(self: &Rc<Self>, output: CoordinatorOutput) {
+        match output {
+            CoordinatorOutput::SendPut {
+                op,
+                to,
+                hint_for,
+                partition,
+                key,
+                version,
+            } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let mut ok = shard
+                        .send_replica_put(to, partition, hint_for, &key, &version)
+                        .await;
+                    let home = hint_for.unwrap_or(to);
+                    if !ok {
+                        // sloppy quorum: the replica failed, so the write goes to the
+                        // next reachable fallback with a hint naming the home node
+                        if let Some(fallback) = shard.fallback_for(partition, to) {
+                            ok = shard
+                                .send_replica_put(fallback, partition, Some(home), &key, &version)
+                                .await;
+                        }
+                    }
+                    if !ok && home != shard.cluster.local {
+                        // a replica missed the write: this node holds the key, so it
+                        // keeps a hint and hands the key off once the owner is back
+                        if let Err((_, e)) = shard.store_hint(home, partition, &key).await {
+                            tracing::warn!(error = %e, "cannot store a hint for a failed replica");
+                        }
+                    }
+                    shard
+                        .cluster
+                        .coordinator
+                        .borrow_mut()
+                        .handle_put_ack(now_ms(), op, to, ok);
+                    shard.pump();
+                })
+                .detach();
+            }
+            CoordinatorOutput::SendGet {
+                op,
+                to,
+                partition,
+                key,
+            } => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let reply = shard.send_replica_get(to, partition, &key).await;
+                    shard.cluster.coordinator.borrow_mut().handle_get_reply(
+                        now_ms(),
+                        op,
+                        to,
+                        reply,
+                    );
+                    shard.pump();
+                })
+                .detach();
+            }
+            CoordinatorOutput::Repair {
+                to,
+                partition,
+                key,
+                versions,
+            } => {
+                self.cluster.stats.borrow_mut().read_repairs += 1;
+                self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    for v in &versions {
+                        if to == shard.cluster.local {
+                            if let Some(p) = shard.partitions.get(&partition) {
+                                if let Err(e) = replica::replica_put(p, &key, v, now_ms()).await {
+                                    tracing::warn!(error = %e, "local read repair failed");
+                                }
+                            }
+                        } else {
+                            shard.send_replica_put(to, partition, None, &key, v).await;
+                        }
+                    }
+                })
+                .detach();
+            }
+            CoordinatorOutput::Silent { node } => {
+                self.cluster
+                    .fd
+                    .borrow_mut()
+                    .handle_unanswered(now_ms(), node);
+            }
+            done @ (CoordinatorOutput::PutDone { op, .. }
+            | CoordinatorOutput::GetDone { op, .. }) => {
+                if let Some(slot) = self.cluster.ops.borrow_mut().remove(&op) {
+                    *slot.done.borrow_mut() = Some(done);
+                    slot.notify.notify_all();
+                }
+            }
+        }
+    }
+
+    /// The first reachable fallback of `partition` other than this node and `failed`.
+    fn fallback_for(&self, partition: u32, failed: NodeId) -> Option<NodeId> {
+        let view = self.cluster.view()?;
+        let (n, _, _) = self.quorum(&view);
+        let pref = view.ring.preference_list(partition, n);
+        pref.fallbacks
+            .iter()
+            .copied()
+            .find(|&id| id != failed && id != self.cluster.local && self.reachable(&view, id))
+    }
+
+    async fn send_replica_put(
+        &self,
+        to: NodeId,
+        partition: u32,
+        hint_for: Option<NodeId>,
+        key: &[u8],
+        version: &VersionedValue,
+    ) -> bool {
+        let blob = version.version.encode_to_vec();
+        let request = ClusterRequest::ReplicaPut {
+            partition,
+            hint_for: hint_for.map_or(0, |h| h.0),
+            key,
+            version: WireVersion {
+                version: &blob,
+                value: version.value.as_deref(),
+            },
+        };
+        match self
+            .call_peer(to, &request, self.config.request_timeout)
+            .await
+        {
+            Ok(frame) => matches!(
+                ClusterReply::parse(&frame),
+                Ok((_, ClusterReply::ReplicaPutOk { .. }))
+            ),
+            Err(_) => false,
+        }
+    }
+
+    async fn send_replica_get(
+        &self,
+        to: NodeId,
+        partition: u32,
+        key: &[u8],
+    ) -> Option<Vec<VersionedValue>> {
+        let request = ClusterRequest::ReplicaGet { partition, key };
+        let frame = self
+            .call_peer(to, &request, self.config.request_timeout)
+            .await
+            .ok()?;
+        match ClusterReply::parse(&frame) {
+            Ok((_, ClusterReply::ReplicaGetOk(versions))) => {
+                versions.iter().map(wire_to_versioned).collect()
+            }
+            _ => None,
+        }
+    }
+
+    async fn store_hint(&self, home: NodeId, partition: u32, key: &[u8]) -> Result<(), Failure> {
+        replica::record_hint(&self.cluster.hints, home, partition, key, now_ms())
+            .await
+            .map_err(super::store_error)?;
+        self.cluster.stats.borrow_mut().hints_stored += 1;
+        self.counters.hints_stored.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- peer side
+
+    /// Runs a cluster request (peer or admin) on this shard; the caller routed it here.
+    pub(crate) async fn run_cluster_request(
+        self: &Rc<Self>,
+        frame: &[u8],
+        request_id: u64,
+        out: &RefCell<Vec<u8>>,
+    ) -> Result<(), Failure> {
+        let (_, request) = ClusterRequest::parse(frame).map_err(|e| (e.code(), e.to_string()))?;
+        let reply_bytes: Vec<u8>;
+        let reply = match request {
+            ClusterRequest::ReplicaPut {
+                partition,
+                hint_for,
+                key,
+                version,
+            } => {
+                self.check_key(key)?;
+                let p = self.local_partition(partition)?;
+                let v = wire_to_versioned(&version)
+                    .ok_or((ErrorCode::BadRequest, "undecodable version".to_string()))?;
+                let outcome = replica::replica_put(&p, key, &v, now_ms())
+                    .await
+                    .map_err(super::store_error)?;
+                if hint_for != 0 && hint_for != self.cluster.local.0 {
+                    self.store_hint(NodeId(hint_for), partition, key).await?;
+                }
+                self.cluster.stats.borrow_mut().replica_puts += 1;
+                ClusterReply::ReplicaPutOk {
+                    applied: matches!(outcome, crate::versioned::ApplyOutcome::Applied { .. }),
+                }
+                .encode(request_id, &mut out.borrow_mut());
+                return Ok(());
+            }
+            ClusterRequest::ReplicaGet { partition, key } => {
+                self.check_key(key)?;
+                let p = self.local_partition(partition)?;
+                let versions = replica::replica_get(&p, key)
+                    .await
+                    .map_err(super::store_error)?;
+                self.cluster.stats.borrow_mut().replica_gets += 1;
+                let blobs: Vec<Vec<u8>> =
+                    versions.iter().map(|v| v.version.encode_to_vec()).collect();
+                let wire: Vec<WireVersion<'_>> = versions
+                    .iter()
+                    .zip(&blobs)
+                    .map(|(v, blob)| WireVersion {
+                        version: blob,
+                        value: v.value.as_deref(),
+                    })
+                    .collect();
+                if wire.len() > u16::MAX as usize {
+                    return Err((ErrorCode::TooManySiblings, "too many versions".into()));
+                }
+                ClusterReply::ReplicaGetOk(wire).encode(request_id, &mut out.borrow_mut());
+                return Ok(());
+            }
+            ClusterRequest::KeyCount { partition } => {
+                let p = self.local_partition(partition)?;
+                let mut keys = 0u64;
+                p.for_each_key(|_, _| keys += 1);
+                ClusterReply::KeyCountOk(keys)
+            }
+            ClusterRequest::Gossip { from, message } => {
+                let message = GossipMessage::decode(message)
+                    .map_err(|e| (ErrorCode::BadRequest, format!("bad gossip message: {e}")))?;
+                self.on_gossip(NodeId(from), message);
+                ClusterReply::GossipOk
+            }
+            ClusterRequest::Status => {
+                reply_bytes = self.status_json().await.into_bytes();
+                ClusterReply::StatusOk(&reply_bytes)
+            }
+            ClusterRequest::JoinRequest {
+                id,
+                shards,
+                weight,
+                addr,
+                zone,
+            } => {
+                let addr = std::str::from_utf8(addr)
+                    .map_err(|_| (ErrorCode::BadRequest, "address is not UTF-8".to_string()))?;
+                let zone = std::str::from_utf8(zone)
+                    .map_err(|_| (ErrorCode::BadRequest, "zone is not UTF-8".to_string()))?;
+                reply_bytes = self
+                    .admit(NodeId(id), shards, weight, addr, zone)
+                    .await
+                    .map_err(|e| (ErrorCode::Unavailable, e))?;
+                ClusterReply::JoinAccept(&reply_bytes)
+            }
+            ClusterRequest::Join { seed } => {
+                let seed = std::str::from_utf8(seed)
+                    .map_err(|_| (ErrorCode::BadRequest, "seed is not UTF-8".to_string()))?
+                    .to_string();
+                reply_bytes = self
+                    .join_cluster_on_request(&seed)
+                    .await
+                    .map_err(|e| (ErrorCode::Unavailable, e))?
+                    .into_bytes();
+                ClusterReply::JoinOk(&reply_bytes)
+            }
+            ClusterRequest::Leave => {
+                reply_bytes = self
+                    .leave_cluster()
+                    .await
+                    .map_err(|e| (ErrorCode::Unavailable, e))?
+                    .into_bytes();
+                ClusterReply::LeaveOk(&reply_bytes)
+            }
+        };
+        reply.encode(request_id, &mut out.borrow_mut());
+        Ok(())
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), Failure> {
+        if key.is_empty() || key.len() > self.config.key_bytes_max {
+            return Err((
+                ErrorCode::KeyTooLong,
+                format!("key of {} bytes is not allowed", key.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn local_partition(
+        &self,
+        partition: u32,
+    ) -> Result<Rc<crate::Partition<crate::storage::dma::DmaStorage>>, Failure> {
+        self.partitions.get(&partition).cloned().ok_or((
+            ErrorCode::BadRequest,
+            format!("partition {partition} is not on shard {}", self.id),
+        ))
+    }
+
+    // ---------------------------------------------------------------- membership
+
+    /// Installs a membership on this shard: ring, failure-detector peers, links.
+    pub(crate) fn set_view(&self, membership: Membership) {
+        let view = View::new(membership);
+        let now = now_ms();
+        {
+            let mut fd = self.cluster.fd.borrow_mut();
+            for member in view.membership.members() {
+                if member.id == self.cluster.local {
+                    continue;
+                }
+                if member.status == Status::Removed {
+                    fd.remove_peer(member.id);
+                } else {
+                    fd.add_peer(now, member.id);
+                }
+            }
+        }
+        *self.cluster.view.borrow_mut() = Some(Rc::new(view));
+        self.cluster.hint_wake.notify_all();
+    }
+
+    /// Shard 0: a local change or gossip changed the membership.
+    fn membership_changed(&self, membership: Membership) {
+        if let Err(e) = persist_membership(&self.config.data_dir, &membership) {
+            tracing::error!(error = %e, "cannot persist the membership");
+        }
+        if let Some(senders) = &self.senders {
+            let bytes = membership.encode();
+            for shard in 0..self.config.shards {
+                if shard != self.id {
+                    // the mesh queue is bounded; membership changes are rare
+                    let _ = senders.try_send_to(shard, ShardMsg::Membership(bytes.clone()));
+                }
+            }
+        }
+        tracing::info!(
+            members = membership.len(),
+            fingerprint = membership.fingerprint(),
+            "membership changed"
+        );
+        self.set_view(membership);
+    }
+
+    /// Shard 0: starts gossip with `membership` (the node has joined).
+    pub(crate) fn start_gossip(&self, membership: Membership) {
+        let seeds: Vec<NodeId> = membership
+            .members()
+            .filter(|m| self.config.seeds.contains(&m.addr))
+            .map(|m| m.id)
+            .filter(|&id| id != self.cluster.local)
+            .collect();
+        let mut config =
+            GossipConfig::new(self.cluster.local, seeds, self.config.node_id ^ now_ms());
+        config.gossip_period_ms = self.config.gossip_period.as_millis().max(1) as u64;
+        *self.cluster.gossip.borrow_mut() = Some(Gossip::new(config, membership.clone()));
+        self.membership_changed(membership);
+    }
+
+    fn on_gossip(self: &Rc<Self>, from: NodeId, message: GossipMessage) {
+        let changed = {
+            let mut gossip = self.cluster.gossip.borrow_mut();
+            let Some(gossip) = gossip.as_mut() else {
+                return;
+            };
+            gossip.handle_message(now_ms(), from, message);
+            gossip.poll_changed().then(|| gossip.membership().clone())
+        };
+        if let Some(membership) = changed {
+            self.membership_changed(membership);
+        }
+        self.send_gossip();
+    }
+
+    fn send_gossip(self: &Rc<Self>) {
+        let outgoing: Vec<_> = {
+            let mut gossip = self.cluster.gossip.borrow_mut();
+            let Some(gossip) = gossip.as_mut() else {
+                return;
+            };
+            std::iter::from_fn(|| gossip.poll_outgoing()).collect()
+        };
+        for message in outgoing {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                let bytes = message.message.encode();
+                let request = ClusterRequest::Gossip {
+                    from: shard.cluster.local.0,
+                    message: &bytes,
+                };
+                let _ = shard
+                    .call_peer(message.to, &request, Duration::from_secs(1))
+                    .await;
+            })
+            .detach();
+        }
+    }
+
+    /// Pushes the whole membership to every member (after a local change, so the
+    /// cluster agrees within one round trip instead of a few gossip rounds).
+    fn push_membership(self: &Rc<Self>) {
+        let Some(view) = self.cluster.view() else {
+            return;
+        };
+        let message = GossipMessage::Delta {
+            partition_count: view.membership.partition_count(),
+            members: view.membership.members().cloned().collect(),
+            wanted: Vec::new(),
+        };
+        let bytes = Rc::new(message.encode());
+        for member in view.membership.members() {
+            if member.id == self.cluster.local || member.status == Status::Removed {
+                continue;
+            }
+            let (shard, bytes, to) = (self.clone(), bytes.clone(), member.id);
+            glommio::spawn_local(async move {
+                let request = ClusterRequest::Gossip {
+                    from: shard.cluster.local.0,
+                    message: &bytes,
+                };
+                let _ = shard.call_peer(to, &request, Duration::from_secs(1)).await;
+            })
+            .detach();
+        }
+    }
+
+    async fn change_turn(&self) -> ChangeTurn<'_> {
+        while self.cluster.change_busy.get() {
+            self.cluster.change_done.wait().await;
+        }
+        self.cluster.change_busy.set(true);
+        ChangeTurn(&self.cluster)
+    }
+
+    /// Partitions whose N home nodes differ between two memberships.
+    fn changed_partitions(&self, before: &Membership, after: &Membership) -> Vec<u32> {
+        let (a, b) = (Ring::from_membership(before), Ring::from_membership(after));
+        let n = self.config.replicas;
+        (0..self.config.partitions)
+            .filter(|&p| {
+                a.nodes().is_empty()
+                    || a.preference_list(p, n).replicas != b.preference_list(p, n).replicas
+            })
+            .collect()
+    }
+
+    /// Refuses a membership change that would move partitions holding keys on any
+    /// current member (moving data on a membership change is not implemented yet).
+    async fn check_no_data_moves(
+        &self,
+        before: &Membership,
+        after: &Membership,
+    ) -> Result<(), String> {
+        let changed = self.changed_partitions(before, after);
+        let members: Vec<NodeId> = before
+            .members()
+            .filter(|m| !m.status.has_left())
+            .map(|m| m.id)
+            .collect();
+        for id in members {
+            for &p in &changed {
+                let keys = if id == self.cluster.local && self.partitions.contains_key(&p) {
+                    let mut keys = 0u64;
+                    self.partitions[&p].for_each_key(|_, _| keys += 1);
+                    keys
+                } else {
+                    let frame = self
+                        .call_peer(
+                            id,
+                            &ClusterRequest::KeyCount { partition: p },
+                            Duration::from_secs(2),
+                        )
+                        .await
+                        .map_err(|e| {
+                            format!("cannot check node {id} holds no data to move: {e}")
+                        })?;
+                    match ClusterReply::parse(&frame) {
+                        Ok((_, ClusterReply::KeyCountOk(keys))) => keys,
+                        _ => {
+                            return Err(format!(
+                                "node {id} did not report its keys: {}",
+                                error_of(&frame).map_or_else(String::new, |e| e.1)
+                            ))
+                        }
+                    }
+                };
+                if keys > 0 {
+                    return Err(format!(
+                        "refused: this change moves {} partitions and partition {p} holds {keys} keys \
+                         on node {id}; moving data on a membership change is not implemented yet",
+                        changed.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Shard 0 of a member: admits node `id` into the cluster.
+    async fn admit(
+        self: &Rc<Self>,
+        id: NodeId,
+        shards: u32,
+        weight: u32,
+        addr: &str,
+        zone: &str,
+    ) -> Result<Vec<u8>, String> {
+        let _turn = self.change_turn().await;
+        let current = match self.cluster.gossip.borrow().as_ref() {
+            Some(g) => g.membership().clone(),
+            None => return Err("this node has not joined a cluster itself".into()),
+        };
+        if let Some(member) = current.member(id) {
+            if member.status != Status::Removed {
+                if member.addr == addr {
+                    return Ok(current.encode());
+                }
+                let mut next = current.clone();
+                next.set_addr(id, addr).map_err(|e| e.to_string())?;
+                self.adopt_local_change(next.clone());
+                return Ok(next.encode());
+            }
+        }
+        let mut next = current.clone();
+        next.join(id, addr, weight.max(1), zone, shards.max(1))
+            .map_err(|e| e.to_string())?;
+        next.set_status(id, Status::Valid)
+            .map_err(|e| e.to_string())?;
+        self.check_no_data_moves(&current, &next).await?;
+        tracing::info!(node = id.0, addr, "admitted a node");
+        self.adopt_local_change(next.clone());
+        Ok(next.encode())
+    }
+
+    fn adopt_local_change(self: &Rc<Self>, next: Membership) {
+        if let Some(gossip) = self.cluster.gossip.borrow_mut().as_mut() {
+            let _ = gossip.membership_mut().merge(&next);
+            let _ = gossip.poll_changed();
+        }
+        let merged = self
+            .cluster
+            .gossip
+            .borrow()
+            .as_ref()
+            .map(|g| g.membership().clone());
+        if let Some(merged) = merged {
+            self.membership_changed(merged);
+        }
+        self.push_membership();
+    }
+
+    /// Shard 0: asks `seed` to admit this node; adopts the membership it answers.
+    pub(crate) async fn join_via(self: &Rc<Self>, seed: &str) -> Result<Membership, String> {
+        let link = PeerLink::spawn(seed, LinkConfig::default());
+        let advertise = self.config.advertise.to_string();
+        let request = ClusterRequest::JoinRequest {
+            id: self.cluster.local.0,
+            shards: self.config.shards as u32,
+            weight: self.config.weight,
+            addr: advertise.as_bytes(),
+            zone: self.config.zone.as_bytes(),
+        };
+        let frame = link
+            .call(Duration::from_secs(10), |id, out| request.encode(id, out))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ClusterReply::parse(&frame) {
+            Ok((_, ClusterReply::JoinAccept(bytes))) => {
+                let membership = Membership::decode(bytes).map_err(|e| e.to_string())?;
+                if membership.partition_count() != self.config.partitions {
+                    return Err(format!(
+                        "the cluster has {} partitions, this node {}",
+                        membership.partition_count(),
+                        self.config.partitions
+                    ));
+                }
+                self.start_gossip(membership.clone());
+                self.push_membership();
+                Ok(membership)
+            }
+            _ => Err(error_of(&frame).map_or_else(
+                || "the seed answered with an unexpected frame".to_string(),
+                |(_, message)| message,
+            )),
+        }
+    }
+
+    /// `ringkv join SEED`: only a node alone in its own cluster, holding no keys.
+    async fn join_cluster_on_request(self: &Rc<Self>, seed: &str) -> Result<String, String> {
+        let _turn = self.change_turn().await;
+        if let Some(view) = self.cluster.view() {
+            let others = view
+                .membership
+                .members()
+                .filter(|m| m.id != self.cluster.local && !m.status.has_left())
+                .count();
+            if others > 0 {
+                return Err(format!(
+                    "this node is already in a cluster with {others} other members; leave it first"
+                ));
+            }
+            // all of this node's keys: partitions on every shard
+            let me = self.cluster.local;
+            for p in 0..self.config.partitions {
+                let frame = self
+                    .call_peer(
+                        me,
+                        &ClusterRequest::KeyCount { partition: p },
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Ok((_, ClusterReply::KeyCountOk(keys))) = ClusterReply::parse(&frame) {
+                    if keys > 0 {
+                        return Err(format!(
+                            "refused: this node holds {keys} keys in partition {p}; moving data \
+                             on a membership change is not implemented yet"
+                        ));
+                    }
+                }
+            }
+        }
+        let membership = self.join_via(seed).await?;
+        Ok(format!(
+            "{{\"joined\":true,\"members\":{},\"fingerprint\":{}}}",
+            membership.len(),
+            membership.fingerprint()
+        ))
+    }
+
+    async fn leave_cluster(self: &Rc<Self>) -> Result<String, String> {
+        let _turn = self.change_turn().await;
+        let current = match self.cluster.gossip.borrow().as_ref() {
+            Some(g) => g.membership().clone(),
+            None => return Err("this node is not in a cluster".into()),
+        };
+        let others = current
+            .members()
+            .filter(|m| m.id != self.cluster.local && !m.status.has_left())
+            .count();
+        if others == 0 {
+            return Err("this node is the only member; there is no cluster to leave".into());
+        }
+        let mut next = current.clone();
+        next.remove(self.cluster.local).map_err(|e| e.to_string())?;
+        self.check_no_data_moves(&current, &next).await?;
+        self.adopt_local_change(next.clone());
+        Ok(format!(
+            "{{\"left\":true,\"members\":{}}}",
+            next.members().filter(|m| !m.status.has_left()).count()
+        ))
+    }
+
+    /// This node's view of the cluster, as JSON.
+    async fn status_json(&self) -> String {
+        let Some(view) = self.cluster.view() else {
+            return format!(
+                "{{\"node_id\":{},\"joined\":false,\"members\":[]}}",
+                self.cluster.local.0
+            );
+        };
+        let counts = view.ring.partition_counts();
+        let (n, r, w) = self.quorum(&view);
+        let mut members = Vec::new();
+        for m in view.membership.members() {
+            let reachable = self.reachable(&view, m.id) && !m.status.has_left();
+            members.push(format!(
+                "{{\"id\":{},\"addr\":{},\"status\":\"{}\",\"reachable\":{},\"partitions\":{},\"shards\":{}}}",
+                m.id.0,
+                json_string(&m.addr),
+                m.status.name(),
+                reachable,
+                counts.get(&m.id).copied().unwrap_or(0),
+                m.shard_count
+            ));
+        }
+        let c = &self.counters;
+        let pending: u64 = c
+            .hints_pending
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .sum();
+        format!(
+            "{{\"node_id\":{},\"joined\":true,\"addr\":{},\"partitions\":{},\"n\":{n},\"r\":{r},\"w\":{w},\
+             \"fingerprint\":{},\"members\":[{}],\"hints_pending\":{pending},\"hints_stored\":{},\
+             \"hints_delivered\":{},\"read_repairs\":{}}}",
+            self.cluster.local.0,
+            json_string(&self.config.advertise.to_string()),
+            self.config.partitions,
+            view.membership.fingerprint(),
+            members.join(","),
+            c.hints_stored.load(Ordering::Relaxed),
+            c.hints_delivered.load(Ordering::Relaxed),
+            c.read_repairs.load(Ordering::Relaxed),
+        )
+    }
+
+    // ---------------------------------------------------------------- background
+
+    /// The cluster's background tasks on this shard: coordinator and failure-detector
+    /// ticks with probes, gossip (shard 0), hint delivery.
+    pub(crate) fn spawn_cluster_tasks(self: &Rc<Self>) -> Vec<glommio::Task<()>> {
+        let mut tasks = Vec::new();
+        let shard = self.clone();
+        tasks.push(glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                let now = now_ms();
+                shard.cluster.coordinator.borrow_mut().tick(now);
+                shard.pump();
+                let probes: Vec<_> = {
+                    let mut fd = shard.cluster.fd.borrow_mut();
+                    fd.tick(now);
+                    std::iter::from_fn(|| fd.poll_probe()).collect()
+                };
+                for probe in probes {
+                    let s = shard.clone();
+                    glommio::spawn_local(async move {
+                        s.send_probe(probe.peer, probe.probe_id).await;
+                    })
+                    .detach();
+                }
+                let changes: Vec<_> = {
+                    let mut fd = shard.cluster.fd.borrow_mut();
+                    std::iter::from_fn(|| fd.poll_change()).collect()
+                };
+                for change in changes {
+                    tracing::info!(
+                        shard = shard.id,
+                        peer = change.peer.0,
+                        reachable = change.reachable,
+                        "peer reachability changed"
+                    );
+                    if change.reachable {
+                        shard.cluster.hint_wake.notify_all();
+                    }
+                }
+                if shard.id == 0 {
+                    if let Some(g) = shard.cluster.gossip.borrow_mut().as_mut() {
+                        g.tick(now);
+                    }
+                    let changed = shard
+                        .cluster
+                        .gossip
+                        .borrow_mut()
+                        .as_mut()
+                        .and_then(|g| g.poll_changed().then(|| g.membership().clone()));
+                    if let Some(m) = changed {
+                        shard.membership_changed(m);
+                    }
+                    shard.send_gossip();
+                }
+            }
+        }));
+        let shard = self.clone();
+        tasks.push(glommio::spawn_local(async move {
+            loop {
+                let _ = glommio::timer::timeout(Duration::from_millis(500), async {
+                    shard.cluster.hint_wake.wait().await;
+                    Ok(())
+                })
+                .await;
+                shard.deliver_hints().await;
+            }
+        }));
+        tasks
+    }
+
+    async fn send_probe(&self, peer: NodeId, probe_id: u64) {
+        let Some(link) = self.link(peer) else { return };
+        let reply = link
+            .call(Duration::from_millis(500), |id, out| {
+                protocol::Request::Ping.encode(id, out)
+            })
+            .await;
+        if reply.is_ok() {
+            self.cluster
+                .fd
+                .borrow_mut()
+                .handle_probe_answered(now_ms(), peer, probe_id);
+        }
+    }
+
+    /// One round of hint delivery: every hint whose owner is reachable gets the key's
+    /// current local versions; the hint goes once the owner acknowledged them all.
+    async fn deliver_hints(self: &Rc<Self>) {
+        let pending = replica::pending_hint_count(&self.cluster.hints);
+        self.counters.hints_pending[self.id].store(pending as u64, Ordering::Relaxed);
+        if pending == 0 || !self.config.hinted_handoff {
+            return;
+        }
+        let Some(view) = self.cluster.view() else {
+            return;
+        };
+        let hints = replica::pending_hints(&self.cluster.hints, 4096);
+        let mut by_target: BTreeMap<NodeId, Vec<replica::Hint>> = BTreeMap::new();
+        for hint in hints {
+            if hint.target != self.cluster.local
+                && view.is_member(hint.target)
+                && self.cluster.fd.borrow().is_reachable(hint.target)
+            {
+                by_target.entry(hint.target).or_default().push(hint);
+            }
+        }
+        for (_, hints) in by_target {
+            // up to 64 hints in flight to one owner
+            for chunk in hints.chunks(64) {
+                let tasks: Vec<_> = chunk
+                    .iter()
+                    .cloned()
+                    .map(|hint| {
+                        let shard = self.clone();
+                        glommio::spawn_local(async move { shard.deliver_hint(&hint).await })
+                    })
+                    .collect();
+                let mut failed = false;
+                for task in tasks {
+                    failed |= !task.await;
+                }
+                if failed {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn deliver_hint(&self, hint: &replica::Hint) -> bool {
+        let Some(p) = self.partitions.get(&hint.partition) else {
+            // not this shard's partition (the shard count changed): drop nothing
+            return false;
+        };
+        let versions = match replica::replica_get(p, &hint.key).await {
+            Ok(v) => v,
+            Err(_) => return false,
+        };
+        for v in &versions {
+            if !self
+                .send_replica_put(hint.target, hint.partition, None, &hint.key, v)
+                .await
+            {
+                return false;
+            }
+        }
+        match replica::hint_delivered(&self.cluster.hints, hint, now_ms()).await {
+            Ok(removed) => {
+                if removed {
+                    self.cluster.stats.borrow_mut().hints_delivered += 1;
+                    self.counters
+                        .hints_delivered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot remove a delivered hint");
+                false
+            }
+        }
+    }
+}
+
+struct ChangeTurn<'a>(&'a ClusterState);
+
+impl Drop for ChangeTurn<'_> {
+    fn drop(&mut self) {
+        self.0.change_busy.set(false);
+        self.0.change_done.notify_all();
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,299 @@
+//! `ringkv status | join | leave | dev`: the cluster admin commands.
+//!
+//! - `status [--addr A] [--json]`: one node's view of the cluster (members, their
+//!   address, status, reachability and partitions).
+//! - `join SEED [--addr A]`: node A (alone in a cluster of its own, holding no keys)
+//!   joins the cluster of SEED.
+//! - `leave [--addr A]`: node A leaves its cluster.
+//! - `dev [--nodes K]`: a local cluster of K `ringkv server` child processes.
+
+use anyhow::{bail, Context as _};
+use ringkv_net::peer::{ClusterReply, ClusterRequest};
+use ringkv_net::protocol::{check_frame, Reply, FRAME_BYTES_MAX_DEFAULT};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+pub const USAGE: &str = "usage: ringkv status [--addr HOST:PORT] [--json]
+       ringkv join SEED_HOST:PORT [--addr HOST:PORT]
+       ringkv leave [--addr HOST:PORT]
+       ringkv dev [--nodes K] [--data-dir DIR] [--base-port PORT] [--shards S]
+(default address 127.0.0.1:7379)";
+
+/// Sends one cluster admin request and returns the reply's JSON text.
+pub fn admin_call(
+    addr: &str,
+    request: &ClusterRequest<'_>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let sock: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{addr} is not HOST:PORT"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("cannot reach {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut frame = Vec::new();
+    request.encode(1, &mut frame);
+    stream.write_all(&frame)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let len = loop {
+        if let Some(len) = check_frame(&buf, FRAME_BYTES_MAX_DEFAULT).map_err(anyhow::Error::msg)? {
+            break len;
+        }
+        let n = stream
+            .read(&mut chunk)
+            .with_context(|| format!("no answer from {addr}"))?;
+        if n == 0 {
+            bail!("{addr} closed the connection");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let frame = &buf[..len];
+    if let Ok((_, Reply::Error { code, message })) = Reply::parse(frame) {
+        bail!("{} (error {code})", String::from_utf8_lossy(message));
+    }
+    match ClusterReply::parse(frame).map_err(anyhow::Error::msg)? {
+        (_, ClusterReply::StatusOk(b) | ClusterReply::JoinOk(b) | ClusterReply::LeaveOk(b)) => {
+            Ok(String::from_utf8_lossy(b).into_owned())
+        }
+        (_, other) => bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn addr_and_rest(args: &[String]) -> anyhow::Result<(String, bool, Vec<String>)> {
+    let mut addr = "127.0.0.1:7379".to_string();
+    let mut json = false;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--addr" => addr = it.next().context("--addr needs HOST:PORT")?.clone(),
+            "--json" => json = true,
+            "--help" | "-h" => bail!("{USAGE}"),
+            s if s.starts_with("--") => bail!("unknown option {s}\n\n{USAGE}"),
+            _ => rest.push(a.clone()),
+        }
+    }
+    Ok((addr, json, rest))
+}
+
+pub fn status(args: &[String]) -> anyhow::Result<ExitCode> {
+    let (addr, json, rest) = addr_and_rest(args)?;
+    if !rest.is_empty() {
+        bail!("{USAGE}");
+    }
+    let text = admin_call(&addr, &ClusterRequest::Status, Duration::from_secs(5))?;
+    if json {
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).context("status is not JSON")?;
+    if v["joined"] != serde_json::Value::Bool(true) {
+        println!("node {} has not joined a cluster yet", v["node_id"]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "node {} at {}: {} partitions, N={} R={} W={}, ring fingerprint {}",
+        v["node_id"], v["addr"], v["partitions"], v["n"], v["r"], v["w"], v["fingerprint"]
+    );
+    println!(
+        "{:>6}  {:<22} {:<8} {:<10} {:>10}",
+        "node", "addr", "status", "reachable", "partitions"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6}  {:<22} {:<8} {:<10} {:>10}",
+            m["id"].to_string(),
+            m["addr"].as_str().unwrap_or(""),
+            m["status"].as_str().unwrap_or(""),
+            if m["reachable"] == serde_json::Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            m["partitions"].to_string()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn join(args: &[String]) -> anyhow::Result<ExitCode> {
+    let (addr, _, rest) = addr_and_rest(args)?;
+    let [seed] = rest.as_slice() else {
+        bail!("{USAGE}");
+    };
+    let text = admin_call(
+        &addr,
+        &ClusterRequest::Join {
+            seed: seed.as_bytes(),
+        },
+        Duration::from_secs(30),
+    )?;
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn leave(args: &[String]) -> anyhow::Result<ExitCode> {
+    let (addr, _, rest) = addr_and_rest(args)?;
+    if !rest.is_empty() {
+        bail!("{USAGE}");
+    }
+    let text = admin_call(&addr, &ClusterRequest::Leave, Duration::from_secs(30))?;
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The fingerprint and member count a node reports, when it answers.
+fn agreement(addr: &str) -> Option<(u64, usize)> {
+    let text = admin_call(addr, &ClusterRequest::Status, Duration::from_secs(1)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let valid = v["members"]
+        .as_array()?
+        .iter()
+        .filter(|m| m["status"] == "valid")
+        .count();
+    Some((v["fingerprint"].as_u64()?, valid))
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for child in &mut self.0 {
+            let _ = child.wait();
+        }
+    }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
+    let mut nodes = 3usize;
+    let mut data_dir = PathBuf::from("ringkv-data/dev");
+    let mut base_port = 7400u16;
+    let mut shards: Option<usize> = None;
+    let mut extra: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--nodes" => nodes = value()?.parse()?,
+            "--data-dir" => data_dir = PathBuf::from(value()?),
+            "--base-port" => base_port = value()?.parse()?,
+            "--shards" => shards = Some(value()?.parse()?),
+            "--" => {
+                extra.extend(it.by_ref().cloned());
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}\n\nStarts K nodes on 127.0.0.1 (node i listens on BASE+10*(i-1), its\nshards on the ports after it), data under DIR/node-i; arguments after --\ngo to every server. Ctrl-C stops them all.");
+                return Ok(ExitCode::SUCCESS);
+            }
+            other => bail!("unknown option {other}\n\n{USAGE}"),
+        }
+    }
+    if !(1..=32).contains(&nodes) {
+        bail!("--nodes must be 1..=32");
+    }
+    // SAFETY: installing a plain handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+    }
+    let exe = std::env::current_exe().context("cannot find the ringkv binary")?;
+    let seed = format!("127.0.0.1:{base_port}");
+    let mut children = Children(Vec::new());
+    let mut addrs = Vec::new();
+    for i in 1..=nodes {
+        let port = base_port + 10 * (i as u16 - 1);
+        let addr = format!("127.0.0.1:{port}");
+        let dir = data_dir.join(format!("node-{i}"));
+        let mut cmd_args: Vec<String> = vec![
+            "server".into(),
+            "--node-id".into(),
+            i.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--shard-port-base".into(),
+            (port + 1).to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        if let Some(s) = shards {
+            cmd_args.extend(["--shards".into(), s.to_string()]);
+        }
+        if i > 1 {
+            cmd_args.extend(["--seeds".into(), seed.clone()]);
+        }
+        cmd_args.extend(extra.iter().cloned());
+        println!("node {i}: {} {}", exe.display(), cmd_args.join(" "));
+        let child = Command::new(&exe)
+            .args(&cmd_args)
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start node {i}"))?;
+        children.0.push(child);
+        addrs.push(addr.clone());
+        // the seed first: the others join through it
+        if i == 1 {
+            wait_until(Duration::from_secs(60), || agreement(&addr).is_some())
+                .context("node 1 did not start")?;
+        }
+    }
+    let agreed = wait_until(Duration::from_secs(120), || {
+        let views: Vec<_> = addrs.iter().map(|a| agreement(a)).collect();
+        views
+            .iter()
+            .all(|v| *v == views[0] && v.is_some_and(|(_, n)| n == nodes))
+    });
+    if agreed.is_err() {
+        bail!("the nodes did not agree on the ring within 120 s (see their logs above)");
+    }
+    println!("cluster of {nodes} nodes ready; clients can use any of:");
+    for addr in &addrs {
+        println!("{addr}");
+    }
+    println!("Ctrl-C stops them all");
+    let mut reported = vec![false; nodes];
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        for (i, child) in children.0.iter_mut().enumerate() {
+            if reported[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                reported[i] = true;
+                // a node killed from outside may be restarted with its own command line
+                // (printed above); dev keeps the others running
+                if status.code() != Some(0) {
+                    eprintln!("node {} exited ({status})", i + 1);
+                }
+            }
+        }
+    }
+    drop(children);
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("timed out after {limit:?}")
+}

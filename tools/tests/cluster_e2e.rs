@@ -1,0 +1,367 @@
+//! Real clusters of `ringkv server` processes on 127.0.0.x: quorum reads and writes,
+//! a SIGKILLed node and its hints, sloppy quorum with two home replicas down, and
+//! read repair. Each test uses its own 127.0.X.0/24 block so they can run in parallel.
+
+mod common;
+
+use common::Server;
+use ringkv_net::client::{Client, ClientConfig, ClientError};
+use ringkv_ring::{Membership, NodeId, Ring};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Node {
+    server: Option<Server>,
+    id: u64,
+    addr: String,
+    args: Vec<String>,
+    data_dir: std::path::PathBuf,
+}
+
+impl Node {
+    fn start(dir: &Path, block: u8, id: u64, seed: Option<&str>, extra: &[&str]) -> Node {
+        let addr = format!("127.0.{block}.{id}:7379");
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--request-timeout-ms".into(),
+            "1000".into(),
+        ];
+        if let Some(seed) = seed {
+            args.extend(["--seeds".into(), seed.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let data_dir = dir.join(format!("node-{id}"));
+        let mut node = Node {
+            server: None,
+            id,
+            addr,
+            args,
+            data_dir,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts the node with its own command line (again).
+    fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.server = Some(Server::start(&self.data_dir, &args));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.server.as_ref().expect("running").child.id();
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(
+            &self.addr,
+            ClientConfig {
+                request_timeout: Duration::from_secs(10),
+                ..ClientConfig::default()
+            },
+        )
+        .expect("connect")
+    }
+}
+
+fn status(addr: &str) -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args(["status", "--json", "--addr", addr])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Waits until every node reports the same ring with all of them valid.
+fn wait_agreement(nodes: &[&Node]) {
+    wait_for(
+        "the nodes to agree on the ring",
+        Duration::from_secs(60),
+        || {
+            let views: Vec<Option<(u64, usize)>> = nodes
+                .iter()
+                .map(|n| {
+                    let v = status(&n.addr)?;
+                    let valid = v["members"]
+                        .as_array()?
+                        .iter()
+                        .filter(|m| m["status"] == "valid")
+                        .count();
+                    Some((v["fingerprint"].as_u64()?, valid))
+                })
+                .collect();
+            views
+                .iter()
+                .all(|v| *v == views[0] && v.is_some_and(|(_, n)| n == nodes.len()))
+        },
+    );
+}
+
+fn hints_pending(node: &Node) -> u64 {
+    status(&node.addr).map_or(u64::MAX, |v| {
+        v["hints_pending"].as_u64().unwrap_or(u64::MAX)
+    })
+}
+
+/// The home replicas (N = 3) of `key`, from node's persisted membership.
+fn home_replicas(node: &Node, key: &[u8]) -> Vec<u64> {
+    let bytes =
+        std::fs::read(node.data_dir.join("cluster").join("membership")).expect("membership");
+    let membership = Membership::decode(&bytes).expect("decode");
+    let ring = Ring::from_membership(&membership);
+    let p = ring.partition_for_key(key);
+    ring.preference_list(p, 3)
+        .replicas
+        .iter()
+        .map(|n: &NodeId| n.0)
+        .collect()
+}
+
+/// Puts with bounded retries on "not confirmed" (the first puts after a crash may go
+/// to the dead node before the failure detector notices it).
+fn put_retrying(client: &mut Client, key: &[u8], value: &[u8], w: u8) {
+    for _ in 0..20 {
+        match client.put_with(key, value, None, w) {
+            Ok(_) => return,
+            Err(ClientError::NotConfirmed { .. }) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("put {}: {e}", String::from_utf8_lossy(key)),
+        }
+    }
+    panic!("put {} never confirmed", String::from_utf8_lossy(key));
+}
+
+fn read_one(node: &Node, key: &[u8], r: u8) -> Vec<Vec<u8>> {
+    node.client().get_with(key, r).expect("get").values
+}
+
+#[test]
+fn three_nodes_quorum_then_a_killed_node_gets_its_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.11.1:7379";
+    let mut n1 = Node::start(dir.path(), 11, 1, None, &[]);
+    let n2 = Node::start(dir.path(), 11, 2, Some(seed), &[]);
+    let mut n3 = Node::start(dir.path(), 11, 3, Some(seed), &[]);
+    wait_agreement(&[&n1, &n2, &n3]);
+
+    // N=3 R=2 W=2: writes through every node, reads through every other node
+    let nodes = [&n1, &n2, &n3];
+    for i in 0..60u32 {
+        let key = format!("key-{i}");
+        nodes[i as usize % 3]
+            .client()
+            .put_with(key.as_bytes(), format!("v{i}").as_bytes(), None, 2)
+            .expect("put");
+    }
+    for i in 0..60u32 {
+        let key = format!("key-{i}");
+        let got = nodes[(i as usize + 1) % 3]
+            .client()
+            .get_with(key.as_bytes(), 2)
+            .expect("get");
+        assert_eq!(got.values, vec![format!("v{i}").into_bytes()], "{key}");
+    }
+
+    // node 3 dies: puts and gets through the others keep succeeding
+    n3.kill();
+    let mut c1 = n1.client();
+    let mut c2 = n2.client();
+    for i in 0..100u32 {
+        let key = format!("down-{i}");
+        let c = if i % 2 == 0 { &mut c1 } else { &mut c2 };
+        put_retrying(c, key.as_bytes(), format!("d{i}").as_bytes(), 2);
+    }
+    for i in 0..100u32 {
+        let key = format!("down-{i}");
+        let got = c1
+            .get_with(key.as_bytes(), 2)
+            .expect("get with a node down");
+        assert_eq!(got.values, vec![format!("d{i}").into_bytes()]);
+    }
+    wait_for(
+        "the live nodes to hold hints for node 3",
+        Duration::from_secs(10),
+        || hints_pending(&n1) + hints_pending(&n2) > 0,
+    );
+
+    // node 3 comes back with its own command line and its data; the hints reach it
+    n3.restart();
+    wait_agreement(&[&n1, &n2, &n3]);
+    wait_for("hints delivered", Duration::from_secs(60), || {
+        hints_pending(&n1) == 0 && hints_pending(&n2) == 0
+    });
+    // node 3 alone (R = 1 read on node 3 answers from its own replica first)
+    for i in 0..100u32 {
+        let key = format!("down-{i}");
+        assert_eq!(
+            read_one(&n3, key.as_bytes(), 1),
+            vec![format!("d{i}").into_bytes()],
+            "node 3 has {key} after handoff"
+        );
+    }
+    for i in 0..60u32 {
+        let key = format!("key-{i}");
+        assert_eq!(
+            read_one(&n3, key.as_bytes(), 1),
+            vec![format!("v{i}").into_bytes()]
+        );
+    }
+    n1.kill();
+}
+
+#[test]
+fn five_nodes_sloppy_quorum_accepts_writes_with_two_homes_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.12.1:7379";
+    let mut nodes: Vec<Node> = (1..=5)
+        .map(|id| {
+            Node::start(
+                dir.path(),
+                12,
+                id,
+                (id > 1).then_some(seed),
+                &["--shards", "1"],
+            )
+        })
+        .collect();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+
+    // a key whose home replicas do not include node 1 (the node we write through)
+    let key = (0..)
+        .map(|i| format!("sloppy-{i}"))
+        .find(|k| !home_replicas(&nodes[0], k.as_bytes()).contains(&1))
+        .unwrap();
+    let homes = home_replicas(&nodes[0], key.as_bytes());
+    let (down_a, down_b, up) = (homes[0], homes[1], homes[2]);
+    nodes[down_a as usize - 1].kill();
+    nodes[down_b as usize - 1].kill();
+
+    // writes to the key still succeed with W = 2: fallbacks take the homes' places
+    let values: Vec<String> = (0..20).map(|i| format!("while-down-{i}")).collect();
+    let mut c = nodes[0].client();
+    let mut context = None;
+    for v in &values {
+        for attempt in 0.. {
+            match c.put_with(key.as_bytes(), v.as_bytes(), context.as_ref(), 2) {
+                Ok(out) => {
+                    context = Some(out.context);
+                    break;
+                }
+                Err(ClientError::NotConfirmed { .. }) if attempt < 20 => {
+                    // the read tells whether it landed; go on from what is there
+                    std::thread::sleep(Duration::from_millis(100));
+                    context = Some(c.get_with(key.as_bytes(), 1).expect("get").context);
+                }
+                Err(e) => panic!("put with two home replicas down: {e}"),
+            }
+        }
+    }
+    let last = values.last().unwrap().as_bytes().to_vec();
+    assert_eq!(
+        c.get_with(key.as_bytes(), 2).expect("get").values,
+        vec![last.clone()]
+    );
+
+    // the homes return; hints are delivered; then the home replicas alone hold it
+    nodes[down_a as usize - 1].restart();
+    nodes[down_b as usize - 1].restart();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    wait_for("hints delivered", Duration::from_secs(60), || {
+        nodes.iter().all(|n| hints_pending(n) == 0)
+    });
+    for id in [down_a, down_b, up] {
+        assert_eq!(
+            read_one(&nodes[id as usize - 1], key.as_bytes(), 1),
+            vec![last.clone()],
+            "home replica {id} has the last write"
+        );
+    }
+    // and with every non-home node stopped, the homes serve it with R = 3
+    for n in &nodes {
+        if !homes.contains(&n.id) {
+            n.signal(libc::SIGSTOP);
+        }
+    }
+    let got = nodes[up as usize - 1]
+        .client()
+        .get_with(key.as_bytes(), 3)
+        .expect("R = 3 from the home replicas alone");
+    assert_eq!(got.values, vec![last]);
+    for n in &nodes {
+        if !homes.contains(&n.id) {
+            n.signal(libc::SIGCONT);
+        }
+    }
+}
+
+#[test]
+fn read_repair_fills_a_replica_that_missed_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.13.1:7379";
+    // handoff off: only read repair can bring the missed write to node 3
+    let extra = ["--hinted-handoff", "off", "--shards", "1"];
+    let n1 = Node::start(dir.path(), 13, 1, None, &extra);
+    let n2 = Node::start(dir.path(), 13, 2, Some(seed), &extra);
+    let mut n3 = Node::start(dir.path(), 13, 3, Some(seed), &extra);
+    wait_agreement(&[&n1, &n2, &n3]);
+
+    // node 3 is down while the key is written (a stopped process would still read the
+    // write from its socket buffer later, so it is killed and restarted)
+    n3.kill();
+    put_retrying(&mut n1.client(), b"repair-me", b"fresh", 2);
+    n3.restart();
+    wait_agreement(&[&n1, &n2, &n3]);
+    // node 3's own replica, read with the others stopped so that this read cannot
+    // repair it (their answers time out before they resume)
+    n1.signal(libc::SIGSTOP);
+    n2.signal(libc::SIGSTOP);
+    let before = read_one(&n3, b"repair-me", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    n1.signal(libc::SIGCONT);
+    n2.signal(libc::SIGCONT);
+    assert_eq!(before, Vec::<Vec<u8>>::new(), "node 3 missed the write");
+
+    // a read with R = N sees node 3 stale and repairs it
+    let mut got = None;
+    for _ in 0..50 {
+        if let Ok(v) = n1.client().get_with(b"repair-me", 3) {
+            got = Some(v);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got.expect("get R = 3").values, vec![b"fresh".to_vec()]);
+    wait_for("node 1 to repair node 3", Duration::from_secs(10), || {
+        status(&n1.addr).unwrap()["read_repairs"].as_u64().unwrap() >= 1
+    });
+    wait_for(
+        "node 3 to hold the repaired write",
+        Duration::from_secs(10),
+        || read_one(&n3, b"repair-me", 1) == vec![b"fresh".to_vec()],
+    );
+}
