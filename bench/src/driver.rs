@@ -106,17 +106,23 @@ pub fn connect(target: &Target, index: usize) -> anyhow::Result<Box<dyn Connecti
     let fail = |e: anyhow::Error| e.context(format!("{what} at {} unreachable", target.addr));
     Ok(match target.driver {
         DriverKind::Ringkv => {
-            let mut addr = target.addr.clone();
+            // a cluster: connections spread round-robin over the nodes listed
+            let nodes: Vec<&str> = target.addr.split(',').filter(|a| !a.is_empty()).collect();
+            let node = nodes
+                .get(index % nodes.len().max(1))
+                .copied()
+                .unwrap_or(target.addr.as_str());
+            let mut addr = node.to_string();
             let mut shard = None;
             if target.shard_aware {
-                let layout = ringkv_layout(&target.addr, target.timeout).map_err(fail)?;
+                let layout = ringkv_layout(node, target.timeout).map_err(fail)?;
                 if layout.shard_port_base == 0 {
                     bail!(
                         "--shard-aware needs a node started with shard ports (--shard-port-base)"
                     );
                 }
                 let s = index % layout.shards as usize;
-                let host = target.addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                let host = node.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
                 addr = format!("{host}:{}", layout.shard_port_base as usize + s);
                 shard = Some((layout.partitions, layout.shards as usize, s));
             }

@@ -480,7 +480,8 @@ struct RunArgs {
     #[arg(long, default_value = "ringkv", value_parser = ["ringkv", "redis", "memcached", "echo"])]
     driver: String,
     /// Target address [default: 127.0.0.1:7379 ringkv, :6379 redis, :11211 memcached,
-    /// :7399 echo].
+    /// :7399 echo]. ringkv: a comma-separated list of nodes spreads the connections
+    /// over a cluster.
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
     /// YCSB core workload: A (50% read, 50% update), B (95/5), C (read only),

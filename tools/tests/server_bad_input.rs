@@ -267,3 +267,70 @@ fn a_client_that_never_reads_its_replies_is_cut_off() {
     assert!(good.ping());
     assert!(server.stop().success());
 }
+
+#[test]
+fn bad_cluster_messages_get_errors_and_the_server_keeps_serving() {
+    use ringkv_net::peer::{opcode as peer_op, ClusterRequest, WireVersion};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut good = Raw::connect(server.addr);
+    good.put(b"kept", b"1", b"");
+    let mut c = Raw::connect(server.addr);
+    let expect_error = |c: &mut Raw, bytes: Vec<u8>, code: ErrorCode, what: &str| {
+        c.send_bytes(&bytes);
+        let f = c.read_frame().expect("a reply");
+        assert_eq!(error_code(&f), Some(code as u16), "{what}");
+    };
+    // a partition the node does not have
+    let mut f = Vec::new();
+    ClusterRequest::KeyCount { partition: 9_999 }.encode(1, &mut f);
+    expect_error(
+        &mut c,
+        f,
+        ErrorCode::BadRequest,
+        "key count of a partition out of range",
+    );
+    // a replica put whose version blob is garbage
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaPut {
+        partition: 0,
+        hint_for: 0,
+        key: b"k",
+        version: WireVersion {
+            version: b"not a version",
+            value: Some(b"v"),
+        },
+    }
+    .encode(2, &mut f);
+    expect_error(&mut c, f, ErrorCode::BadRequest, "undecodable version");
+    // a gossip message that is not one
+    let mut f = Vec::new();
+    ClusterRequest::Gossip {
+        from: 5,
+        message: b"\xff\xff garbage",
+    }
+    .encode(3, &mut f);
+    expect_error(&mut c, f, ErrorCode::BadRequest, "garbage gossip");
+    // a replica get cut short inside its key
+    expect_error(
+        &mut c,
+        frame(1, peer_op::REPLICA_GET, 4, &[0, 0, 0, 0, 9, 0, b'k']),
+        ErrorCode::BadRequest,
+        "truncated replica get",
+    );
+    // a join request from a node of another cluster size is refused with a reason
+    let mut f = Vec::new();
+    ClusterRequest::JoinRequest {
+        id: 0,
+        shards: 1,
+        weight: 1,
+        addr: b"",
+        zone: b"",
+    }
+    .encode(5, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    assert!(error_code(&reply).is_some(), "an invalid join is refused");
+    assert!(c.ping(), "the connection is still usable");
+    assert_eq!(good.get(b"kept").0, vec![b"1".to_vec()]);
+}

@@ -334,24 +334,32 @@ impl Shard {
             value: value.map(<[u8]>::to_vec),
         };
         self.cluster.stats.borrow_mut().coordinated_puts += 1;
-        let (op, slot) = {
-            let mut coordinator = self.cluster.coordinator.borrow_mut();
-            let op = coordinator.start_put(
-                now_ms(),
-                partition,
-                key.to_vec(),
-                version,
-                &remote,
-                1,
-                w,
-                self.config.request_timeout.as_millis() as u64,
-            );
-            let slot = Rc::new(OpSlot::default());
-            self.cluster.ops.borrow_mut().insert(op, slot.clone());
-            (op, slot)
+        let done = if remote.is_empty() && w <= 1 {
+            // a cluster of one (or N = 1): the local write is the quorum
+            CoordinatorOutput::PutDone {
+                op: 0,
+                result: PutResult::Ok { acks: 1 },
+            }
+        } else {
+            let (op, slot) = {
+                let mut coordinator = self.cluster.coordinator.borrow_mut();
+                let op = coordinator.start_put(
+                    now_ms(),
+                    partition,
+                    key.to_vec(),
+                    version,
+                    &remote,
+                    1,
+                    w,
+                    self.config.request_timeout.as_millis() as u64,
+                );
+                let slot = Rc::new(OpSlot::default());
+                self.cluster.ops.borrow_mut().insert(op, slot.clone());
+                (op, slot)
+            };
+            self.pump();
+            self.wait_op(op, &slot).await
         };
-        self.pump();
-        let done = self.wait_op(op, &slot).await;
         match done {
             CoordinatorOutput::PutDone {
                 result: PutResult::Ok { .. },
@@ -425,6 +433,13 @@ impl Shard {
             .filter(|&id| id != self.cluster.local)
             .collect();
         self.cluster.stats.borrow_mut().coordinated_gets += 1;
+        if remote.is_empty() && r <= 1 {
+            // a cluster of one (or N = 1): this replica's answer is the answer
+            if let Some(versions) = local {
+                let clocks: Vec<Version> = versions.iter().map(|v| v.version.clone()).collect();
+                return Ok((versions, context_of(&clocks)));
+            }
+        }
         let (op, slot) = {
             let mut coordinator = self.cluster.coordinator.borrow_mut();
             let op = coordinator.start_get(

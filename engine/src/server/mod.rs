@@ -253,13 +253,20 @@ pub fn run(
     // the membership: persisted, or a new cluster of this node alone, or (with seeds)
     // none until a seed admits this node
     let membership = match crate::server::shard::load_membership(&config.data_dir)? {
-        Some(m) => {
+        Some(mut m) => {
             if m.partition_count() != config.partitions {
                 return Err(format!(
                     "the data directory belongs to a cluster of {} partitions, not {}",
                     m.partition_count(),
                     config.partitions
                 ));
+            }
+            // restarted on another address: the new one spreads by gossip
+            let id = ringkv_ring::NodeId(config.node_id);
+            let advertised = advertise.to_string();
+            if m.member(id).is_some_and(|me| me.addr != advertised) {
+                m.set_addr(id, &advertised).map_err(|e| e.to_string())?;
+                crate::server::shard::persist_membership(&config.data_dir, &m)?;
             }
             Some(m.encode())
         }

@@ -1,4 +1,4 @@
-//! Arbitrary bytes through the frame check and both parsers: nothing may panic, and a
+//! Arbitrary bytes through the frame check and every parser (client and cluster): nothing may panic, and a
 //! frame that parses must re-encode to the same bytes.
 //!
 //! Run: `cd net/fuzz && cargo +nightly fuzz run frame_decoder`.
@@ -21,6 +21,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again[8..], frame[8..]);
         }
         let _ = ringkv_net::protocol::Reply::parse(frame);
+        // the cluster (peer and admin) messages: same rules
+        if let Ok((header, request)) = ringkv_net::peer::ClusterRequest::parse(frame) {
+            let mut again = Vec::new();
+            request.encode(header.request_id, &mut again);
+            assert_eq!(again.len(), frame.len());
+            assert_eq!(again[8..], frame[8..]);
+        }
+        let _ = ringkv_net::peer::ClusterReply::parse(frame);
         rest = &rest[len..];
     }
 });
