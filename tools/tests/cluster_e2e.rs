@@ -365,3 +365,50 @@ fn read_repair_fills_a_replica_that_missed_a_write() {
         || read_one(&n3, b"repair-me", 1) == vec![b"fresh".to_vec()],
     );
 }
+
+fn ringkv(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args(args)
+        .output()
+        .expect("run ringkv");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn join_and_leave_are_refused_when_they_would_move_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // three nodes, each alone in a cluster of its own
+    let a = Node::start(dir.path(), 14, 1, None, &["--shards", "1"]);
+    let b = Node::start(dir.path(), 14, 2, None, &["--shards", "1"]);
+    let c = Node::start(dir.path(), 14, 3, None, &["--shards", "1"]);
+    b.client()
+        .put_with(b"held", b"by b", None, 1)
+        .expect("put on b");
+
+    // b holds a key: joining would orphan it, so it is refused with the reason
+    let (ok, text) = ringkv(&["join", &a.addr, "--addr", &b.addr]);
+    assert!(!ok, "join of a node with data must be refused: {text}");
+    assert!(text.contains("not implemented yet"), "{text}");
+
+    // c is empty: it joins a's cluster (nothing moves that holds data)
+    let (ok, text) = ringkv(&["join", &a.addr, "--addr", &c.addr]);
+    assert!(ok, "join of an empty node: {text}");
+    wait_agreement(&[&a, &c]);
+
+    // with data in the cluster, c leaving would move partitions holding keys
+    a.client().put_with(b"shared", b"x", None, 2).expect("put");
+    let (ok, text) = ringkv(&["leave", "--addr", &c.addr]);
+    assert!(!ok, "leave that moves data must be refused: {text}");
+    assert!(text.contains("not implemented yet"), "{text}");
+    // the cluster is unchanged and serving
+    wait_agreement(&[&a, &c]);
+    assert_eq!(
+        c.client().get_with(b"shared", 2).expect("get").values,
+        vec![b"x".to_vec()]
+    );
+}
