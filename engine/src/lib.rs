@@ -4,13 +4,14 @@
 //! keydir, group commit, roll-over with hint files, crash recovery, compaction) over a
 //! small storage trait with a glommio DMA backend and a crashing in-memory backend,
 //! and the versioning rules (vector clocks, dotted versions, siblings, contexts).
-//! What it is not (yet): the replica/coordinator state machines and the shard runtime,
-//! which arrive with the node and cluster issues.
+//! The cluster logic (coordinator state machine, replica side, hint store) and a
+//! deterministic cluster simulator live in [`cluster`].
 //!
 //! Modules:
 //! - [`record`]: the on-disk record format v1.
 //! - [`segment`]: segment and hint files, scanning with torn-tail/corruption detection.
 //! - [`storage`]: the storage trait; [`storage::dma`] (glommio) and [`storage::mem`].
+//! - [`cluster`]: coordinator state machine, replica side, hinted handoff, simulator.
 //! - [`cache`]: recently written or read records, by seq (reads are O_DIRECT).
 //! - [`keydir`]: key -> every live version's location, compact in memory.
 //! - [`partition`]: one partition's log, recovery and compaction.
@@ -18,6 +19,7 @@
 //! - [`version`]: clocks, dotted versions, sibling rules, client contexts.
 
 pub mod cache;
+pub mod cluster;
 pub mod keydir;
 mod notify;
 pub mod partition;

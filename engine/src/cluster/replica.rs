@@ -1,0 +1,349 @@
+//! The replica side of replication and the hint store of hinted handoff, async over any
+//! [`Storage`].
+//!
+//! Replica: [`replica_put`] stores a version made by a coordinator under the sibling
+//! rules (a duplicate is `Stale`, so a retried or duplicated message is applied once);
+//! [`replica_get`] returns the key's siblings (tombstones included).
+//!
+//! Hints: a fallback node stores a hinted write in its OWN regular partition (every node
+//! opens all partitions) and records a hint in its hints partition (one per shard,
+//! opened by the caller with `tombstone_grace_ms: 0` and a `key_bytes_max` at least
+//! [`HINT_KEY_OVERHEAD`] above the data partitions'). A hint only says "deliver key K of
+//! partition P to node T": one record per (target, partition, key) under
+//! [`hint_key`], value `Some(b"")`, empty version blob, replacing any earlier record of
+//! that key. Delivery sends the key's CURRENT local siblings ([`replica_get`] on the
+//! local partition), so several hinted writes of one key collapse into one hint. After
+//! the target acknowledged every version, [`hint_delivered`] removes the hint with a
+//! tombstone if its record is still the one that was delivered (a hinted write that
+//! came in meanwhile keeps it); compaction reaps the tombstones.
+//!
+//! Order that keeps hints safe: store the hinted version first, then record the hint
+//! (a delivery that reads the siblings in between sees the version or, if it read
+//! before, the new hint record has a newer seq and is not removed).
+
+use ringkv_ring::NodeId;
+
+use super::coordinator::VersionedValue;
+use crate::keydir::Loc;
+use crate::partition::{Partition, StoreError, WriteOp};
+use crate::storage::Storage;
+use crate::versioned::ApplyOutcome;
+
+/// How many times a hint write re-reads a hint key that other writes keep changing.
+const HINT_WRITE_ATTEMPTS_MAX: usize = 16;
+
+/// Bytes a hint key adds to the data key: target node id (u64) and partition (u32),
+/// both big-endian so hints list by target, then partition.
+pub const HINT_KEY_OVERHEAD: usize = 12;
+
+/// Stores a version made by a coordinator (replication, read repair, hint delivery).
+/// A duplicate or covered version is `Stale` and writes nothing.
+pub async fn replica_put<S: Storage>(
+    partition: &Partition<S>,
+    key: &[u8],
+    v: &VersionedValue,
+    now_ms: u64,
+) -> Result<ApplyOutcome, StoreError> {
+    partition
+        .apply_version(key, &v.version, v.value.as_deref(), now_ms)
+        .await
+}
+
+/// Every sibling of `key` (tombstones included) with its version.
+pub async fn replica_get<S: Storage>(
+    partition: &Partition<S>,
+    key: &[u8],
+) -> Result<Vec<VersionedValue>, StoreError> {
+    let (siblings, _) = partition.read_siblings(key).await?;
+    Ok(siblings
+        .into_iter()
+        .map(|s| VersionedValue {
+            version: s.version,
+            value: s.value,
+        })
+        .collect())
+}
+
+/// The hints-partition key of the hint "deliver `key` of `partition` to `target`".
+pub fn hint_key(target: NodeId, partition: u32, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HINT_KEY_OVERHEAD + key.len());
+    out.extend_from_slice(&target.0.to_be_bytes());
+    out.extend_from_slice(&partition.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The inverse of [`hint_key`]; `None` for anything else (too short, empty data key).
+pub fn parse_hint_key(k: &[u8]) -> Option<(NodeId, u32, &[u8])> {
+    if k.len() <= HINT_KEY_OVERHEAD {
+        return None;
+    }
+    let target = u64::from_be_bytes(k[0..8].try_into().ok()?);
+    let partition = u32::from_be_bytes(k[8..12].try_into().ok()?);
+    Some((NodeId(target), partition, &k[HINT_KEY_OVERHEAD..]))
+}
+
+/// One pending hint: deliver `key` of `partition` to `target`; `seq` is the hint
+/// record's seq (see [`hint_delivered`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hint {
+    pub target: NodeId,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub seq: u64,
+}
+
+/// The live (non-tombstone) hint record of a key, if any.
+fn live_record(locs: &[Loc]) -> Option<u64> {
+    locs.iter()
+        .filter(|l| !l.is_tombstone())
+        .map(|l| l.seq)
+        .max()
+}
+
+/// Replaces whatever `hints` holds under `hk` by one record (`value: Some` a hint,
+/// `None` its removal); with `only_if_live: Some(seq)` only while the live record is
+/// still `seq`. `Ok(false)`: nothing written for that reason.
+async fn replace_hint_record<S: Storage>(
+    hints: &Partition<S>,
+    hk: &[u8],
+    value: Option<&[u8]>,
+    now_ms: u64,
+    only_if_live: Option<u64>,
+) -> Result<bool, StoreError> {
+    for _ in 0..HINT_WRITE_ATTEMPTS_MAX {
+        let locs = hints.versions(hk);
+        if let Some(seq) = only_if_live {
+            if live_record(&locs) != Some(seq) {
+                return Ok(false);
+            }
+        }
+        let seqs: Vec<u64> = locs.iter().map(|l| l.seq).collect();
+        let op = WriteOp {
+            key: hk,
+            version: b"",
+            value,
+            replaces: &seqs,
+        };
+        let unchanged = |keydir: &crate::keydir::KeyDir| {
+            let now: Vec<u64> = keydir
+                .get(hk)
+                .map(|l| l.iter().map(|l| l.seq).collect())
+                .unwrap_or_default();
+            now == seqs
+        };
+        if hints.write_if(&[op], now_ms, unchanged).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Err(StoreError::Contended {
+        attempts: HINT_WRITE_ATTEMPTS_MAX,
+    })
+}
+
+/// Records (or renews) the hint "deliver `key` of `partition` to `target`". Call it
+/// after the hinted version is stored in the local partition.
+pub async fn record_hint<S: Storage>(
+    hints: &Partition<S>,
+    target: NodeId,
+    partition: u32,
+    key: &[u8],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let hk = hint_key(target, partition, key);
+    replace_hint_record(hints, &hk, Some(b""), now_ms, None)
+        .await
+        .map(|_| ())
+}
+
+/// Up to `limit` pending hints, ordered by (target, partition, key). Removed hints
+/// (tombstones not yet compacted away) and foreign keys are skipped.
+pub fn pending_hints<S: Storage>(hints: &Partition<S>, limit: usize) -> Vec<Hint> {
+    let mut all: Vec<Hint> = Vec::new();
+    hints.for_each_key(|k, locs| {
+        if let (Some((target, partition, key)), Some(seq)) = (parse_hint_key(k), live_record(locs))
+        {
+            all.push(Hint {
+                target,
+                partition,
+                key: key.to_vec(),
+                seq,
+            });
+        }
+    });
+    // the keydir iterates in hash order; hand hints out in a fixed order
+    all.sort_by(|a, b| (a.target, a.partition, &a.key).cmp(&(b.target, b.partition, &b.key)));
+    all.truncate(limit);
+    all
+}
+
+/// How many hints are pending.
+pub fn pending_hint_count<S: Storage>(hints: &Partition<S>) -> usize {
+    let mut count = 0;
+    hints.for_each_key(|k, locs| {
+        if parse_hint_key(k).is_some() && live_record(locs).is_some() {
+            count += 1;
+        }
+    });
+    count
+}
+
+/// Removes the hint if its record is still `hint.seq` (a newer hinted write of the key
+/// keeps it). `Ok(true)` if removed.
+pub async fn hint_delivered<S: Storage>(
+    hints: &Partition<S>,
+    hint: &Hint,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let hk = hint_key(hint.target, hint.partition, &hint.key);
+    replace_hint_record(hints, &hk, None, now_ms, Some(hint.seq)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::PartitionConfig;
+    use crate::storage::mem::{MemDisk, MemStorage};
+    use crate::version::{ActorId, Dot, StaleReason, VClock, Version};
+    use futures_lite::future::block_on;
+
+    fn hints_config() -> PartitionConfig {
+        PartitionConfig {
+            tombstone_grace_ms: 0,
+            segment_bytes_max: 4096,
+            key_bytes_max: 4096 + HINT_KEY_OVERHEAD,
+            ..PartitionConfig::default()
+        }
+    }
+
+    async fn open(disk: &MemDisk, path: &str, config: PartitionConfig) -> Partition<MemStorage> {
+        Partition::open(disk.folder(path), config, 1_000_000)
+            .await
+            .expect("open")
+            .0
+    }
+
+    fn vv(node: u64, counter: u64, value: Option<&str>) -> VersionedValue {
+        VersionedValue {
+            version: Version {
+                dot: Dot::new(ActorId::new(node, 0), counter),
+                timestamp_ms: 5,
+                past: VClock::new(),
+            },
+            value: value.map(|v| v.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn hint_key_round_trips_and_rejects_junk() {
+        let k = hint_key(NodeId(7), 3, b"abc");
+        assert_eq!(parse_hint_key(&k), Some((NodeId(7), 3, &b"abc"[..])));
+        assert_eq!(parse_hint_key(&k[..12]), None);
+        assert_eq!(parse_hint_key(b"short"), None);
+        assert!(hint_key(NodeId(1), 0, b"z") < hint_key(NodeId(2), 0, b"a"));
+    }
+
+    #[test]
+    fn replica_put_applies_once_and_get_returns_siblings() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let p = open(&disk, "/p", PartitionConfig::default()).await;
+            let a = vv(1, 1, Some("a"));
+            let b = vv(2, 1, None);
+            assert!(matches!(
+                replica_put(&p, b"k", &a, 10).await.unwrap(),
+                ApplyOutcome::Applied { .. }
+            ));
+            assert_eq!(
+                replica_put(&p, b"k", &a, 11).await.unwrap(),
+                ApplyOutcome::Stale(StaleReason::Duplicate { index: 0 })
+            );
+            replica_put(&p, b"k", &b, 12).await.unwrap();
+            let mut got = replica_get(&p, b"k").await.unwrap();
+            got.sort_by_key(|v| v.version.dot);
+            assert_eq!(got, vec![a, b]);
+            assert!(replica_get(&p, b"none").await.unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn hints_survive_a_crash_after_sync_and_collapse_per_key() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            record_hint(&hints, NodeId(2), 5, b"k1", 10).await.unwrap();
+            record_hint(&hints, NodeId(2), 5, b"k1", 11).await.unwrap();
+            record_hint(&hints, NodeId(1), 9, b"k2", 12).await.unwrap();
+            assert_eq!(pending_hint_count(&hints), 2);
+            hints.sync().await.unwrap();
+            drop(hints);
+            disk.crash(42);
+            let hints = open(&disk, "/hints", hints_config()).await;
+            let pending = pending_hints(&hints, 10);
+            assert_eq!(pending.len(), 2);
+            assert_eq!(
+                (pending[0].target, pending[0].partition, &pending[0].key[..]),
+                (NodeId(1), 9, &b"k2"[..])
+            );
+            assert_eq!(
+                (pending[1].target, pending[1].partition, &pending[1].key[..]),
+                (NodeId(2), 5, &b"k1"[..])
+            );
+            assert_eq!(pending_hints(&hints, 1).len(), 1);
+        });
+    }
+
+    #[test]
+    fn delivered_hint_is_removed_unless_rehinted_meanwhile() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            record_hint(&hints, NodeId(3), 1, b"k", 10).await.unwrap();
+            let first = pending_hints(&hints, 10).remove(0);
+            // a newer hinted write of the key arrives while the first delivery is in flight
+            record_hint(&hints, NodeId(3), 1, b"k", 11).await.unwrap();
+            assert!(!hint_delivered(&hints, &first, 12).await.unwrap());
+            assert_eq!(pending_hint_count(&hints), 1);
+            let second = pending_hints(&hints, 10).remove(0);
+            assert!(second.seq > first.seq);
+            assert!(hint_delivered(&hints, &second, 13).await.unwrap());
+            assert!(!hint_delivered(&hints, &second, 14).await.unwrap(), "once");
+            assert_eq!(pending_hint_count(&hints), 0);
+            assert!(pending_hints(&hints, 10).is_empty());
+            // removal is durable, and a later hint of the same key is a fresh one
+            drop(hints);
+            disk.crash(7);
+            let hints = open(&disk, "/hints", hints_config()).await;
+            assert_eq!(pending_hint_count(&hints), 0);
+            record_hint(&hints, NodeId(3), 1, b"k", 20).await.unwrap();
+            assert_eq!(pending_hint_count(&hints), 1);
+        });
+    }
+
+    #[test]
+    fn delivered_hints_are_reaped_by_compaction() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            // enough records to seal a few 4 KiB segments
+            for i in 0..200u32 {
+                let key = format!("key-{i:04}");
+                record_hint(&hints, NodeId(1), i % 4, key.as_bytes(), 10)
+                    .await
+                    .unwrap();
+            }
+            for hint in pending_hints(&hints, 1000) {
+                assert!(hint_delivered(&hints, &hint, 20).await.unwrap());
+            }
+            let report = hints.compact(30).await.unwrap();
+            assert!(report.records_dropped > 0, "{report:?}");
+            assert_eq!(pending_hint_count(&hints), 0);
+            let mut keys = 0;
+            hints.for_each_key(|_, _| keys += 1);
+            assert!(
+                keys < 200,
+                "tombstones of sealed segments are reaped: {keys}"
+            );
+        });
+    }
+}
