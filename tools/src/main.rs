@@ -5,11 +5,13 @@
 //! - `ring ...`: the ring planner for capacity planners (`ring_cmd`).
 //! - `server ...`: one node (`server_cmd`).
 //! - `ping`, `get`, `put`, `del`: a client for one node (`client_cmd`).
+//! - `sim ...`: the deterministic cluster simulator over a range of seeds (`sim_cmd`).
 
 mod client_cmd;
 mod log_cmd;
 mod ring_cmd;
 mod server_cmd;
+mod sim_cmd;
 
 use std::process::ExitCode;
 
@@ -21,6 +23,7 @@ commands:
   logdump DIR     print every record of a partition folder (or one segment file)
   logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
   ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
+  sim ...         deterministic cluster simulator: --seed S --runs K (see `ringkv sim --help`)
 ";
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         "logcheck" => log_cmd::logcheck(rest),
         "ring" => ring_cmd::run(rest),
         "server" => server_cmd::run(rest),
+        "sim" => sim_cmd::run(rest),
         "ping" | "get" | "put" | "del" => client_cmd::run(command, rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
