@@ -67,6 +67,36 @@ fn same_seed_gives_the_identical_run() {
     assert_ne!(a.digest, b.digest);
 }
 
+/// `interval` durability: a crash loses the last interval's writes on that node; with
+/// W = 2 and crashes spaced apart, nothing acknowledged may be lost, and nodes move to
+/// fresh actor epochs so reused clock counters never hide a write.
+#[test]
+fn fixed_seeds_pass_with_interval_durability() {
+    let mut crashes = 0;
+    for seed in 0..15 {
+        let config = SimConfig {
+            sync_interval_ms: Some(100),
+            ..SimConfig::for_seed(seed)
+        };
+        match sim::run(&config) {
+            Ok(report) => crashes += report.crashes,
+            Err(failure) => panic!("{failure}"),
+        }
+    }
+    assert!(crashes > 20, "{crashes} crashes");
+}
+
+/// Regression: a hinted write that reaches a fallback while an earlier hint of the same
+/// key is being delivered must keep the hint (`hint_delivered` only removes the record
+/// it delivered). Removing the hint regardless makes this seed fail `hint_handoff`: the
+/// home node never gets the newer version.
+#[test]
+fn rehinted_key_during_delivery_keeps_its_hint_seed_109() {
+    let report = sim::run(&SimConfig::for_seed(109)).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(report.nodes, 7);
+    assert!(report.hints_delivered > 0);
+}
+
 /// Pins one run's trace across processes and builds: nothing may depend on hash-map
 /// order, addresses or the environment. A deliberate change of the simulator or of the
 /// logic it runs changes this digest: rerun with `ringkv sim --seed 11 --runs 1` and

@@ -25,6 +25,7 @@ options:
   --loss P --dup P    per-message loss and duplication probability (default 0.02)
   --crash P       per-tick (50 ms) chance of a node crash (default 0.01)
   --split P       per-tick chance of a network split (default 0.01)
+  --sync-interval MS  interval durability (sync every MS) instead of sync per write
   --no-hints      disable hinted handoff (to watch the checkers catch lost writes)
   --json          one JSON object per run, then a summary object
   --help          print this help
@@ -156,6 +157,7 @@ fn add(total: &mut SimReport, r: &SimReport) {
     total.messages_dropped += r.messages_dropped;
     total.messages_duplicated += r.messages_duplicated;
     total.store_errors += r.store_errors;
+    total.compactions += r.compactions;
     total.sim_ms += r.sim_ms;
 }
 
@@ -181,6 +183,7 @@ fn report_json(r: &SimReport) -> serde_json::Value {
         "messages_dropped": r.messages_dropped,
         "messages_duplicated": r.messages_duplicated,
         "store_errors": r.store_errors,
+        "compactions": r.compactions,
         "sim_ms": r.sim_ms,
     })
 }
@@ -216,6 +219,13 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--crash" => b.crash_prob = probability(&value("--crash")?, "--crash")?,
             "--split" => b.partition_prob = probability(&value("--split")?, "--split")?,
             "--no-hints" => b.hints = false,
+            "--sync-interval" => {
+                let ms: u64 = number(&value("--sync-interval")?, "--sync-interval")?;
+                if ms == 0 {
+                    bail!("--sync-interval must be at least 1 ms");
+                }
+                b.sync_interval_ms = Some(ms);
+            }
             "--json" => parsed.json = true,
             other => bail!("unknown argument '{other}'"),
         }

@@ -21,6 +21,8 @@
 //! - `convergence`: the N home replicas of every key hold the same sibling set;
 //! - `sibling_causality`: no get returned a version dominated by another it returned;
 //! - `hints_drained`: no hint is left undelivered after the settle phase;
+//! - `hint_handoff`: every version a fallback acknowledged with a hint is then held
+//!   (or seen by a version held) by its home node, checked before the final reads;
 //! - `final_read`: the final reads succeeded.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,6 +78,13 @@ pub struct SimConfig {
     /// Bound on the simulated time of the fault phase (a liveness failure past it).
     pub max_fault_ms: u64,
     pub clock_entries_max: usize,
+    /// `None`: `sync` durability (every write is durable when acknowledged).
+    /// `Some(ms)`: `interval` durability, every node syncs every `ms` (rounded to
+    /// ticks); a crash then loses the writes of the last interval, so crashes are kept
+    /// at least four intervals apart (one lost local copy at a time, as W >= 2
+    /// tolerates), and the `hint_handoff` checker is off (a fallback may lose a hinted
+    /// copy together with its hint).
+    pub sync_interval_ms: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -101,6 +110,7 @@ impl Default for SimConfig {
             settle_ms: 20_000,
             max_fault_ms: 3_600_000,
             clock_entries_max: 64,
+            sync_interval_ms: None,
         }
     }
 }
@@ -137,6 +147,7 @@ pub struct SimReport {
     pub messages_dropped: u64,
     pub messages_duplicated: u64,
     pub store_errors: u64,
+    pub compactions: u64,
     pub sim_ms: u64,
     /// Hash of the event trace: equal for equal runs.
     pub digest: u64,
@@ -149,7 +160,7 @@ impl SimReport {
             "acked_puts={} acked_deletes={} not_confirmed={} gets_ok={} gets_failed={} \
              client_timeouts={} forwarded={} crashes={} partitions={} hints_stored={} \
              hints_delivered={} read_repairs={} messages={} dropped={} duplicated={} \
-             store_errors={} sim_ms={}",
+             store_errors={} compactions={} sim_ms={}",
             self.acked_puts,
             self.acked_deletes,
             self.not_confirmed,
@@ -166,6 +177,7 @@ impl SimReport {
             self.messages_dropped,
             self.messages_duplicated,
             self.store_errors,
+            self.compactions,
             self.sim_ms
         )
     }
@@ -176,7 +188,7 @@ impl SimReport {
 pub struct SimFailure {
     pub seed: u64,
     /// `lost_write`, `convergence`, `sibling_causality`, `hints_drained`,
-    /// `final_read`, `liveness` or `setup`.
+    /// `hint_handoff`, `final_read`, `liveness` or `setup`.
     pub checker: &'static str,
     /// The key concerned, if one.
     pub key: Option<String>,
@@ -469,6 +481,16 @@ enum OpCtx {
     },
 }
 
+/// A fallback (`holder`) stored `version` of `key` for home node `home` and recorded
+/// a hint: once hints drained, `home` must hold it or a version that has seen it.
+#[derive(Debug, Clone)]
+struct HintedWrite {
+    holder: NodeId,
+    home: NodeId,
+    key: Vec<u8>,
+    version: Version,
+}
+
 /// Everything but the nodes: what node handlers read and write besides their node.
 struct World {
     cfg: SimConfig,
@@ -480,6 +502,8 @@ struct World {
     replies: Vec<(usize, u64, ClientReply)>,
     acked: Vec<AckedWrite>,
     final_reads: BTreeMap<Vec<u8>, GetResult>,
+    /// Every hinted write a fallback acknowledged.
+    hinted: Vec<HintedWrite>,
     report: SimReport,
     failure: Option<SimFailure>,
 }
@@ -519,21 +543,28 @@ struct Node {
     next_delivery: u64,
 }
 
-fn data_config(partition: u32) -> PartitionConfig {
+fn durability(cfg: &SimConfig) -> Durability {
+    match cfg.sync_interval_ms {
+        None => Durability::Sync,
+        Some(ms) => Durability::Interval { ms },
+    }
+}
+
+fn data_config(partition: u32, durability: Durability) -> PartitionConfig {
     PartitionConfig {
         partition: u64::from(partition),
-        durability: Durability::Sync,
-        segment_bytes_max: 64 << 10,
+        durability,
+        segment_bytes_max: 8 << 10,
         buffer_bytes_max: 4 << 10,
         cache_bytes_max: 64 << 10,
         ..PartitionConfig::default()
     }
 }
 
-fn hints_config() -> PartitionConfig {
+fn hints_config(durability: Durability) -> PartitionConfig {
     PartitionConfig {
         partition: u64::from(u32::MAX),
-        durability: Durability::Sync,
+        durability,
         segment_bytes_max: 16 << 10,
         buffer_bytes_max: 4 << 10,
         cache_bytes_max: 16 << 10,
@@ -553,17 +584,17 @@ fn fd_config() -> FailureDetectorConfig {
 }
 
 impl Node {
-    fn open_storage(&mut self, now: u64, q: u32) -> Result<(), String> {
+    fn open_storage(&mut self, now: u64, q: u32, durability: Durability) -> Result<(), String> {
         let id = self.id.0;
         let mut parts = Vec::with_capacity(q as usize);
         for p in 0..q {
             let storage = self.disk.folder(&format!("/n{id}/p{p}"));
-            let (part, _) = block_on(Partition::open(storage, data_config(p), now))
+            let (part, _) = block_on(Partition::open(storage, data_config(p, durability), now))
                 .map_err(|e| format!("node {id} partition {p}: {e}"))?;
             parts.push(part);
         }
         let storage = self.disk.folder(&format!("/n{id}/hints"));
-        let (hints, _) = block_on(Partition::open(storage, hints_config(), now))
+        let (hints, _) = block_on(Partition::open(storage, hints_config(durability), now))
             .map_err(|e| format!("node {id} hints: {e}"))?;
         self.open = Some((parts, hints));
         Ok(())
@@ -686,6 +717,12 @@ impl Node {
                     if w.cfg.hints {
                         if block_on(record_hint(hints, home, partition, &req.key, now)).is_ok() {
                             w.report.hints_stored += 1;
+                            w.hinted.push(HintedWrite {
+                                holder: self.id,
+                                home,
+                                key: req.key.clone(),
+                                version: made.version.clone(),
+                            });
                         } else {
                             w.report.store_errors += 1;
                             local_acks = 0;
@@ -797,6 +834,12 @@ impl Node {
                     // after the version is stored (see `replica`)
                     if block_on(record_hint(hints, home, partition, &key, now)).is_ok() {
                         w.report.hints_stored += 1;
+                        w.hinted.push(HintedWrite {
+                            holder: self.id,
+                            home,
+                            key: key.clone(),
+                            version: version.version.clone(),
+                        });
                     } else {
                         w.report.store_errors += 1;
                         ok = false;
@@ -1013,6 +1056,37 @@ impl Node {
         self.deliveries.retain(|_, (_, until)| *until > now);
     }
 
+    /// The `interval` durability timer: makes every write so far durable.
+    fn sync_all(&self, w: &mut World) {
+        let Some((parts, hints)) = &self.open else {
+            return;
+        };
+        for part in parts.iter().chain(std::iter::once(hints)) {
+            if block_on(part.sync()).is_err() {
+                w.report.store_errors += 1;
+            }
+        }
+    }
+
+    /// Low-priority work of a real node: segment hint files and compaction.
+    fn background(&self, w: &mut World) {
+        let Some((parts, _)) = &self.open else {
+            return;
+        };
+        for part in parts {
+            if block_on(part.write_pending_hints()).is_err() {
+                w.report.store_errors += 1;
+            }
+            if part.compaction_due(0.3) {
+                match block_on(part.compact(w.now)) {
+                    Ok(report) if report.segments_in > 0 => w.report.compactions += 1,
+                    Ok(_) => {}
+                    Err(_) => w.report.store_errors += 1,
+                }
+            }
+        }
+    }
+
     /// Sends the current local siblings of each pending hint whose target looks
     /// reachable; the hint is removed once the target acknowledged them.
     fn deliver_hints(&mut self, w: &mut World) {
@@ -1070,10 +1144,12 @@ struct Sim {
     split: Option<Vec<bool>>,
     digest: u64,
     events: u64,
+    last_crash_ms: Option<u64>,
 }
 
 const TICK_MS: u64 = 50;
 const HINT_EVERY_TICKS: u64 = 10;
+const COMPACT_EVERY_TICKS: u64 = 100;
 const START_MS: u64 = 1_000_000;
 const EVENTS_MAX: u64 = 50_000_000;
 
@@ -1122,7 +1198,8 @@ impl Sim {
                 deliveries: BTreeMap::new(),
                 next_delivery: 0,
             };
-            node.open_storage(START_MS, cfg.partitions).map_err(setup)?;
+            node.open_storage(START_MS, cfg.partitions, durability(&cfg))
+                .map_err(setup)?;
             node.start_state(START_MS, &membership, &node_ids, rng.next_u64());
             nodes.push(node);
         }
@@ -1135,6 +1212,7 @@ impl Sim {
             replies: Vec::new(),
             acked: Vec::new(),
             final_reads: BTreeMap::new(),
+            hinted: Vec::new(),
             report: SimReport {
                 seed: cfg.seed,
                 nodes: cfg.nodes,
@@ -1158,6 +1236,7 @@ impl Sim {
             split: None,
             digest: 0xcbf2_9ce4_8422_2325,
             events: 0,
+            last_crash_ms: None,
         };
         sim.schedule(0, Event::Tick);
         for client in 0..sim.clients.len() {
@@ -1250,13 +1329,15 @@ impl Sim {
         let seed = self.rng.next_u64();
         let now = self.w.now;
         let q = self.w.cfg.partitions;
+        let durability = durability(&self.w.cfg);
         let node = &mut self.nodes[index];
-        node.open_storage(now, q).map_err(|detail| SimFailure {
-            seed: self.w.cfg.seed,
-            checker: "setup",
-            key: None,
-            detail: format!("restart: {detail}"),
-        })?;
+        node.open_storage(now, q, durability)
+            .map_err(|detail| SimFailure {
+                seed: self.w.cfg.seed,
+                checker: "setup",
+                key: None,
+                detail: format!("restart: {detail}"),
+            })?;
         node.start_state(now, &self.membership, &self.node_ids, seed);
         self.trace(&[0xE0, index as u64]);
         Ok(())
@@ -1265,7 +1346,14 @@ impl Sim {
     fn faults_tick(&mut self) {
         if self.chance(self.w.cfg.crash_prob) {
             let index = self.rng.below(self.nodes.len() as u64) as usize;
-            self.crash(index);
+            let spaced = match (self.w.cfg.sync_interval_ms, self.last_crash_ms) {
+                (Some(ms), Some(last)) => self.w.now >= last + 4 * ms.max(TICK_MS),
+                _ => true,
+            };
+            if spaced && self.nodes[index].up() {
+                self.last_crash_ms = Some(self.w.now);
+                self.crash(index);
+            }
         }
         if self.split.is_none() && self.nodes.len() > 1 && self.chance(self.w.cfg.partition_prob) {
             let mut side: Vec<bool> = (0..self.nodes.len())
@@ -1402,7 +1490,14 @@ impl Sim {
                     self.faults_tick();
                 }
                 let tick = (self.w.now - START_MS) / TICK_MS;
+                let sync_every = self.w.cfg.sync_interval_ms.map(|ms| (ms / TICK_MS).max(1));
                 for node in &mut self.nodes {
+                    if sync_every.is_some_and(|every| tick % every == 0) {
+                        node.sync_all(&mut self.w);
+                    }
+                    if tick % COMPACT_EVERY_TICKS == (node.index as u64) % COMPACT_EVERY_TICKS {
+                        node.background(&mut self.w);
+                    }
                     node.tick(&mut self.w);
                     if tick % HINT_EVERY_TICKS == (node.index as u64) % HINT_EVERY_TICKS
                         && self.w.cfg.hints
@@ -1499,6 +1594,9 @@ impl Sim {
                 }
             }
         }
+        if self.w.cfg.hints && self.w.cfg.sync_interval_ms.is_none() {
+            self.check_handoff()?;
+        }
         // phase 3: final reads from the home replicas, twice (the first repairs)
         let keys: Vec<Vec<u8>> = (0..self.w.cfg.keys)
             .map(|i| format!("key-{i:02}").into_bytes())
@@ -1519,6 +1617,31 @@ impl Sim {
         self.trace(&[self.w.report.acked_puts, self.w.report.messages_sent]);
         self.w.report.digest = self.digest;
         Ok(self.w.report.clone())
+    }
+
+    /// Checker `hint_handoff`: every hinted write reached its home node (before any
+    /// final read repair could paper over a lost hint).
+    fn check_handoff(&self) -> Result<(), SimFailure> {
+        for hinted in &self.w.hinted {
+            let partition = self.w.ring.partition_for_key(&hinted.key);
+            let node = &self.nodes[(hinted.home.0 - 1) as usize];
+            let Some((parts, _)) = &node.open else {
+                return Err(self.failure("hint_handoff", Some(&hinted.key), "home down".into()));
+            };
+            let held = block_on(replica_get(&parts[partition as usize], &hinted.key))
+                .map_err(|e| self.failure("hint_handoff", Some(&hinted.key), e.to_string()))?;
+            if !held.iter().any(|h| h.version.descends(&hinted.version)) {
+                return Err(self.failure(
+                    "hint_handoff",
+                    Some(&hinted.key),
+                    format!(
+                        "{} acknowledged {:?} as a fallback for {}, which does not hold it after the hints drained",
+                        hinted.holder, hinted.version.dot, hinted.home
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, keys: &[Vec<u8>]) -> Result<(), SimFailure> {
