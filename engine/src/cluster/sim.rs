@@ -46,6 +46,7 @@ use super::replica::{
 use crate::partition::{Durability, Partition, PartitionConfig};
 use crate::storage::mem::{MemDisk, MemStorage};
 use crate::version::{context_of, VClock, Version};
+use crate::versioned::ApplyOutcome;
 
 /// Settings of one simulated run. Probabilities are per message (`loss`, `dup`,
 /// `long_delay`) or per 50 ms tick of the whole cluster (`crash_prob`,
@@ -506,9 +507,17 @@ struct World {
     hinted: Vec<HintedWrite>,
     report: SimReport,
     failure: Option<SimFailure>,
+    /// Hash of the event trace so far.
+    digest: u64,
 }
 
 impl World {
+    fn trace(&mut self, parts: &[u64]) {
+        for &p in parts {
+            self.digest = mix64(self.digest ^ p).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
     fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
         self.outbox.push((from, to, msg));
     }
@@ -805,10 +814,20 @@ impl Node {
         };
         let mut ok = true;
         for v in versions {
-            if block_on(replica_put(part, key, v, w.now)).is_err() {
-                w.report.store_errors += 1;
-                ok = false;
-            }
+            // what the replica did (and the stored seqs) is part of the trace
+            let outcome = match block_on(replica_put(part, key, v, w.now)) {
+                Ok(ApplyOutcome::Applied { replaced, siblings }) => {
+                    1 + ((replaced as u64) << 8) + ((siblings as u64) << 24)
+                }
+                Ok(ApplyOutcome::Stale(_)) => 2,
+                Err(_) => {
+                    w.report.store_errors += 1;
+                    ok = false;
+                    3
+                }
+            };
+            let last_seq = part.versions(key).iter().map(|l| l.seq).max().unwrap_or(0);
+            w.trace(&[0x57, self.id.0, outcome, last_seq]);
         }
         ok
     }
@@ -887,11 +906,18 @@ impl Node {
                     return;
                 }
                 let Some((_, hints)) = &self.open else { return };
-                match block_on(hint_delivered(hints, &hint, now)) {
-                    Ok(true) => w.report.hints_delivered += 1,
-                    Ok(false) => {}
-                    Err(_) => w.report.store_errors += 1,
-                }
+                let removed = match block_on(hint_delivered(hints, &hint, now)) {
+                    Ok(true) => {
+                        w.report.hints_delivered += 1;
+                        1
+                    }
+                    Ok(false) => 0,
+                    Err(_) => {
+                        w.report.store_errors += 1;
+                        2
+                    }
+                };
+                w.trace(&[0x4D, self.id.0, hint.seq, removed]);
             }
             Msg::Gossip(m) => {
                 self.gossip.handle_message(now, from, m);
@@ -1142,7 +1168,6 @@ struct Sim {
     faults: bool,
     /// The side of each node while the network is split.
     split: Option<Vec<bool>>,
-    digest: u64,
     events: u64,
     last_crash_ms: Option<u64>,
 }
@@ -1219,6 +1244,7 @@ impl Sim {
                 ..SimReport::default()
             },
             failure: None,
+            digest: 0xcbf2_9ce4_8422_2325,
             cfg,
         };
         let mut sim = Sim {
@@ -1234,7 +1260,6 @@ impl Sim {
             ops_started: 0,
             faults: true,
             split: None,
-            digest: 0xcbf2_9ce4_8422_2325,
             events: 0,
             last_crash_ms: None,
         };
@@ -1247,9 +1272,7 @@ impl Sim {
     }
 
     fn trace(&mut self, parts: &[u64]) {
-        for &p in parts {
-            self.digest = mix64(self.digest ^ p).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        }
+        self.w.trace(parts);
     }
 
     fn schedule(&mut self, delay_ms: u64, event: Event) {
@@ -1615,7 +1638,7 @@ impl Sim {
         self.check(&keys)?;
         self.w.report.sim_ms = self.w.now - START_MS;
         self.trace(&[self.w.report.acked_puts, self.w.report.messages_sent]);
-        self.w.report.digest = self.digest;
+        self.w.report.digest = self.w.digest;
         Ok(self.w.report.clone())
     }
 
