@@ -7,12 +7,14 @@
 //! - `ping`, `get`, `put`, `del`: a client for one node (`client_cmd`).
 //! - `status`, `join`, `leave`, `dev`: cluster admin and a local dev cluster
 //!   (`cluster_cmd`).
+//! - `sim ...`: the deterministic cluster simulator over a range of seeds (`sim_cmd`).
 
 mod client_cmd;
 mod cluster_cmd;
 mod log_cmd;
 mod ring_cmd;
 mod server_cmd;
+mod sim_cmd;
 
 use std::process::ExitCode;
 
@@ -28,6 +30,7 @@ commands:
   logdump DIR     print every record of a partition folder (or one segment file)
   logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
   ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
+  sim ...         deterministic cluster simulator: --seed S --runs K (see `ringkv sim --help`)
 ";
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         "logcheck" => log_cmd::logcheck(rest),
         "ring" => ring_cmd::run(rest),
         "server" => server_cmd::run(rest),
+        "sim" => sim_cmd::run(rest),
         "ping" | "get" | "put" | "del" => client_cmd::run(command, rest),
         "status" => cluster_cmd::status(rest),
         "join" => cluster_cmd::join(rest),

@@ -5,12 +5,13 @@
 //!   put and get quorums, deadlines, read repair, reconciliation of replies).
 //! - [`replica`]: the replica side (`replica_put`, `replica_get`) and the hint store of
 //!   hinted handoff, async over any [`Storage`](crate::storage::Storage).
-//! - `sim`: a deterministic one-thread simulator of whole clusters running this logic
+//! - [`sim`]: a deterministic one-thread simulator of whole clusters running this logic
 //!   with the ring's gossip and failure detector over a faulty simulated network and
 //!   crashing in-memory disks.
 
 pub mod coordinator;
 pub mod replica;
+pub mod sim;
 
 pub use coordinator::{
     choose_targets, reconcile_replies, Coordinator, CoordinatorOutput, GetResult, OpId, PutResult,

@@ -320,6 +320,49 @@ mod tests {
         });
     }
 
+    /// The documented order (store the hinted version, then record the hint) against a
+    /// delivery that runs concurrently, interleaved at every possible await point: when
+    /// both are done, either the delivery carried the new version or a hint is pending.
+    #[test]
+    fn concurrent_hinted_write_and_delivery_never_lose_the_new_version() {
+        use crate::storage::mem::YieldOnce;
+        for delay in 0..12 {
+            block_on(async {
+                let disk = MemDisk::new();
+                let part = open(&disk, "/p", PartitionConfig::default()).await;
+                let hints = open(&disk, "/hints", hints_config()).await;
+                let old = vv(1, 1, Some("old"));
+                let new = vv(1, 2, Some("new"));
+                replica_put(&part, b"k", &old, 1).await.unwrap();
+                record_hint(&hints, NodeId(9), 0, b"k", 1).await.unwrap();
+                disk.set_yielding(true);
+                let write = async {
+                    replica_put(&part, b"k", &new, 2).await.unwrap();
+                    record_hint(&hints, NodeId(9), 0, b"k", 2).await.unwrap();
+                };
+                let deliver = async {
+                    for _ in 0..delay {
+                        YieldOnce(false).await;
+                    }
+                    let hint = pending_hints(&hints, 1).remove(0);
+                    let sent = replica_get(&part, b"k").await.unwrap();
+                    // the target's ack arrives after some more turns
+                    for _ in 0..(delay % 3) {
+                        YieldOnce(false).await;
+                    }
+                    hint_delivered(&hints, &hint, 3).await.unwrap();
+                    sent
+                };
+                let ((), sent) = futures_lite::future::zip(write, deliver).await;
+                let carried = sent.iter().any(|v| v.version == new.version);
+                assert!(
+                    carried || pending_hint_count(&hints) == 1,
+                    "delay {delay}: the new version is neither delivered nor hinted"
+                );
+            });
+        }
+    }
+
     #[test]
     fn delivered_hints_are_reaped_by_compaction() {
         block_on(async {
