@@ -337,11 +337,13 @@ fn read_repair_fills_a_replica_that_missed_a_write() {
     n3.restart();
     wait_agreement(&[&n1, &n2, &n3]);
     // node 3's own replica, read with the others stopped so that this read cannot
-    // repair it (their answers time out before they resume)
+    // repair it
     n1.signal(libc::SIGSTOP);
     n2.signal(libc::SIGSTOP);
     let before = read_one(&n3, b"repair-me", 1);
-    std::thread::sleep(Duration::from_millis(1500));
+    // past node 3's 1 s request deadline (with margin for a loaded machine), so the
+    // stopped nodes' late answers find the read retired and repair nothing
+    std::thread::sleep(Duration::from_millis(3000));
     n1.signal(libc::SIGCONT);
     n2.signal(libc::SIGCONT);
     assert_eq!(before, Vec::<Vec<u8>>::new(), "node 3 missed the write");

@@ -45,12 +45,27 @@ type Failure = (ErrorCode, String);
 pub(crate) struct View {
     pub membership: Membership,
     pub ring: Ring,
+    /// N of this cluster: the configured N capped by the ring's nodes.
+    pub n: usize,
+    /// Every partition's preference list for `n` (computed once per membership).
+    pub preference: Vec<ringkv_ring::PreferenceList>,
 }
 
 impl View {
-    fn new(membership: Membership) -> View {
+    fn new(membership: Membership, replicas: usize) -> View {
         let ring = Ring::from_membership(&membership);
-        View { membership, ring }
+        let n = replicas.min(ring.nodes().len()).max(1);
+        let preference = if ring.nodes().is_empty() {
+            Vec::new()
+        } else {
+            ring.preference_lists(n)
+        };
+        View {
+            membership,
+            ring,
+            n,
+            preference,
+        }
     }
 
     fn is_member(&self, id: NodeId) -> bool {
@@ -197,8 +212,7 @@ fn wire_to_versioned(v: &WireVersion<'_>) -> Option<VersionedValue> {
 impl Shard {
     /// The replication settings for this cluster size: (n, default r, default w).
     fn quorum(&self, view: &View) -> (usize, usize, usize) {
-        let nodes = view.ring.nodes().len().max(1);
-        let n = self.config.replicas.min(nodes).max(1);
+        let n = view.n;
         (
             n,
             self.config.read_quorum.clamp(1, n),
@@ -218,7 +232,7 @@ impl Shard {
     }
 
     fn targets(&self, view: &View, partition: u32, n: usize) -> Vec<Target> {
-        let pref: Vec<NodeId> = view.ring.preference_list(partition, n).iter().collect();
+        let pref: Vec<NodeId> = view.preference[partition as usize].iter().collect();
         choose_targets(&pref, n, |id| self.reachable(view, id))
     }
 
@@ -316,7 +330,7 @@ impl Shard {
         }
         // a home replica that is down with no fallback left to stand in for it gets a
         // hint here: this node holds the key and hands it off when the owner is back
-        for home in view.ring.preference_list(partition, n).replicas {
+        for &home in &view.preference[partition as usize].replicas {
             let covered = targets
                 .iter()
                 .any(|t| t.node == home || t.hint_for == Some(home));
@@ -680,8 +694,7 @@ impl Shard {
     /// The first reachable fallback of `partition` other than this node and `failed`.
     fn fallback_for(&self, partition: u32, failed: NodeId) -> Option<NodeId> {
         let view = self.cluster.view()?;
-        let (n, _, _) = self.quorum(&view);
-        let pref = view.ring.preference_list(partition, n);
+        let pref = view.preference.get(partition as usize)?;
         pref.fallbacks
             .iter()
             .copied()
@@ -885,7 +898,7 @@ impl Shard {
 
     /// Installs a membership on this shard: ring, failure-detector peers, links.
     pub(crate) fn set_view(&self, membership: Membership) {
-        let view = View::new(membership);
+        let view = View::new(membership, self.config.replicas);
         let now = now_ms();
         {
             let mut fd = self.cluster.fd.borrow_mut();
