@@ -5,7 +5,8 @@
 //! small storage trait with a glommio DMA backend and a crashing in-memory backend,
 //! and the versioning rules (vector clocks, dotted versions, siblings, contexts).
 //! The cluster logic (coordinator state machine, replica side, hint store) and a
-//! deterministic cluster simulator live in [`cluster`].
+//! deterministic cluster simulator live in [`cluster`]; the node that runs it all on
+//! glommio (shards, connections, peer links, gossip) is [`server`].
 //!
 //! Modules:
 //! - [`record`]: the on-disk record format v1.
@@ -17,6 +18,7 @@
 //! - [`partition`]: one partition's log, recovery and compaction.
 //! - [`sync_group`]: group commit across a shard's partitions (one `syncfs`).
 //! - [`version`]: clocks, dotted versions, sibling rules, client contexts.
+//! - [`server`]: the node: shards, client connections, and the cluster runtime.
 
 pub mod cache;
 pub mod cluster;

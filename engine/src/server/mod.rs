@@ -7,6 +7,9 @@
 //! - [`run`]: starts the shards and blocks until shutdown (SIGINT/SIGTERM or the
 //!   caller's flag): stop accepting, finish in-flight requests, sync and close logs.
 //! - `shard`: a shard's partitions and request execution (no sockets).
+//! - `cluster` (inside `shard`): the cluster runtime of a shard: quorum coordination
+//!   through `crate::cluster::Coordinator`, replica messages, hints and their delivery,
+//!   gossip and membership (shard 0), the failure detector, peer links.
 //! - `conn`: the connection loop: check frames, pipeline, enforce limits and timeouts.
 
 mod conn;
