@@ -98,7 +98,13 @@ pub fn status(args: &[String]) -> anyhow::Result<ExitCode> {
     }
     println!(
         "node {} at {}: {} partitions, N={} R={} W={}, ring fingerprint {}",
-        v["node_id"], v["addr"], v["partitions"], v["n"], v["r"], v["w"], v["fingerprint"]
+        v["node_id"],
+        v["addr"].as_str().unwrap_or("?"),
+        v["partitions"],
+        v["n"],
+        v["r"],
+        v["w"],
+        v["fingerprint"]
     );
     println!(
         "{:>6}  {:<22} {:<8} {:<10} {:>10}",

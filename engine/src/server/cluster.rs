@@ -348,7 +348,10 @@ impl Shard {
             value: value.map(<[u8]>::to_vec),
         };
         self.cluster.stats.borrow_mut().coordinated_puts += 1;
-        let done = if remote.is_empty() && w <= 1 {
+        // a forwarded request this node coordinates without being a target (views
+        // differ for a moment) stores locally but does not count as a replica
+        let local_acks = usize::from(me.is_some());
+        let done = if remote.is_empty() && w <= local_acks {
             // a cluster of one (or N = 1): the local write is the quorum
             CoordinatorOutput::PutDone {
                 op: 0,
@@ -363,7 +366,7 @@ impl Shard {
                     key.to_vec(),
                     version,
                     &remote,
-                    1,
+                    local_acks,
                     w,
                     self.config.request_timeout.as_millis() as u64,
                 );
@@ -372,7 +375,7 @@ impl Shard {
                 (op, slot)
             };
             self.pump();
-            self.wait_op(op, &slot).await
+            self.wait_op(op, &slot, false).await
         };
         match done {
             CoordinatorOutput::PutDone {
@@ -470,7 +473,7 @@ impl Shard {
             (op, slot)
         };
         self.pump();
-        match self.wait_op(op, &slot).await {
+        match self.wait_op(op, &slot, true).await {
             CoordinatorOutput::GetDone {
                 result: GetResult::Ok { versions, .. },
                 ..
@@ -561,7 +564,7 @@ impl Shard {
         }
     }
 
-    async fn wait_op(&self, op: OpId, slot: &OpSlot) -> CoordinatorOutput {
+    async fn wait_op(&self, op: OpId, slot: &OpSlot, is_get: bool) -> CoordinatorOutput {
         loop {
             if let Some(done) = slot.done.borrow_mut().take() {
                 return done;
@@ -574,9 +577,16 @@ impl Shard {
             .await;
             if waited.is_err() && slot.done.borrow().is_none() {
                 self.cluster.ops.borrow_mut().remove(&op);
-                return CoordinatorOutput::PutDone {
-                    op,
-                    result: PutResult::NotConfirmed { acks: 0, w: 0 },
+                return if is_get {
+                    CoordinatorOutput::GetDone {
+                        op,
+                        result: GetResult::Failed { replies: 0, r: 0 },
+                    }
+                } else {
+                    CoordinatorOutput::PutDone {
+                        op,
+                        result: PutResult::NotConfirmed { acks: 0, w: 0 },
+                    }
                 };
             }
         }
