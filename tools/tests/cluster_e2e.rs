@@ -209,6 +209,18 @@ fn three_nodes_quorum_then_a_killed_node_gets_its_hints() {
         || hints_pending(&n1) + hints_pending(&n2) > 0,
     );
 
+    // the hints survive a crash of the nodes that hold them
+    let mut n2 = n2;
+    n1.kill();
+    n2.kill();
+    n1.restart();
+    n2.restart();
+    wait_for(
+        "hints still held after the holders restarted",
+        Duration::from_secs(30),
+        || hints_pending(&n1) + hints_pending(&n2) > 0,
+    );
+
     // node 3 comes back with its own command line and its data; the hints reach it
     n3.restart();
     wait_agreement(&[&n1, &n2, &n3]);

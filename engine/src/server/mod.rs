@@ -212,6 +212,41 @@ pub struct ShardExit {
     pub stats: ShardStats,
 }
 
+/// SO_REUSEPORT would let this node share a port that a running node listens on, so a
+/// port where a server answers is refused. A listener that accepts but never answers is
+/// the remains of a killed node (its io_uring teardown keeps the socket listening for a
+/// moment): wait for it to go, so that no client connection lands in its backlog.
+fn wait_until_port_is_free(listen: SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    if listen.port() == 0 {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok(mut stream) =
+            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
+        else {
+            return Ok(());
+        };
+        let mut ping = Vec::new();
+        ringkv_net::protocol::Request::Ping.encode(0, &mut ping);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+        let answered = stream.write_all(&ping).is_ok()
+            && matches!(stream.read(&mut [0u8; 16]), Ok(n) if n > 0);
+        if answered {
+            return Err(format!(
+                "cannot listen on {listen}: another server is listening there"
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "cannot listen on {listen}: a listener that never answers holds the port"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs the node until `shutdown` triggers. `ready` is called once every shard
 /// listens (with the client address actually bound).
 pub fn run(
@@ -239,7 +274,8 @@ pub fn run(
     let config = ServerConfig { data_dir, ..config };
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
-    let probe = std::net::TcpListener::bind(config.listen)
+    wait_until_port_is_free(config.listen)?;
+    let probe = shard::bind_reusing(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let listen = probe.local_addr().map_err(|e| e.to_string())?;
     drop(probe);
@@ -248,6 +284,12 @@ pub fn run(
     } else {
         config.advertise
     };
+    if advertise.ip().is_unspecified() {
+        tracing::warn!(
+            %advertise,
+            "listening on every interface: peers on other hosts need --advertise HOST:PORT"
+        );
+    }
     let config = ServerConfig {
         listen,
         advertise,

@@ -286,6 +286,16 @@ async fn start(
 /// SO_REUSEADDR (a restarted node binds its port again while connections of the
 /// previous process are still in TIME_WAIT).
 fn listen_reusing(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let listener = bind_reusing(addr)?;
+    // SAFETY: the descriptor comes from a listener we own and give up here.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) })
+}
+
+/// A listening socket with SO_REUSEADDR and SO_REUSEPORT set before the bind, so it
+/// shares the port with the other shards and with sockets a killed predecessor left
+/// behind (TIME_WAIT, or FIN_WAIT2 towards clients still connected).
+pub(crate) fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use std::os::unix::io::FromRawFd;
     let (domain, storage, len) = socket_addr_to_raw(addr);
     // SAFETY: plain socket calls on a descriptor we own; it is closed on every error
@@ -318,7 +328,7 @@ fn listen_reusing(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::T
             libc::close(fd);
             return Err(e);
         }
-        Ok(glommio::net::TcpListener::from_raw_fd(fd))
+        Ok(std::net::TcpListener::from_raw_fd(fd))
     }
 }
 
