@@ -110,6 +110,19 @@ impl NodeCounters {
     }
 }
 
+/// What this shard knows of a peer's shards (from a HELLO on its client port).
+#[derive(Debug, Clone)]
+enum Layout {
+    Fetching {
+        addr: String,
+    },
+    Known {
+        addr: String,
+        shards: u16,
+        port_base: u16,
+    },
+}
+
 #[derive(Default)]
 struct OpSlot {
     done: RefCell<Option<CoordinatorOutput>>,
@@ -120,6 +133,9 @@ pub(crate) struct ClusterState {
     pub local: NodeId,
     view: RefCell<Option<Rc<View>>>,
     links: RefCell<HashMap<NodeId, Rc<PeerLink>>>,
+    /// Links straight to a peer's shard (by its shard port).
+    shard_links: RefCell<HashMap<(NodeId, u16), Rc<PeerLink>>>,
+    layouts: Rc<RefCell<HashMap<NodeId, Layout>>>,
     fd: RefCell<FailureDetector>,
     coordinator: RefCell<crate::cluster::coordinator::Coordinator>,
     ops: RefCell<HashMap<OpId, Rc<OpSlot>>>,
@@ -142,6 +158,8 @@ impl ClusterState {
             local,
             view: RefCell::new(None),
             links: RefCell::default(),
+            shard_links: RefCell::default(),
+            layouts: Rc::default(),
             fd: RefCell::new(FailureDetector::new(FailureDetectorConfig {
                 unanswered_max: 2,
                 probe_timeout_ms: 500,
@@ -239,10 +257,18 @@ impl Shard {
     fn link(&self, id: NodeId) -> Option<Rc<PeerLink>> {
         let view = self.cluster.view()?;
         let addr = view.membership.member(id)?.addr.clone();
-        let mut links = self.cluster.links.borrow_mut();
-        let link = links.entry(id).or_insert_with(|| {
+        Some(self.link_to(&mut self.cluster.links.borrow_mut(), id, &addr))
+    }
+
+    fn link_to<K: std::hash::Hash + Eq + Copy>(
+        &self,
+        links: &mut HashMap<K, Rc<PeerLink>>,
+        key: K,
+        addr: &str,
+    ) -> Rc<PeerLink> {
+        let link = links.entry(key).or_insert_with(|| {
             Rc::new(PeerLink::spawn(
-                &addr,
+                addr,
                 LinkConfig {
                     frame_bytes_max: self.config.frame_bytes_max,
                     ..LinkConfig::default()
@@ -250,9 +276,53 @@ impl Shard {
             ))
         });
         if link.addr() != addr {
-            link.set_addr(&addr);
+            link.set_addr(addr);
         }
-        Some(link.clone())
+        link.clone()
+    }
+
+    /// The link for a request about `partition` on node `id`: straight to the shard
+    /// that owns the partition there (its shard port) once the node's layout is known,
+    /// else the node's client port (which forwards over its mesh).
+    fn link_for(&self, id: NodeId, partition: Option<u32>) -> Option<Rc<PeerLink>> {
+        let (Some(p), Some(view)) = (partition, self.cluster.view()) else {
+            return self.link(id);
+        };
+        let addr = view.membership.member(id)?.addr.clone();
+        let layout = self.cluster.layouts.borrow().get(&id).cloned();
+        match layout {
+            Some(Layout::Known {
+                addr: known,
+                shards,
+                port_base,
+            }) if known == addr => {
+                if port_base == 0 || shards == 0 {
+                    return self.link(id);
+                }
+                let shard = (p % u32::from(shards)) as u16;
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let shard_addr = format!("{host}:{}", u32::from(port_base) + u32::from(shard));
+                Some(self.link_to(
+                    &mut self.cluster.shard_links.borrow_mut(),
+                    (id, shard),
+                    &shard_addr,
+                ))
+            }
+            Some(Layout::Fetching { addr: fetching }) if fetching == addr => self.link(id),
+            _ => {
+                // learn the node's shards and shard ports from a HELLO, once per address
+                self.cluster
+                    .layouts
+                    .borrow_mut()
+                    .insert(id, Layout::Fetching { addr: addr.clone() });
+                let link = self.link(id)?;
+                let layouts = self.cluster.layouts.clone();
+                let main = link.clone();
+                glommio::spawn_local(async move { fetch_layout(main, layouts, id, addr).await })
+                    .detach();
+                Some(link)
+            }
+        }
     }
 
     /// Sends one cluster request to `to` and returns its reply frame; feeds the
@@ -263,7 +333,7 @@ impl Shard {
         request: &ClusterRequest<'_>,
         timeout: Duration,
     ) -> Result<Vec<u8>, LinkError> {
-        let Some(link) = self.link(to) else {
+        let Some(link) = self.link_for(to, request.partition()) else {
             return Err(LinkError::Unreachable {
                 addr: format!("node {to}"),
                 reason: "not a member".into(),
@@ -1462,6 +1532,40 @@ impl Shard {
                 tracing::warn!(error = %e, "cannot remove a delivered hint");
                 false
             }
+        }
+    }
+}
+
+/// Learns a peer's shards and shard ports from a HELLO on its client port.
+async fn fetch_layout(
+    link: Rc<PeerLink>,
+    layouts: Rc<RefCell<HashMap<NodeId, Layout>>>,
+    id: NodeId,
+    addr: String,
+) {
+    let reply = link
+        .call(Duration::from_secs(2), |rid, out| {
+            protocol::Request::Hello {
+                min_version: protocol::PROTOCOL_VERSION,
+                max_version: protocol::PROTOCOL_VERSION,
+            }
+            .encode(rid, out)
+        })
+        .await;
+    match reply.as_deref().map(Reply::parse) {
+        Ok(Ok((_, Reply::HelloOk(h)))) => {
+            layouts.borrow_mut().insert(
+                id,
+                Layout::Known {
+                    addr,
+                    shards: h.shards,
+                    port_base: h.shard_port_base,
+                },
+            );
+        }
+        // asked again on a later request
+        _ => {
+            layouts.borrow_mut().remove(&id);
         }
     }
 }
