@@ -66,6 +66,28 @@ pub fn choose_targets(
     targets
 }
 
+/// The home replicas (the first `n` of `preference`) that no target covers, neither
+/// as itself nor through a fallback's hint: down, with no fallback left to stand in.
+/// The coordinator holds the write, so it keeps a hint for each of them and hands the
+/// key off when they are back (with N nodes and N replicas there are no fallbacks).
+pub fn uncovered_homes(
+    preference: &[NodeId],
+    n: usize,
+    targets: &[Target],
+    local: NodeId,
+) -> Vec<NodeId> {
+    preference[..n.min(preference.len())]
+        .iter()
+        .copied()
+        .filter(|&home| {
+            home != local
+                && !targets
+                    .iter()
+                    .any(|t| t.node == home || t.hint_for == Some(home))
+        })
+        .collect()
+}
+
 /// Identifies one coordinated operation within one [`Coordinator`].
 pub type OpId = u64;
 
@@ -538,6 +560,27 @@ mod tests {
             node,
             hint_for: None,
         }
+    }
+
+    #[test]
+    fn uncovered_homes_are_the_down_homes_without_a_fallback() {
+        let pref: Vec<NodeId> = [1, 2, 3].map(NodeId).to_vec();
+        let targets = choose_targets(&pref, 3, |n| n != NodeId(3));
+        assert_eq!(targets.len(), 2);
+        assert_eq!(
+            uncovered_homes(&pref, 3, &targets, NodeId(1)),
+            vec![NodeId(3)]
+        );
+        // a fallback covers a down home: nothing uncovered
+        let pref: Vec<NodeId> = [1, 2, 3, 4].map(NodeId).to_vec();
+        let targets = choose_targets(&pref, 3, |n| n != NodeId(2));
+        assert!(uncovered_homes(&pref, 3, &targets, NodeId(1)).is_empty());
+        // the local node is never its own hint target
+        let targets = choose_targets(&pref[..3], 3, |n| n == NodeId(2));
+        assert_eq!(
+            uncovered_homes(&pref[..3], 3, &targets, NodeId(1)),
+            vec![NodeId(3)]
+        );
     }
 
     #[test]

@@ -36,8 +36,8 @@ use ringkv_ring::{
 };
 
 use super::coordinator::{
-    choose_targets, Coordinator, CoordinatorOutput, GetResult, OpId, PutResult, Target,
-    VersionedValue,
+    choose_targets, uncovered_homes, Coordinator, CoordinatorOutput, GetResult, OpId, PutResult,
+    Target, VersionedValue,
 };
 use super::replica::{
     hint_delivered, pending_hint_count, pending_hints, record_hint, replica_get, replica_put, Hint,
@@ -735,6 +735,17 @@ impl Node {
                         } else {
                             w.report.store_errors += 1;
                             local_acks = 0;
+                        }
+                    }
+                }
+                // as a real node does: a down home with no fallback left gets a hint
+                // here (this node holds the write)
+                if w.cfg.hints {
+                    for home in uncovered_homes(&pref, w.cfg.n, &targets, self.id) {
+                        if block_on(record_hint(hints, home, partition, &req.key, now)).is_ok() {
+                            w.report.hints_stored += 1;
+                        } else {
+                            w.report.store_errors += 1;
                         }
                     }
                 }

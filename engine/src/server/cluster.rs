@@ -20,7 +20,8 @@
 
 use super::{now_ms, Shard, ShardMsg};
 use crate::cluster::coordinator::{
-    choose_targets, CoordinatorOutput, GetResult, OpId, PutResult, Target, VersionedValue,
+    choose_targets, uncovered_homes, CoordinatorOutput, GetResult, OpId, PutResult, Target,
+    VersionedValue,
 };
 use crate::cluster::replica;
 use crate::notify::Notify;
@@ -400,13 +401,9 @@ impl Shard {
         }
         // a home replica that is down with no fallback left to stand in for it gets a
         // hint here: this node holds the key and hands it off when the owner is back
-        for &home in &view.preference[partition as usize].replicas {
-            let covered = targets
-                .iter()
-                .any(|t| t.node == home || t.hint_for == Some(home));
-            if !covered && home != self.cluster.local {
-                self.store_hint(home, partition, key).await?;
-            }
+        let homes = &view.preference[partition as usize].replicas;
+        for home in uncovered_homes(homes, n, &targets, self.cluster.local) {
+            self.store_hint(home, partition, key).await?;
         }
         let remote: Vec<Target> = targets
             .iter()
