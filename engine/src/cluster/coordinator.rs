@@ -395,8 +395,8 @@ impl Coordinator {
         };
         if !get.done && get.replies.len() >= get.r {
             get.done = true;
-            let sets: Vec<Vec<VersionedValue>> =
-                get.replies.iter().map(|(_, v)| v.clone()).collect();
+            let sets: Vec<&[VersionedValue]> =
+                get.replies.iter().map(|(_, v)| v.as_slice()).collect();
             self.outputs.push_back(CoordinatorOutput::GetDone {
                 op,
                 result: GetResult::Ok {
@@ -427,7 +427,7 @@ impl Coordinator {
                 },
             });
         }
-        let sets: Vec<Vec<VersionedValue>> = get.replies.iter().map(|(_, v)| v.clone()).collect();
+        let sets: Vec<&[VersionedValue]> = get.replies.iter().map(|(_, v)| v.as_slice()).collect();
         let reconciled = reconcile_replies(&sets);
         for (node, held) in &get.replies {
             let missing: Vec<VersionedValue> = reconciled
@@ -482,12 +482,13 @@ impl Coordinator {
 
 /// Union minus duplicates minus dominated versions, in a deterministic order (by dot,
 /// then timestamp). Of two entries with the same version the first is kept.
-pub fn reconcile_replies(sets: &[Vec<VersionedValue>]) -> Vec<VersionedValue> {
-    let mut union: Vec<VersionedValue> = Vec::new();
+pub fn reconcile_replies<S: AsRef<[VersionedValue]>>(sets: &[S]) -> Vec<VersionedValue> {
+    // borrowed until the end: only the versions kept are copied (values can be large)
+    let mut union: Vec<&VersionedValue> = Vec::new();
     for set in sets {
-        for v in set {
+        for v in set.as_ref() {
             if !union.iter().any(|u| u.version == v.version) {
-                union.push(v.clone());
+                union.push(v);
             }
         }
     }
@@ -498,7 +499,7 @@ pub fn reconcile_replies(sets: &[Vec<VersionedValue>]) -> Vec<VersionedValue> {
                 .iter()
                 .any(|u| u.version != v.version && u.version.descends(&v.version))
         })
-        .cloned()
+        .map(|v| (*v).clone())
         .collect();
     kept.sort_by(|a, b| {
         (a.version.dot, a.version.timestamp_ms)
@@ -912,7 +913,7 @@ mod tests {
             reconcile_replies(&[vec![a, b, c], vec![tomb.clone()]]),
             vec![tomb]
         );
-        assert!(reconcile_replies(&[]).is_empty());
+        assert!(reconcile_replies::<Vec<VersionedValue>>(&[]).is_empty());
     }
 
     #[test]
