@@ -76,20 +76,6 @@ impl View {
     }
 }
 
-/// Counters of the cluster side of one shard.
-#[derive(Debug, Clone, Default)]
-pub struct ClusterStats {
-    pub coordinated_puts: u64,
-    pub coordinated_gets: u64,
-    pub forwarded_to_coordinator: u64,
-    pub not_confirmed: u64,
-    pub replica_puts: u64,
-    pub replica_gets: u64,
-    pub hints_stored: u64,
-    pub hints_delivered: u64,
-    pub read_repairs: u64,
-}
-
 /// Counters of the whole node, shared by its shards (statistics only: nothing on the
 /// data path waits on them). `hints_pending[s]` is refreshed by shard s twice a second.
 #[derive(Debug)]
@@ -146,7 +132,6 @@ pub(crate) struct ClusterState {
     /// Shard 0: membership changes (joins, leaves) take turns.
     change_busy: Cell<bool>,
     change_done: Notify,
-    pub stats: RefCell<ClusterStats>,
     hint_wake: Notify,
 }
 
@@ -173,7 +158,6 @@ impl ClusterState {
             gossip: RefCell::new(None),
             change_busy: Cell::new(false),
             change_done: Notify::default(),
-            stats: RefCell::default(),
             hint_wake: Notify::default(),
         }
     }
@@ -250,9 +234,9 @@ impl Shard {
         !down && self.cluster.fd.borrow().is_reachable(id)
     }
 
-    fn targets(&self, view: &View, partition: u32, n: usize) -> Vec<Target> {
+    fn targets(&self, view: &View, partition: u32) -> Vec<Target> {
         let pref: Vec<NodeId> = view.preference[partition as usize].iter().collect();
-        choose_targets(&pref, n, |id| self.reachable(view, id))
+        choose_targets(&pref, view.n, |id| self.reachable(view, id))
     }
 
     fn link(&self, id: NodeId) -> Option<Rc<PeerLink>> {
@@ -368,7 +352,7 @@ impl Shard {
         let (n, _, w_default) = self.quorum(&view);
         let w = self.requested_quorum(w_requested, w_default, n, "w")?;
         let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
-        let targets = self.targets(&view, partition, n);
+        let targets = self.targets(&view, partition);
         let forwarded = protocol::header(frame).flags & FLAG_FORWARDED != 0;
         let me = targets
             .iter()
@@ -414,7 +398,6 @@ impl Shard {
             version: outcome.version.clone(),
             value: value.map(<[u8]>::to_vec),
         };
-        self.cluster.stats.borrow_mut().coordinated_puts += 1;
         // a forwarded request this node coordinates without being a target (views
         // differ for a moment) stores locally but does not count as a replica
         let local_acks = usize::from(me.is_some());
@@ -472,16 +455,13 @@ impl Shard {
             CoordinatorOutput::PutDone {
                 result: PutResult::NotConfirmed { acks, w },
                 ..
-            } => {
-                self.cluster.stats.borrow_mut().not_confirmed += 1;
-                Err((
-                    ErrorCode::NotConfirmed,
-                    format!(
-                        "not confirmed: {acks} of the {w} replicas needed acknowledged in time; \
+            } => Err((
+                ErrorCode::NotConfirmed,
+                format!(
+                    "not confirmed: {acks} of the {w} replicas needed acknowledged in time; \
                          the write may or may not be applied"
-                    ),
-                ))
-            }
+                ),
+            )),
             other => Err((
                 ErrorCode::Internal,
                 format!("coordinator answered a put with {other:?}"),
@@ -499,7 +479,7 @@ impl Shard {
         let (n, r_default, _) = self.quorum(&view);
         let r = self.requested_quorum(r_requested, r_default, n, "r")?;
         let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
-        let targets = self.targets(&view, partition, n);
+        let targets = self.targets(&view, partition);
         let local_is_target = targets.iter().any(|t| t.node == self.cluster.local);
         let local = if local_is_target {
             let p = self.partition_for(key)?.clone();
@@ -516,7 +496,6 @@ impl Shard {
             .map(|t| t.node)
             .filter(|&id| id != self.cluster.local)
             .collect();
-        self.cluster.stats.borrow_mut().coordinated_gets += 1;
         if remote.is_empty() && r <= 1 {
             // a cluster of one (or N = 1): this replica's answer is the answer
             if let Some(versions) = local {
@@ -596,7 +575,6 @@ impl Shard {
         request_id: u64,
         out: &RefCell<Vec<u8>>,
     ) -> Result<(), Failure> {
-        self.cluster.stats.borrow_mut().forwarded_to_coordinator += 1;
         let Some(link) = self.link(to) else {
             return Err((ErrorCode::Unavailable, format!("node {to} is unknown")));
         };
@@ -734,7 +712,6 @@ impl Shard {
                 key,
                 versions,
             } => {
-                self.cluster.stats.borrow_mut().read_repairs += 1;
                 self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
                 let shard = self.clone();
                 glommio::spawn_local(async move {
@@ -831,7 +808,6 @@ impl Shard {
         replica::record_hint(&self.cluster.hints, home, partition, key, now_ms())
             .await
             .map_err(super::store_error)?;
-        self.cluster.stats.borrow_mut().hints_stored += 1;
         self.counters.hints_stored.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -864,7 +840,6 @@ impl Shard {
                 if hint_for != 0 && hint_for != self.cluster.local.0 {
                     self.store_hint(NodeId(hint_for), partition, key).await?;
                 }
-                self.cluster.stats.borrow_mut().replica_puts += 1;
                 ClusterReply::ReplicaPutOk {
                     applied: matches!(outcome, crate::versioned::ApplyOutcome::Applied { .. }),
                 }
@@ -877,7 +852,6 @@ impl Shard {
                 let versions = replica::replica_get(&p, key)
                     .await
                     .map_err(super::store_error)?;
-                self.cluster.stats.borrow_mut().replica_gets += 1;
                 let blobs: Vec<Vec<u8>> =
                     versions.iter().map(|v| v.version.encode_to_vec()).collect();
                 let wire: Vec<WireVersion<'_>> = versions
@@ -907,7 +881,7 @@ impl Shard {
                 ClusterReply::GossipOk
             }
             ClusterRequest::Status => {
-                reply_bytes = self.status_json().await.into_bytes();
+                reply_bytes = self.status_json().into_bytes();
                 ClusterReply::StatusOk(&reply_bytes)
             }
             ClusterRequest::JoinRequest {
@@ -948,16 +922,6 @@ impl Shard {
             }
         };
         reply.encode(request_id, &mut out.borrow_mut());
-        Ok(())
-    }
-
-    fn check_key(&self, key: &[u8]) -> Result<(), Failure> {
-        if key.is_empty() || key.len() > self.config.key_bytes_max {
-            return Err((
-                ErrorCode::KeyTooLong,
-                format!("key of {} bytes is not allowed", key.len()),
-            ));
-        }
         Ok(())
     }
 
@@ -1326,7 +1290,7 @@ impl Shard {
     }
 
     /// This node's view of the cluster, as JSON.
-    async fn status_json(&self) -> String {
+    fn status_json(&self) -> String {
         let Some(view) = self.cluster.view() else {
             return format!(
                 "{{\"node_id\":{},\"joined\":false,\"members\":[]}}",
@@ -1518,7 +1482,6 @@ impl Shard {
         match replica::hint_delivered(&self.cluster.hints, hint, now_ms()).await {
             Ok(removed) => {
                 if removed {
-                    self.cluster.stats.borrow_mut().hints_delivered += 1;
                     self.counters
                         .hints_delivered
                         .fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use shard::{ClusterStats, NodeCounters, ShardStats};
+pub use shard::{NodeCounters, ShardStats};
 
 /// Everything a node needs.
 #[derive(Debug, Clone)]

@@ -11,8 +11,8 @@ use crate::partition::{Partition, PartitionConfig, StoreError};
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
 use crate::version::{Context, VClock};
+pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
-pub use cluster::{ClusterStats, NodeCounters};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use ringkv_net::protocol::{self, encode, ErrorCode, HelloOk, Request};
 use std::cell::{Cell, RefCell};
@@ -606,19 +606,7 @@ impl Shard {
         }
         let (_, request) = Request::parse(frame).map_err(|e| (e.code(), e.to_string()))?;
         if let Some(key) = request.key() {
-            if key.is_empty() {
-                return Err((ErrorCode::BadRequest, "empty key".into()));
-            }
-            if key.len() > self.config.key_bytes_max {
-                return Err((
-                    ErrorCode::KeyTooLong,
-                    format!(
-                        "key is {} bytes, the limit is {}",
-                        key.len(),
-                        self.config.key_bytes_max
-                    ),
-                ));
-            }
+            self.check_key(key)?;
         }
         match request {
             Request::Hello {
@@ -705,6 +693,24 @@ impl Shard {
                 self.cluster_put(frame, key, &context, None, w, request_id, out)
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// The key limits, for client and replica requests alike.
+    fn check_key(&self, key: &[u8]) -> Result<(), (ErrorCode, String)> {
+        if key.is_empty() {
+            return Err((ErrorCode::BadRequest, "empty key".into()));
+        }
+        if key.len() > self.config.key_bytes_max {
+            return Err((
+                ErrorCode::KeyTooLong,
+                format!(
+                    "key is {} bytes, the limit is {}",
+                    key.len(),
+                    self.config.key_bytes_max
+                ),
+            ));
         }
         Ok(())
     }
