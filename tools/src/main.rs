@@ -33,6 +33,24 @@ commands:
   sim ...         deterministic cluster simulator: --seed S --runs K (see `ringkv sim --help`)
 ";
 
+/// The opening of a subcommand: `--help` prints `usage` and succeeds; arguments that do
+/// not parse print the error with `usage` and exit 2. `Err` carries that exit code.
+pub(crate) fn parse_or_usage<T>(
+    command: &str,
+    usage: &str,
+    args: &[String],
+    parse: impl FnOnce(&[String]) -> anyhow::Result<T>,
+) -> Result<T, ExitCode> {
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        print!("{usage}");
+        return Err(ExitCode::SUCCESS);
+    }
+    parse(args).map_err(|err| {
+        eprintln!("ringkv {command}: {err:#}\n\n{usage}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(command) = args.first() else {

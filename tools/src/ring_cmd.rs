@@ -45,16 +45,9 @@ struct Plan {
 const PLANNER_NODES_MAX: u32 = 4096;
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
-    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
-        print!("{USAGE}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let plan = match parse(args) {
+    let plan = match crate::parse_or_usage("ring", USAGE, args, parse) {
         Ok(plan) => plan,
-        Err(err) => {
-            eprintln!("ringkv ring: {err:#}\n\n{USAGE}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let report = evaluate(&plan)?;
     if plan.json {

@@ -47,16 +47,9 @@ const NODES_MAX: usize = 64;
 const OPS_MAX: usize = 10_000_000;
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
-    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
-        print!("{USAGE}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let args = match parse(args) {
+    let args = match crate::parse_or_usage("sim", USAGE, args, parse) {
         Ok(args) => args,
-        Err(err) => {
-            eprintln!("ringkv sim: {err:#}\n\n{USAGE}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let mut failed: Vec<u64> = Vec::new();
     let mut total = SimReport::default();

@@ -296,84 +296,14 @@ fn listen_reusing(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::T
 /// shares the port with the other shards and with sockets a killed predecessor left
 /// behind (TIME_WAIT, or FIN_WAIT2 towards clients still connected).
 pub(crate) fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use std::os::unix::io::FromRawFd;
-    let (domain, storage, len) = socket_addr_to_raw(addr);
-    // SAFETY: plain socket calls on a descriptor we own; it is closed on every error
-    // path and handed to the listener (which owns it from then on) on success.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let one: libc::c_int = 1;
-        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        let ok = libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const _ as *const libc::c_void,
-            size,
-        ) == 0
-            && libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEPORT,
-                &one as *const _ as *const libc::c_void,
-                size,
-            ) == 0
-            && libc::bind(fd, &storage as *const _ as *const libc::sockaddr, len) == 0
-            && libc::listen(fd, 1024) == 0;
-        if !ok {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(std::net::TcpListener::from_raw_fd(fd))
-    }
-}
-
-fn socket_addr_to_raw(
-    addr: std::net::SocketAddr,
-) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is a valid (empty) value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        std::net::SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            (
-                libc::AF_INET,
-                storage,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        }
-        std::net::SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            (
-                libc::AF_INET6,
-                storage,
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        }
-    }
+    use socket2::{Domain, Socket, Type};
+    // socket2 sets close-on-exec itself
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
