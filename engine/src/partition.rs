@@ -749,6 +749,12 @@ impl<S: Storage> Partition<S> {
                 for (i, (start, len)) in places.iter().enumerate() {
                     cache.insert(first_seq + i as u64, &buf[*start..*start + *len]);
                 }
+                // replaced versions are never read again: keep the cache to live data
+                for op in ops {
+                    for &seq in op.replaces {
+                        cache.remove(seq);
+                    }
+                }
             }
             let end = base + buf.len() as u64;
             for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
@@ -1038,6 +1044,7 @@ impl<S: Storage> Partition<S> {
         segment: &Segment<S::File>,
     ) -> Result<StoredVersion, StoreError> {
         let cached = self.cache.borrow_mut().get(loc.seq);
+        let from_log = cached.is_none();
         let bytes: Rc<[u8]> = match cached {
             Some(b) => b,
             None => {
@@ -1061,7 +1068,9 @@ impl<S: Storage> Partition<S> {
         if r.key != key || r.header.seq != loc.seq {
             return Err(corrupt("record does not match the keydir".into()));
         }
-        self.cache.borrow_mut().insert(loc.seq, &bytes);
+        if from_log {
+            self.cache.borrow_mut().insert(loc.seq, &bytes);
+        }
         Ok(StoredVersion {
             seq: r.header.seq,
             timestamp_ms: r.header.timestamp_ms,
