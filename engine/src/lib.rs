@@ -13,6 +13,7 @@
 //! - [`segment`]: segment and hint files, scanning with torn-tail/corruption detection.
 //! - [`storage`]: the storage trait; [`storage::dma`] (glommio) and [`storage::mem`].
 //! - [`cluster`]: coordinator state machine, replica side, hinted handoff, simulator.
+//! - [`commit_log`]: a shard's commit log: one `fdatasync` per batch of `sync` writes.
 //! - [`cache`]: recently written or read records, by seq (reads are O_DIRECT).
 //! - [`keydir`]: key -> every live version's location, compact in memory.
 //! - [`partition`]: one partition's log, recovery and compaction.
@@ -22,6 +23,7 @@
 
 pub mod cache;
 pub mod cluster;
+pub mod commit_log;
 pub mod keydir;
 mod notify;
 pub mod partition;

@@ -66,6 +66,12 @@ pub struct PartitionConfig {
     /// A coordinated write that would leave a key more siblings than this is refused
     /// (replicated versions are always stored).
     pub siblings_max: usize,
+    /// `sync` writes are made durable by a shard's commit log
+    /// ([`Partition::set_commit_log`]) rather than by syncing segments: `open` then
+    /// cuts the unsynced tail of *any* segment without a hint (a roll-over may have left
+    /// one behind the last) instead of calling it corruption, and leaves hints to
+    /// background work, because [`Partition::replay`] puts those bytes back.
+    pub commit_log: bool,
 }
 
 impl Default for PartitionConfig {
@@ -81,6 +87,7 @@ impl Default for PartitionConfig {
             version_bytes_max: 4096,
             cache_bytes_max: 2 << 20,
             siblings_max: 100,
+            commit_log: false,
         }
     }
 }
@@ -280,6 +287,9 @@ pub struct Partition<S: Storage> {
     /// An `EPOCH` write is running (they take turns).
     epoch_busy: Cell<bool>,
     sync_group: RefCell<Option<Rc<crate::sync_group::SyncGroup>>>,
+    commit_log: RefCell<Option<Rc<crate::commit_log::CommitLog<S>>>>,
+    /// Segments [`replay`](Self::replay) appended to, synced by `finish_replay`.
+    replayed: RefCell<Vec<u64>>,
     /// Keys with a versioned write in progress (read, decide, append): such writes to
     /// one key take turns instead of racing and retrying.
     key_locks: RefCell<std::collections::HashSet<Box<[u8]>, ahash::RandomState>>,
@@ -398,6 +408,7 @@ impl<S: Storage> Partition<S> {
             }
             // a segment with a hint file was sealed, even if the hint is unreadable
             let mut sealed = !is_last || has_hint;
+            let mut hinted = sealed;
             let mut seg_len = len;
             let entries = match entries {
                 Some(e) => e,
@@ -452,8 +463,14 @@ impl<S: Storage> Partition<S> {
                         }
                     }
                     if header_ok && sealed && scan.corrupt.is_empty() && seg_len == scan.valid_end {
-                        // a sealed segment without a (valid) hint: write one now
-                        write_hint(&storage, id, seg_len, &scan.records).await?;
+                        if config.commit_log {
+                            // replay may still append to it: background work writes
+                            // the hint later
+                            hinted = false;
+                        } else {
+                            // a sealed segment without a (valid) hint: write one now
+                            write_hint(&storage, id, seg_len, &scan.records).await?;
+                        }
                     }
                     scan.records
                 }
@@ -464,7 +481,7 @@ impl<S: Storage> Partition<S> {
                 sealed: Cell::new(sealed),
                 durable_len: Cell::new(seg_len),
                 dead_bytes: Cell::new(0),
-                hinted: Cell::new(sealed),
+                hinted: Cell::new(hinted),
                 io_busy: Cell::new(false),
                 io_done: Notify::default(),
             };
@@ -513,6 +530,8 @@ impl<S: Storage> Partition<S> {
             epoch_busy: Cell::new(false),
             epoch_done: Notify::default(),
             sync_group: RefCell::new(None),
+            commit_log: RefCell::new(None),
+            replayed: RefCell::default(),
             key_locks: RefCell::default(),
             key_unlocked: Notify::default(),
             hints_busy: Cell::new(false),
@@ -697,7 +716,7 @@ impl<S: Storage> Partition<S> {
         for op in ops {
             self.check(op)?;
         }
-        let (segment, end, seqs, roll) = {
+        let (segment, end, seqs, roll, logged) = {
             let mut state = self.state.borrow_mut();
             if let Some(err) = &state.failed {
                 return Err(StoreError::Failed(err.clone()));
@@ -744,6 +763,14 @@ impl<S: Storage> Partition<S> {
                 return Err(StoreError::SegmentFull);
             }
             let base = segment.file.append(&buf);
+            // in the same step as the segment append, so the log holds each
+            // partition's appends in segment order
+            let logged = match (&self.config.durability, &*self.commit_log.borrow()) {
+                (Durability::Sync, Some(log)) => {
+                    Some(log.append(self.config.partition, segment.id, base, &buf))
+                }
+                _ => None,
+            };
             {
                 let mut cache = self.cache.borrow_mut();
                 for (i, (start, len)) in places.iter().enumerate() {
@@ -773,11 +800,23 @@ impl<S: Storage> Partition<S> {
                 state.rolling = true;
             }
             let seqs = (first_seq..first_seq + ops.len() as u64).collect();
-            (segment, end, seqs, roll)
+            (segment, end, seqs, roll, logged)
         };
         appended();
         if roll {
             self.roll().await?;
+        }
+        if let Some(position) = logged {
+            // the segment reaches the device behind the log: when its buffer fills,
+            // at roll-over and at the log's checkpoints
+            if segment.file.buffered_bytes() >= self.config.buffer_bytes_max {
+                self.file_io(&segment, false).await?;
+            }
+            let log = self.commit_log.borrow().clone();
+            if let Some(log) = log {
+                log.wait_durable(position).await.map_err(|e| self.fail(e))?;
+            }
+            return Ok(Some(seqs));
         }
         match self.config.durability {
             Durability::Sync => self.make_durable(&segment, end).await?,
@@ -837,6 +876,100 @@ impl<S: Storage> Partition<S> {
     /// writes then waits for one file-system sync the group runs for all of them.
     pub fn set_sync_group(&self, group: Rc<crate::sync_group::SyncGroup>) {
         *self.sync_group.borrow_mut() = Some(group);
+    }
+
+    /// Makes `sync` writes durable through the shard's commit log (see
+    /// [`crate::commit_log`]): a write waits for the log's group commit, not for its
+    /// segment. Set after [`replay`](Self::replay) and
+    /// [`finish_replay`](Self::finish_replay); the config must have `commit_log` set.
+    pub fn set_commit_log(&self, log: Rc<crate::commit_log::CommitLog<S>>) {
+        *self.commit_log.borrow_mut() = Some(log);
+    }
+
+    /// Puts back one commit log entry: `bytes` (whole records of one batch) were
+    /// appended to segment `segment` at `offset`. An entry already in the segment, or
+    /// for a segment compaction has removed since (its records were durable by then),
+    /// is skipped; one starting at the segment's end is appended and applied.
+    pub fn replay(&self, segment_id: u64, offset: u64, bytes: &[u8]) -> ReplayOutcome {
+        let mut state = self.state.borrow_mut();
+        let Some(&slot) = state.order.get(&segment_id) else {
+            return ReplayOutcome::SegmentGone;
+        };
+        let segment = state.segment(slot).clone();
+        let len = segment.file.len();
+        if offset + bytes.len() as u64 <= len {
+            return ReplayOutcome::Present;
+        }
+        if offset != len {
+            // a gap, or an entry the segment holds only part of: neither can come
+            // from a crash (segments are cut at whole batches, the log holds every
+            // batch since the last checkpoint)
+            state.needs_repair = true;
+            return ReplayOutcome::Mismatch { segment_len: len };
+        }
+        if len + bytes.len() as u64 > u32::MAX as u64 {
+            state.needs_repair = true;
+            return ReplayOutcome::Mismatch { segment_len: len };
+        }
+        // check every record before changing anything
+        let mut records = Vec::new();
+        let mut at = 0usize;
+        while at < bytes.len() {
+            match record::decode(&bytes[at..]) {
+                Ok(r) => {
+                    records.push((at, r));
+                    at += records.last().expect("just pushed").1.total_bytes();
+                }
+                Err(_) => {
+                    state.needs_repair = true;
+                    return ReplayOutcome::Mismatch { segment_len: len };
+                }
+            }
+        }
+        let base = segment.file.append(bytes);
+        for (at, r) in &records {
+            let loc = Loc {
+                seq: r.header.seq,
+                segment: slot,
+                offset: (base + *at as u64) as u32,
+                len: r.total_bytes() as u32,
+                flags: if r.header.is_tombstone() {
+                    LOC_TOMBSTONE
+                } else {
+                    0
+                },
+            };
+            state.next_seq = state.next_seq.max(r.header.seq.saturating_add(1));
+            let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
+            state.apply(r.key, loc, &replaced);
+        }
+        drop(state);
+        let mut replayed = self.replayed.borrow_mut();
+        if !replayed.contains(&segment_id) {
+            replayed.push(segment_id);
+        }
+        ReplayOutcome::Applied {
+            records: records.len(),
+        }
+    }
+
+    /// Syncs the segments [`replay`](Self::replay) appended to. Returns how many.
+    pub async fn finish_replay(&self) -> Result<usize, StoreError> {
+        let ids = std::mem::take(&mut *self.replayed.borrow_mut());
+        for id in &ids {
+            let segment = {
+                let state = self.state.borrow();
+                match state.order.get(id) {
+                    Some(&slot) => state.segment(slot).clone(),
+                    None => continue,
+                }
+            };
+            let end = segment.file.len();
+            while segment.durable_len.get() < end {
+                self.file_io(&segment, true).await?;
+            }
+        }
+        Ok(ids.len())
     }
 
     /// Runs one flush (or sync) of a segment's buffered bytes, taking turns with
@@ -1403,6 +1536,23 @@ impl<S: Storage> Partition<S> {
         storage.destroy().await?;
         Ok(())
     }
+}
+
+/// What [`Partition::replay`] did with one commit log entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    Applied {
+        records: usize,
+    },
+    /// Already in the segment.
+    Present,
+    /// The segment is gone (compacted away after its records were durable).
+    SegmentGone,
+    /// The entry does not fit the segment (a gap, a partial overlap, or records that
+    /// fail their checks): the partition needs repair; nothing was changed.
+    Mismatch {
+        segment_len: u64,
+    },
 }
 
 /// Holds a key for one versioned write (see [`Partition::lock_key`]).

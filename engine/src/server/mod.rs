@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub partitions: u32,
     pub durability: Durability,
     pub segment_bytes_max: u64,
+    /// In `sync` mode each shard's commit log rotates to a new file at this size (a
+    /// checkpoint then syncs the segments and removes the old file).
+    pub commit_log_bytes_max: u64,
     pub key_bytes_max: usize,
     pub value_bytes_max: usize,
     pub frame_bytes_max: usize,
@@ -94,6 +97,7 @@ impl Default for ServerConfig {
             partitions: 64,
             durability: Durability::Sync,
             segment_bytes_max: 64 << 20,
+            commit_log_bytes_max: 32 << 20,
             key_bytes_max: 4096,
             value_bytes_max: 4 << 20,
             frame_bytes_max: ringkv_net::protocol::FRAME_BYTES_MAX_DEFAULT,
@@ -249,6 +253,37 @@ fn wait_until_port_is_free(listen: SocketAddr) -> Result<(), String> {
 
 /// Runs the node until `shutdown` triggers. `ready` is called once every shard
 /// listens (with the client address actually bound).
+/// A shard's commit log is replayed by that shard: one left by a shard this start
+/// does not have (the node crashed, then got fewer `--shards`) would never be.
+fn refuse_orphan_commit_logs(config: &ServerConfig) -> Result<(), String> {
+    let dir = config.data_dir.join("commitlog");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(shard) = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let holds_files = std::fs::read_dir(entry.path())
+            .map(|mut files| files.next().is_some())
+            .unwrap_or(false);
+        if shard >= config.shards && holds_files {
+            return Err(format!(
+                "{} holds the commit log of shard {shard}, but this node starts {} shards: \
+                 start it once with the --shards it last ran with, so that the log is \
+                 replayed",
+                entry.path().display(),
+                config.shards
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(
     config: ServerConfig,
     shutdown: Shutdown,
@@ -272,6 +307,7 @@ pub fn run(
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| format!("cannot resolve {}: {e}", config.data_dir.display()))?;
     let config = ServerConfig { data_dir, ..config };
+    refuse_orphan_commit_logs(&config)?;
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
     wait_until_port_is_free(config.listen)?;
@@ -350,6 +386,9 @@ pub fn run(
         );
         let builder =
             glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(shard_id % cores))
+                // the blocking thread runs commit log syncs and syncfs: left unpinned
+                // so it does not queue behind its own busy shard for the core
+                .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
                 .name(&format!("ringkv-shard-{shard_id}"));
         let handle = builder
             .spawn(move || async move {

@@ -6,8 +6,9 @@
 mod cluster;
 
 use super::{conn, ServerConfig, ShardExit, Shutdown};
+use crate::commit_log::{CommitLog, LogRecovery};
 use crate::notify::Notify;
-use crate::partition::{Partition, PartitionConfig, StoreError};
+use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
 use crate::version::{Context, VClock};
@@ -61,6 +62,8 @@ pub(crate) struct Shard {
     pub stop: Notify,
     cluster: cluster::ClusterState,
     counters: std::sync::Arc<NodeCounters>,
+    /// `sync` mode: the log every partition of this shard commits through.
+    commit_log: Option<Rc<CommitLog<DmaStorage>>>,
 }
 
 /// Where a forwarded request's reply lands.
@@ -141,6 +144,24 @@ async fn start(
     };
     let mut partitions = HashMap::new();
     let sync_group = Rc::new(crate::sync_group::SyncGroup::new());
+    // the commit log is read before the partitions open and replayed after; in other
+    // durability modes a log left by an earlier `sync` run is still replayed
+    let log_path = config
+        .data_dir
+        .join("commitlog")
+        .join(format!("shard-{shard_id:03}"));
+    let use_log = config.durability == crate::Durability::Sync;
+    let log = if use_log || log_path.exists() {
+        let storage = DmaStorage::open(&log_path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let (log, recovery) = CommitLog::open(storage, config.commit_log_bytes_max.max(1 << 20))
+            .await
+            .map_err(|e| format!("commit log {}: {e}", log_path.display()))?;
+        Some((Rc::new(log), recovery))
+    } else {
+        None
+    };
     for p in (0..config.partitions).filter(|p| *p as usize % config.shards == shard_id) {
         let path = config.data_dir.join("partitions").join(format!("{p:05}"));
         let storage = DmaStorage::open(&path)
@@ -155,6 +176,7 @@ async fn start(
             value_bytes_max: config.value_bytes_max,
             cache_bytes_max: config.cache_bytes_max / config.partitions as usize,
             siblings_max: config.siblings_max,
+            commit_log: log.is_some(),
             ..PartitionConfig::default()
         };
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
@@ -185,6 +207,7 @@ async fn start(
         key_bytes_max: config.key_bytes_max + 16,
         value_bytes_max: 16,
         cache_bytes_max: 1 << 20,
+        commit_log: log.is_some(),
         ..PartitionConfig::default()
     };
     let (hints, _) = Partition::open(hints_storage, hints_config, now_ms())
@@ -192,6 +215,25 @@ async fn start(
         .map_err(|e| format!("hint store of shard {shard_id}: recovery failed: {e}"))?;
     hints.set_sync_group(sync_group.clone());
     let hints = Rc::new(hints);
+    let log = match log {
+        Some((log, recovery)) => {
+            replay_commit_log(shard_id, &log, recovery, &partitions, &hints).await?;
+            if use_log {
+                for p in partitions.values().chain(std::iter::once(&hints)) {
+                    p.set_commit_log(log.clone());
+                }
+                Some(log)
+            } else {
+                log.remove_all()
+                    .await
+                    .map_err(|e| format!("commit log {}: {e}", log_path.display()))?;
+                drop(log);
+                let _ = std::fs::remove_dir(&log_path);
+                None
+            }
+        }
+        None => None,
+    };
     let shard = Rc::new(Shard {
         id: shard_id,
         config: config.clone(),
@@ -207,6 +249,7 @@ async fn start(
         stop: Notify::default(),
         cluster: cluster::ClusterState::new(ringkv_ring::NodeId(config.node_id), hints.clone()),
         counters,
+        commit_log: log,
     });
     let mut tasks = Vec::new();
     if let Some(bytes) = &membership {
@@ -225,6 +268,12 @@ async fn start(
         }));
     }
     tasks.extend(shard.spawn_cluster_tasks());
+    if let Some(log) = shard.commit_log.clone() {
+        let checkpointer = shard.clone();
+        tasks.push(glommio::spawn_local(async move {
+            checkpoint_loop(checkpointer, log).await;
+        }));
+    }
     // background work: compaction (low priority) and interval syncs
     let background = runtime::background_queue();
     for p in shard.partitions.values().chain(std::iter::once(&hints)) {
@@ -347,6 +396,114 @@ async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
     }
 }
 
+/// Puts back, at startup, the writes the commit log holds and the segments may have
+/// lost, then retires the log's old files.
+async fn replay_commit_log(
+    shard_id: usize,
+    log: &CommitLog<DmaStorage>,
+    recovery: LogRecovery,
+    partitions: &HashMap<u32, Rc<Partition<DmaStorage>>>,
+    hints: &Rc<Partition<DmaStorage>>,
+) -> Result<(), String> {
+    let hints_id = hints.config().partition;
+    let (mut applied, mut present, mut gone, mut mismatched) = (0usize, 0usize, 0usize, 0usize);
+    for e in &recovery.entries {
+        let partition = if e.log_id == hints_id {
+            hints
+        } else {
+            match u32::try_from(e.log_id)
+                .ok()
+                .and_then(|id| partitions.get(&id))
+            {
+                Some(p) => p,
+                None => {
+                    return Err(format!(
+                        "the commit log of shard {shard_id} holds writes for partition {}, \
+                         which this shard does not own: start the node once with the \
+                         --shards it last ran with, so that they are replayed",
+                        e.log_id
+                    ))
+                }
+            }
+        };
+        match partition.replay(e.segment, e.offset, &e.bytes) {
+            ReplayOutcome::Applied { records } => applied += records,
+            ReplayOutcome::Present => present += 1,
+            ReplayOutcome::SegmentGone => gone += 1,
+            ReplayOutcome::Mismatch { segment_len } => {
+                mismatched += 1;
+                tracing::error!(
+                    partition = e.log_id,
+                    segment = e.segment,
+                    offset = e.offset,
+                    segment_len,
+                    "commit log entry does not fit its segment: partition needs repair"
+                );
+            }
+        }
+    }
+    for p in partitions.values().chain(std::iter::once(hints)) {
+        p.finish_replay()
+            .await
+            .map_err(|e| format!("partition {}: replay: {e}", p.config().partition))?;
+    }
+    // what was read back is on the device but maybe only in its cache: one file-system
+    // sync, then the old files go
+    log.checkpoint(|| log.sync_filesystem())
+        .await
+        .map_err(|e| format!("commit log of shard {shard_id}: checkpoint: {e}"))?;
+    if recovery.files > 0 {
+        tracing::info!(
+            shard = shard_id,
+            files = recovery.files,
+            records_replayed = applied,
+            entries_present = present,
+            entries_of_removed_segments = gone,
+            entries_mismatched = mismatched,
+            torn_bytes = recovery.torn_bytes,
+            "commit log replayed"
+        );
+    }
+    Ok(())
+}
+
+/// Retires full commit log files (sync every partition of the shard, then remove
+/// them) and makes the next file ahead of time.
+async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        if log.checkpoint_due() {
+            if let Err(e) = log.checkpoint(|| shard.sync_all_partitions()).await {
+                tracing::error!(shard = shard.id, error = %e, "commit log checkpoint failed");
+            }
+        }
+        if let Err(e) = log.prepare_spare().await {
+            tracing::warn!(shard = shard.id, error = %e, "cannot make the next commit log file");
+        }
+    }
+}
+
+impl Shard {
+    /// Syncs every partition of the shard and its hint store (concurrently, so they
+    /// share the file-system syncs of the group).
+    async fn sync_all_partitions(&self) -> std::io::Result<()> {
+        let syncs: Vec<_> = self
+            .partitions
+            .values()
+            .chain(std::iter::once(&self.cluster.hints))
+            .map(|p| {
+                let p = p.clone();
+                glommio::spawn_local(async move { p.sync().await })
+            })
+            .collect();
+        for sync in syncs {
+            sync.await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
 async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -> ShardExit {
     while !shard.stopping.get() {
         shard.stop.wait().await;
@@ -365,13 +522,25 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
     }
     // background work stops before the partitions close
     drop(tasks);
+    let mut all_closed = true;
     for (p, partition) in &shard.partitions {
         if let Err(e) = partition.close().await {
             tracing::error!(partition = p, error = %e, "close failed");
+            all_closed = false;
         }
     }
     if let Err(e) = shard.cluster.hints.close().await {
         tracing::error!(error = %e, "closing the hint store failed");
+        all_closed = false;
+    }
+    if let Some(log) = &shard.commit_log {
+        // every segment is synced: nothing is left to replay (if a close failed, the
+        // log stays and the next start replays it)
+        if all_closed {
+            if let Err(e) = log.remove_all().await {
+                tracing::error!(error = %e, "removing the commit log failed");
+            }
+        }
     }
     ShardExit {
         shard: shard.id,

@@ -115,6 +115,36 @@ impl Storage for DmaStorage {
         Ok(DmaSegmentFile::new(file, 0, Vec::new()))
     }
 
+    async fn create_zeroed(&self, name: &str, bytes: u64) -> io::Result<DmaSegmentFile> {
+        // written zeros, not fallocate: unwritten extents would need a metadata commit
+        // on the first sync of each block
+        let path = self.path.join(name);
+        let fill = path.clone();
+        glommio::executor()
+            .spawn_blocking(move || -> io::Result<()> {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&fill)?;
+                let zeros = vec![0u8; 1 << 20];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(zeros.len() as u64) as usize;
+                    file.write_all(&zeros[..n])?;
+                    left -= n as u64;
+                }
+                file.sync_all()
+            })
+            .await?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(to_io)?;
+        let mut file = DmaSegmentFile::new(file, 0, Vec::new());
+        file.urgent = true;
+        Ok(file)
+    }
+
     async fn open(&self, name: &str) -> io::Result<DmaSegmentFile> {
         let file = OpenOptions::new()
             .read(true)
@@ -200,6 +230,9 @@ struct Tail {
 pub struct DmaSegmentFile {
     file: Rc<DmaFile>,
     tail: Rc<RefCell<Tail>>,
+    /// Writers wait on this file's syncs (the commit log): they run on a blocking
+    /// thread (see [`DmaSegmentFile::sync_off_thread`]).
+    urgent: bool,
 }
 
 impl DmaSegmentFile {
@@ -212,7 +245,122 @@ impl DmaSegmentFile {
                 buffer,
                 flushed_len,
             })),
+            urgent: false,
         }
+    }
+}
+
+/// A zero-padded copy of a file's tail, aligned for `O_DIRECT`, that can move to
+/// another thread.
+struct AlignedBytes {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: a uniquely owned heap allocation, like a Vec<u8>.
+unsafe impl Send for AlignedBytes {}
+
+impl AlignedBytes {
+    const ALIGN: usize = 4096;
+
+    /// `bytes`, zero padded to a multiple of [`Self::ALIGN`].
+    fn padded_copy(bytes: &[u8]) -> Self {
+        let len = bytes.len().div_ceil(Self::ALIGN).max(1) * Self::ALIGN;
+        let layout = std::alloc::Layout::from_size_align(len, Self::ALIGN).expect("valid layout");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        // SAFETY: the allocation is `len >= bytes.len()` bytes and does not overlap `bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
+        Self { ptr, layout }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation is initialised (zeroed, then copied into) and lives
+        // as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBytes {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `padded_copy` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+impl DmaSegmentFile {
+    /// Writes the buffered tail and runs `fdatasync` on glommio's blocking thread
+    /// instead of through its rings. Measured on this machine under a network load:
+    /// a ring write plus ring `fdatasync` of the commit log took 1.6 ms per group commit
+    /// (the kernel worker that runs an io_uring fsync shares the shard's pinned core,
+    /// and completions are reaped only between runs of ready tasks), while `pwrite` +
+    /// `fdatasync` from a thread take about 0.2 ms. The descriptor is duplicated, so
+    /// the thread never writes through a number the shard may have closed and reused.
+    async fn sync_off_thread(&self) -> io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let (write, end) = {
+            let tail = self.tail.borrow();
+            let end = tail.base + tail.buffer.len() as u64;
+            let write = (end > tail.flushed_len)
+                .then(|| (tail.base, AlignedBytes::padded_copy(&tail.buffer)));
+            (write, end)
+        };
+        // SAFETY: dup of a descriptor this file holds open; the copy is owned.
+        let fd = unsafe { libc::dup(self.file.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        glommio::executor()
+            .spawn_blocking(move || -> io::Result<()> {
+                if let Some((base, bytes)) = &write {
+                    let buf = bytes.as_slice();
+                    let mut done = 0usize;
+                    while done < buf.len() {
+                        // SAFETY: buf is valid for its length; fd is open.
+                        let n = unsafe {
+                            libc::pwrite(
+                                fd.as_raw_fd(),
+                                buf[done..].as_ptr().cast(),
+                                buf.len() - done,
+                                (*base + done as u64) as libc::off_t,
+                            )
+                        };
+                        if n < 0 {
+                            let err = io::Error::last_os_error();
+                            if err.kind() == io::ErrorKind::Interrupted {
+                                continue;
+                            }
+                            return Err(err);
+                        }
+                        if n == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "pwrite wrote nothing",
+                            ));
+                        }
+                        done += n as usize;
+                    }
+                }
+                // SAFETY: fd is open.
+                if unsafe { libc::fdatasync(fd.as_raw_fd()) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+            .await?;
+        let mut tail = self.tail.borrow_mut();
+        tail.flushed_len = tail.flushed_len.max(end);
+        let new_base = self.file.align_down(end);
+        if new_base > tail.base {
+            let drop = (new_base - tail.base) as usize;
+            tail.buffer.drain(..drop);
+            tail.base = new_base;
+        }
+        Ok(())
     }
 }
 
@@ -293,6 +441,9 @@ impl StorageFile for DmaSegmentFile {
     }
 
     async fn sync(&self) -> io::Result<()> {
+        if self.urgent {
+            return self.sync_off_thread().await;
+        }
         self.flush().await?;
         self.file.fdatasync().await.map_err(to_io)
     }

@@ -44,6 +44,14 @@ pub trait Storage {
     async fn list(&self) -> io::Result<Vec<String>>;
     /// Creates (or truncates) a file.
     async fn create(&self, name: &str) -> io::Result<Self::File>;
+    /// Creates (or truncates) a file whose first `bytes` bytes are zeros already on
+    /// the device, returned empty: appends then overwrite allocated blocks, so syncing
+    /// them commits no file-system metadata (the commit log's files). A backend without
+    /// that distinction just creates the file.
+    async fn create_zeroed(&self, name: &str, bytes: u64) -> io::Result<Self::File> {
+        let _ = bytes;
+        self.create(name).await
+    }
     /// Opens an existing file for reading and appending at its end.
     async fn open(&self, name: &str) -> io::Result<Self::File>;
     async fn rename(&self, from: &str, to: &str) -> io::Result<()>;

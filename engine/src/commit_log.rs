@@ -1,0 +1,461 @@
+//! The shard's commit log: one append and one `fdatasync` make a batch of writes to
+//! many partitions durable.
+//!
+//! In `sync` mode without it, each partition must make its own segment durable before
+//! acknowledging: a flush per partition plus one device flush for all of them, and
+//! the segment appends grow their files, so every sync also commits file-system
+//! metadata. With it, a write appends its encoded records to its partition's segment
+//! buffer (as before) *and* to this log, then waits for the log's group commit: one
+//! `O_DIRECT` write and one `fdatasync` of one file per batch. The log's files are
+//! zero-filled when created, so those writes overwrite allocated blocks and the sync
+//! flushes data only. Segments reach the device behind it (when their buffers fill,
+//! at roll-over, at checkpoints).
+//!
+//! **Files.** `GGGGGGGGGGGGGGGG.clog`, by generation. A file that reaches
+//! `file_bytes_max` is rotated out by the next group commit and *retired*: its entries
+//! may still be only in the log. A [`CommitLog::checkpoint`] makes every partition's
+//! segments durable, then removes the retired files.
+//!
+//! **Entries** (little-endian): `crc32 u32` (of everything after it) · `payload_len
+//! u32` · `generation u64` · `log_id u64` (the partition) · `segment u64` · `offset
+//! u64` (where the payload starts in that segment) · the payload, which is exactly the
+//! bytes appended to the segment there: whole records of one write batch. A file is
+//! read front to back until the first entry that is zero, torn, of another
+//! generation, or fails its CRC; every acknowledged entry is before that point.
+//!
+//! **Recovery.** [`CommitLog::open`] returns the entries of every file in order. The
+//! runtime opens the partitions first (which cut unsynced segment tails), then hands
+//! each entry to [`Partition::replay`](crate::Partition::replay): an entry already in
+//! its segment is skipped, one that starts exactly at the segment's end is appended
+//! back; the segments are synced and the old files retired. Replay is idempotent: a
+//! crash during it replays again.
+
+use crate::notify::Notify;
+use crate::storage::{Storage, StorageFile};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+
+pub const ENTRY_HEADER_BYTES: usize = 40;
+const SUFFIX: &str = ".clog";
+/// Zero-filled room past `file_bytes_max`: a file rotates at the group commit after it
+/// fills, so appends may run a little past the limit.
+const FILE_SLACK_BYTES: u64 = 1 << 20;
+const READ_CHUNK_BYTES: u64 = 4 << 20;
+
+pub fn file_name(generation: u64) -> String {
+    format!("{generation:016x}{SUFFIX}")
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(SUFFIX)?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// One entry read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub log_id: u64,
+    pub segment: u64,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// What [`CommitLog::open`] found.
+#[derive(Debug, Default)]
+pub struct LogRecovery {
+    /// Files read (every one is retired: the first checkpoint removes it).
+    pub files: usize,
+    /// Valid entries, in log order.
+    pub entries: Vec<Entry>,
+    /// Non-zero bytes after the last valid entry of a file (a torn or unsynced group
+    /// commit: never acknowledged).
+    pub torn_bytes: u64,
+}
+
+fn entry_header(
+    generation: u64,
+    log_id: u64,
+    segment: u64,
+    offset: u64,
+    payload: &[u8],
+) -> [u8; 40] {
+    let mut h = [0u8; ENTRY_HEADER_BYTES];
+    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[16..24].copy_from_slice(&log_id.to_le_bytes());
+    h[24..32].copy_from_slice(&segment.to_le_bytes());
+    h[32..40].copy_from_slice(&offset.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[4..]);
+    crc.update(payload);
+    h[0..4].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes the entries of one file's bytes: (entries, end of the last valid entry).
+/// Never panics on any input.
+pub fn decode_entries(bytes: &[u8], generation: u64) -> (Vec<Entry>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while bytes.len() - at >= ENTRY_HEADER_BYTES {
+        let h = &bytes[at..at + ENTRY_HEADER_BYTES];
+        let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")) as usize;
+        if len == 0 || u64_at(h, 8) != generation || bytes.len() - at - ENTRY_HEADER_BYTES < len {
+            break;
+        }
+        let payload = &bytes[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[4..]);
+        crc.update(payload);
+        if crc.finalize() != u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) {
+            break;
+        }
+        out.push(Entry {
+            log_id: u64_at(h, 16),
+            segment: u64_at(h, 24),
+            offset: u64_at(h, 32),
+            bytes: payload.to_vec(),
+        });
+        at += ENTRY_HEADER_BYTES + len;
+    }
+    (out, at)
+}
+
+struct LogState<F> {
+    file: Rc<F>,
+    generation: u64,
+    /// A zero-filled file made ahead of the next rotation.
+    spare: Option<(u64, F)>,
+    /// Full files whose entries may not be in durable segments yet.
+    retired: Vec<u64>,
+    /// Bytes appended since open (over all files): a write's position.
+    appended: u64,
+    /// Every byte up to here is durable.
+    durable: u64,
+    failed: Option<String>,
+    /// A group commit is running.
+    busy: bool,
+    rotate_due: bool,
+    syncs: u64,
+}
+
+/// A shard's commit log (see the module documentation).
+pub struct CommitLog<S: Storage> {
+    storage: S,
+    file_bytes_max: u64,
+    state: RefCell<LogState<S::File>>,
+    done: Notify,
+    checkpointing: Cell<bool>,
+}
+
+impl<S: Storage> std::fmt::Debug for CommitLog<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.borrow();
+        f.debug_struct("CommitLog")
+            .field("generation", &st.generation)
+            .field("appended", &st.appended)
+            .field("durable", &st.durable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> CommitLog<S> {
+    /// Opens the log folder: reads every file's entries for replay (all of them are
+    /// retired) and starts a new file.
+    pub async fn open(storage: S, file_bytes_max: u64) -> io::Result<(Self, LogRecovery)> {
+        let mut recovery = LogRecovery::default();
+        let mut generations = Vec::new();
+        for name in storage.list().await? {
+            if name.ends_with(".tmp") {
+                storage.remove(&name).await?;
+            } else if let Some(g) = parse_name(&name) {
+                generations.push(g);
+            }
+        }
+        generations.sort_unstable();
+        for &g in &generations {
+            let file = storage.open(&file_name(g)).await?;
+            let len = file.len();
+            let mut bytes = Vec::with_capacity(len as usize);
+            let mut at = 0u64;
+            while at < len {
+                let n = READ_CHUNK_BYTES.min(len - at);
+                bytes.extend_from_slice(&file.read_at(at, n as usize).await?);
+                at += n;
+                storage.yield_now().await;
+            }
+            let (entries, end) = decode_entries(&bytes, g);
+            recovery.torn_bytes += bytes[end..].iter().filter(|&&b| b != 0).count() as u64;
+            recovery.entries.extend(entries);
+            recovery.files += 1;
+        }
+        let generation = generations.last().map_or(1, |g| g + 1);
+        let file = create_zeroed(&storage, generation, file_bytes_max).await?;
+        storage.sync_dir().await?;
+        let log = Self {
+            storage,
+            file_bytes_max,
+            state: RefCell::new(LogState {
+                file: Rc::new(file),
+                generation,
+                spare: None,
+                retired: generations,
+                appended: 0,
+                durable: 0,
+                failed: None,
+                busy: false,
+                rotate_due: false,
+                syncs: 0,
+            }),
+            done: Notify::default(),
+            checkpointing: Cell::new(false),
+        };
+        Ok((log, recovery))
+    }
+
+    /// Buffers one entry: `payload` was appended to segment `segment` of partition
+    /// `log_id` at `offset`. Returns the position to pass to [`wait_durable`](Self::wait_durable).
+    pub fn append(&self, log_id: u64, segment: u64, offset: u64, payload: &[u8]) -> u64 {
+        let mut st = self.state.borrow_mut();
+        let header = entry_header(st.generation, log_id, segment, offset, payload);
+        st.file.append(&header);
+        st.file.append(payload);
+        st.appended += (ENTRY_HEADER_BYTES + payload.len()) as u64;
+        if st.file.len() >= self.file_bytes_max {
+            st.rotate_due = true;
+        }
+        st.appended
+    }
+
+    /// Returns once every entry up to `position` is durable, leading a group commit
+    /// when none is running. A failed sync fails the log for good (like a partition).
+    pub async fn wait_durable(&self, position: u64) -> io::Result<()> {
+        loop {
+            let lead = {
+                let mut st = self.state.borrow_mut();
+                if let Some(err) = &st.failed {
+                    return Err(io::Error::other(format!("commit log failed: {err}")));
+                }
+                if st.durable >= position {
+                    return Ok(());
+                }
+                if st.busy {
+                    None
+                } else {
+                    st.busy = true;
+                    Some((st.file.clone(), st.appended, st.rotate_due))
+                }
+            };
+            let Some((file, target, rotate)) = lead else {
+                self.done.wait().await;
+                continue;
+            };
+            let result = if rotate {
+                self.rotate().await
+            } else {
+                file.sync().await.map(|()| target)
+            };
+            let mut st = self.state.borrow_mut();
+            st.busy = false;
+            match result {
+                Ok(durable) => {
+                    st.durable = st.durable.max(durable);
+                    st.syncs += 1;
+                }
+                Err(e) => {
+                    st.failed.get_or_insert_with(|| e.to_string());
+                }
+            }
+            drop(st);
+            self.done.notify_all();
+        }
+    }
+
+    /// Switches to a new file and syncs the old one whole: returns the position up to
+    /// which everything is then durable.
+    async fn rotate(&self) -> io::Result<u64> {
+        let spare = self.state.borrow_mut().spare.take();
+        let next = self.state.borrow().generation + 1;
+        let file = match spare {
+            Some((g, file)) if g == next => file,
+            _ => {
+                let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
+                self.storage.sync_dir().await?;
+                file
+            }
+        };
+        let (old, old_generation, target) = {
+            let mut st = self.state.borrow_mut();
+            let old = std::mem::replace(&mut st.file, Rc::new(file));
+            let old_generation = std::mem::replace(&mut st.generation, next);
+            st.rotate_due = false;
+            (old, old_generation, st.appended)
+        };
+        old.sync().await?;
+        self.state.borrow_mut().retired.push(old_generation);
+        Ok(target)
+    }
+
+    /// Makes the next file ahead of time once the current one is half full (the
+    /// runtime calls this off the write path), so that a rotation does not wait for
+    /// zero-filling.
+    pub async fn prepare_spare(&self) -> io::Result<()> {
+        let next = {
+            let st = self.state.borrow();
+            let next = st.generation + 1;
+            if st.spare.as_ref().map(|(g, _)| *g) == Some(next)
+                || st.file.len() < self.file_bytes_max / 2
+            {
+                return Ok(());
+            }
+            next
+        };
+        let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
+        self.storage.sync_dir().await?;
+        let mut st = self.state.borrow_mut();
+        if st.generation + 1 == next {
+            st.spare = Some((next, file));
+        }
+        Ok(())
+    }
+
+    /// Files waiting for a checkpoint.
+    pub fn checkpoint_due(&self) -> bool {
+        !self.state.borrow().retired.is_empty()
+    }
+
+    /// Makes the partitions durable (`sync_partitions` syncs every partition using
+    /// this log), then removes the retired files: their entries are then in durable
+    /// segments. Returns how many files were removed (0 when another checkpoint is
+    /// running or none is due).
+    pub async fn checkpoint<F, Fut>(&self, sync_partitions: F) -> io::Result<usize>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<()>>,
+    {
+        if self.checkpointing.get() {
+            return Ok(0);
+        }
+        let generations = self.state.borrow().retired.clone();
+        if generations.is_empty() {
+            return Ok(0);
+        }
+        self.checkpointing.set(true);
+        let result = async {
+            // every entry of a retired file was appended to its segment before the
+            // file retired, so before this sync starts
+            sync_partitions().await?;
+            for g in &generations {
+                self.storage.remove(&file_name(*g)).await?;
+            }
+            self.storage.sync_dir().await
+        }
+        .await;
+        self.checkpointing.set(false);
+        result?;
+        self.state
+            .borrow_mut()
+            .retired
+            .retain(|g| !generations.contains(g));
+        Ok(generations.len())
+    }
+
+    /// Retires the current file at once (the next group commit starts a new one), so a
+    /// checkpoint after this covers every entry written so far; `close` uses it.
+    pub fn rotate_soon(&self) {
+        self.state.borrow_mut().rotate_due = true;
+    }
+
+    /// Removes every file once all partitions using the log are closed (synced): a
+    /// clean shutdown leaves nothing to replay.
+    pub async fn remove_all(&self) -> io::Result<()> {
+        let (current, retired, spare) = {
+            let mut st = self.state.borrow_mut();
+            st.failed.get_or_insert_with(|| "closed".to_string());
+            let spare = st.spare.take().map(|(g, _)| g);
+            (st.generation, std::mem::take(&mut st.retired), spare)
+        };
+        for g in retired.iter().chain([current].iter()).chain(spare.iter()) {
+            self.storage.remove(&file_name(*g)).await?;
+        }
+        self.storage.sync_dir().await
+    }
+
+    /// One file-system-wide sync (`syncfs`) through the log's folder.
+    pub async fn sync_filesystem(&self) -> io::Result<()> {
+        self.storage.sync_filesystem().await
+    }
+
+    /// Group commits run so far.
+    pub fn syncs(&self) -> u64 {
+        self.state.borrow().syncs
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.borrow().generation
+    }
+
+    /// Bytes appended since open.
+    pub fn appended(&self) -> u64 {
+        self.state.borrow().appended
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.state.borrow().failed.clone()
+    }
+}
+
+async fn create_zeroed<S: Storage>(
+    storage: &S,
+    generation: u64,
+    bytes: u64,
+) -> io::Result<S::File> {
+    storage
+        .create_zeroed(&file_name(generation), bytes + FILE_SLACK_BYTES)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_stop_at_damage() {
+        let mut bytes = Vec::new();
+        for (i, payload) in [&b"one"[..], b"two two", b"three"].iter().enumerate() {
+            bytes.extend_from_slice(&entry_header(7, i as u64, 100, 40 * i as u64, payload));
+            bytes.extend_from_slice(payload);
+        }
+        let (entries, end) = decode_entries(&bytes, 7);
+        assert_eq!(entries.len(), 3);
+        assert_eq!(end, bytes.len());
+        assert_eq!(entries[1].bytes, b"two two");
+        assert_eq!((entries[2].log_id, entries[2].offset), (2, 80));
+        // another generation's bytes (a reused file) end the log
+        assert!(decode_entries(&bytes, 8).0.is_empty());
+        // zero padding ends it cleanly
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(&[0; 100]);
+        assert_eq!(decode_entries(&padded, 7).0.len(), 3);
+        // a flipped byte in the second entry keeps only the first
+        let mut bad = bytes.clone();
+        bad[ENTRY_HEADER_BYTES + 3 + ENTRY_HEADER_BYTES + 2] ^= 1;
+        assert_eq!(decode_entries(&bad, 7).0.len(), 1);
+        // any cut keeps the whole entries before it
+        for cut in 0..bytes.len() {
+            let (entries, end) = decode_entries(&bytes[..cut], 7);
+            assert!(end <= cut);
+            assert!(entries.len() <= 3);
+        }
+        assert_eq!(parse_name(&file_name(0xabc)), Some(0xabc));
+        assert_eq!(parse_name("0000000000000abc.seg"), None);
+    }
+}
