@@ -241,6 +241,7 @@ pub fn compare(o: &CompareOptions) -> anyhow::Result<()> {
                             w: 0,
                             shard_aware,
                             timeout: Duration::from_secs(30),
+                            contexts: Default::default(),
                         },
                         workload: w.clone(),
                         records: o.records,

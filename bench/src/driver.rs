@@ -55,6 +55,65 @@ pub struct Target {
     /// ringkv: route each connection to one shard's port with that shard's keys.
     pub shard_aware: bool,
     pub timeout: Duration,
+    /// ringkv: the contexts the run's connections have seen, shared by all of them.
+    pub contexts: std::sync::Arc<ContextCache>,
+}
+
+/// The last context any connection of a run saw per key, as one client process that
+/// remembers what it read or wrote does: a put without a context of its own uses it, so
+/// an update supersedes the latest version the client knows instead of adding a sibling.
+/// (Per connection, each connection's contexts went stale as soon as another connection
+/// wrote the key, and keys piled up siblings that every later put and get carried.)
+/// Sharded by key hash; bounded (a full shard forgets everything it holds).
+pub struct ContextCache {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl Default for ContextCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..64).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ContextCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextCache").finish_non_exhaustive()
+    }
+}
+
+impl ContextCache {
+    fn shard(&self, key: &[u8]) -> &std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
+        let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    /// Appends the remembered context of `key` (if any) to `out`.
+    fn get_into(&self, key: &[u8], out: &mut Vec<u8>) {
+        let shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = shard.get(key) {
+            out.extend_from_slice(c);
+        }
+    }
+
+    fn remember(&self, key: &[u8], context: &[u8]) {
+        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        if shard.len() >= CONTEXTS_MAX / 64 && !shard.contains_key(key) {
+            shard.clear();
+        }
+        match shard.get_mut(key) {
+            Some(c) => {
+                c.clear();
+                c.extend_from_slice(context);
+            }
+            None => {
+                shard.insert(key.to_vec(), context.to_vec());
+            }
+        }
+    }
 }
 
 /// What a reply said, when the stream is still in sync.
@@ -131,7 +190,8 @@ pub fn connect(target: &Target, index: usize) -> anyhow::Result<Box<dyn Connecti
                 frame: Vec::new(),
                 next_id: 1,
                 outstanding: std::collections::VecDeque::new(),
-                contexts: std::collections::HashMap::new(),
+                contexts: target.contexts.clone(),
+                context: Vec::new(),
                 r: target.r,
                 w: target.w,
                 shard,
@@ -167,8 +227,8 @@ fn read_frame(reader: &mut BufReader<TcpStream>, frame: &mut Vec<u8>) -> anyhow:
     Ok(())
 }
 
-/// Contexts a ringkv connection remembers before it forgets them all (bounded memory).
-const CONTEXTS_MAX: usize = 65_536;
+/// Contexts a run remembers (bounded memory; see [`ContextCache`]).
+const CONTEXTS_MAX: usize = 262_144;
 
 struct RingkvConnection {
     reader: BufReader<TcpStream>,
@@ -176,10 +236,10 @@ struct RingkvConnection {
     next_id: u64,
     /// Keys of the requests sent and not yet answered, oldest first.
     outstanding: std::collections::VecDeque<Vec<u8>>,
-    /// The last context this connection saw per key: a put without a context of its
-    /// own uses it, as a Dynamo client does, so that an update supersedes what the
-    /// connection read or wrote before instead of adding a sibling.
-    contexts: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    /// Contexts seen by any connection of the run (see [`ContextCache`]).
+    contexts: std::sync::Arc<ContextCache>,
+    /// Scratch for the context a put sends.
+    context: Vec<u8>,
     r: u8,
     w: u8,
     shard: Option<(u32, usize, usize)>,
@@ -193,17 +253,17 @@ impl Connection for RingkvConnection {
     }
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
         self.next_id += 1;
-        let remembered = if context.is_empty() {
-            self.contexts.get(key).map(Vec::as_slice).unwrap_or(b"")
+        self.context.clear();
+        if context.is_empty() {
+            self.contexts.get_into(key, &mut self.context);
         } else {
-            context
-        };
-        let context = remembered;
+            self.context.extend_from_slice(context);
+        }
         self.outstanding.push_back(key.to_vec());
         Request::Put {
             w: self.w,
             key,
-            context,
+            context: &self.context,
             value,
         }
         .encode(self.next_id, out);
@@ -214,10 +274,7 @@ impl Connection for RingkvConnection {
         let reply = Reply::parse(&self.frame)?.1;
         if let Reply::GetOk { context, .. } | Reply::PutOk { context, .. } = &reply {
             if !context.is_empty() {
-                if self.contexts.len() >= CONTEXTS_MAX {
-                    self.contexts.clear();
-                }
-                self.contexts.insert(key, context.to_vec());
+                self.contexts.remember(&key, context);
             }
         }
         Ok(match reply {

@@ -630,6 +630,7 @@ impl RunArgs {
                     w: self.w,
                     shard_aware: self.shard_aware,
                     timeout: self.timeout,
+                    contexts: Default::default(),
                 },
                 workload,
                 records: self.records,

@@ -19,6 +19,7 @@ fn config(driver: DriverKind, addr: String, workload: &str) -> RunConfig {
             w: 0,
             shard_aware: false,
             timeout: Duration::from_secs(10),
+            contexts: Default::default(),
         },
         workload: Workload::core(workload, None).unwrap(),
         records: 500,
