@@ -833,7 +833,7 @@ impl Shard {
                 self.check_key(key)?;
                 let p = self.local_partition(partition)?;
                 let v = wire_to_versioned(&version)
-                    .ok_or((ErrorCode::BadRequest, "undecodable version".to_string()))?;
+                    .ok_or_else(|| (ErrorCode::BadRequest, "undecodable version".to_string()))?;
                 let outcome = replica::replica_put(&p, key, &v, now_ms())
                     .await
                     .map_err(super::store_error)?;
@@ -929,10 +929,12 @@ impl Shard {
         &self,
         partition: u32,
     ) -> Result<Rc<crate::Partition<crate::storage::dma::DmaStorage>>, Failure> {
-        self.partitions.get(&partition).cloned().ok_or((
-            ErrorCode::BadRequest,
-            format!("partition {partition} is not on shard {}", self.id),
-        ))
+        self.partitions.get(&partition).cloned().ok_or_else(|| {
+            (
+                ErrorCode::BadRequest,
+                format!("partition {partition} is not on shard {}", self.id),
+            )
+        })
     }
 
     // ---------------------------------------------------------------- membership

@@ -816,10 +816,14 @@ impl Shard {
 
     fn partition_for(&self, key: &[u8]) -> Result<&Rc<Partition<DmaStorage>>, (ErrorCode, String)> {
         let (p, _) = self.owner_of(key);
-        self.partitions.get(&p).ok_or((
-            ErrorCode::Internal,
-            format!("partition {p} is not on shard {}", self.id),
-        ))
+        // ok_or_else: the message is formatted only when it is needed (this runs on
+        // every request)
+        self.partitions.get(&p).ok_or_else(|| {
+            (
+                ErrorCode::Internal,
+                format!("partition {p} is not on shard {}", self.id),
+            )
+        })
     }
 }
 
