@@ -807,9 +807,12 @@ impl<S: Storage> Partition<S> {
             self.roll().await?;
         }
         if let Some(position) = logged {
-            // the segment reaches the device behind the log: when its buffer fills,
-            // at roll-over and at the log's checkpoints
-            if segment.file.buffered_bytes() >= self.config.buffer_bytes_max {
+            // the segment reaches the device behind the log: the runtime's background
+            // flushes (`flush_if_buffered`), roll-over and the log's checkpoints. A
+            // writer flushes only when those fall far behind (bounded memory): a flush
+            // grows the file, which makes it slow, and later writers to the partition
+            // would queue behind it.
+            if segment.file.buffered_bytes() >= 8 * self.config.buffer_bytes_max {
                 self.file_io(&segment, false).await?;
             }
             let log = self.commit_log.borrow().clone();
@@ -951,6 +954,24 @@ impl<S: Storage> Partition<S> {
         ReplayOutcome::Applied {
             records: records.len(),
         }
+    }
+
+    /// Writes the active segment's buffered bytes to the device (no sync) once they
+    /// reach `buffer_bytes_max`; with a commit log, writers leave this to the runtime's
+    /// background work. Returns whether it flushed.
+    pub async fn flush_if_buffered(&self) -> Result<bool, StoreError> {
+        let segment = {
+            let state = self.state.borrow();
+            if state.failed.is_some() || state.closed {
+                return Ok(false);
+            }
+            state.segment(state.active).clone()
+        };
+        if segment.file.buffered_bytes() < self.config.buffer_bytes_max || segment.io_busy.get() {
+            return Ok(false);
+        }
+        self.file_io(&segment, false).await?;
+        Ok(true)
     }
 
     /// Syncs the segments [`replay`](Self::replay) appended to. Returns how many.

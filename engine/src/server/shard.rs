@@ -468,10 +468,20 @@ async fn replay_commit_log(
 }
 
 /// Retires full commit log files (sync every partition of the shard, then remove
-/// them) and makes the next file ahead of time.
+/// them), makes the next file ahead of time, and writes segment buffers that have
+/// filled to the device (off the writers' path).
 async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
     loop {
-        glommio::timer::sleep(Duration::from_millis(100)).await;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        for p in shard
+            .partitions
+            .values()
+            .chain(std::iter::once(&shard.cluster.hints))
+        {
+            if let Err(e) = p.flush_if_buffered().await {
+                tracing::error!(partition = p.config().partition, error = %e, "segment flush failed");
+            }
+        }
         if log.checkpoint_due() {
             if let Err(e) = log.checkpoint(|| shard.sync_all_partitions()).await {
                 tracing::error!(shard = shard.id, error = %e, "commit log checkpoint failed");
