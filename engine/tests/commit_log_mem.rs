@@ -1,7 +1,7 @@
 //! The shard commit log on the crashing in-memory disk: partitions in `sync` mode that
 //! commit through one log, random writes (some running concurrently, so group commits
-//! cover several partitions), roll-overs, compaction, log rotation, checkpoints and
-//! clean reopens, then a crash after `k` operations. Recovery opens the log, opens the
+//! cover several partitions), roll-overs, compaction, log rotation, checkpoints,
+//! background segment flushes and clean reopens, then a crash after `k` operations. Recovery opens the log, opens the
 //! partitions (which cut unsynced segment tails), replays the log and checkpoints;
 //! every acknowledged write must be back with its exact bytes, and a second crash
 //! right after recovery (replay is idempotent) must not change that.
@@ -235,7 +235,11 @@ fn run(seed: u64, ops_before_crash: usize) -> usize {
                     .await
                     .expect("checkpoint");
             } else if choice < 85 {
+                // the runtime's background work between writes
                 node.log.prepare_spare().await.expect("spare");
+                for part in &node.parts {
+                    part.flush_if_buffered().await.expect("flush");
+                }
             } else if choice < 92 {
                 let p = (rng.next_u64() % PARTITIONS) as usize;
                 node.parts[p].compact(now_ms).await.expect("compact");
