@@ -1069,6 +1069,36 @@ impl<S: Storage> Partition<S> {
         Ok(())
     }
 
+    /// Like [`sync`](Self::sync), but with this partition's own `fdatasync`s even when
+    /// it shares a sync group: a commit log checkpoint syncs the shard's partitions one
+    /// after another this way instead of with file-system-wide `syncfs`s, which also
+    /// flush everything else on the file system and stall the log's own syncs.
+    pub async fn sync_own(&self) -> Result<(), StoreError> {
+        let segments: Vec<_> = {
+            let state = self.state.borrow();
+            if let Some(err) = &state.failed {
+                return Err(StoreError::Failed(err.clone()));
+            }
+            state
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| !s.sealed.get())
+                .cloned()
+                .collect()
+        };
+        for segment in segments {
+            let end = segment.file.len();
+            while segment.durable_len.get() < end {
+                if let Some(err) = &self.state.borrow().failed {
+                    return Err(StoreError::Failed(err.clone()));
+                }
+                self.file_io(&segment, true).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Seals the active segment and starts a new one.
     async fn roll(&self) -> Result<(), StoreError> {
         let result = self.roll_inner().await;

@@ -83,7 +83,7 @@ async fn open_node(disk: &MemDisk, now_ms: u64, log_bytes: u64) -> (Node, usize)
 
 async fn sync_all(parts: &[Rc<Partition<MemStorage>>]) -> std::io::Result<()> {
     for p in parts {
-        p.sync()
+        p.sync_own()
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }

@@ -494,20 +494,16 @@ async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
 }
 
 impl Shard {
-    /// Syncs every partition of the shard and its hint store (concurrently, so they
-    /// share the file-system syncs of the group).
+    /// Syncs every partition of the shard and its hint store, one after another, each
+    /// with its own `fdatasync`s (see [`Partition::sync_own`]).
     async fn sync_all_partitions(&self) -> std::io::Result<()> {
-        let syncs: Vec<_> = self
+        for p in self
             .partitions
             .values()
             .chain(std::iter::once(&self.cluster.hints))
-            .map(|p| {
-                let p = p.clone();
-                glommio::spawn_local(async move { p.sync().await })
-            })
-            .collect();
-        for sync in syncs {
-            sync.await
+        {
+            p.sync_own()
+                .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
         Ok(())
