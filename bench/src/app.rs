@@ -226,6 +226,13 @@ pub fn compare(o: &CompareOptions) -> anyhow::Result<()> {
     let mut results = Vec::new();
     // every workload uses the same records: each server is loaded once
     let mut loaded = std::collections::HashSet::new();
+    // and every run against a server remembers the contexts of the runs before it (the
+    // load included), as one long-lived client would: an update then never starts a
+    // sibling just because a new run did not know the key's context yet
+    let mut contexts: std::collections::HashMap<
+        std::net::SocketAddr,
+        std::sync::Arc<crate::driver::ContextCache>,
+    > = std::collections::HashMap::new();
     for workload in &o.workloads {
         let w = Workload::core(workload, None)?;
         for &pipeline in &o.pipelines {
@@ -241,7 +248,7 @@ pub fn compare(o: &CompareOptions) -> anyhow::Result<()> {
                             w: 0,
                             shard_aware,
                             timeout: Duration::from_secs(30),
-                            contexts: Default::default(),
+                            contexts: contexts.entry(server.addr).or_default().clone(),
                         },
                         workload: w.clone(),
                         records: o.records,

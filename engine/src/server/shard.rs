@@ -270,9 +270,11 @@ async fn start(
     tasks.extend(shard.spawn_cluster_tasks());
     if let Some(log) = shard.commit_log.clone() {
         let checkpointer = shard.clone();
+        let spare_log = log.clone();
         tasks.push(glommio::spawn_local(async move {
             checkpoint_loop(checkpointer, log).await;
         }));
+        tasks.push(glommio::spawn_local(spare_loop(shard_id, spare_log)));
     }
     // background work: compaction (low priority) and interval syncs
     let background = runtime::background_queue();
@@ -468,8 +470,8 @@ async fn replay_commit_log(
 }
 
 /// Retires full commit log files (sync every partition of the shard, then remove
-/// them), makes the next file ahead of time, and writes segment buffers that have
-/// filled to the device (off the writers' path).
+/// them) and writes segment buffers that have filled to the device (off the writers'
+/// path).
 async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
@@ -487,8 +489,16 @@ async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
                 tracing::error!(shard = shard.id, error = %e, "commit log checkpoint failed");
             }
         }
+    }
+}
+
+/// Makes the commit log's next file ahead of time, in a task of its own so that a long
+/// checkpoint never leaves a rotation to zero-fill a file while writers wait.
+async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
         if let Err(e) = log.prepare_spare().await {
-            tracing::warn!(shard = shard.id, error = %e, "cannot make the next commit log file");
+            tracing::warn!(shard = shard_id, error = %e, "cannot make the next commit log file");
         }
     }
 }
