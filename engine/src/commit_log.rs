@@ -258,11 +258,14 @@ impl<S: Storage> CommitLog<S> {
                 self.done.wait().await;
                 continue;
             };
+            // hands the lead back even if this future is dropped mid-sync
+            let lead = Lead(self, rotate);
             let result = if rotate {
                 self.rotate().await
             } else {
                 file.sync().await.map(|()| target)
             };
+            std::mem::forget(lead);
             let mut st = self.state.borrow_mut();
             st.busy = false;
             match result {
@@ -349,6 +352,13 @@ impl<S: Storage> CommitLog<S> {
             return Ok(0);
         }
         self.checkpointing.set(true);
+        struct Checkpointing<'a>(&'a Cell<bool>);
+        impl Drop for Checkpointing<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _checkpointing = Checkpointing(&self.checkpointing);
         let result = async {
             // every entry of a retired file was appended to its segment before the
             // file retired, so before this sync starts
@@ -359,7 +369,6 @@ impl<S: Storage> CommitLog<S> {
             self.storage.sync_dir().await
         }
         .await;
-        self.checkpointing.set(false);
         result?;
         self.state
             .borrow_mut()
@@ -410,6 +419,27 @@ impl<S: Storage> CommitLog<S> {
 
     pub fn failure(&self) -> Option<String> {
         self.state.borrow().failed.clone()
+    }
+}
+
+/// The group-commit lead of a leader whose future was dropped mid-sync: frees it and
+/// wakes the waiters, one of which leads next (a plain sync is simply run again: it
+/// covers every earlier append in the one current file). A rotation cut short may have
+/// switched files without syncing the old one, so then the log fails instead of
+/// letting a later sync of the new file vouch for the old one's entries (the old file
+/// stays on disk and is replayed at the next start).
+struct Lead<'a, S: Storage>(&'a CommitLog<S>, bool);
+
+impl<S: Storage> Drop for Lead<'_, S> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.try_borrow_mut() {
+            st.busy = false;
+            if self.1 {
+                st.failed
+                    .get_or_insert_with(|| "a log rotation was cancelled".to_string());
+            }
+        }
+        self.0.done.notify_all();
     }
 }
 

@@ -999,14 +999,13 @@ impl<S: Storage> Partition<S> {
         while segment.io_busy.get() {
             segment.io_done.wait().await;
         }
-        segment.io_busy.set(true);
+        let turn = IoTurn::take(segment);
         let target = segment.file.len();
         let result = if sync {
             segment.file.sync().await
         } else {
             segment.file.flush().await
         };
-        segment.io_busy.set(false);
         let outcome = match result {
             Ok(()) => {
                 if sync {
@@ -1019,7 +1018,7 @@ impl<S: Storage> Partition<S> {
             }
             Err(err) => Err(self.fail(err)),
         };
-        segment.io_done.notify_all();
+        drop(turn);
         outcome
     }
 
@@ -1586,6 +1585,27 @@ impl<S: Storage> Partition<S> {
         drop(state);
         storage.destroy().await?;
         Ok(())
+    }
+}
+
+/// A segment's I/O turn (`io_busy`), given back when dropped: also when the future
+/// holding it is cancelled (the runtime drops background tasks at shutdown), which
+/// would otherwise leave the segment busy and `close` waiting for ever.
+struct IoTurn<'a, F> {
+    segment: &'a Segment<F>,
+}
+
+impl<'a, F> IoTurn<'a, F> {
+    fn take(segment: &'a Segment<F>) -> Self {
+        segment.io_busy.set(true);
+        Self { segment }
+    }
+}
+
+impl<F> Drop for IoTurn<'_, F> {
+    fn drop(&mut self) {
+        self.segment.io_busy.set(false);
+        self.segment.io_done.notify_all();
     }
 }
 

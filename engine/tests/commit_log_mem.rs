@@ -349,3 +349,50 @@ fn a_failed_log_sync_refuses_the_write_and_later_ones() {
         node.parts[2].write(&[put(b"d")], 6).await.unwrap();
     });
 }
+
+/// A writer whose future is dropped while it leads a group commit (the runtime drops
+/// tasks at shutdown; a timeout may drop a write) hands the lead back: later writes are
+/// acknowledged, and a partition flush dropped mid-write does not leave its segment
+/// busy for ever.
+#[test]
+fn a_leader_dropped_mid_sync_hands_the_lead_back() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 1 << 20).await;
+        disk.set_yielding(true);
+        let put = |key: &'static [u8]| WriteOp {
+            key,
+            version: b"v",
+            value: Some(b"x"),
+            replaces: &[],
+        };
+        {
+            let ops = [put(b"dropped")];
+            let mut write = Box::pin(node.parts[0].write(&ops, 2));
+            // the first poll appends and starts the log sync, which yields once
+            assert!(futures_lite::future::poll_once(&mut write).await.is_none());
+        }
+        // no leader is left holding the log: this write leads its own group commit
+        finishes(node.parts[1].write(&[put(b"next")], 3))
+            .await
+            .unwrap();
+        assert!(node.log.failure().is_none());
+        {
+            let mut sync = Box::pin(node.parts[1].sync_own());
+            assert!(futures_lite::future::poll_once(&mut sync).await.is_none());
+        }
+        finishes(node.parts[1].sync_own()).await.unwrap();
+        node.parts[1].close().await.unwrap();
+    });
+}
+
+/// `fut`'s output, or a panic if it is still pending after many turns (a hang).
+async fn finishes<T>(fut: impl std::future::Future<Output = T>) -> T {
+    futures_lite::future::or(fut, async {
+        for _ in 0..100_000 {
+            futures_lite::future::yield_now().await;
+        }
+        panic!("still pending: something holds a turn it never gives back")
+    })
+    .await
+}
