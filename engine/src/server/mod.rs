@@ -268,20 +268,50 @@ fn refuse_orphan_commit_logs(config: &ServerConfig) -> Result<(), String> {
         else {
             continue;
         };
-        let holds_files = std::fs::read_dir(entry.path())
-            .map(|mut files| files.next().is_some())
-            .unwrap_or(false);
-        if shard >= config.shards && holds_files {
-            return Err(format!(
-                "{} holds the commit log of shard {shard}, but this node starts {} shards: \
-                 start it once with the --shards it last ran with, so that the log is \
-                 replayed",
-                entry.path().display(),
-                config.shards
-            ));
+        if shard < config.shards {
+            continue;
         }
+        if !log_folder_holds_entries(&entry.path()) {
+            // only empty (zero-filled) files: e.g. a start with more shards that
+            // failed; nothing to replay, so the folder goes
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
+        return Err(format!(
+            "{} holds the commit log of shard {shard}, but this node starts {} shards: \
+             start it once with the --shards it last ran with, so that the log is \
+             replayed",
+            entry.path().display(),
+            config.shards
+        ));
     }
     Ok(())
+}
+
+/// Whether any file of a commit log folder starts with an entry (a log is read from
+/// offset 0 up to its first all-zero entry header, so a file that starts with zeros
+/// holds nothing to replay).
+fn log_folder_holds_entries(folder: &std::path::Path) -> bool {
+    use std::io::Read;
+    let Ok(files) = std::fs::read_dir(folder) else {
+        return false;
+    };
+    files.flatten().any(|f| {
+        let mut head = [0u8; crate::commit_log::ENTRY_HEADER_BYTES];
+        let Ok(mut file) = std::fs::File::open(f.path()) else {
+            // unreadable: assume it matters
+            return true;
+        };
+        let mut read = 0;
+        while read < head.len() {
+            match file.read(&mut head[read..]) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(_) => return true,
+            }
+        }
+        head[..read].iter().any(|&b| b != 0)
+    })
 }
 
 pub fn run(
