@@ -985,8 +985,7 @@ impl<S: Storage> Partition<S> {
                     None => continue,
                 }
             };
-            let end = segment.file.len();
-            while segment.durable_len.get() < end {
+            if segment.durable_len.get() < segment.file.len() {
                 self.file_io(&segment, true).await?;
             }
         }
@@ -1046,22 +1045,25 @@ impl<S: Storage> Partition<S> {
         StoreError::Failed(state.failed.clone().expect("just set"))
     }
 
+    /// The segments still being appended to (or not yet sealed), unless the partition
+    /// has failed.
+    fn unsealed_segments(&self) -> Result<Vec<Rc<Segment<S::File>>>, StoreError> {
+        let state = self.state.borrow();
+        if let Some(err) = &state.failed {
+            return Err(StoreError::Failed(err.clone()));
+        }
+        Ok(state
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.sealed.get())
+            .cloned()
+            .collect())
+    }
+
     /// Makes every write so far durable (the `interval` mode's timer calls this).
     pub async fn sync(&self) -> Result<(), StoreError> {
-        let segments: Vec<_> = {
-            let state = self.state.borrow();
-            if let Some(err) = &state.failed {
-                return Err(StoreError::Failed(err.clone()));
-            }
-            state
-                .slots
-                .iter()
-                .flatten()
-                .filter(|s| !s.sealed.get())
-                .cloned()
-                .collect()
-        };
-        for segment in segments {
+        for segment in self.unsealed_segments()? {
             let end = segment.file.len();
             self.make_durable(&segment, end).await?;
         }
@@ -1073,25 +1075,9 @@ impl<S: Storage> Partition<S> {
     /// after another this way instead of with file-system-wide `syncfs`s, which also
     /// flush everything else on the file system and stall the log's own syncs.
     pub async fn sync_own(&self) -> Result<(), StoreError> {
-        let segments: Vec<_> = {
-            let state = self.state.borrow();
-            if let Some(err) = &state.failed {
-                return Err(StoreError::Failed(err.clone()));
-            }
-            state
-                .slots
-                .iter()
-                .flatten()
-                .filter(|s| !s.sealed.get())
-                .cloned()
-                .collect()
-        };
-        for segment in segments {
-            let end = segment.file.len();
-            while segment.durable_len.get() < end {
-                if let Some(err) = &self.state.borrow().failed {
-                    return Err(StoreError::Failed(err.clone()));
-                }
+        for segment in self.unsealed_segments()? {
+            // one sync covers every byte appended before it starts
+            if segment.durable_len.get() < segment.file.len() {
                 self.file_io(&segment, true).await?;
             }
         }

@@ -141,7 +141,7 @@ impl Storage for DmaStorage {
             .await
             .map_err(to_io)?;
         let mut file = DmaSegmentFile::new(file, 0, Vec::new());
-        file.urgent = true;
+        file.sync_off_thread = true;
         Ok(file)
     }
 
@@ -232,7 +232,7 @@ pub struct DmaSegmentFile {
     tail: Rc<RefCell<Tail>>,
     /// Writers wait on this file's syncs (the commit log): they run on a blocking
     /// thread (see [`DmaSegmentFile::sync_off_thread`]).
-    urgent: bool,
+    sync_off_thread: bool,
 }
 
 impl DmaSegmentFile {
@@ -245,7 +245,7 @@ impl DmaSegmentFile {
                 buffer,
                 flushed_len,
             })),
-            urgent: false,
+            sync_off_thread: false,
         }
     }
 }
@@ -291,6 +291,19 @@ impl Drop for AlignedBytes {
 }
 
 impl DmaSegmentFile {
+    /// Bytes up to `end` are on the device: the tail buffer keeps only the last
+    /// partial block from there (the next write rewrites it whole).
+    fn written_up_to(&self, end: u64) {
+        let mut tail = self.tail.borrow_mut();
+        tail.flushed_len = tail.flushed_len.max(end);
+        let new_base = self.file.align_down(end);
+        if new_base > tail.base {
+            let drop = (new_base - tail.base) as usize;
+            tail.buffer.drain(..drop);
+            tail.base = new_base;
+        }
+    }
+
     /// Writes the buffered tail and runs `fdatasync` on glommio's blocking thread
     /// instead of through its rings. Measured on this machine under a network load:
     /// a ring write plus ring `fdatasync` of the commit log took 1.6 ms per group commit
@@ -352,14 +365,7 @@ impl DmaSegmentFile {
                 Ok(())
             })
             .await?;
-        let mut tail = self.tail.borrow_mut();
-        tail.flushed_len = tail.flushed_len.max(end);
-        let new_base = self.file.align_down(end);
-        if new_base > tail.base {
-            let drop = (new_base - tail.base) as usize;
-            tail.buffer.drain(..drop);
-            tail.base = new_base;
-        }
+        self.written_up_to(end);
         Ok(())
     }
 }
@@ -429,19 +435,12 @@ impl StorageFile for DmaSegmentFile {
                 format!("short O_DIRECT write: {written} of {want} bytes at {base}"),
             ));
         }
-        let mut tail = self.tail.borrow_mut();
-        tail.flushed_len = tail.flushed_len.max(end);
-        let new_base = self.file.align_down(end);
-        if new_base > tail.base {
-            let drop = (new_base - tail.base) as usize;
-            tail.buffer.drain(..drop);
-            tail.base = new_base;
-        }
+        self.written_up_to(end);
         Ok(())
     }
 
     async fn sync(&self) -> io::Result<()> {
-        if self.urgent {
+        if self.sync_off_thread {
             return self.sync_off_thread().await;
         }
         self.flush().await?;
