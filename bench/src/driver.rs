@@ -67,12 +67,14 @@ pub struct Target {
 /// Sharded by key hash; bounded (a full shard forgets everything it holds).
 pub struct ContextCache {
     shards: Vec<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Default for ContextCache {
     fn default() -> Self {
         Self {
             shards: (0..64).map(|_| Default::default()).collect(),
+            hasher: Default::default(),
         }
     }
 }
@@ -85,9 +87,8 @@ impl std::fmt::Debug for ContextCache {
 
 impl ContextCache {
     fn shard(&self, key: &[u8]) -> &std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
-        let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(key);
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
 
