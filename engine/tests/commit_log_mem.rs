@@ -11,14 +11,17 @@ use ringkv_engine::commit_log::CommitLog;
 use ringkv_engine::partition::ReplayOutcome;
 use ringkv_engine::storage::mem::{MemDisk, MemStorage, SplitMix};
 use ringkv_engine::{Durability, Partition, PartitionConfig, WriteOp};
-use std::collections::BTreeMap;
 use std::rc::Rc;
+
+mod common;
+
+use common::{normalise, same};
 
 const PARTITIONS: u64 = 3;
 const LOG_FOLDER: &str = "/data/commitlog";
 
-type Versions = Vec<(Option<Vec<u8>>, Vec<u8>)>;
-type Model = BTreeMap<(u64, Vec<u8>), Versions>;
+type Versions = Vec<common::Version>;
+type Model = common::Model<(u64, Vec<u8>)>;
 
 fn folder(p: u64) -> String {
     format!("/data/p{p}")
@@ -114,31 +117,6 @@ async fn read_state(node: &Node, keys: &[Vec<u8>]) -> Model {
         assert_eq!(total, found, "keydir holds keys the model never wrote");
     }
     out
-}
-
-fn normalise(model: &Model) -> Model {
-    model
-        .iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| {
-            let mut v = v.clone();
-            v.sort();
-            (k.clone(), v)
-        })
-        .collect()
-}
-
-/// Compaction may drop expired lone tombstones.
-fn without_lone_tombstones(model: &Model) -> Model {
-    model
-        .iter()
-        .filter(|(_, v)| !(v.len() == 1 && v[0].0.is_none()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-fn same(a: &Model, b: &Model) -> bool {
-    a == b || without_lone_tombstones(a) == without_lone_tombstones(b)
 }
 
 /// One write the model knows how to apply.

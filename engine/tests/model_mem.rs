@@ -13,7 +13,11 @@ use ringkv_engine::storage::mem::{MemDisk, SplitMix};
 use ringkv_engine::{Durability, Partition, PartitionConfig, WriteOp};
 use std::collections::BTreeMap;
 
-type Model = BTreeMap<Vec<u8>, Vec<(Option<Vec<u8>>, Vec<u8>)>>;
+mod common;
+
+use common::{normalise, same};
+
+type Model = common::Model<Vec<u8>>;
 
 const FOLDER: &str = "/data/p0";
 
@@ -49,31 +53,6 @@ async fn read_state(
     p.for_each_key(|_, _| total += 1);
     assert_eq!(total, out.len(), "keydir holds keys the model never wrote");
     out
-}
-
-fn normalise(model: &Model) -> Model {
-    model
-        .iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| {
-            let mut v = v.clone();
-            v.sort();
-            (k.clone(), v)
-        })
-        .collect()
-}
-
-/// A model where expired tombstones may or may not have been compacted away.
-fn without_lone_tombstones(model: &Model) -> Model {
-    model
-        .iter()
-        .filter(|(_, v)| !(v.len() == 1 && v[0].0.is_none()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-fn same(a: &Model, b: &Model) -> bool {
-    a == b || without_lone_tombstones(a) == without_lone_tombstones(b)
 }
 
 fn run(seed: u64, ops_before_crash: usize, durability: Durability) {

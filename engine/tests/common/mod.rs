@@ -1,0 +1,36 @@
+//! The model of stored versions the crash tests compare a recovered partition with.
+
+use std::collections::BTreeMap;
+
+/// One stored version: (value, or `None` for a tombstone; version blob).
+pub type Version = (Option<Vec<u8>>, Vec<u8>);
+
+/// Key (or (partition, key)) -> its versions, in any order.
+pub type Model<K> = BTreeMap<K, Vec<Version>>;
+
+/// Without keys that have no version, each key's versions sorted.
+pub fn normalise<K: Ord + Clone>(model: &Model<K>) -> Model<K> {
+    model
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| {
+            let mut v = v.clone();
+            v.sort();
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Without keys whose only version is a tombstone (compaction may drop expired ones).
+pub fn without_lone_tombstones<K: Ord + Clone>(model: &Model<K>) -> Model<K> {
+    model
+        .iter()
+        .filter(|(_, v)| !(v.len() == 1 && v[0].0.is_none()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Equal, up to expired lone tombstones compaction may or may not have dropped.
+pub fn same<K: Ord + Clone>(a: &Model<K>, b: &Model<K>) -> bool {
+    a == b || without_lone_tombstones(a) == without_lone_tombstones(b)
+}
