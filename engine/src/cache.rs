@@ -46,6 +46,11 @@ impl RecordCache {
         }
     }
 
+    /// The record under `seq`, without counting a hit or a miss.
+    pub fn peek(&self, seq: u64) -> Option<Rc<[u8]>> {
+        self.records.get(&seq).cloned()
+    }
+
     /// Caches `record` under `seq` (a no-op if it is cached already or too large).
     pub fn insert(&mut self, seq: u64, record: &[u8]) {
         if record.len() > self.bytes_max / 8 || self.records.contains_key(&seq) {

@@ -1206,6 +1206,35 @@ impl<S: Storage> Partition<S> {
             .unwrap_or_default()
     }
 
+    /// [`Partition::get`] without waiting: `None` when a version of `key` is not in the
+    /// record cache (then only `get`, which reads it from its segment, can answer).
+    /// The server answers a cached read this way in the step that parsed it, without a
+    /// task of its own.
+    pub fn get_cached(&self, key: &[u8]) -> Option<Result<Vec<StoredVersion>, StoreError>> {
+        type Found = (Loc, u64, Rc<[u8]>);
+        let found: SmallVec<[Found; 2]> = {
+            let state = self.state.borrow();
+            let Some(locs) = state.keydir.get(key) else {
+                return Some(Ok(Vec::new()));
+            };
+            let mut cache = self.cache.borrow_mut();
+            let mut found = SmallVec::new();
+            for loc in locs {
+                // a miss is counted by the `get` that follows, not here
+                let bytes = cache.peek(loc.seq)?;
+                found.push((*loc, state.segment(loc.segment).id, bytes));
+            }
+            cache.hits += found.len() as u64;
+            found
+        };
+        Some(
+            found
+                .iter()
+                .map(|(loc, segment, bytes)| self.decode_version(key, loc, *segment, bytes))
+                .collect(),
+        )
+    }
+
     async fn read_version(
         &self,
         key: &[u8],
@@ -1225,20 +1254,33 @@ impl<S: Storage> Partition<S> {
                 b
             }
         };
+        let version = self.decode_version(key, loc, segment.id, &bytes)?;
+        if from_log {
+            self.cache.borrow_mut().insert(loc.seq, &bytes);
+        }
+        Ok(version)
+    }
+
+    /// One version from its record's bytes, CRC-checked and matched against the keydir
+    /// entry that named it (a mismatch marks the partition for repair).
+    fn decode_version(
+        &self,
+        key: &[u8],
+        loc: &Loc,
+        segment: u64,
+        bytes: &[u8],
+    ) -> Result<StoredVersion, StoreError> {
         let corrupt = |error: String| {
             self.state.borrow_mut().needs_repair = true;
             StoreError::Corrupt {
-                segment: segment.id,
+                segment,
                 offset: loc.offset as u64,
                 error,
             }
         };
-        let r = record::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let r = record::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
         if r.key != key || r.header.seq != loc.seq {
             return Err(corrupt("record does not match the keydir".into()));
-        }
-        if from_log {
-            self.cache.borrow_mut().insert(loc.seq, &bytes);
         }
         Ok(StoredVersion {
             seq: r.header.seq,

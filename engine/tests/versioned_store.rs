@@ -331,3 +331,49 @@ fn concurrent_writes_on_both_sides_of_a_partition_become_siblings_then_collapse(
         assert_eq!(values(&b, b"k").await, vec![Some(b"resolved".to_vec())]);
     });
 }
+
+#[test]
+fn a_read_without_waiting_answers_only_from_the_record_cache_and_agrees_with_a_read() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let p = replica(&disk, "a", 1_000).await;
+        assert_eq!(p.siblings_cached(b"absent").unwrap().unwrap(), vec![]);
+        p.coordinate_put(1, b"k", &VClock::new(), Some(b"x"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        p.coordinate_put(1, b"k", &VClock::new(), Some(b"y"), 1_002, CLOCK_MAX)
+            .await
+            .unwrap();
+        // a write caches the versions it appends
+        let (read, _) = p.read_siblings(b"k").await.unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(p.siblings_cached(b"k").unwrap().unwrap(), read);
+        // a reopened partition starts with an empty cache: the log must answer first
+        p.close().await.unwrap();
+        drop(p);
+        let p = replica(&disk, "a", 2_000).await;
+        assert!(p.siblings_cached(b"k").is_none());
+        assert_eq!(p.siblings_cached(b"absent").unwrap().unwrap(), vec![]);
+        let (read, ctx) = p.read_siblings(b"k").await.unwrap();
+        assert_eq!(p.siblings_cached(b"k").unwrap().unwrap(), read);
+        p.coordinate_put(1, b"k", &ctx, None, 2_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let tombstone = p.siblings_cached(b"k").unwrap().unwrap();
+        assert!(tombstone.len() == 1 && tombstone[0].is_tombstone());
+        assert_eq!(p.read_siblings(b"k").await.unwrap().0, tombstone);
+        // with no cache at all, a stored key always needs the log
+        p.close().await.unwrap();
+        drop(p);
+        let uncached = PartitionConfig {
+            cache_bytes_max: 0,
+            ..config()
+        };
+        let p = Partition::open(disk.folder("a"), uncached, 3_000)
+            .await
+            .unwrap()
+            .0;
+        p.read_siblings(b"k").await.unwrap();
+        assert!(p.siblings_cached(b"k").is_none());
+    })
+}

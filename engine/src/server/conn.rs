@@ -265,6 +265,10 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
             "too many request bytes in flight on this connection",
         );
     }
+    if shard.try_execute_now(frame, &output.buf) {
+        output.ready.notify_all();
+        return;
+    }
     output.in_flight.set(output.in_flight.get() + 1);
     output
         .in_flight_bytes

@@ -6,6 +6,7 @@
 mod cluster;
 
 use super::{conn, ServerConfig, ShardExit, Shutdown};
+use crate::cluster::coordinator::VersionedValue;
 use crate::commit_log::{CommitLog, LogRecovery};
 use crate::notify::Notify;
 use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
@@ -16,6 +17,7 @@ pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use ringkv_net::protocol::{self, encode, ErrorCode, HelloOk, Request};
+use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -755,33 +757,7 @@ impl Shard {
             Request::Ping => encode::pong(&mut out.borrow_mut(), request_id),
             Request::Get { r, key } => {
                 let (versions, context) = self.cluster_get(key, r).await?;
-                let encoded = Context::encode(&context);
-                if let Ok(partition) = self.partition_for(key) {
-                    partition.record_clock_truncation(encoded.truncated_entries);
-                }
-                let values: Vec<&[u8]> =
-                    versions.iter().filter_map(|s| s.value.as_deref()).collect();
-                let reply_bytes: usize = protocol::HEADER_BYTES
-                    + 4
-                    + encoded.bytes.len()
-                    + values.iter().map(|v| 4 + v.len()).sum::<usize>();
-                if reply_bytes > self.config.frame_bytes_max || values.len() > u16::MAX as usize {
-                    return Err((
-                        ErrorCode::FrameTooLarge,
-                        format!(
-                            "{} siblings take {reply_bytes} bytes, over the {}-byte frame limit; \
-                             resolve them with a put that carries the context",
-                            values.len(),
-                            self.config.frame_bytes_max
-                        ),
-                    ));
-                }
-                encode::get_ok(
-                    &mut out.borrow_mut(),
-                    request_id,
-                    &encoded.bytes,
-                    values.into_iter(),
-                );
+                self.reply_get(key, &versions, &context, request_id, out)?;
             }
             Request::Put {
                 w,
@@ -810,6 +786,76 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Encodes the reply to a get: the values of the siblings that are not tombstones
+    /// and the context covering them all.
+    fn reply_get(
+        &self,
+        key: &[u8],
+        versions: &[VersionedValue],
+        context: &VClock,
+        request_id: u64,
+        out: &RefCell<Vec<u8>>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let encoded = Context::encode(context);
+        if let Ok(partition) = self.partition_for(key) {
+            partition.record_clock_truncation(encoded.truncated_entries);
+        }
+        let values: SmallVec<[&[u8]; 2]> =
+            versions.iter().filter_map(|s| s.value.as_deref()).collect();
+        let reply_bytes: usize = protocol::HEADER_BYTES
+            + 4
+            + encoded.bytes.len()
+            + values.iter().map(|v| 4 + v.len()).sum::<usize>();
+        if reply_bytes > self.config.frame_bytes_max || values.len() > u16::MAX as usize {
+            return Err((
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "{} siblings take {reply_bytes} bytes, over the {}-byte frame limit; \
+                     resolve them with a put that carries the context",
+                    values.len(),
+                    self.config.frame_bytes_max
+                ),
+            ));
+        }
+        encode::get_ok(
+            &mut out.borrow_mut(),
+            request_id,
+            &encoded.bytes,
+            values.into_iter(),
+        );
+        Ok(())
+    }
+
+    /// Answers at once, in the caller's step and without a task, a request that needs
+    /// no waiting: a get of a key this shard owns when this node's replica alone
+    /// answers it and the key's versions are all in the record cache (see
+    /// [`Shard::cluster_get_now`]). Returns false, having done nothing, for anything
+    /// else: the caller then runs [`Shard::execute`] as a task.
+    pub(crate) fn try_execute_now(&self, frame: &[u8], out: &RefCell<Vec<u8>>) -> bool {
+        let header = protocol::header(frame);
+        if header.opcode != protocol::opcode::GET {
+            return false;
+        }
+        let Ok((_, Request::Get { r, key })) = Request::parse(frame) else {
+            return false;
+        };
+        if self.check_key(key).is_err() || self.owner_of(key).1 != self.id {
+            return false;
+        }
+        let Some(result) = self.cluster_get_now(key, r) else {
+            return false;
+        };
+        self.stats.borrow_mut().requests += 1;
+        let answered = result.and_then(|(versions, context)| {
+            self.reply_get(key, &versions, &context, header.request_id, out)
+        });
+        if let Err((code, message)) = answered {
+            self.stats.borrow_mut().errors += 1;
+            encode::error(&mut out.borrow_mut(), header.request_id, code, &message);
+        }
+        true
     }
 
     /// The key limits, for client and replica requests alike.
