@@ -8,7 +8,7 @@
 
 use crate::keydir::{KeyDir, Loc, LOC_TOMBSTONE};
 use crate::notify::Notify;
-use crate::record::{self, RecordRef};
+use crate::record::{self, Record, RecordRef};
 use crate::segment::{self, Scanned};
 use crate::storage::{Storage, StorageFile};
 use smallvec::SmallVec;
@@ -1208,14 +1208,24 @@ impl<S: Storage> Partition<S> {
 
     /// [`Partition::get`] without waiting: `None` when a version of `key` is not in the
     /// record cache (then only `get`, which reads it from its segment, can answer).
-    /// The server answers a cached read this way in the step that parsed it, without a
-    /// task of its own.
     pub fn get_cached(&self, key: &[u8]) -> Option<Result<Vec<StoredVersion>, StoreError>> {
+        self.read_cached(key, |records| records.iter().map(stored_version).collect())
+    }
+
+    /// Calls `f` with every live record of `key` (CRC-checked, borrowed from the record
+    /// cache, nothing copied) when all of them are cached; `None`, without calling it,
+    /// when one is not (then only [`Partition::get`] can answer). The server answers a
+    /// cached read this way in the step that parsed it, without a task of its own.
+    pub fn read_cached<T>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(&[Record<'_>]) -> T,
+    ) -> Option<Result<T, StoreError>> {
         type Found = (Loc, u64, Rc<[u8]>);
         let found: SmallVec<[Found; 2]> = {
             let state = self.state.borrow();
             let Some(locs) = state.keydir.get(key) else {
-                return Some(Ok(Vec::new()));
+                return Some(Ok(f(&[])));
             };
             let mut cache = self.cache.borrow_mut();
             let mut found = SmallVec::new();
@@ -1227,12 +1237,11 @@ impl<S: Storage> Partition<S> {
             cache.hits += found.len() as u64;
             found
         };
-        Some(
-            found
-                .iter()
-                .map(|(loc, segment, bytes)| self.decode_version(key, loc, *segment, bytes))
-                .collect(),
-        )
+        let records: Result<SmallVec<[Record<'_>; 2]>, StoreError> = found
+            .iter()
+            .map(|(loc, segment, bytes)| self.check_record(key, loc, *segment, bytes))
+            .collect();
+        Some(records.map(|records| f(&records)))
     }
 
     async fn read_version(
@@ -1254,22 +1263,22 @@ impl<S: Storage> Partition<S> {
                 b
             }
         };
-        let version = self.decode_version(key, loc, segment.id, &bytes)?;
+        let version = stored_version(&self.check_record(key, loc, segment.id, &bytes)?);
         if from_log {
             self.cache.borrow_mut().insert(loc.seq, &bytes);
         }
         Ok(version)
     }
 
-    /// One version from its record's bytes, CRC-checked and matched against the keydir
-    /// entry that named it (a mismatch marks the partition for repair).
-    fn decode_version(
+    /// A record's bytes decoded, CRC-checked and matched against the keydir entry that
+    /// named them (a mismatch marks the partition for repair).
+    fn check_record<'b>(
         &self,
         key: &[u8],
         loc: &Loc,
         segment: u64,
-        bytes: &[u8],
-    ) -> Result<StoredVersion, StoreError> {
+        bytes: &'b [u8],
+    ) -> Result<Record<'b>, StoreError> {
         let corrupt = |error: String| {
             self.state.borrow_mut().needs_repair = true;
             StoreError::Corrupt {
@@ -1282,12 +1291,7 @@ impl<S: Storage> Partition<S> {
         if r.key != key || r.header.seq != loc.seq {
             return Err(corrupt("record does not match the keydir".into()));
         }
-        Ok(StoredVersion {
-            seq: r.header.seq,
-            timestamp_ms: r.header.timestamp_ms,
-            version: r.version.to_vec(),
-            value: r.value.map(<[u8]>::to_vec),
-        })
+        Ok(r)
     }
 
     /// Calls `f` with every key and its live versions (keydir order).
@@ -1737,4 +1741,14 @@ async fn write_epoch<S: Storage>(storage: &S, epoch: u32, clean: bool) -> Result
     storage.rename(&tmp, EPOCH_FILE).await?;
     storage.sync_dir().await?;
     Ok(())
+}
+
+/// An owned copy of a record's version and value.
+fn stored_version(r: &Record<'_>) -> StoredVersion {
+    StoredVersion {
+        seq: r.header.seq,
+        timestamp_ms: r.header.timestamp_ms,
+        version: r.version.to_vec(),
+        value: r.value.map(<[u8]>::to_vec),
+    }
 }

@@ -65,14 +65,19 @@ impl<S: Storage> Partition<S> {
         Ok((siblings, context_of(&versions)))
     }
 
-    /// The siblings of [`Partition::read_siblings`] without waiting: `None` when a
-    /// version is not in the record cache (see [`Partition::get_cached`]).
-    pub fn siblings_cached(&self, key: &[u8]) -> Option<Result<Vec<Sibling>, StoreError>> {
-        Some(self.get_cached(key)?.and_then(decode_siblings))
-    }
-
     async fn read_decoded(&self, key: &[u8]) -> Result<Vec<Sibling>, StoreError> {
-        decode_siblings(self.get(key).await?)
+        let stored = self.get(key).await?;
+        stored
+            .into_iter()
+            .map(|s| {
+                Ok(Sibling {
+                    seq: s.seq,
+                    version: Version::decode(&s.version)
+                        .map_err(|e| StoreError::BadVersion(e.to_string()))?,
+                    value: s.value,
+                })
+            })
+            .collect()
     }
 
     /// Coordinates a put (`value: Some`) or delete (`None`) of `key` on this node
@@ -205,22 +210,6 @@ impl<S: Storage> Partition<S> {
             .await?;
         Ok(written.is_some())
     }
-}
-
-fn decode_siblings(
-    stored: Vec<crate::partition::StoredVersion>,
-) -> Result<Vec<Sibling>, StoreError> {
-    stored
-        .into_iter()
-        .map(|s| {
-            Ok(Sibling {
-                seq: s.seq,
-                version: Version::decode(&s.version)
-                    .map_err(|e| StoreError::BadVersion(e.to_string()))?,
-                value: s.value,
-            })
-        })
-        .collect()
 }
 
 fn unchanged(keydir: &crate::keydir::KeyDir, key: &[u8], read_seqs: &[u64]) -> bool {

@@ -337,7 +337,7 @@ fn a_read_without_waiting_answers_only_from_the_record_cache_and_agrees_with_a_r
     block_on(async {
         let disk = MemDisk::new();
         let p = replica(&disk, "a", 1_000).await;
-        assert_eq!(p.siblings_cached(b"absent").unwrap().unwrap(), vec![]);
+        assert_eq!(p.get_cached(b"absent").unwrap().unwrap(), vec![]);
         p.coordinate_put(1, b"k", &VClock::new(), Some(b"x"), 1_001, CLOCK_MAX)
             .await
             .unwrap();
@@ -345,23 +345,34 @@ fn a_read_without_waiting_answers_only_from_the_record_cache_and_agrees_with_a_r
             .await
             .unwrap();
         // a write caches the versions it appends
-        let (read, _) = p.read_siblings(b"k").await.unwrap();
+        let read = p.get(b"k").await.unwrap();
         assert_eq!(read.len(), 2);
-        assert_eq!(p.siblings_cached(b"k").unwrap().unwrap(), read);
+        assert_eq!(p.get_cached(b"k").unwrap().unwrap(), read);
         // a reopened partition starts with an empty cache: the log must answer first
         p.close().await.unwrap();
         drop(p);
         let p = replica(&disk, "a", 2_000).await;
-        assert!(p.siblings_cached(b"k").is_none());
-        assert_eq!(p.siblings_cached(b"absent").unwrap().unwrap(), vec![]);
-        let (read, ctx) = p.read_siblings(b"k").await.unwrap();
-        assert_eq!(p.siblings_cached(b"k").unwrap().unwrap(), read);
+        assert!(p.get_cached(b"k").is_none());
+        assert!(p.read_cached(b"k", |_| unreachable!()).is_none());
+        assert_eq!(p.get_cached(b"absent").unwrap().unwrap(), vec![]);
+        let read = p.get(b"k").await.unwrap();
+        assert_eq!(p.get_cached(b"k").unwrap().unwrap(), read);
+        let seen = p.read_cached(b"k", |records| {
+            records
+                .iter()
+                .map(|r| r.value.map(<[u8]>::to_vec))
+                .collect::<Vec<_>>()
+        });
+        let mut seen = seen.unwrap().unwrap();
+        seen.sort();
+        assert_eq!(seen, vec![Some(b"x".to_vec()), Some(b"y".to_vec())]);
+        let (_, ctx) = p.read_siblings(b"k").await.unwrap();
         p.coordinate_put(1, b"k", &ctx, None, 2_001, CLOCK_MAX)
             .await
             .unwrap();
-        let tombstone = p.siblings_cached(b"k").unwrap().unwrap();
-        assert!(tombstone.len() == 1 && tombstone[0].is_tombstone());
-        assert_eq!(p.read_siblings(b"k").await.unwrap().0, tombstone);
+        let tombstone = p.get_cached(b"k").unwrap().unwrap();
+        assert!(tombstone.len() == 1 && tombstone[0].value.is_none());
+        assert_eq!(p.get(b"k").await.unwrap(), tombstone);
         // with no cache at all, a stored key always needs the log
         p.close().await.unwrap();
         drop(p);
@@ -373,7 +384,7 @@ fn a_read_without_waiting_answers_only_from_the_record_cache_and_agrees_with_a_r
             .await
             .unwrap()
             .0;
-        p.read_siblings(b"k").await.unwrap();
-        assert!(p.siblings_cached(b"k").is_none());
+        p.get(b"k").await.unwrap();
+        assert!(p.get_cached(b"k").is_none());
     })
 }

@@ -55,26 +55,13 @@ pub async fn replica_get<S: Storage>(
     key: &[u8],
 ) -> Result<Vec<VersionedValue>, StoreError> {
     let (siblings, _) = partition.read_siblings(key).await?;
-    Ok(versioned_values(siblings))
-}
-
-/// [`replica_get`] without waiting: `None` when a version is not in the partition's
-/// record cache.
-pub fn replica_get_cached<S: Storage>(
-    partition: &Partition<S>,
-    key: &[u8],
-) -> Option<Result<Vec<VersionedValue>, StoreError>> {
-    Some(partition.siblings_cached(key)?.map(versioned_values))
-}
-
-fn versioned_values(siblings: Vec<crate::versioned::Sibling>) -> Vec<VersionedValue> {
-    siblings
+    Ok(siblings
         .into_iter()
         .map(|s| VersionedValue {
             version: s.version,
             value: s.value,
         })
-        .collect()
+        .collect())
 }
 
 /// The hints-partition key of the hint "deliver `key` of `partition` to `target`".

@@ -110,15 +110,6 @@ enum Layout {
     },
 }
 
-/// Who a client get asks ([`Shard::plan_get`]).
-struct GetPlan {
-    r: usize,
-    partition: u32,
-    local_is_target: bool,
-    /// The other nodes among the targets.
-    remote: Vec<NodeId>,
-}
-
 #[derive(Default)]
 struct OpSlot {
     done: RefCell<Option<CoordinatorOutput>>,
@@ -484,12 +475,12 @@ impl Shard {
         key: &[u8],
         r_requested: u8,
     ) -> Result<(Vec<VersionedValue>, VClock), Failure> {
-        let GetPlan {
-            r,
-            partition,
-            local_is_target,
-            remote,
-        } = self.plan_get(key, r_requested)?;
+        let view = self.joined_view()?;
+        let (n, r_default, _) = self.quorum(&view);
+        let r = self.requested_quorum(r_requested, r_default, n, "r")?;
+        let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
+        let targets = self.targets(&view, partition);
+        let local_is_target = targets.iter().any(|t| t.node == self.cluster.local);
         let local = if local_is_target {
             let p = self.partition_for(key)?.clone();
             Some(
@@ -500,6 +491,11 @@ impl Shard {
         } else {
             None
         };
+        let remote: Vec<NodeId> = targets
+            .iter()
+            .map(|t| t.node)
+            .filter(|&id| id != self.cluster.local)
+            .collect();
         if remote.is_empty() && r <= 1 {
             // a cluster of one (or N = 1): this replica's answer is the answer
             if let Some(versions) = local {
@@ -545,53 +541,17 @@ impl Shard {
         }
     }
 
-    /// A client get answered at once, with no task and no waiting: when this node's
-    /// replica alone answers it (a cluster of one, or N = 1) and has every version of
-    /// the key in its record cache. `None`: run [`Shard::cluster_get`].
-    pub(crate) fn cluster_get_now(
-        &self,
-        key: &[u8],
-        r_requested: u8,
-    ) -> Option<Result<(Vec<VersionedValue>, VClock), Failure>> {
-        let plan = match self.plan_get(key, r_requested) {
-            Ok(plan) => plan,
-            Err(e) => return Some(Err(e)),
-        };
-        if !(plan.local_is_target && plan.remote.is_empty() && plan.r <= 1) {
-            return None;
-        }
-        let partition = match self.partition_for(key) {
-            Ok(p) => p,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(match replica::replica_get_cached(partition, key)? {
-            Ok(versions) => {
-                let clocks: Vec<Version> = versions.iter().map(|v| v.version.clone()).collect();
-                Ok((versions, context_of(&clocks)))
+    /// Whether this node's replica alone answers a get of `partition` at R = 1, as
+    /// [`Shard::cluster_get`] would decide: N = 1 (a cluster of one, or N set to 1) and
+    /// this node heads the partition's preference list.
+    pub(crate) fn answers_alone(&self, partition: u32) -> bool {
+        match self.cluster.view() {
+            Some(view) if !view.ring.nodes().is_empty() => {
+                view.n == 1
+                    && view.preference[partition as usize].iter().next() == Some(self.cluster.local)
             }
-            Err(e) => Err(super::store_error(e)),
-        })
-    }
-
-    /// Who a get of `key` asks, and how many answers it needs.
-    fn plan_get(&self, key: &[u8], r_requested: u8) -> Result<GetPlan, Failure> {
-        let view = self.joined_view()?;
-        let (n, r_default, _) = self.quorum(&view);
-        let r = self.requested_quorum(r_requested, r_default, n, "r")?;
-        let partition = ringkv_ring::partition_for_key(key, self.config.partitions);
-        let targets = self.targets(&view, partition);
-        let local_is_target = targets.iter().any(|t| t.node == self.cluster.local);
-        let remote = targets
-            .iter()
-            .map(|t| t.node)
-            .filter(|&id| id != self.cluster.local)
-            .collect();
-        Ok(GetPlan {
-            r,
-            partition,
-            local_is_target,
-            remote,
-        })
+            _ => false,
+        }
     }
 
     fn joined_view(&self) -> Result<Rc<View>, Failure> {

@@ -6,13 +6,12 @@
 mod cluster;
 
 use super::{conn, ServerConfig, ShardExit, Shutdown};
-use crate::cluster::coordinator::VersionedValue;
 use crate::commit_log::{CommitLog, LogRecovery};
 use crate::notify::Notify;
 use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
-use crate::version::{Context, VClock};
+use crate::version::{context_of, Context, VClock, Version};
 pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -757,7 +756,10 @@ impl Shard {
             Request::Ping => encode::pong(&mut out.borrow_mut(), request_id),
             Request::Get { r, key } => {
                 let (versions, context) = self.cluster_get(key, r).await?;
-                self.reply_get(key, &versions, &context, request_id, out)?;
+                let values: SmallVec<[&[u8]; 2]> =
+                    versions.iter().filter_map(|s| s.value.as_deref()).collect();
+                let partition = self.partition_for(key).ok();
+                self.reply_get(partition, &values, &context, request_id, out)?;
             }
             Request::Put {
                 w,
@@ -789,21 +791,19 @@ impl Shard {
     }
 
     /// Encodes the reply to a get: the values of the siblings that are not tombstones
-    /// and the context covering them all.
+    /// and the context covering them all (truncations are counted on `partition`).
     fn reply_get(
         &self,
-        key: &[u8],
-        versions: &[VersionedValue],
+        partition: Option<&Rc<Partition<DmaStorage>>>,
+        values: &[&[u8]],
         context: &VClock,
         request_id: u64,
         out: &RefCell<Vec<u8>>,
     ) -> Result<(), (ErrorCode, String)> {
         let encoded = Context::encode(context);
-        if let Ok(partition) = self.partition_for(key) {
+        if let Some(partition) = partition {
             partition.record_clock_truncation(encoded.truncated_entries);
         }
-        let values: SmallVec<[&[u8]; 2]> =
-            versions.iter().filter_map(|s| s.value.as_deref()).collect();
         let reply_bytes: usize = protocol::HEADER_BYTES
             + 4
             + encoded.bytes.len()
@@ -823,16 +823,17 @@ impl Shard {
             &mut out.borrow_mut(),
             request_id,
             &encoded.bytes,
-            values.into_iter(),
+            values.iter().copied(),
         );
         Ok(())
     }
 
     /// Answers at once, in the caller's step and without a task, a request that needs
     /// no waiting: a get of a key this shard owns when this node's replica alone
-    /// answers it and the key's versions are all in the record cache (see
-    /// [`Shard::cluster_get_now`]). Returns false, having done nothing, for anything
-    /// else: the caller then runs [`Shard::execute`] as a task.
+    /// answers it ([`Shard::answers_alone`]) and every version of the key is in the
+    /// record cache ([`Partition::read_cached`]); the reply is encoded straight from
+    /// the cached records. Returns false, having done nothing, for anything else: the
+    /// caller then runs [`Shard::execute`] as a task.
     pub(crate) fn try_execute_now(&self, frame: &[u8], out: &RefCell<Vec<u8>>) -> bool {
         let header = protocol::header(frame);
         if header.opcode != protocol::opcode::GET {
@@ -841,17 +842,36 @@ impl Shard {
         let Ok((_, Request::Get { r, key })) = Request::parse(frame) else {
             return false;
         };
-        if self.check_key(key).is_err() || self.owner_of(key).1 != self.id {
+        // a refused key or R gets its error from the full path
+        if r > 1 || self.check_key(key).is_err() {
             return false;
         }
-        let Some(result) = self.cluster_get_now(key, r) else {
+        let (p, owner) = self.owner_of(key);
+        if owner != self.id || !self.answers_alone(p) {
+            return false;
+        }
+        let Some(partition) = self.partitions.get(&p) else {
+            return false;
+        };
+        let Some(answered) = partition.read_cached(key, |records| {
+            let versions = records
+                .iter()
+                .map(|r| Version::decode(r.version))
+                .collect::<Result<SmallVec<[Version; 2]>, _>>()
+                .map_err(|e| store_error(StoreError::BadVersion(e.to_string())))?;
+            let values: SmallVec<[&[u8]; 2]> = records.iter().filter_map(|r| r.value).collect();
+            self.reply_get(
+                Some(partition),
+                &values,
+                &context_of(&versions),
+                header.request_id,
+                out,
+            )
+        }) else {
             return false;
         };
         self.stats.borrow_mut().requests += 1;
-        let answered = result.and_then(|(versions, context)| {
-            self.reply_get(key, &versions, &context, header.request_id, out)
-        });
-        if let Err((code, message)) = answered {
+        if let Err((code, message)) = answered.map_err(store_error).and_then(|r| r) {
             self.stats.borrow_mut().errors += 1;
             encode::error(&mut out.borrow_mut(), header.request_id, code, &message);
         }
