@@ -20,6 +20,9 @@ use crate::version::{
     Version,
 };
 
+/// Seqs of a key's siblings (rarely more than two).
+type Seqs = smallvec::SmallVec<[u64; 2]>;
+
 /// How many times a write re-reads a key that other writes keep changing.
 const WRITE_ATTEMPTS_MAX: usize = 16;
 
@@ -80,6 +83,32 @@ impl<S: Storage> Partition<S> {
             .collect()
     }
 
+    /// What a write decides on: the seqs and versions of `key`'s siblings, values left
+    /// out (from the record cache without copying when it holds them all).
+    async fn read_versions(&self, key: &[u8]) -> Result<(Seqs, Vec<Version>), StoreError> {
+        let decode = |seq: u64, version: &[u8]| {
+            Version::decode(version)
+                .map(|v| (seq, v))
+                .map_err(|e| StoreError::BadVersion(e.to_string()))
+        };
+        let cached = self.read_cached(key, |records| {
+            records
+                .iter()
+                .map(|r| decode(r.header.seq, r.version))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let pairs = match cached {
+            Some(pairs) => pairs??,
+            None => self
+                .get(key)
+                .await?
+                .iter()
+                .map(|s| decode(s.seq, &s.version))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(pairs.into_iter().unzip())
+    }
+
     /// Coordinates a put (`value: Some`) or delete (`None`) of `key` on this node
     /// `node`, superseding what `context` covers. Moves to a new actor epoch when the
     /// context shows this node's local data was lost (kv679), then retries.
@@ -94,8 +123,7 @@ impl<S: Storage> Partition<S> {
     ) -> Result<PutOutcome, StoreError> {
         let mut turn = Some(self.lock_key(key).await);
         for _ in 0..WRITE_ATTEMPTS_MAX {
-            let stored = self.read_decoded(key).await?;
-            let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
+            let (stored, versions) = self.read_versions(key).await?;
             let actor = ActorId {
                 node,
                 epoch: self.epoch(),
@@ -154,8 +182,7 @@ impl<S: Storage> Partition<S> {
     ) -> Result<ApplyOutcome, StoreError> {
         let mut turn = Some(self.lock_key(key).await);
         for _ in 0..WRITE_ATTEMPTS_MAX {
-            let stored = self.read_decoded(key).await?;
-            let versions: Vec<Version> = stored.iter().map(|s| s.version.clone()).collect();
+            let (stored, versions) = self.read_versions(key).await?;
             let replaced = match reconcile(version, &versions) {
                 Reconcile::Stale(reason) => return Ok(ApplyOutcome::Stale(reason)),
                 Reconcile::Apply { replaced } => replaced,
@@ -184,16 +211,15 @@ impl<S: Storage> Partition<S> {
     async fn replace_siblings(
         &self,
         key: &[u8],
-        stored: &[Sibling],
+        stored: &[u64],
         replaced: &[usize],
         version: &Version,
         value: Option<&[u8]>,
         now_ms: u64,
         turn: &mut Option<crate::partition::KeyGuard<'_, S>>,
     ) -> Result<bool, StoreError> {
-        let replaces: Vec<u64> = replaced.iter().map(|&i| stored[i].seq).collect();
+        let replaces: Seqs = replaced.iter().map(|&i| stored[i]).collect();
         let blob = version.encode_to_vec();
-        let read_seqs: Vec<u64> = stored.iter().map(|s| s.seq).collect();
         let op = WriteOp {
             key,
             version: &blob,
@@ -204,7 +230,7 @@ impl<S: Storage> Partition<S> {
             .write_if_then(
                 &[op],
                 now_ms,
-                |keydir| unchanged(keydir, key, &read_seqs),
+                |keydir| unchanged(keydir, key, stored),
                 || drop(turn.take()),
             )
             .await?;
@@ -213,9 +239,6 @@ impl<S: Storage> Partition<S> {
 }
 
 fn unchanged(keydir: &crate::keydir::KeyDir, key: &[u8], read_seqs: &[u64]) -> bool {
-    let now: Vec<u64> = keydir
-        .get(key)
-        .map(|locs| locs.iter().map(|l| l.seq).collect())
-        .unwrap_or_default();
-    now.len() == read_seqs.len() && now.iter().all(|s| read_seqs.contains(s))
+    let now = keydir.get(key).unwrap_or_default();
+    now.len() == read_seqs.len() && now.iter().all(|l| read_seqs.contains(&l.seq))
 }
