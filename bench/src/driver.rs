@@ -134,7 +134,8 @@ pub enum Outcome {
 pub trait Connection: Send {
     fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>);
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>);
-    /// Reads the reply to the oldest outstanding request.
+    /// Reads the reply to the oldest outstanding request (a server that answers out of
+    /// order has its replies put back in request order).
     fn read_reply(&mut self, is_get: bool) -> anyhow::Result<Outcome>;
     fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Whether this connection should be sent `key` (shard-aware routing).
@@ -191,6 +192,7 @@ pub fn connect(target: &Target, index: usize) -> anyhow::Result<Box<dyn Connecti
                 frame: Vec::new(),
                 next_id: 1,
                 outstanding: std::collections::VecDeque::new(),
+                early: std::collections::HashMap::new(),
                 contexts: target.contexts.clone(),
                 context: Vec::new(),
                 r: target.r,
@@ -235,8 +237,14 @@ struct RingkvConnection {
     reader: BufReader<TcpStream>,
     frame: Vec<u8>,
     next_id: u64,
-    /// Keys of the requests sent and not yet answered, oldest first.
-    outstanding: std::collections::VecDeque<Vec<u8>>,
+    /// Request ids and keys of the requests sent and not yet answered, oldest first.
+    outstanding: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Replies that arrived before the reply to an older request, by request id. The
+    /// server answers a pipeline in any order (a cached get before a put that waits
+    /// for its sync, a local key before a forwarded one); the runner takes replies in
+    /// the order it sent the requests, and a context must be remembered under the key
+    /// of the request it answers, not of the oldest one.
+    early: std::collections::HashMap<u64, Outcome>,
     /// Contexts seen by any connection of the run (see [`ContextCache`]).
     contexts: std::sync::Arc<ContextCache>,
     /// Scratch for the context a put sends.
@@ -249,7 +257,7 @@ struct RingkvConnection {
 impl Connection for RingkvConnection {
     fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
         self.next_id += 1;
-        self.outstanding.push_back(key.to_vec());
+        self.outstanding.push_back((self.next_id, key.to_vec()));
         Request::Get { r: self.r, key }.encode(self.next_id, out);
     }
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
@@ -260,7 +268,7 @@ impl Connection for RingkvConnection {
         } else {
             self.context.extend_from_slice(context);
         }
-        self.outstanding.push_back(key.to_vec());
+        self.outstanding.push_back((self.next_id, key.to_vec()));
         Request::Put {
             w: self.w,
             key,
@@ -270,25 +278,49 @@ impl Connection for RingkvConnection {
         .encode(self.next_id, out);
     }
     fn read_reply(&mut self, _is_get: bool) -> anyhow::Result<Outcome> {
-        read_frame(&mut self.reader, &mut self.frame)?;
-        let key = self.outstanding.pop_front().unwrap_or_default();
-        let reply = Reply::parse(&self.frame)?.1;
-        if let Reply::GetOk { context, .. } | Reply::PutOk { context, .. } = &reply {
-            if !context.is_empty() {
-                self.contexts.remember(&key, context);
+        let oldest = self.outstanding.front().map(|(id, _)| *id);
+        loop {
+            if let Some(outcome) = oldest.and_then(|id| self.early.remove(&id)) {
+                self.outstanding.pop_front();
+                return Ok(outcome);
             }
+            read_frame(&mut self.reader, &mut self.frame)?;
+            let (header, reply) = Reply::parse(&self.frame)?;
+            let key = self
+                .outstanding
+                .iter()
+                .find(|(id, _)| *id == header.request_id)
+                .map(|(_, key)| key.as_slice());
+            if let (Some(key), Reply::GetOk { context, .. } | Reply::PutOk { context, .. }) =
+                (key, &reply)
+            {
+                if !context.is_empty() {
+                    self.contexts.remember(key, context);
+                }
+            }
+            let answers_later_request = key.is_some() && Some(header.request_id) != oldest;
+            let outcome = match reply {
+                Reply::GetOk { values, .. } if values.is_empty() => Outcome::NotFound,
+                Reply::GetOk { context, .. } => Outcome::Found {
+                    context: context.to_vec(),
+                },
+                Reply::PutOk { .. } | Reply::DeleteOk | Reply::Pong | Reply::HelloOk(_) => {
+                    Outcome::Ok
+                }
+                Reply::Error { code, message } => Outcome::Error(format!(
+                    "error {code}: {}",
+                    String::from_utf8_lossy(message)
+                )),
+            };
+            if answers_later_request {
+                self.early.insert(header.request_id, outcome);
+                continue;
+            }
+            // the oldest request's reply, or one no request matches (an error about
+            // the stream itself, request id 0): it stands for the oldest
+            self.outstanding.pop_front();
+            return Ok(outcome);
         }
-        Ok(match reply {
-            Reply::GetOk { values, .. } if values.is_empty() => Outcome::NotFound,
-            Reply::GetOk { context, .. } => Outcome::Found {
-                context: context.to_vec(),
-            },
-            Reply::PutOk { .. } | Reply::DeleteOk | Reply::Pong | Reply::HelloOk(_) => Outcome::Ok,
-            Reply::Error { code, message } => Outcome::Error(format!(
-                "error {code}: {}",
-                String::from_utf8_lossy(message)
-            )),
-        })
     }
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.reader.get_mut().write_all(bytes)

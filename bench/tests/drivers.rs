@@ -253,3 +253,98 @@ fn help_documents_every_option() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach the memcached target"), "{err}");
 }
+
+/// A ringkv server may answer a pipeline in any order: the driver still hands the
+/// runner each request's own reply in request order, and remembers each context under
+/// the key of the request it answers (a context filed under another key made the next
+/// put of that key look like it came from a client that had seen the future).
+#[test]
+fn ringkv_replies_out_of_order_are_matched_by_request_id() {
+    use ringkv_bench::driver::{self, Outcome};
+    use ringkv_net::protocol::{self, encode, Request};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let keys: [&[u8]; 3] = [b"k0", b"k1", b"k2"];
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let mut requests = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while requests.len() < 3 {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "client closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Some(len)) = protocol::check_frame(&buf, 1 << 20) {
+                let frame: Vec<u8> = buf.drain(..len).collect();
+                let (h, req) = Request::parse(&frame).unwrap();
+                let key = match req {
+                    Request::Get { key, .. } | Request::Put { key, .. } => key.to_vec(),
+                    other => panic!("unexpected {other:?}"),
+                };
+                requests.push((h.request_id, h.opcode, key));
+            }
+        }
+        // newest first
+        let mut out = Vec::new();
+        for (id, opcode, key) in requests.iter().rev() {
+            let context = [b"ctx-".as_slice(), key].concat();
+            if *opcode == protocol::opcode::GET {
+                encode::get_ok(&mut out, *id, &context, [b"v".as_slice()].into_iter());
+            } else {
+                encode::put_ok(&mut out, *id, &context, 1);
+            }
+        }
+        s.write_all(&out).unwrap();
+        // the next put of k1 must carry k1's context
+        let mut buf = Vec::new();
+        loop {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "client closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Ok(Some(len)) = protocol::check_frame(&buf, 1 << 20) {
+                match Request::parse(&buf[..len]).unwrap().1 {
+                    Request::Put { key, context, .. } => {
+                        assert_eq!(key, b"k1");
+                        assert_eq!(context, b"ctx-k1");
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                return;
+            }
+        }
+    });
+    let target = driver::Target {
+        driver: DriverKind::Ringkv,
+        addr,
+        r: 0,
+        w: 0,
+        shard_aware: false,
+        timeout: Duration::from_secs(10),
+        contexts: Default::default(),
+    };
+    let mut c = driver::connect(&target, 0).unwrap();
+    let mut out = Vec::new();
+    c.encode_get(keys[0], &mut out);
+    c.encode_put(keys[1], b"x", b"", &mut out);
+    c.encode_get(keys[2], &mut out);
+    c.send(&out).unwrap();
+    let replies: Vec<Outcome> = (0..3).map(|_| c.read_reply(false).unwrap()).collect();
+    assert_eq!(
+        replies,
+        vec![
+            Outcome::Found {
+                context: b"ctx-k0".to_vec()
+            },
+            Outcome::Ok,
+            Outcome::Found {
+                context: b"ctx-k2".to_vec()
+            },
+        ]
+    );
+    let mut out = Vec::new();
+    c.encode_put(keys[1], b"y", b"", &mut out);
+    c.send(&out).unwrap();
+    server.join().unwrap();
+}
