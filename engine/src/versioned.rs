@@ -130,8 +130,16 @@ impl<S: Storage> Partition<S> {
             };
             let made = match coordinate(actor, now_ms, context, &versions, clock_entries_max) {
                 Ok(made) => made,
-                Err(CoordinateError::LocalDataBehindContext { .. })
-                | Err(CoordinateError::CounterExhausted { .. }) => {
+                Err(
+                    e @ (CoordinateError::LocalDataBehindContext { .. }
+                    | CoordinateError::CounterExhausted { .. }),
+                ) => {
+                    tracing::warn!(
+                        partition = self.config().partition,
+                        key = %String::from_utf8_lossy(key),
+                        reason = %e,
+                        "moving to a new actor epoch"
+                    );
                     self.bump_epoch(now_ms).await?;
                     continue;
                 }
