@@ -21,7 +21,9 @@
 //! u64` (where the payload starts in that segment) · the payload, which is exactly the
 //! bytes appended to the segment there: whole records of one write batch. A file is
 //! read front to back until the first entry that is zero, torn, of another
-//! generation, or fails its CRC; every acknowledged entry is before that point.
+//! generation, or fails its CRC; every acknowledged entry is before that point unless
+//! synced bytes were damaged: a valid entry further on then means corruption, which
+//! is skipped and reported, and reading goes on (see [`decode_entries`]).
 //!
 //! **Recovery.** [`CommitLog::open`] returns the entries of every file in order. The
 //! runtime opens the partitions first (which cut unsynced segment tails), then hands
@@ -74,6 +76,10 @@ pub struct LogRecovery {
     /// Non-zero bytes after the last valid entry of a file (a torn or unsynced group
     /// commit: never acknowledged).
     pub torn_bytes: u64,
+    /// Bytes between valid entries (damage to synced entries: acknowledged writes in
+    /// them are lost from the log) and in how many places; see [`decode_entries`].
+    pub corrupt_bytes: u64,
+    pub corrupt_regions: usize,
 }
 
 fn entry_header(
@@ -100,33 +106,68 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Decodes the entries of one file's bytes: (entries, end of the last valid entry).
-/// Never panics on any input.
-pub fn decode_entries(bytes: &[u8], generation: u64) -> (Vec<Entry>, usize) {
-    let mut out = Vec::new();
+/// What [`decode_entries`] read from one file.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub entries: Vec<Entry>,
+    /// End of the last valid entry: what follows is a torn or unsynced group commit,
+    /// or the zero fill.
+    pub end: usize,
+    /// Bytes skipped between valid entries, and in how many places: damage inside the
+    /// part of the log that was synced (a group commit is written only after the one
+    /// before it is durable, so a torn write can only be last).
+    pub corrupt_bytes: usize,
+    pub corrupt_regions: usize,
+}
+
+/// Decodes the entries of one file's bytes. An entry that is not valid (zero, torn, of
+/// another generation, failing its CRC) ends the log unless a valid entry follows
+/// somewhere after it: then the bytes in between are counted as corrupt and decoding
+/// goes on from there, so one damaged block does not hide every later acknowledged
+/// write. Never panics on any input.
+pub fn decode_entries(bytes: &[u8], generation: u64) -> Decoded {
+    let mut out = Decoded::default();
     let mut at = 0usize;
-    while bytes.len() - at >= ENTRY_HEADER_BYTES {
-        let h = &bytes[at..at + ENTRY_HEADER_BYTES];
-        let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")) as usize;
-        if len == 0 || u64_at(h, 8) != generation || bytes.len() - at - ENTRY_HEADER_BYTES < len {
-            break;
+    loop {
+        if let Some(len) = valid_entry_len(bytes, at, generation) {
+            let h = &bytes[at..at + ENTRY_HEADER_BYTES];
+            out.entries.push(Entry {
+                log_id: u64_at(h, 16),
+                segment: u64_at(h, 24),
+                offset: u64_at(h, 32),
+                bytes: bytes[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len].to_vec(),
+            });
+            at += ENTRY_HEADER_BYTES + len;
+            out.end = at;
+            continue;
         }
-        let payload = &bytes[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&h[4..]);
-        crc.update(payload);
-        if crc.finalize() != u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) {
-            break;
+        let last_start = bytes.len().saturating_sub(ENTRY_HEADER_BYTES);
+        match (at + 1..=last_start).find(|&j| valid_entry_len(bytes, j, generation).is_some()) {
+            Some(next) => {
+                out.corrupt_bytes += next - at;
+                out.corrupt_regions += 1;
+                at = next;
+            }
+            None => return out,
         }
-        out.push(Entry {
-            log_id: u64_at(h, 16),
-            segment: u64_at(h, 24),
-            offset: u64_at(h, 32),
-            bytes: payload.to_vec(),
-        });
-        at += ENTRY_HEADER_BYTES + len;
     }
-    (out, at)
+}
+
+/// The payload length of the valid entry of `generation` starting at `at`, if one does.
+fn valid_entry_len(bytes: &[u8], at: usize, generation: u64) -> Option<usize> {
+    if bytes.len().saturating_sub(at) < ENTRY_HEADER_BYTES {
+        return None;
+    }
+    let h = &bytes[at..at + ENTRY_HEADER_BYTES];
+    let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes")) as usize;
+    if len == 0 || u64_at(h, 8) != generation || bytes.len() - at - ENTRY_HEADER_BYTES < len {
+        return None;
+    }
+    let payload = &bytes[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[4..]);
+    crc.update(payload);
+    (crc.finalize() == u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"))).then_some(len)
 }
 
 struct LogState<F> {
@@ -192,9 +233,11 @@ impl<S: Storage> CommitLog<S> {
                 at += n;
                 storage.yield_now().await;
             }
-            let (entries, end) = decode_entries(&bytes, g);
-            recovery.torn_bytes += bytes[end..].iter().filter(|&&b| b != 0).count() as u64;
-            recovery.entries.extend(entries);
+            let decoded = decode_entries(&bytes, g);
+            recovery.torn_bytes += bytes[decoded.end..].iter().filter(|&&b| b != 0).count() as u64;
+            recovery.corrupt_bytes += decoded.corrupt_bytes as u64;
+            recovery.corrupt_regions += decoded.corrupt_regions;
+            recovery.entries.extend(decoded.entries);
             recovery.files += 1;
         }
         let generation = generations.last().map_or(1, |g| g + 1);
@@ -464,26 +507,43 @@ mod tests {
             bytes.extend_from_slice(&entry_header(7, i as u64, 100, 40 * i as u64, payload));
             bytes.extend_from_slice(payload);
         }
-        let (entries, end) = decode_entries(&bytes, 7);
+        let Decoded { entries, end, .. } = decode_entries(&bytes, 7);
         assert_eq!(entries.len(), 3);
         assert_eq!(end, bytes.len());
         assert_eq!(entries[1].bytes, b"two two");
         assert_eq!((entries[2].log_id, entries[2].offset), (2, 80));
         // another generation's bytes (a reused file) end the log
-        assert!(decode_entries(&bytes, 8).0.is_empty());
+        assert!(decode_entries(&bytes, 8).entries.is_empty());
         // zero padding ends it cleanly
         let mut padded = bytes.clone();
         padded.extend_from_slice(&[0; 100]);
-        assert_eq!(decode_entries(&padded, 7).0.len(), 3);
-        // a flipped byte in the second entry keeps only the first
-        let mut bad = bytes.clone();
-        bad[ENTRY_HEADER_BYTES + 3 + ENTRY_HEADER_BYTES + 2] ^= 1;
-        assert_eq!(decode_entries(&bad, 7).0.len(), 1);
+        let decoded = decode_entries(&padded, 7);
+        assert_eq!(decoded.entries.len(), 3);
+        assert_eq!((decoded.end, decoded.corrupt_bytes), (bytes.len(), 0));
+        // a flipped byte anywhere in the second entry: that entry is reported corrupt
+        // and the third is still read
+        let second = ENTRY_HEADER_BYTES + 3;
+        let second_len = ENTRY_HEADER_BYTES + 7;
+        for at in second..second + second_len {
+            let mut bad = padded.clone();
+            bad[at] ^= 0x10;
+            let decoded = decode_entries(&bad, 7);
+            let logs: Vec<u64> = decoded.entries.iter().map(|e| e.log_id).collect();
+            assert_eq!(logs, vec![0, 2], "flip at {at}");
+            assert_eq!(decoded.corrupt_bytes, second_len, "flip at {at}");
+            assert_eq!(decoded.corrupt_regions, 1);
+            assert_eq!(decoded.end, bytes.len());
+        }
+        // damage to the last entry is indistinguishable from a torn write: no corruption
+        let mut torn = padded.clone();
+        torn[bytes.len() - 1] ^= 1;
+        let decoded = decode_entries(&torn, 7);
+        assert_eq!((decoded.entries.len(), decoded.corrupt_bytes), (2, 0));
         // any cut keeps the whole entries before it
         for cut in 0..bytes.len() {
-            let (entries, end) = decode_entries(&bytes[..cut], 7);
-            assert!(end <= cut);
-            assert!(entries.len() <= 3);
+            let decoded = decode_entries(&bytes[..cut], 7);
+            assert!(decoded.end <= cut);
+            assert!(decoded.entries.len() <= 3);
         }
         assert_eq!(parse_name(&file_name(0xabc)), Some(0xabc));
         assert_eq!(parse_name("0000000000000abc.seg"), None);

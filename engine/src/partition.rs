@@ -617,6 +617,12 @@ impl<S: Storage> Partition<S> {
         }
     }
 
+    /// Marks the partition as missing data found damaged outside it (its shard's
+    /// commit log): see [`Partition::needs_repair`].
+    pub fn mark_needs_repair(&self) {
+        self.state.borrow_mut().needs_repair = true;
+    }
+
     /// Corruption was found: some data must come back from replicas.
     pub fn needs_repair(&self) -> bool {
         self.state.borrow().needs_repair

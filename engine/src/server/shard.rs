@@ -409,6 +409,21 @@ async fn replay_commit_log(
     hints: &Rc<Partition<DmaStorage>>,
 ) -> Result<(), String> {
     let hints_id = hints.config().partition;
+    if recovery.corrupt_bytes > 0 {
+        // which partitions the damaged entries belonged to is unknown: all of them
+        tracing::error!(
+            shard = shard_id,
+            corrupt_bytes = recovery.corrupt_bytes,
+            corrupt_regions = recovery.corrupt_regions,
+            "commit log has invalid bytes before valid entries (damaged synced entries, \
+             or a last write that a power loss tore out of order): writes in them are \
+             lost unless their segments hold them; every partition of this shard is \
+             marked for repair"
+        );
+        for p in partitions.values().chain(std::iter::once(hints)) {
+            p.mark_needs_repair();
+        }
+    }
     let (mut applied, mut present, mut gone, mut mismatched) = (0usize, 0usize, 0usize, 0usize);
     for e in &recovery.entries {
         let partition = if e.log_id == hints_id {
@@ -464,6 +479,7 @@ async fn replay_commit_log(
             entries_of_removed_segments = gone,
             entries_mismatched = mismatched,
             torn_bytes = recovery.torn_bytes,
+            corrupt_bytes = recovery.corrupt_bytes,
             "commit log replayed"
         );
     }
