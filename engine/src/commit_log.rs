@@ -50,7 +50,8 @@ pub fn file_name(generation: u64) -> String {
     format!("{generation:016x}{SUFFIX}")
 }
 
-fn parse_name(name: &str) -> Option<u64> {
+/// The generation of a commit log file name (`GGGGGGGGGGGGGGGG.clog`).
+pub fn parse_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(SUFFIX)?;
     (hex.len() == 16)
         .then(|| u64::from_str_radix(hex, 16).ok())

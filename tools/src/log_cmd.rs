@@ -1,8 +1,10 @@
 //! `ringkv logdump` and `ringkv logcheck`: offline inspection of a partition folder
-//! (or a single segment file). They read files with `std::fs`, never change them, and
-//! work on a stopped node's data or on files copied from one.
+//! (or a single segment file), or of a shard's commit log folder (or one `.clog`
+//! file). They read files with `std::fs`, never change them, and work on a stopped
+//! node's data or on files copied from one.
 
 use anyhow::{bail, Context as _};
+use ringkv_engine::commit_log;
 use ringkv_engine::record;
 use ringkv_engine::segment::{self, ScanResult};
 use ringkv_engine::version::Version;
@@ -35,11 +37,149 @@ fn segments_of(arg: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// The commit log files named by `arg`, oldest first: the `.clog` files of a folder,
+/// or one file; empty when `arg` is neither.
+fn commit_logs_of(arg: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let name_of = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(commit_log::parse_name)
+    };
+    let meta = std::fs::metadata(arg).with_context(|| format!("cannot read {}", arg.display()))?;
+    let mut out = Vec::new();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(arg)? {
+            let path = entry?.path();
+            if let Some(g) = name_of(&path) {
+                out.push((g, path));
+            }
+        }
+        out.sort();
+    } else if let Some(g) = name_of(arg) {
+        out.push((g, arg.to_path_buf()));
+    }
+    Ok(out)
+}
+
 fn one_path(args: &[String], command: &str) -> anyhow::Result<PathBuf> {
     match args {
         [path] => Ok(PathBuf::from(path)),
-        _ => bail!("usage: ringkv {command} DIR|SEGMENT_FILE"),
+        _ => bail!("usage: ringkv {command} DIR|SEGMENT_FILE|COMMIT_LOG_FILE"),
     }
+}
+
+/// One record as a line of `logdump`.
+fn record_line(at: usize, rec: &record::Record<'_>) -> String {
+    let replaced: Vec<String> = rec.replaced().map(|s| s.to_string()).collect();
+    let value = match rec.value {
+        None => "TOMBSTONE".to_string(),
+        Some(v) => format!("value[{}]={}", v.len(), show(v, 48)),
+    };
+    format!(
+        "{at:>10} seq={} ts={} key={} replaces=[{}] {} {}{}",
+        rec.header.seq,
+        rec.header.timestamp_ms,
+        show(rec.key, 64),
+        replaced.join(","),
+        describe_version(rec.version),
+        value,
+        if rec.header.batch_continues() {
+            " (batch continues)"
+        } else {
+            ""
+        },
+    )
+}
+
+/// Non-zero bytes of `bytes`.
+fn non_zero(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b != 0).count()
+}
+
+/// `logdump` of commit log files: every entry, and the records of its payload.
+fn dump_commit_logs(files: &[(u64, PathBuf)]) -> anyhow::Result<ExitCode> {
+    for (generation, file) in files {
+        let bytes = std::fs::read(file)?;
+        let decoded = commit_log::decode_entries(&bytes, *generation);
+        println!(
+            "# commit log {generation:016x} ({} bytes) {}",
+            bytes.len(),
+            file.display()
+        );
+        for e in &decoded.entries {
+            println!(
+                "# entry: partition {} segment {:016x} at {} ({} bytes)",
+                e.log_id,
+                e.segment,
+                e.offset,
+                e.bytes.len()
+            );
+            let mut at = 0usize;
+            while at < e.bytes.len() {
+                match record::decode(&e.bytes[at..]) {
+                    Ok(rec) => {
+                        println!("{}", record_line(e.offset as usize + at, &rec));
+                        at += rec.total_bytes();
+                    }
+                    Err(err) => {
+                        println!("#   undecodable record at {at} of the payload: {err}");
+                        break;
+                    }
+                }
+            }
+        }
+        if decoded.corrupt_bytes > 0 {
+            println!(
+                "#   CORRUPT: {} bytes in {} places between valid entries",
+                decoded.corrupt_bytes, decoded.corrupt_regions
+            );
+        }
+        let torn = non_zero(&bytes[decoded.end..]);
+        if torn > 0 {
+            println!("#   {torn} non-zero bytes after the last entry (a torn or unsynced write)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `logcheck` of commit log files: damage between entries is corruption (exit 1);
+/// bytes after the last entry are a warning (never acknowledged).
+fn check_commit_logs(files: &[(u64, PathBuf)]) -> anyhow::Result<ExitCode> {
+    let (mut entries, mut problems) = (0usize, Vec::new());
+    for (generation, file) in files {
+        let bytes = std::fs::read(file)?;
+        let decoded = commit_log::decode_entries(&bytes, *generation);
+        entries += decoded.entries.len();
+        if decoded.corrupt_bytes > 0 {
+            problems.push(format!(
+                "commit log {generation:016x}: {} corrupt bytes in {} places before valid entries",
+                decoded.corrupt_bytes, decoded.corrupt_regions
+            ));
+        }
+        let torn = non_zero(&bytes[decoded.end..]);
+        if torn > 0 {
+            println!(
+                "warning: commit log {generation:016x}: {torn} non-zero bytes after the last \
+                 entry (a torn or unsynced write: never acknowledged)"
+            );
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "ok: {} commit log files, {entries} entries, every CRC verified",
+            files.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &problems {
+        println!("CORRUPTION: {p}");
+    }
+    println!(
+        "{} problems ({entries} valid entries); writes in the damaged entries are lost \
+         unless their segments hold them: the shard's partitions need repair from replicas",
+        problems.len()
+    );
+    Ok(ExitCode::from(1))
 }
 
 /// Bytes shown as text where printable, escaped otherwise, cut after `max` bytes.
@@ -70,6 +210,10 @@ fn describe_version(blob: &[u8]) -> String {
 
 pub fn logdump(args: &[String]) -> anyhow::Result<ExitCode> {
     let path = one_path(args, "logdump")?;
+    let logs = commit_logs_of(&path)?;
+    if !logs.is_empty() {
+        return dump_commit_logs(&logs);
+    }
     for (id, file) in segments_of(&path)? {
         let bytes = std::fs::read(&file)?;
         let scan = segment::scan(&bytes, id);
@@ -87,25 +231,7 @@ pub fn logdump(args: &[String]) -> anyhow::Result<ExitCode> {
             let Ok(rec) = record::decode(&bytes[at..]) else {
                 continue;
             };
-            let replaced: Vec<String> = rec.replaced().map(|s| s.to_string()).collect();
-            let value = match rec.value {
-                None => "TOMBSTONE".to_string(),
-                Some(v) => format!("value[{}]={}", v.len(), show(v, 48)),
-            };
-            println!(
-                "{at:>10} seq={} ts={} key={} replaces=[{}] {} {}{}",
-                rec.header.seq,
-                rec.header.timestamp_ms,
-                show(rec.key, 64),
-                replaced.join(","),
-                describe_version(rec.version),
-                value,
-                if rec.header.batch_continues() {
-                    " (batch continues)"
-                } else {
-                    ""
-                },
-            );
+            println!("{}", record_line(at, &rec));
         }
         print_problems(&scan);
     }
@@ -135,6 +261,10 @@ fn print_problems(scan: &ScanResult) {
 
 pub fn logcheck(args: &[String]) -> anyhow::Result<ExitCode> {
     let path = one_path(args, "logcheck")?;
+    let logs = commit_logs_of(&path)?;
+    if !logs.is_empty() {
+        return check_commit_logs(&logs);
+    }
     let segments = segments_of(&path)?;
     let last = segments.last().map(|(id, _)| *id);
     let (mut records, mut problems, mut warnings) = (0u64, Vec::new(), Vec::new());

@@ -27,8 +27,10 @@ commands:
   join SEED        make the node at --addr join the cluster of SEED
   leave            make the node at --addr leave its cluster
   ping | get KEY | put KEY VALUE | del KEY   talk to a node (--addr, --context, --json)
-  logdump DIR     print every record of a partition folder (or one segment file)
-  logcheck DIR    verify every record CRC; exits non-zero with a report on corruption
+  logdump DIR     print every record of a partition folder (or one segment file),
+                  or every entry of a commit log folder (or one .clog file)
+  logcheck DIR    verify every record (or commit log entry) CRC; exits non-zero with a
+                  report on corruption
   ring ...        ring planner: partitions per node and partitions moved (see `ringkv ring --help`)
   sim ...         deterministic cluster simulator: --seed S --runs K (see `ringkv sim --help`)
 ";
