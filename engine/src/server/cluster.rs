@@ -394,10 +394,6 @@ impl Shard {
             .filter(|t| t.node != self.cluster.local)
             .copied()
             .collect();
-        let version = VersionedValue {
-            version: outcome.version.clone(),
-            value: value.map(<[u8]>::to_vec),
-        };
         // a forwarded request this node coordinates without being a target (views
         // differ for a moment) stores locally but does not count as a replica
         let local_acks = usize::from(me.is_some());
@@ -408,6 +404,11 @@ impl Shard {
                 result: PutResult::Ok { acks: 1 },
             }
         } else {
+            // the copy the replicas are sent, made only when there are replicas
+            let version = VersionedValue {
+                version: outcome.version.clone(),
+                value: value.map(<[u8]>::to_vec),
+            };
             let (op, slot) = {
                 let mut coordinator = self.cluster.coordinator.borrow_mut();
                 let op = coordinator.start_put(
@@ -552,6 +553,14 @@ impl Shard {
             }
             _ => false,
         }
+    }
+
+    /// Whether every key has one replica (N = 1: a cluster of one, or N set to 1): the
+    /// cheap first test of [`Shard::answers_alone`].
+    pub(crate) fn single_replica(&self) -> bool {
+        self.cluster
+            .view()
+            .is_some_and(|view| !view.ring.nodes().is_empty() && view.n == 1)
     }
 
     fn joined_view(&self) -> Result<Rc<View>, Failure> {

@@ -852,7 +852,8 @@ impl Shard {
     /// caller then runs [`Shard::execute`] as a task.
     pub(crate) fn try_execute_now(&self, frame: &[u8], out: &RefCell<Vec<u8>>) -> bool {
         let header = protocol::header(frame);
-        if header.opcode != protocol::opcode::GET {
+        // before parsing and hashing: in a cluster with replicas this path never applies
+        if header.opcode != protocol::opcode::GET || !self.single_replica() {
             return false;
         }
         let Ok((_, Request::Get { r, key })) = Request::parse(frame) else {
