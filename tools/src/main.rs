@@ -60,6 +60,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let rest = &args[1..];
+    if !matches!(command.as_str(), "server" | "dev") {
+        // a command whose output is piped into `head` ends quietly when the reader
+        // goes, as Unix tools do, instead of panicking on the broken pipe (the node
+        // keeps Rust's default: a closed client socket must not end the server)
+        // SAFETY: restoring the default disposition of one signal at start, before any
+        // thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match command.as_str() {
         "logdump" => log_cmd::logdump(rest),
         "logcheck" => log_cmd::logcheck(rest),
