@@ -315,15 +315,7 @@ fn ringkv_replies_out_of_order_are_matched_by_request_id() {
             }
         }
     });
-    let target = driver::Target {
-        driver: DriverKind::Ringkv,
-        addr,
-        r: 0,
-        w: 0,
-        shard_aware: false,
-        timeout: Duration::from_secs(10),
-        contexts: Default::default(),
-    };
+    let target = config(DriverKind::Ringkv, addr, "A").target;
     let mut c = driver::connect(&target, 0).unwrap();
     let mut out = Vec::new();
     c.encode_get(keys[0], &mut out);

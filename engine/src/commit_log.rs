@@ -114,6 +114,9 @@ pub struct Decoded {
     /// End of the last valid entry: what follows is a torn or unsynced group commit,
     /// or the zero fill.
     pub end: usize,
+    /// Non-zero bytes after `end` (a torn or unsynced group commit: never
+    /// acknowledged).
+    pub torn_bytes: usize,
     /// Bytes skipped between valid entries, and in how many places: damage inside the
     /// part of the log that was synced (a group commit is written only after the one
     /// before it is durable, so a torn write can only be last).
@@ -149,7 +152,10 @@ pub fn decode_entries(bytes: &[u8], generation: u64) -> Decoded {
                 out.corrupt_regions += 1;
                 at = next;
             }
-            None => return out,
+            None => {
+                out.torn_bytes = bytes[out.end..].iter().filter(|&&b| b != 0).count();
+                return out;
+            }
         }
     }
 }
@@ -235,7 +241,7 @@ impl<S: Storage> CommitLog<S> {
                 storage.yield_now().await;
             }
             let decoded = decode_entries(&bytes, g);
-            recovery.torn_bytes += bytes[decoded.end..].iter().filter(|&&b| b != 0).count() as u64;
+            recovery.torn_bytes += decoded.torn_bytes as u64;
             recovery.corrupt_bytes += decoded.corrupt_bytes as u64;
             recovery.corrupt_regions += decoded.corrupt_regions;
             recovery.entries.extend(decoded.entries);

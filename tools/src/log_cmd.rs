@@ -91,11 +91,6 @@ fn record_line(at: usize, rec: &record::Record<'_>) -> String {
     )
 }
 
-/// Non-zero bytes of `bytes`.
-fn non_zero(bytes: &[u8]) -> usize {
-    bytes.iter().filter(|&&b| b != 0).count()
-}
-
 /// `logdump` of commit log files: every entry, and the records of its payload.
 fn dump_commit_logs(files: &[(u64, PathBuf)]) -> anyhow::Result<ExitCode> {
     for (generation, file) in files {
@@ -134,7 +129,7 @@ fn dump_commit_logs(files: &[(u64, PathBuf)]) -> anyhow::Result<ExitCode> {
                 decoded.corrupt_bytes, decoded.corrupt_regions
             );
         }
-        let torn = non_zero(&bytes[decoded.end..]);
+        let torn = decoded.torn_bytes;
         if torn > 0 {
             println!("#   {torn} non-zero bytes after the last entry (a torn or unsynced write)");
         }
@@ -156,7 +151,7 @@ fn check_commit_logs(files: &[(u64, PathBuf)]) -> anyhow::Result<ExitCode> {
                 decoded.corrupt_bytes, decoded.corrupt_regions
             ));
         }
-        let torn = non_zero(&bytes[decoded.end..]);
+        let torn = decoded.torn_bytes;
         if torn > 0 {
             println!(
                 "warning: commit log {generation:016x}: {torn} non-zero bytes after the last \

@@ -110,6 +110,11 @@ enum Layout {
     },
 }
 
+/// Whether a joined view keeps one replica per key (N = 1).
+fn single_replica(view: &View) -> bool {
+    !view.ring.nodes().is_empty() && view.n == 1
+}
+
 #[derive(Default)]
 struct OpSlot {
     done: RefCell<Option<CoordinatorOutput>>,
@@ -546,13 +551,10 @@ impl Shard {
     /// [`Shard::cluster_get`] would decide: N = 1 (a cluster of one, or N set to 1) and
     /// this node heads the partition's preference list.
     pub(crate) fn answers_alone(&self, partition: u32) -> bool {
-        match self.cluster.view() {
-            Some(view) if !view.ring.nodes().is_empty() => {
-                view.n == 1
-                    && view.preference[partition as usize].iter().next() == Some(self.cluster.local)
-            }
-            _ => false,
-        }
+        self.cluster.view().is_some_and(|view| {
+            single_replica(&view)
+                && view.preference[partition as usize].iter().next() == Some(self.cluster.local)
+        })
     }
 
     /// Whether every key has one replica (N = 1: a cluster of one, or N set to 1): the
@@ -560,7 +562,7 @@ impl Shard {
     pub(crate) fn single_replica(&self) -> bool {
         self.cluster
             .view()
-            .is_some_and(|view| !view.ring.nodes().is_empty() && view.n == 1)
+            .is_some_and(|view| single_replica(&view))
     }
 
     fn joined_view(&self) -> Result<Rc<View>, Failure> {
