@@ -453,6 +453,11 @@ impl<S: Storage> CommitLog<S> {
         self.storage.sync_filesystem().await
     }
 
+    /// The position up to which every entry is durable.
+    pub fn durable(&self) -> u64 {
+        self.state.borrow().durable
+    }
+
     /// Group commits run so far.
     pub fn syncs(&self) -> u64 {
         self.state.borrow().syncs

@@ -139,6 +139,27 @@ pub struct WriteOp<'a> {
     pub replaces: &'a [u64],
 }
 
+impl WriteOp<'_> {
+    /// Bytes its record takes in the log.
+    pub fn encoded_len(&self) -> usize {
+        record::RECORD_HEADER_BYTES
+            + self.key.len()
+            + self.version.len()
+            + self.value.map_or(0, <[u8]>::len)
+            + self.replaces.len() * 8
+    }
+}
+
+/// An append done, with what its writer still owes: see [`Partition::append_now`].
+struct Appended<F> {
+    segment: Rc<Segment<F>>,
+    end: u64,
+    seqs: Vec<u64>,
+    roll: bool,
+    /// The commit-log position the append is durable at.
+    logged: Option<u64>,
+}
+
 /// A stored version read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredVersion {
@@ -641,6 +662,11 @@ impl<S: Storage> Partition<S> {
         }
     }
 
+    /// Whether a versioned write holds `key` ([`lock_key`](Self::lock_key)).
+    pub fn key_is_locked(&self, key: &[u8]) -> bool {
+        self.key_locks.borrow().contains(key)
+    }
+
     /// `close` ran.
     pub fn is_closed(&self) -> bool {
         self.state.borrow().closed
@@ -716,99 +742,182 @@ impl<S: Storage> Partition<S> {
         precondition: impl FnOnce(&KeyDir) -> bool,
         appended: impl FnOnce(),
     ) -> Result<Option<Vec<u64>>, StoreError> {
+        let Some(append) = self.append_now(ops, now_ms, precondition)? else {
+            return Ok(None);
+        };
+        appended();
+        self.finish_append(append).await.map(Some)
+    }
+
+    /// The step of a write that needs no waiting: checks, `precondition`, then the
+    /// batch into the segment buffer, the commit log (in `Sync` mode with one), the
+    /// record cache and the keydir. What is left (a roll, a flush, durability) is
+    /// [`finish_append`](Self::finish_append)'s.
+    fn append_now(
+        &self,
+        ops: &[WriteOp<'_>],
+        now_ms: u64,
+        precondition: impl FnOnce(&KeyDir) -> bool,
+    ) -> Result<Option<Appended<S::File>>, StoreError> {
         if ops.is_empty() {
             return Err(StoreError::EmptyBatch);
         }
         for op in ops {
             self.check(op)?;
         }
-        let (segment, end, seqs, roll, logged) = {
-            let mut state = self.state.borrow_mut();
-            if let Some(err) = &state.failed {
-                return Err(StoreError::Failed(err.clone()));
+        let mut state = self.state.borrow_mut();
+        if let Some(err) = &state.failed {
+            return Err(StoreError::Failed(err.clone()));
+        }
+        if state.closed {
+            return Err(StoreError::Closed);
+        }
+        if !precondition(&state.keydir) {
+            return Ok(None);
+        }
+        let first_seq = state.next_seq;
+        state.next_seq += ops.len() as u64;
+        let mut buf = Vec::with_capacity(ops.iter().map(WriteOp::encoded_len).sum());
+        let mut places = SmallVec::<[(usize, usize); 4]>::new();
+        for (i, op) in ops.iter().enumerate() {
+            let start = buf.len();
+            RecordRef {
+                seq: first_seq + i as u64,
+                timestamp_ms: now_ms,
+                key: op.key,
+                replaced: op.replaces,
+                version: op.version,
+                value: op.value,
+                batch_continues: i + 1 < ops.len(),
             }
-            if state.closed {
-                return Err(StoreError::Closed);
+            .encode_into(&mut buf);
+            places.push((start, buf.len() - start));
+        }
+        let active = state.active;
+        let segment = state.segment(active).clone();
+        if segment.file.len() + buf.len() as u64 > u32::MAX as u64 {
+            // a roll is running and writes outran it; offsets must fit in u32
+            state.next_seq -= ops.len() as u64;
+            return Err(StoreError::SegmentFull);
+        }
+        let base = segment.file.append(&buf);
+        // in the same step as the segment append, so the log holds each
+        // partition's appends in segment order
+        let logged = match (&self.config.durability, &*self.commit_log.borrow()) {
+            (Durability::Sync, Some(log)) => {
+                Some(log.append(self.config.partition, segment.id, base, &buf))
             }
-            if !precondition(&state.keydir) {
-                return Ok(None);
-            }
-            let first_seq = state.next_seq;
-            state.next_seq += ops.len() as u64;
-            let mut buf = Vec::with_capacity(
-                ops.iter()
-                    .map(|o| {
-                        record::RECORD_HEADER_BYTES
-                            + o.key.len()
-                            + o.version.len()
-                            + o.value.map_or(0, <[u8]>::len)
-                            + o.replaces.len() * 8
-                    })
-                    .sum(),
-            );
-            let mut places = SmallVec::<[(usize, usize); 4]>::new();
-            for (i, op) in ops.iter().enumerate() {
-                let start = buf.len();
-                RecordRef {
-                    seq: first_seq + i as u64,
-                    timestamp_ms: now_ms,
-                    key: op.key,
-                    replaced: op.replaces,
-                    version: op.version,
-                    value: op.value,
-                    batch_continues: i + 1 < ops.len(),
-                }
-                .encode_into(&mut buf);
-                places.push((start, buf.len() - start));
-            }
-            let active = state.active;
-            let segment = state.segment(active).clone();
-            if segment.file.len() + buf.len() as u64 > u32::MAX as u64 {
-                // a roll is running and writes outran it; offsets must fit in u32
-                state.next_seq -= ops.len() as u64;
-                return Err(StoreError::SegmentFull);
-            }
-            let base = segment.file.append(&buf);
-            // in the same step as the segment append, so the log holds each
-            // partition's appends in segment order
-            let logged = match (&self.config.durability, &*self.commit_log.borrow()) {
-                (Durability::Sync, Some(log)) => {
-                    Some(log.append(self.config.partition, segment.id, base, &buf))
-                }
-                _ => None,
-            };
-            {
-                let mut cache = self.cache.borrow_mut();
-                for (i, (start, len)) in places.iter().enumerate() {
-                    cache.insert(first_seq + i as u64, &buf[*start..*start + *len]);
-                }
-                // replaced versions are never read again: keep the cache to live data
-                for op in ops {
-                    for &seq in op.replaces {
-                        cache.remove(seq);
-                    }
-                }
-            }
-            let end = base + buf.len() as u64;
-            for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
-                let loc = Loc {
-                    seq: first_seq + i as u64,
-                    segment: active,
-                    offset: (base + start as u64) as u32,
-                    len: len as u32,
-                    flags: if op.value.is_none() { LOC_TOMBSTONE } else { 0 },
-                };
-                state.apply(op.key, loc, op.replaces);
-            }
-            state.writes += ops.len() as u64;
-            let roll = end >= self.config.segment_bytes_max && !state.rolling;
-            if roll {
-                state.rolling = true;
-            }
-            let seqs = (first_seq..first_seq + ops.len() as u64).collect();
-            (segment, end, seqs, roll, logged)
+            _ => None,
         };
-        appended();
+        {
+            let mut cache = self.cache.borrow_mut();
+            for (i, (start, len)) in places.iter().enumerate() {
+                cache.insert(first_seq + i as u64, &buf[*start..*start + *len]);
+            }
+            // replaced versions are never read again: keep the cache to live data
+            for op in ops {
+                for &seq in op.replaces {
+                    cache.remove(seq);
+                }
+            }
+        }
+        let end = base + buf.len() as u64;
+        for (i, (op, (start, len))) in ops.iter().zip(places).enumerate() {
+            let loc = Loc {
+                seq: first_seq + i as u64,
+                segment: active,
+                offset: (base + start as u64) as u32,
+                len: len as u32,
+                flags: if op.value.is_none() { LOC_TOMBSTONE } else { 0 },
+            };
+            state.apply(op.key, loc, op.replaces);
+        }
+        state.writes += ops.len() as u64;
+        let roll = end >= self.config.segment_bytes_max && !state.rolling;
+        if roll {
+            state.rolling = true;
+        }
+        Ok(Some(Appended {
+            segment,
+            end,
+            seqs: (first_seq..first_seq + ops.len() as u64).collect(),
+            roll,
+            logged,
+        }))
+    }
+
+    /// [`append_now`](Self::append_now) for a caller that checked
+    /// [`append_owes_no_io`](Self::append_owes_no_io) in the same step: returns the
+    /// commit-log position to wait for, if the mode waits.
+    pub fn append_now_logged(
+        &self,
+        ops: &[WriteOp<'_>],
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let append = self
+            .append_now(ops, now_ms, |_| true)?
+            .expect("no precondition");
+        if append.roll {
+            // ruled out by `append_owes_no_io`; should it happen, the next write rolls
+            debug_assert!(false, "append_owes_no_io rules out a roll");
+            self.state.borrow_mut().rolling = false;
+        }
+        Ok(append.logged)
+    }
+
+    /// Whether an append of `bytes` more (one [`WriteOp::encoded_len`] or a batch's
+    /// sum) would leave [`finish_append`](Self::finish_append) nothing to do but wait
+    /// for the commit log, or nothing at all: no roll due, no flush owed, and
+    /// durability by the commit log (`Sync`) or not waited for.
+    pub fn append_owes_no_io(&self, bytes: usize) -> bool {
+        let state = self.state.borrow();
+        if state.failed.is_some() || state.closed || state.rolling {
+            return false;
+        }
+        let segment = state.segment(state.active);
+        if segment.file.len() + bytes as u64 >= self.config.segment_bytes_max {
+            return false;
+        }
+        let buffered = segment.file.buffered_bytes() + bytes as u64;
+        match self.config.durability {
+            Durability::Sync => {
+                self.commit_log.borrow().is_some() && buffered < 8 * self.config.buffer_bytes_max
+            }
+            Durability::Interval { .. } | Durability::None => {
+                buffered < self.config.buffer_bytes_max
+            }
+        }
+    }
+
+    /// Waits until the commit log is durable up to `position` (from an append that
+    /// [`append_owes_no_io`](Self::append_owes_no_io) cleared). A failed sync fails the
+    /// partition, as it does for a writer waiting in [`write`](Self::write).
+    pub async fn wait_logged(&self, position: u64) -> Result<(), StoreError> {
+        let log = self.commit_log.borrow().clone();
+        match log {
+            Some(log) => log.wait_durable(position).await.map_err(|e| self.fail(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// How far the commit log is durable (0 without one).
+    pub fn logged_durable(&self) -> u64 {
+        self.commit_log
+            .borrow()
+            .as_ref()
+            .map_or(0, |log| log.durable())
+    }
+
+    /// The waiting part of a write: a roll that came due, then the durability the
+    /// partition's mode asks for.
+    async fn finish_append(&self, append: Appended<S::File>) -> Result<Vec<u64>, StoreError> {
+        let Appended {
+            segment,
+            end,
+            seqs,
+            roll,
+            logged,
+        } = append;
         if roll {
             self.roll().await?;
         }
@@ -821,11 +930,8 @@ impl<S: Storage> Partition<S> {
             if segment.file.buffered_bytes() >= 8 * self.config.buffer_bytes_max {
                 self.file_io(&segment, false).await?;
             }
-            let log = self.commit_log.borrow().clone();
-            if let Some(log) = log {
-                log.wait_durable(position).await.map_err(|e| self.fail(e))?;
-            }
-            return Ok(Some(seqs));
+            self.wait_logged(position).await?;
+            return Ok(seqs);
         }
         match self.config.durability {
             Durability::Sync => self.make_durable(&segment, end).await?,
@@ -835,7 +941,7 @@ impl<S: Storage> Partition<S> {
                 }
             }
         }
-        Ok(Some(seqs))
+        Ok(seqs)
     }
 
     /// Waits until bytes `..end` of `segment` are durable, leading a group commit when

@@ -23,6 +23,12 @@ use crate::version::{
 /// Seqs of a key's siblings (rarely more than two).
 type Seqs = smallvec::SmallVec<[u64; 2]>;
 
+fn decode_version(seq: u64, version: &[u8]) -> Result<(u64, Version), StoreError> {
+    Version::decode(version)
+        .map(|v| (seq, v))
+        .map_err(|e| StoreError::BadVersion(e.to_string()))
+}
+
 /// How many times a write re-reads a key that other writes keep changing.
 const WRITE_ATTEMPTS_MAX: usize = 16;
 
@@ -86,27 +92,95 @@ impl<S: Storage> Partition<S> {
     /// What a write decides on: the seqs and versions of `key`'s siblings, values left
     /// out (from the record cache without copying when it holds them all).
     async fn read_versions(&self, key: &[u8]) -> Result<(Seqs, Vec<Version>), StoreError> {
-        let decode = |seq: u64, version: &[u8]| {
-            Version::decode(version)
-                .map(|v| (seq, v))
-                .map_err(|e| StoreError::BadVersion(e.to_string()))
-        };
+        if let Some(read) = self.read_versions_cached(key) {
+            return read;
+        }
+        self.get(key)
+            .await?
+            .iter()
+            .map(|s| decode_version(s.seq, &s.version))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|pairs| pairs.into_iter().unzip())
+    }
+
+    /// [`read_versions`](Self::read_versions) from the record cache alone: `None` when
+    /// a version of `key` is not cached.
+    fn read_versions_cached(&self, key: &[u8]) -> Option<Result<(Seqs, Vec<Version>), StoreError>> {
         let cached = self.read_cached(key, |records| {
             records
                 .iter()
-                .map(|r| decode(r.header.seq, r.version))
+                .map(|r| decode_version(r.header.seq, r.version))
                 .collect::<Result<Vec<_>, _>>()
-        });
-        let pairs = match cached {
-            Some(pairs) => pairs??,
-            None => self
-                .get(key)
-                .await?
-                .iter()
-                .map(|s| decode(s.seq, &s.version))
-                .collect::<Result<Vec<_>, _>>()?,
+        })?;
+        Some(cached.and_then(|pairs| pairs.map(|pairs| pairs.into_iter().unzip())))
+    }
+
+    /// [`coordinate_put`](Self::coordinate_put) in one step, without waiting, when it
+    /// can be: no other write holds the key, every version of it is in the record
+    /// cache, the context needs no new actor epoch, and the append owes no I/O but the
+    /// commit log's sync ([`Partition::append_owes_no_io`]). Returns `None`, having
+    /// done nothing, otherwise (the caller then runs `coordinate_put`).
+    ///
+    /// `Some(Ok((outcome, Some(position))))`: the write is in the log buffer and the
+    /// keydir, and is durable (may be acknowledged) once
+    /// [`Partition::wait_logged`]`(position)` returns; `None` for the position when the
+    /// durability mode does not wait.
+    pub fn try_coordinate_put_now(
+        &self,
+        node: u64,
+        key: &[u8],
+        context: &VClock,
+        value: Option<&[u8]>,
+        now_ms: u64,
+        clock_entries_max: usize,
+    ) -> Option<Result<(PutOutcome, Option<u64>), StoreError>> {
+        if self.key_is_locked(key) {
+            return None;
+        }
+        let (stored, versions) = match self.read_versions_cached(key)? {
+            Ok(read) => read,
+            Err(e) => return Some(Err(e)),
         };
-        Ok(pairs.into_iter().unzip())
+        let actor = ActorId {
+            node,
+            epoch: self.epoch(),
+        };
+        // an epoch move writes a file first: that takes the full path
+        let made = coordinate(actor, now_ms, context, &versions, clock_entries_max).ok()?;
+        let siblings_after = stored.len() - made.replaced.len() + 1;
+        if siblings_after > self.config().siblings_max {
+            return Some(Err(StoreError::TooManySiblings {
+                siblings: stored.len(),
+                max: self.config().siblings_max,
+            }));
+        }
+        let replaces: Seqs = made.replaced.iter().map(|&i| stored[i]).collect();
+        let blob = made.version.encode_to_vec();
+        let op = WriteOp {
+            key,
+            version: &blob,
+            value,
+            replaces: &replaces,
+        };
+        if !self.append_owes_no_io(op.encoded_len()) {
+            return None;
+        }
+        self.record_clock_truncation(made.truncated_entries);
+        let position = match self.append_now_logged(&[op], now_ms) {
+            Ok(position) => position,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut after: Vec<Version> = versions;
+        crate::version::remove_indices(&mut after, &made.replaced);
+        after.push(made.version.clone());
+        Some(Ok((
+            PutOutcome {
+                siblings: after.len(),
+                context: context_of(&after),
+                version: made.version,
+            },
+            position,
+        )))
     }
 
     /// Coordinates a put (`value: Some`) or delete (`None`) of `key` on this node

@@ -408,3 +408,105 @@ fn damage_in_the_middle_of_the_log_is_reported_and_later_entries_survive() {
         assert_eq!(recovery.torn_bytes, 0);
     });
 }
+
+/// A put done in one step (`try_coordinate_put_now`, as the server does for a cluster
+/// of one) is in the keydir at once but durable only at the log position it returns:
+/// once `wait_logged` returns, a crash keeps it. It agrees with `coordinate_put`, and
+/// steps aside (does nothing) whenever the full path has to wait for something else.
+#[test]
+fn a_put_done_in_one_step_is_durable_once_its_log_position_is() {
+    use ringkv_engine::version::{Context, VClock};
+    const CLOCK_MAX: usize = 16;
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 1 << 20).await;
+        let p = &node.parts[0];
+        let empty = VClock::new();
+        let (first, position) = p
+            .try_coordinate_put_now(1, b"k", &empty, Some(b"x"), 2, CLOCK_MAX)
+            .expect("an absent key needs no waiting")
+            .unwrap();
+        let position = position.expect("sync mode waits for the log");
+        assert!(p.logged_durable() < position);
+        // readable at once (like any write before its sync), with the same context
+        let (siblings, context) = p.read_siblings(b"k").await.unwrap();
+        assert_eq!(siblings.len(), 1);
+        assert_eq!(context, first.context);
+        p.wait_logged(position).await.unwrap();
+        assert!(p.logged_durable() >= position);
+
+        // a second put without context makes a sibling, as coordinate_put would
+        let (second, position) = p
+            .try_coordinate_put_now(1, b"k", &empty, Some(b"y"), 3, CLOCK_MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.siblings, 2);
+        assert_eq!(p.read_siblings(b"k").await.unwrap().1, second.context);
+        p.wait_logged(position.unwrap()).await.unwrap();
+
+        // it steps aside while another write holds the key ...
+        let turn = p.lock_key(b"k").await;
+        assert!(p
+            .try_coordinate_put_now(1, b"k", &second.context, Some(b"z"), 4, CLOCK_MAX)
+            .is_none());
+        drop(turn);
+        // ... and when the context is ahead of the local data (a new epoch first)
+        let mut ahead = second.context.clone();
+        let me = ringkv_engine::version::ActorId {
+            node: 1,
+            epoch: p.epoch(),
+        };
+        ahead.raise(me, 100, 4);
+        assert!(p
+            .try_coordinate_put_now(1, b"k", &ahead, Some(b"z"), 4, CLOCK_MAX)
+            .is_none());
+        let acknowledged = Context::encode(&second.context).bytes;
+
+        drop(node);
+        disk.crash(7);
+        let (node, _) = open_node(&disk, 10, 1 << 20).await;
+        let p = &node.parts[0];
+        // after a reopen the cache is cold: the key's versions must come from the log
+        assert!(p
+            .try_coordinate_put_now(1, b"k", &empty, Some(b"z"), 11, CLOCK_MAX)
+            .is_none());
+        let (siblings, context) = p.read_siblings(b"k").await.unwrap();
+        let mut values: Vec<_> = siblings.into_iter().map(|s| s.value.unwrap()).collect();
+        values.sort();
+        assert_eq!(values, vec![b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(Context::encode(&context).bytes, acknowledged);
+        // the read cached them: one step again, and it resolves the siblings it was given
+        let (done, position) = p
+            .try_coordinate_put_now(1, b"k", &context, None, 12, CLOCK_MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.siblings, 1);
+        p.wait_logged(position.unwrap()).await.unwrap();
+        let left = p.get(b"k").await.unwrap();
+        assert!(left.len() == 1 && left[0].value.is_none());
+    });
+}
+
+/// A failed log sync fails the one-step put's wait (its reply becomes an error), as it
+/// fails a waiting writer.
+#[test]
+fn a_failed_log_sync_fails_a_one_step_put() {
+    use ringkv_engine::version::VClock;
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 1 << 20).await;
+        let p = &node.parts[0];
+        let (_, position) = p
+            .try_coordinate_put_now(1, b"k", &VClock::new(), Some(b"x"), 2, 16)
+            .unwrap()
+            .unwrap();
+        disk.fail_syncs_after(0);
+        assert!(p.wait_logged(position.unwrap()).await.is_err());
+        assert!(p.failure().is_some());
+        // the partition refuses writes from then on, in one step as on the full path
+        assert!(matches!(
+            p.try_coordinate_put_now(1, b"j", &VClock::new(), Some(b"x"), 3, 16),
+            None | Some(Err(_))
+        ));
+    });
+}

@@ -25,10 +25,10 @@ use crate::cluster::coordinator::{
 };
 use crate::cluster::replica;
 use crate::notify::Notify;
-use crate::version::{context_of, Context, VClock, Version};
+use crate::version::{context_of, VClock, Version};
 use ringkv_net::link::{LinkConfig, LinkError, PeerLink};
 use ringkv_net::peer::{ClusterReply, ClusterRequest, WireVersion, FLAG_FORWARDED};
-use ringkv_net::protocol::{self, encode, ErrorCode, Reply};
+use ringkv_net::protocol::{self, ErrorCode, Reply};
 use ringkv_ring::{
     FailureDetector, FailureDetectorConfig, Gossip, GossipConfig, GossipMessage, Membership,
     NodeId, Ring, Status,
@@ -438,24 +438,7 @@ impl Shard {
                 result: PutResult::Ok { .. },
                 ..
             } => {
-                if outcome.siblings * 2 > self.config.siblings_max {
-                    tracing::warn!(
-                        siblings = outcome.siblings,
-                        "key has many siblings: clients should put with the context they read"
-                    );
-                }
-                match value {
-                    Some(_) => {
-                        let encoded = Context::encode(&outcome.context);
-                        encode::put_ok(
-                            &mut out.borrow_mut(),
-                            request_id,
-                            &encoded.bytes,
-                            outcome.siblings.min(u16::MAX as usize) as u16,
-                        );
-                    }
-                    None => encode::delete_ok(&mut out.borrow_mut(), request_id),
-                }
+                self.reply_put(&mut out.borrow_mut(), request_id, value.is_some(), &outcome);
                 Ok(())
             }
             CoordinatorOutput::PutDone {

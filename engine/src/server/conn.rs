@@ -2,19 +2,25 @@
 //!
 //! The reader checks the buffer for whole frames before parsing anything, runs each
 //! request as its own task (pipelining: replies go out as they complete, matched by
-//! request id) and refuses work past the in-flight limits (requests and bytes). Replies
+//! request id) and refuses work past the in-flight limits (requests and bytes). A
+//! request the shard can run in the reader's own step ([`Shard::try_execute_now`]) is
+//! answered there; a write done that way has its reply held until the commit log's
+//! group commit covers it (an acker task waits for that). Replies
 //! are encoded into one shared output buffer that a writer task flushes in batches;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
 //! (bad length) gets an error frame and the connection closes; a bad request in a
 //! well-framed stream gets an error frame and the connection goes on.
 
-use super::shard::Shard;
+use super::shard::{Now, Shard};
 use crate::notify::Notify;
+use crate::partition::Partition;
+use crate::storage::dma::DmaStorage;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use ringkv_net::protocol::{self, encode, ErrorCode, FrameError};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +39,62 @@ struct Output {
     in_flight: Cell<usize>,
     in_flight_bytes: Cell<usize>,
     in_flight_done: Notify,
+    /// Replies to writes done in the reader's step, waiting for durability.
+    held: RefCell<Held>,
+    held_ready: Notify,
+}
+
+/// Replies to writes waiting for the commit log, in the order the writes were
+/// appended (so in the order of their log positions).
+#[derive(Default)]
+struct Held {
+    /// The replies' bytes, back to back.
+    bytes: Vec<u8>,
+    /// Bytes released off the front of `bytes` since the connection opened: reply
+    /// ends are counted from there.
+    released: usize,
+    replies: VecDeque<HeldReply>,
+}
+
+struct HeldReply {
+    partition: Rc<Partition<DmaStorage>>,
+    position: u64,
+    request_id: u64,
+    /// Where the reply ends, counted like `Held::released`.
+    end: usize,
+}
+
+impl Held {
+    /// Moves the replies the commit log now covers to `out`, oldest first; with
+    /// `failed`, the oldest reply's sync failed: `failed` encodes its error reply
+    /// instead. Returns how many replies it released.
+    fn release(
+        &mut self,
+        out: &mut Vec<u8>,
+        failed: Option<impl FnOnce(&mut Vec<u8>, u64)>,
+    ) -> usize {
+        let mut released = 0;
+        let mut start = self.released;
+        if let Some(failed) = failed {
+            if let Some(reply) = self.replies.pop_front() {
+                failed(out, reply.request_id);
+                start = reply.end;
+                released += 1;
+            }
+        }
+        while let Some(reply) = self.replies.front() {
+            if reply.partition.logged_durable() < reply.position {
+                break;
+            }
+            out.extend_from_slice(&self.bytes[start - self.released..reply.end - self.released]);
+            start = reply.end;
+            released += 1;
+            self.replies.pop_front();
+        }
+        self.bytes.drain(..start - self.released);
+        self.released = start;
+        released
+    }
 }
 
 /// Output bytes each running request is assumed to add when deciding whether more
@@ -42,7 +104,7 @@ const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 
 impl Output {
     fn pending_bytes(&self) -> usize {
-        self.buf.borrow().len() + self.sending_bytes.get()
+        self.buf.borrow().len() + self.sending_bytes.get() + self.held.borrow().bytes.len()
     }
 
     /// Whether another request may start: output not over budget counting what running
@@ -82,6 +144,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         in_flight: Cell::new(0),
         in_flight_bytes: Cell::new(0),
         in_flight_done: Notify::default(),
+        held: RefCell::default(),
+        held_ready: Notify::default(),
     });
     // the output a client may leave unread before the reader pauses
     let output_budget = 2 * config.frame_bytes_max;
@@ -123,6 +187,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             let _ = writer.close().await;
         })
     };
+
+    let acker_task = glommio::spawn_local(ack_held(output.clone(), shard.clone()));
 
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -246,8 +312,43 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         .await;
     }
     output.closed.set(true);
+    output.held_ready.notify_all();
+    acker_task.await;
     output.ready.notify_all();
     writer_task.await;
+}
+
+/// Sends each held reply once the commit log covers its write: waits for the oldest
+/// one (leading a group commit when none runs), then releases every reply covered.
+/// Ends when the connection is closing and nothing is held.
+async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
+    loop {
+        let oldest = output
+            .held
+            .borrow()
+            .replies
+            .front()
+            .map(|r| (r.partition.clone(), r.position));
+        let Some((partition, position)) = oldest else {
+            if output.closed.get() {
+                return;
+            }
+            output.held_ready.wait().await;
+            continue;
+        };
+        let synced = partition.wait_logged(position).await;
+        let released = {
+            let mut out = output.buf.borrow_mut();
+            let mut held = output.held.borrow_mut();
+            let failed = synced.err().map(|e| {
+                |out: &mut Vec<u8>, request_id| shard.reply_held_failed(out, request_id, e)
+            });
+            held.release(&mut out, failed)
+        };
+        output.in_flight.set(output.in_flight.get() - released);
+        output.ready.notify_all();
+        output.in_flight_done.notify_all();
+    }
 }
 
 fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
@@ -265,9 +366,30 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
             "too many request bytes in flight on this connection",
         );
     }
-    if shard.try_execute_now(frame, &output.buf) {
-        output.ready.notify_all();
-        return;
+    {
+        let mut held = output.held.borrow_mut();
+        match shard.try_execute_now(frame, &output.buf, &mut held.bytes) {
+            Now::Later => {}
+            Now::Answered => {
+                output.ready.notify_all();
+                return;
+            }
+            Now::Held {
+                partition,
+                position,
+            } => {
+                let end = held.released + held.bytes.len();
+                held.replies.push_back(HeldReply {
+                    partition,
+                    position,
+                    request_id,
+                    end,
+                });
+                output.in_flight.set(output.in_flight.get() + 1);
+                output.held_ready.notify_all();
+                return;
+            }
+        }
     }
     output.in_flight.set(output.in_flight.get() + 1);
     output

@@ -12,6 +12,7 @@ use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
 use crate::version::{context_of, Context, VClock, Version};
+use crate::versioned::PutOutcome;
 pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
@@ -844,31 +845,47 @@ impl Shard {
         Ok(())
     }
 
-    /// Answers at once, in the caller's step and without a task, a request that needs
-    /// no waiting: a get of a key this shard owns when this node's replica alone
-    /// answers it ([`Shard::answers_alone`]) and every version of the key is in the
-    /// record cache ([`Partition::read_cached`]); the reply is encoded straight from
-    /// the cached records. Returns false, having done nothing, for anything else: the
-    /// caller then runs [`Shard::execute`] as a task.
-    pub(crate) fn try_execute_now(&self, frame: &[u8], out: &RefCell<Vec<u8>>) -> bool {
+    /// Runs at once, in the caller's step and without a task, a request that needs no
+    /// waiting, when this node's replica alone answers it ([`Shard::answers_alone`]:
+    /// a cluster of one, or N = 1) and the key is on this shard:
+    /// - a get whose versions are all in the record cache
+    ///   ([`Partition::read_cached`]): the reply is encoded straight from the cached
+    ///   records into `out`;
+    /// - a put or delete that [`Partition::try_coordinate_put_now`] can do in one step:
+    ///   it is appended, and its reply encoded into `held`, to go out once the commit
+    ///   log is durable up to the position returned ([`Now::Held`]); into `out` when
+    ///   the durability mode does not wait.
+    ///
+    /// Returns [`Now::Later`], having done nothing, for anything else: the caller then
+    /// runs [`Shard::execute`] as a task.
+    pub(crate) fn try_execute_now(
+        &self,
+        frame: &[u8],
+        out: &RefCell<Vec<u8>>,
+        held: &mut Vec<u8>,
+    ) -> Now {
         let header = protocol::header(frame);
         // before parsing and hashing: in a cluster with replicas this path never applies
-        if header.opcode != protocol::opcode::GET || !self.single_replica() {
-            return false;
+        let write = match header.opcode {
+            protocol::opcode::GET => false,
+            protocol::opcode::PUT | protocol::opcode::DELETE => true,
+            _ => return Now::Later,
+        };
+        if !self.single_replica() {
+            return Now::Later;
+        }
+        if write {
+            return self.try_put_now(frame, header.request_id, out, held);
         }
         let Ok((_, Request::Get { r, key })) = Request::parse(frame) else {
-            return false;
+            return Now::Later;
         };
         // a refused key or R gets its error from the full path
         if r > 1 || self.check_key(key).is_err() {
-            return false;
+            return Now::Later;
         }
-        let (p, owner) = self.owner_of(key);
-        if owner != self.id || !self.answers_alone(p) {
-            return false;
-        }
-        let Some(partition) = self.partitions.get(&p) else {
-            return false;
+        let Some(partition) = self.owned_alone(key) else {
+            return Now::Later;
         };
         let Some(answered) = partition.read_cached(key, |records| {
             let versions = records
@@ -885,14 +902,125 @@ impl Shard {
                 out,
             )
         }) else {
-            return false;
+            return Now::Later;
         };
         self.stats.borrow_mut().requests += 1;
         if let Err((code, message)) = answered.map_err(store_error).and_then(|r| r) {
             self.stats.borrow_mut().errors += 1;
             encode::error(&mut out.borrow_mut(), header.request_id, code, &message);
         }
-        true
+        Now::Answered
+    }
+
+    /// The put and delete half of [`Shard::try_execute_now`].
+    fn try_put_now(
+        &self,
+        frame: &[u8],
+        request_id: u64,
+        out: &RefCell<Vec<u8>>,
+        held: &mut Vec<u8>,
+    ) -> Now {
+        let (w, key, context, value) = match Request::parse(frame) {
+            Ok((
+                _,
+                Request::Put {
+                    w,
+                    key,
+                    context,
+                    value,
+                },
+            )) => (w, key, context, Some(value)),
+            Ok((_, Request::Delete { w, key, context })) => (w, key, context, None),
+            _ => return Now::Later,
+        };
+        // refusals (key, value size, W, context) get their errors from the full path
+        if w > 1
+            || self.check_key(key).is_err()
+            || value.is_some_and(|v| v.len() > self.config.value_bytes_max)
+        {
+            return Now::Later;
+        }
+        let Ok(context) = decode_context(context) else {
+            return Now::Later;
+        };
+        let Some(partition) = self.owned_alone(key) else {
+            return Now::Later;
+        };
+        let Some(done) = partition.try_coordinate_put_now(
+            self.config.node_id,
+            key,
+            &context,
+            value,
+            now_ms(),
+            self.config.clock_entries_max,
+        ) else {
+            return Now::Later;
+        };
+        self.stats.borrow_mut().requests += 1;
+        match done {
+            Err(e) => {
+                self.stats.borrow_mut().errors += 1;
+                let (code, message) = store_error(e);
+                encode::error(&mut out.borrow_mut(), request_id, code, &message);
+                Now::Answered
+            }
+            Ok((outcome, None)) => {
+                self.reply_put(&mut out.borrow_mut(), request_id, value.is_some(), &outcome);
+                Now::Answered
+            }
+            Ok((outcome, Some(position))) => {
+                self.reply_put(held, request_id, value.is_some(), &outcome);
+                Now::Held {
+                    partition: partition.clone(),
+                    position,
+                }
+            }
+        }
+    }
+
+    /// The partition of `key` when it is on this shard and this node's replica alone
+    /// answers for it.
+    fn owned_alone(&self, key: &[u8]) -> Option<&Rc<Partition<DmaStorage>>> {
+        let (p, owner) = self.owner_of(key);
+        if owner != self.id || !self.answers_alone(p) {
+            return None;
+        }
+        self.partitions.get(&p)
+    }
+
+    /// Encodes the reply to a put (`put: true`) or delete that succeeded.
+    pub(crate) fn reply_put(
+        &self,
+        out: &mut Vec<u8>,
+        request_id: u64,
+        put: bool,
+        outcome: &PutOutcome,
+    ) {
+        if outcome.siblings * 2 > self.config.siblings_max {
+            tracing::warn!(
+                siblings = outcome.siblings,
+                "key has many siblings: clients should put with the context they read"
+            );
+        }
+        if put {
+            let encoded = Context::encode(&outcome.context);
+            encode::put_ok(
+                out,
+                request_id,
+                &encoded.bytes,
+                outcome.siblings.min(u16::MAX as usize) as u16,
+            );
+        } else {
+            encode::delete_ok(out, request_id);
+        }
+    }
+
+    /// Encodes the error reply to a write held by the connection ([`Now::Held`]) whose
+    /// commit-log sync failed.
+    pub(crate) fn reply_held_failed(&self, out: &mut Vec<u8>, request_id: u64, err: StoreError) {
+        self.stats.borrow_mut().errors += 1;
+        let (code, message) = store_error(err);
+        encode::error(out, request_id, code, &message);
     }
 
     /// The key limits, for client and replica requests alike.
@@ -924,6 +1052,21 @@ impl Shard {
             )
         })
     }
+}
+
+/// What [`Shard::try_execute_now`] did with a request.
+pub(crate) enum Now {
+    /// Nothing: run it as a task ([`Shard::execute`]).
+    Later,
+    /// Answered into the output buffer.
+    Answered,
+    /// A write is appended and its reply encoded into the held buffer: the reply may
+    /// go out once `partition.wait_logged(position)` returns, and an error reply
+    /// ([`Shard::reply_held_failed`]) instead if that fails.
+    Held {
+        partition: Rc<Partition<DmaStorage>>,
+        position: u64,
+    },
 }
 
 fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
