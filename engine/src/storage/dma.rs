@@ -133,7 +133,10 @@ impl Storage for DmaStorage {
         let fill = path.clone();
         let mut state = glommio::executor()
             .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
-                Ok((std::fs::File::create(&fill)?, vec![0u8; ZERO_FILL_SLICE_BYTES]))
+                Ok((
+                    std::fs::File::create(&fill)?,
+                    vec![0u8; ZERO_FILL_SLICE_BYTES],
+                ))
             })
             .await?;
         let mut at = 0u64;
