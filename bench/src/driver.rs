@@ -66,9 +66,12 @@ pub struct Target {
 /// wrote the key, and keys piled up siblings that every later put and get carried.)
 /// Sharded by key hash; bounded (a full shard forgets everything it holds).
 pub struct ContextCache {
-    shards: Vec<std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>>,
-    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<std::sync::Mutex<ContextMap>>,
+    hasher: ahash::RandomState,
 }
+
+/// ahash, not SipHash: the load generator shares the CPUs with the server it measures.
+type ContextMap = std::collections::HashMap<Vec<u8>, Vec<u8>, ahash::RandomState>;
 
 impl Default for ContextCache {
     fn default() -> Self {
@@ -86,8 +89,7 @@ impl std::fmt::Debug for ContextCache {
 }
 
 impl ContextCache {
-    fn shard(&self, key: &[u8]) -> &std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
-        use std::hash::BuildHasher;
+    fn shard(&self, key: &[u8]) -> &std::sync::Mutex<ContextMap> {
         let h = self.hasher.hash_one(key);
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
@@ -106,6 +108,7 @@ impl ContextCache {
             shard.clear();
         }
         match shard.get_mut(key) {
+            Some(c) if c.as_slice() == context => {}
             Some(c) => {
                 c.clear();
                 c.extend_from_slice(context);
