@@ -202,6 +202,10 @@ pub struct CommitLog<S: Storage> {
     state: RefCell<LogState<S::File>>,
     done: Notify,
     checkpointing: Cell<bool>,
+    /// A file is being made (a spare ahead of time, or by a rotation that found none):
+    /// one at a time, so two never create and fill the same file.
+    creating: Cell<bool>,
+    created: Notify,
 }
 
 impl<S: Storage> std::fmt::Debug for CommitLog<S> {
@@ -267,6 +271,8 @@ impl<S: Storage> CommitLog<S> {
             }),
             done: Notify::default(),
             checkpointing: Cell::new(false),
+            creating: Cell::new(false),
+            created: Notify::default(),
         };
         Ok((log, recovery))
     }
@@ -335,11 +341,16 @@ impl<S: Storage> CommitLog<S> {
     /// Switches to a new file and syncs the old one whole: returns the position up to
     /// which everything is then durable.
     async fn rotate(&self) -> io::Result<u64> {
+        // a spare being made is the file this rotation needs: wait for it
+        while self.creating.get() {
+            self.created.wait().await;
+        }
         let spare = self.state.borrow_mut().spare.take();
         let next = self.state.borrow().generation + 1;
         let file = match spare {
             Some((g, file)) if g == next => file,
             _ => {
+                let _creating = Creating::start(self);
                 let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
                 self.storage.sync_dir().await?;
                 file
@@ -361,6 +372,9 @@ impl<S: Storage> CommitLog<S> {
     /// runtime calls this off the write path), so that a rotation does not wait for
     /// zero-filling.
     pub async fn prepare_spare(&self) -> io::Result<()> {
+        if self.creating.get() {
+            return Ok(());
+        }
         let next = {
             let st = self.state.borrow();
             let next = st.generation + 1;
@@ -371,6 +385,7 @@ impl<S: Storage> CommitLog<S> {
             }
             next
         };
+        let _creating = Creating::start(self);
         let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
         self.storage.sync_dir().await?;
         let mut st = self.state.borrow_mut();
@@ -483,6 +498,24 @@ impl<S: Storage> CommitLog<S> {
 /// switched files without syncing the old one, so then the log fails instead of
 /// letting a later sync of the new file vouch for the old one's entries (the old file
 /// stays on disk and is replayed at the next start).
+/// Marks a file creation as running until dropped (also when its future is dropped).
+struct Creating<'a, S: Storage>(&'a CommitLog<S>);
+
+impl<'a, S: Storage> Creating<'a, S> {
+    fn start(log: &'a CommitLog<S>) -> Self {
+        debug_assert!(!log.creating.get(), "one file creation at a time");
+        log.creating.set(true);
+        Creating(log)
+    }
+}
+
+impl<S: Storage> Drop for Creating<'_, S> {
+    fn drop(&mut self) {
+        self.0.creating.set(false);
+        self.0.created.notify_all();
+    }
+}
+
 struct Lead<'a, S: Storage>(&'a CommitLog<S>, bool);
 
 impl<S: Storage> Drop for Lead<'_, S> {

@@ -119,7 +119,8 @@ impl<S: Storage> Partition<S> {
     /// can be: no other write holds the key, every version of it is in the record
     /// cache, the context needs no new actor epoch, and the append owes no I/O but the
     /// commit log's sync ([`Partition::append_owes_no_io`]). Returns `None`, having
-    /// done nothing, otherwise (the caller then runs `coordinate_put`).
+    /// written nothing, otherwise (the caller then runs `coordinate_put`; the cache
+    /// hits of the read here are counted, as for any cached read).
     ///
     /// `Some(Ok((outcome, Some(position))))`: the write is in the log buffer and the
     /// keydir, and is durable (may be acknowledged) once

@@ -4,8 +4,8 @@
 //! request as its own task (pipelining: replies go out as they complete, matched by
 //! request id) and refuses work past the in-flight limits (requests and bytes). A
 //! request the shard can run in the reader's own step ([`Shard::try_execute_now`]) is
-//! answered there; a write done that way has its reply held until the commit log's
-//! group commit covers it (an acker task waits for that). Replies
+//! answered there; a write done that way in `sync` mode has its reply held until the
+//! commit log's group commit covers it (an acker task waits for that). Replies
 //! are encoded into one shared output buffer that a writer task flushes in batches;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
@@ -42,6 +42,8 @@ struct Output {
     /// Replies to writes done in the reader's step, waiting for durability.
     held: RefCell<Held>,
     held_ready: Notify,
+    /// The reader stopped for good (nothing more can be held): the acker may end.
+    reading_done: Cell<bool>,
 }
 
 /// Replies to writes waiting for the commit log, in the order the writes were
@@ -146,6 +148,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         in_flight_done: Notify::default(),
         held: RefCell::default(),
         held_ready: Notify::default(),
+        reading_done: Cell::new(false),
     });
     // the output a client may leave unread before the reader pauses
     let output_budget = 2 * config.frame_bytes_max;
@@ -312,6 +315,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         .await;
     }
     output.closed.set(true);
+    output.reading_done.set(true);
     output.held_ready.notify_all();
     acker_task.await;
     output.ready.notify_all();
@@ -330,7 +334,9 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
             .front()
             .map(|r| (r.partition.clone(), r.position));
         let Some((partition, position)) = oldest else {
-            if output.closed.get() {
+            // not `closed`: a failed writer sets that while the reader may still hold
+            // one more reply
+            if output.reading_done.get() {
                 return;
             }
             output.held_ready.wait().await;

@@ -152,7 +152,9 @@ impl Storage for DmaStorage {
                 })
                 .await?;
             at += n as u64;
-            glommio::timer::sleep(ZERO_FILL_PAUSE).await;
+            if at < bytes {
+                glommio::timer::sleep(ZERO_FILL_PAUSE).await;
+            }
         }
         let (file, _) = state;
         glommio::executor()

@@ -255,6 +255,9 @@ impl Storage for MemStorage {
     }
 
     async fn sync_dir(&self) -> io::Result<()> {
+        if self.disk.yielding() {
+            YieldOnce(false).await;
+        }
         let mut state = self.disk.state.borrow_mut();
         state.check_sync()?;
         let listing = state.dirs.get(&self.path).cloned().unwrap_or_default();
