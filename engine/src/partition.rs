@@ -66,6 +66,11 @@ pub struct PartitionConfig {
     /// A coordinated write that would leave a key more siblings than this is refused
     /// (replicated versions are always stored).
     pub siblings_max: usize,
+    /// A client context that shows local data was lost moves the partition to a new
+    /// actor epoch (a synced file write, and one more entry in clocks written after):
+    /// at most once per this many milliseconds. A context can be forged to claim that
+    /// on every put; a real loss needs one move.
+    pub context_epoch_move_interval_ms: u64,
     /// `sync` writes are made durable by a shard's commit log
     /// ([`Partition::set_commit_log`]) rather than by syncing segments: `open` then
     /// cuts the unsynced tail of *any* segment without a hint (a roll-over may have left
@@ -87,6 +92,7 @@ impl Default for PartitionConfig {
             version_bytes_max: 4096,
             cache_bytes_max: 2 << 20,
             siblings_max: 100,
+            context_epoch_move_interval_ms: 1000,
             commit_log: false,
         }
     }
@@ -124,6 +130,12 @@ pub enum StoreError {
     BadVersion(String),
     #[error("key changed under {attempts} attempts to write it; try again")]
     Contended { attempts: usize },
+    #[error(
+        "the context is ahead of this node's data for its current actor, and the partition \
+         moved to a new actor epoch {since_ms} ms ago (at most one move per {interval_ms} ms): \
+         try again later, or get the key for a fresh context"
+    )]
+    EpochMovesLimited { since_ms: u64, interval_ms: u64 },
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -307,6 +319,8 @@ pub struct Partition<S: Storage> {
     state: RefCell<State<S::File>>,
     /// An `EPOCH` write is running (they take turns).
     epoch_busy: Cell<bool>,
+    /// When a client context last moved the partition to a new epoch (unix ms).
+    context_epoch_moved_ms: Cell<Option<u64>>,
     sync_group: RefCell<Option<Rc<crate::sync_group::SyncGroup>>>,
     commit_log: RefCell<Option<Rc<crate::commit_log::CommitLog<S>>>>,
     /// Segments [`replay`](Self::replay) appended to, synced by `finish_replay`.
@@ -549,6 +563,7 @@ impl<S: Storage> Partition<S> {
             config,
             state: RefCell::new(state),
             epoch_busy: Cell::new(false),
+            context_epoch_moved_ms: Cell::new(None),
             epoch_done: Notify::default(),
             sync_group: RefCell::new(None),
             commit_log: RefCell::new(None),
@@ -596,6 +611,23 @@ impl<S: Storage> Partition<S> {
     /// The actor epoch of this partition on this node (see `version`).
     pub fn epoch(&self) -> u32 {
         self.state.borrow().epoch
+    }
+
+    /// Claims the partition's next epoch move for a client context that shows local data
+    /// was lost, unless one happened less than `context_epoch_move_interval_ms` ago.
+    pub fn claim_context_epoch_move(&self, now_ms: u64) -> Result<(), StoreError> {
+        let interval_ms = self.config.context_epoch_move_interval_ms;
+        if let Some(last) = self.context_epoch_moved_ms.get() {
+            let since_ms = now_ms.saturating_sub(last);
+            if since_ms < interval_ms {
+                return Err(StoreError::EpochMovesLimited {
+                    since_ms,
+                    interval_ms,
+                });
+            }
+        }
+        self.context_epoch_moved_ms.set(Some(now_ms));
+        Ok(())
     }
 
     /// Moves this partition to a new actor epoch (persisted before it is used): after

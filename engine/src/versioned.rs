@@ -209,6 +209,9 @@ impl<S: Storage> Partition<S> {
                     e @ (CoordinateError::LocalDataBehindContext { .. }
                     | CoordinateError::CounterExhausted { .. }),
                 ) => {
+                    if matches!(e, CoordinateError::LocalDataBehindContext { .. }) {
+                        self.claim_context_epoch_move(now_ms)?;
+                    }
                     tracing::warn!(
                         partition = self.config().partition,
                         key = %String::from_utf8_lossy(key),

@@ -388,3 +388,60 @@ fn a_read_without_waiting_answers_only_from_the_record_cache_and_agrees_with_a_r
         assert!(p.get_cached(b"k").is_none());
     })
 }
+
+/// A context forged to claim, put after put, that this node lost data moves the
+/// partition to a new actor epoch at most once per `context_epoch_move_interval_ms`;
+/// the puts in between are refused (nothing is written), and a real loss (one move)
+/// is not affected.
+#[test]
+fn forged_contexts_move_the_epoch_at_most_once_per_interval() {
+    use ringkv_engine::partition::StoreError;
+    use ringkv_engine::version::ActorId;
+    block_on(async {
+        let disk = MemDisk::new();
+        let p = replica(&disk, "a", 1_000).await;
+        let out = p
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"x"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let forged = |p: &Partition<MemStorage>| {
+            let mut c = out.context.clone();
+            c.raise(
+                ActorId {
+                    node: 1,
+                    epoch: p.epoch(),
+                },
+                1_000_000,
+                1_002,
+            );
+            c
+        };
+        let epoch = p.epoch();
+        // the first claim of a loss moves the epoch and writes
+        p.coordinate_put(1, b"k", &forged(&p), Some(b"y"), 2_000, CLOCK_MAX)
+            .await
+            .unwrap();
+        let moved = p.epoch();
+        assert!(moved > epoch);
+        // a second one within the interval is refused, and writes nothing
+        let refused = p
+            .coordinate_put(1, b"k", &forged(&p), Some(b"z"), 2_500, CLOCK_MAX)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::EpochMovesLimited { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(p.epoch(), moved);
+        assert_eq!(values(&p, b"k").await, vec![Some(b"y".to_vec())]);
+        // an honest put meanwhile is not affected
+        let (_, ctx) = p.read_siblings(b"k").await.unwrap();
+        p.coordinate_put(1, b"k", &ctx, Some(b"w"), 2_600, CLOCK_MAX)
+            .await
+            .unwrap();
+        // once the interval has passed, another move is allowed
+        p.coordinate_put(1, b"k", &forged(&p), Some(b"v"), 3_100, CLOCK_MAX)
+            .await
+            .unwrap();
+        assert!(p.epoch() > moved);
+    });
+}

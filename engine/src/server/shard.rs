@@ -1087,7 +1087,8 @@ pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {
         StoreError::Failed(_)
         | StoreError::Closed
         | StoreError::SegmentFull
-        | StoreError::Contended { .. } => ErrorCode::Unavailable,
+        | StoreError::Contended { .. }
+        | StoreError::EpochMovesLimited { .. } => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     };
     (code, e.to_string())
