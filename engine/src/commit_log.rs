@@ -350,7 +350,7 @@ impl<S: Storage> CommitLog<S> {
         let file = match spare {
             Some((g, file)) if g == next => file,
             _ => {
-                let _creating = Creating::start(self);
+                let _creating = Running::start(&self.creating, Some(&self.created));
                 let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
                 self.storage.sync_dir().await?;
                 file
@@ -385,7 +385,7 @@ impl<S: Storage> CommitLog<S> {
             }
             next
         };
-        let _creating = Creating::start(self);
+        let _creating = Running::start(&self.creating, Some(&self.created));
         let file = create_zeroed(&self.storage, next, self.file_bytes_max).await?;
         self.storage.sync_dir().await?;
         let mut st = self.state.borrow_mut();
@@ -416,14 +416,7 @@ impl<S: Storage> CommitLog<S> {
         if generations.is_empty() {
             return Ok(0);
         }
-        self.checkpointing.set(true);
-        struct Checkpointing<'a>(&'a Cell<bool>);
-        impl Drop for Checkpointing<'_> {
-            fn drop(&mut self) {
-                self.0.set(false);
-            }
-        }
-        let _checkpointing = Checkpointing(&self.checkpointing);
+        let _checkpointing = Running::start(&self.checkpointing, None);
         let result = async {
             // every entry of a retired file was appended to its segment before the
             // file retired, so before this sync starts
@@ -498,21 +491,27 @@ impl<S: Storage> CommitLog<S> {
 /// switched files without syncing the old one, so then the log fails instead of
 /// letting a later sync of the new file vouch for the old one's entries (the old file
 /// stays on disk and is replayed at the next start).
-/// Marks a file creation as running until dropped (also when its future is dropped).
-struct Creating<'a, S: Storage>(&'a CommitLog<S>);
+/// Marks one kind of work (a checkpoint, a file creation) as running until dropped,
+/// also when its future is dropped half-way; `done` is notified then.
+struct Running<'a> {
+    flag: &'a Cell<bool>,
+    done: Option<&'a Notify>,
+}
 
-impl<'a, S: Storage> Creating<'a, S> {
-    fn start(log: &'a CommitLog<S>) -> Self {
-        debug_assert!(!log.creating.get(), "one file creation at a time");
-        log.creating.set(true);
-        Creating(log)
+impl<'a> Running<'a> {
+    fn start(flag: &'a Cell<bool>, done: Option<&'a Notify>) -> Self {
+        debug_assert!(!flag.get(), "one at a time");
+        flag.set(true);
+        Running { flag, done }
     }
 }
 
-impl<S: Storage> Drop for Creating<'_, S> {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.creating.set(false);
-        self.0.created.notify_all();
+        self.flag.set(false);
+        if let Some(done) = self.done {
+            done.notify_all();
+        }
     }
 }
 

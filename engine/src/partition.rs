@@ -151,14 +151,22 @@ pub struct WriteOp<'a> {
     pub replaces: &'a [u64],
 }
 
-impl WriteOp<'_> {
+impl<'a> WriteOp<'a> {
     /// Bytes its record takes in the log.
     pub fn encoded_len(&self) -> usize {
-        record::RECORD_HEADER_BYTES
-            + self.key.len()
-            + self.version.len()
-            + self.value.map_or(0, <[u8]>::len)
-            + self.replaces.len() * 8
+        self.record(0, 0, false).encoded_len()
+    }
+
+    fn record(&self, seq: u64, timestamp_ms: u64, batch_continues: bool) -> RecordRef<'a> {
+        RecordRef {
+            seq,
+            timestamp_ms,
+            key: self.key,
+            replaced: self.replaces,
+            version: self.version,
+            value: self.value,
+            batch_continues,
+        }
     }
 }
 
@@ -813,16 +821,8 @@ impl<S: Storage> Partition<S> {
         let mut places = SmallVec::<[(usize, usize); 4]>::new();
         for (i, op) in ops.iter().enumerate() {
             let start = buf.len();
-            RecordRef {
-                seq: first_seq + i as u64,
-                timestamp_ms: now_ms,
-                key: op.key,
-                replaced: op.replaces,
-                version: op.version,
-                value: op.value,
-                batch_continues: i + 1 < ops.len(),
-            }
-            .encode_into(&mut buf);
+            op.record(first_seq + i as u64, now_ms, i + 1 < ops.len())
+                .encode_into(&mut buf);
             places.push((start, buf.len() - start));
         }
         let active = state.active;

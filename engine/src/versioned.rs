@@ -16,8 +16,8 @@
 use crate::partition::{Partition, StoreError, WriteOp};
 use crate::storage::Storage;
 use crate::version::{
-    context_of, coordinate, reconcile, ActorId, CoordinateError, Reconcile, StaleReason, VClock,
-    Version,
+    context_of, coordinate, reconcile, ActorId, CoordinateError, Coordinated, Reconcile,
+    StaleReason, VClock, Version,
 };
 
 /// Seqs of a key's siblings (rarely more than two).
@@ -148,12 +148,8 @@ impl<S: Storage> Partition<S> {
         };
         // an epoch move writes a file first: that takes the full path
         let made = coordinate(actor, now_ms, context, &versions, clock_entries_max).ok()?;
-        let siblings_after = stored.len() - made.replaced.len() + 1;
-        if siblings_after > self.config().siblings_max {
-            return Some(Err(StoreError::TooManySiblings {
-                siblings: stored.len(),
-                max: self.config().siblings_max,
-            }));
+        if let Err(e) = self.check_siblings_after(stored.len(), &made) {
+            return Some(Err(e));
         }
         let replaces: Seqs = made.replaced.iter().map(|&i| stored[i]).collect();
         let blob = made.version.encode_to_vec();
@@ -171,17 +167,7 @@ impl<S: Storage> Partition<S> {
             Ok(position) => position,
             Err(e) => return Some(Err(e)),
         };
-        let mut after: Vec<Version> = versions;
-        crate::version::remove_indices(&mut after, &made.replaced);
-        after.push(made.version.clone());
-        Some(Ok((
-            PutOutcome {
-                siblings: after.len(),
-                context: context_of(&after),
-                version: made.version,
-            },
-            position,
-        )))
+        Some(Ok((outcome_after(versions, made), position)))
     }
 
     /// Coordinates a put (`value: Some`) or delete (`None`) of `key` on this node
@@ -222,14 +208,7 @@ impl<S: Storage> Partition<S> {
                     continue;
                 }
             };
-            let siblings_after = stored.len() - made.replaced.len() + 1;
-            let siblings_max = self.config().siblings_max;
-            if siblings_after > siblings_max {
-                return Err(StoreError::TooManySiblings {
-                    siblings: stored.len(),
-                    max: siblings_max,
-                });
-            }
+            self.check_siblings_after(stored.len(), &made)?;
             self.record_clock_truncation(made.truncated_entries);
             let written = self
                 .replace_siblings(
@@ -243,14 +222,7 @@ impl<S: Storage> Partition<S> {
                 )
                 .await?;
             if written {
-                let mut after: Vec<Version> = versions;
-                crate::version::remove_indices(&mut after, &made.replaced);
-                after.push(made.version.clone());
-                return Ok(PutOutcome {
-                    siblings: after.len(),
-                    context: context_of(&after),
-                    version: made.version,
-                });
+                return Ok(outcome_after(versions, made));
             }
         }
         Err(StoreError::Contended {
@@ -290,6 +262,18 @@ impl<S: Storage> Partition<S> {
 }
 
 impl<S: Storage> Partition<S> {
+    /// A coordinated write may not leave a key more than `siblings_max` siblings.
+    fn check_siblings_after(&self, stored: usize, made: &Coordinated) -> Result<(), StoreError> {
+        let max = self.config().siblings_max;
+        if stored - made.replaced.len() + 1 > max {
+            return Err(StoreError::TooManySiblings {
+                siblings: stored,
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Appends `version` for `key`, superseding the `stored` siblings at `replaced`, if
     /// the key's siblings are still exactly `stored`; releases `turn` once appended.
     /// `Ok(false)`: the key changed since it was read (read and decide again).
@@ -321,6 +305,17 @@ impl<S: Storage> Partition<S> {
             )
             .await?;
         Ok(written.is_some())
+    }
+}
+
+/// The key's siblings after `made` replaced some of the stored `versions`.
+fn outcome_after(mut versions: Vec<Version>, made: Coordinated) -> PutOutcome {
+    crate::version::remove_indices(&mut versions, &made.replaced);
+    versions.push(made.version.clone());
+    PutOutcome {
+        siblings: versions.len(),
+        context: context_of(&versions),
+        version: made.version,
     }
 }
 
