@@ -21,7 +21,8 @@ use thiserror::Error;
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
     pub connect_timeout: Duration,
-    /// Requests waiting for a reply, at most.
+    /// Requests waiting for a reply, at most: no more than the peer's in-flight limit
+    /// per connection, which refuses the rest (`TooManyInFlight`).
     pub pending_max: usize,
     /// Encoded bytes waiting to be written, at most (a single larger frame is still
     /// accepted when the queue is empty).
@@ -36,7 +37,8 @@ impl Default for LinkConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_millis(500),
-            pending_max: 4096,
+            // the server's default `in_flight_per_connection_max`
+            pending_max: 1024,
             queue_bytes_max: 16 << 20,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),

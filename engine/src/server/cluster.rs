@@ -261,6 +261,10 @@ impl Shard {
                 addr,
                 LinkConfig {
                     frame_bytes_max: self.config.frame_bytes_max,
+                    // a peer refuses requests over its in-flight limit per connection
+                    // (the nodes of a cluster share their limits): the link fails
+                    // them here instead, at once
+                    pending_max: self.config.in_flight_per_connection_max,
                     ..LinkConfig::default()
                 },
             ))

@@ -109,11 +109,13 @@ impl Output {
         self.buf.borrow().len() + self.sending_bytes.get() + self.held.borrow().bytes.len()
     }
 
-    /// Whether another request may start: output not over budget counting what running
-    /// requests will add, and fewer than the in-flight limit running.
-    fn can_dispatch(&self, budget: usize, in_flight_max: usize) -> bool {
-        self.in_flight.get() < in_flight_max
-            && self.pending_bytes() + self.in_flight.get() * REPLY_BYTES_ESTIMATE <= budget
+    /// Whether more requests may be taken off the socket: output not over budget,
+    /// counting what requests running as tasks will add (a held reply is already in
+    /// `held.bytes`). This is backpressure for a client that does not read its replies;
+    /// the in-flight limit is enforced per request, with an error (see `dispatch`).
+    fn can_dispatch(&self, budget: usize) -> bool {
+        let running = self.in_flight.get() - self.held.borrow().replies.len();
+        self.pending_bytes() + running * REPLY_BYTES_ESTIMATE <= budget
     }
 }
 
@@ -201,7 +203,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         // take every whole frame already buffered
         let mut consumed = 0;
         loop {
-            if !output.can_dispatch(output_budget, config.in_flight_per_connection_max) {
+            if !output.can_dispatch(output_budget) {
                 // backpressure: the rest waits in `buf` until replies drain
                 break;
             }
@@ -254,11 +256,9 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
         // backpressure: wait (bounded) for replies to drain or requests to finish
         // before taking or reading more
-        if !output.can_dispatch(output_budget, config.in_flight_per_connection_max) {
+        if !output.can_dispatch(output_budget) {
             let waited = glommio::timer::timeout(config.slow_client_timeout, async {
-                while !output.can_dispatch(output_budget, config.in_flight_per_connection_max)
-                    && !output.broken.get()
-                {
+                while !output.can_dispatch(output_budget) && !output.broken.get() {
                     futures_lite::future::or(output.drained.wait(), output.in_flight_done.wait())
                         .await;
                 }
@@ -365,6 +365,16 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     };
     if shard.stopping.get() {
         return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
+    }
+    if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
+        // the limit HELLO_OK announced: a client that keeps to it never sees this
+        return refuse(
+            ErrorCode::TooManyInFlight,
+            &format!(
+                "more than {} requests in flight on this connection",
+                shard.config.in_flight_per_connection_max
+            ),
+        );
     }
     if output.in_flight_bytes.get() + frame.len() > 4 * shard.config.frame_bytes_max {
         return refuse(
