@@ -66,6 +66,9 @@ pub(crate) struct Shard {
     counters: std::sync::Arc<NodeCounters>,
     /// `sync` mode: the log every partition of this shard commits through.
     commit_log: Option<Rc<CommitLog<DmaStorage>>>,
+    /// Where a reply's context is encoded before it is copied into the reply (reused:
+    /// no allocation per reply).
+    context_scratch: RefCell<Vec<u8>>,
 }
 
 /// Where a forwarded request's reply lands.
@@ -252,6 +255,7 @@ async fn start(
         cluster: cluster::ClusterState::new(ringkv_ring::NodeId(config.node_id), hints.clone()),
         counters,
         commit_log: log,
+        context_scratch: RefCell::new(Vec::with_capacity(crate::version::CONTEXT_BYTES_MAX)),
     });
     let mut tasks = Vec::new();
     if let Some(bytes) = &membership {
@@ -817,13 +821,15 @@ impl Shard {
         request_id: u64,
         out: &RefCell<Vec<u8>>,
     ) -> Result<(), (ErrorCode, String)> {
-        let encoded = Context::encode(context);
+        let mut encoded = self.context_scratch.borrow_mut();
+        encoded.clear();
+        let truncated_entries = Context::encode_into(context, &mut encoded);
         if let Some(partition) = partition {
-            partition.record_clock_truncation(encoded.truncated_entries);
+            partition.record_clock_truncation(truncated_entries);
         }
         let reply_bytes: usize = protocol::HEADER_BYTES
             + 4
-            + encoded.bytes.len()
+            + encoded.len()
             + values.iter().map(|v| 4 + v.len()).sum::<usize>();
         if reply_bytes > self.config.frame_bytes_max || values.len() > u16::MAX as usize {
             return Err((
@@ -839,7 +845,7 @@ impl Shard {
         encode::get_ok(
             &mut out.borrow_mut(),
             request_id,
-            &encoded.bytes,
+            &encoded,
             values.iter().copied(),
         );
         Ok(())
@@ -1003,11 +1009,13 @@ impl Shard {
             );
         }
         if put {
-            let encoded = Context::encode(&outcome.context);
+            let mut encoded = self.context_scratch.borrow_mut();
+            encoded.clear();
+            Context::encode_into(&outcome.context, &mut encoded);
             encode::put_ok(
                 out,
                 request_id,
-                &encoded.bytes,
+                &encoded,
                 outcome.siblings.min(u16::MAX as usize) as u16,
             );
         } else {

@@ -61,6 +61,18 @@ impl Context {
     /// returned). A clock over [`CONTEXT_ENTRIES_MAX`] entries is truncated first: the client
     /// then appears to have seen less, which can only keep siblings, never drop one.
     pub fn encode(clock: &VClock) -> EncodedContext {
+        let mut bytes = Vec::with_capacity(CONTEXT_BYTES_MIN + clock.len() * CLOCK_ENTRY_BYTES);
+        let truncated_entries = Self::encode_into(clock, &mut bytes);
+        EncodedContext {
+            bytes,
+            truncated_entries,
+        }
+    }
+
+    /// [`Context::encode`] appending to `out` (a buffer the caller reuses, so that
+    /// encoding a reply's context allocates nothing in the steady state); returns the
+    /// number of clock entries truncated.
+    pub fn encode_into(clock: &VClock, out: &mut Vec<u8>) -> usize {
         let mut truncated_entries = 0;
         let truncated;
         let clock = if clock.len() > CONTEXT_ENTRIES_MAX {
@@ -71,17 +83,14 @@ impl Context {
         } else {
             clock
         };
-        let mut bytes = Vec::with_capacity(CONTEXT_BYTES_MIN + clock.len() * CLOCK_ENTRY_BYTES);
-        bytes.extend_from_slice(&CONTEXT_MAGIC);
-        bytes.push(CONTEXT_FORMAT);
-        clock.encode(&mut bytes);
-        let crc = crc32fast::hash(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        debug_assert!(bytes.len() <= CONTEXT_BYTES_MAX);
-        EncodedContext {
-            bytes,
-            truncated_entries,
-        }
+        let start = out.len();
+        out.extend_from_slice(&CONTEXT_MAGIC);
+        out.push(CONTEXT_FORMAT);
+        clock.encode(out);
+        let crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        debug_assert!(out.len() - start <= CONTEXT_BYTES_MAX);
+        truncated_entries
     }
 
     /// Validates and decodes a context a client sent back. The empty context (a blind write)
