@@ -1,8 +1,9 @@
-//! The tokio client: one connection shared by many tasks. Run a node first
-//! (`ringkv server`), then
+//! The tokio client: a shard-aware client shared by many tasks (each key goes straight
+//! to the shard that owns it; without shard ports, through the node's main port), and a
+//! pool of connections. Run a node first (`ringkv server`), then
 //! `cargo run -p ringkv-net --features tokio --example async_tokio [ADDR]`.
 
-use ringkv_net::async_client::AsyncClient;
+use ringkv_net::async_client::{AsyncPool, AsyncShardAwareClient};
 use ringkv_net::client::{ClientConfig, ClientError};
 
 #[tokio::main]
@@ -10,10 +11,15 @@ async fn main() -> Result<(), ClientError> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7379".into());
-    let client = AsyncClient::connect(addr.as_str(), ClientConfig::default()).await?;
+    let client = AsyncShardAwareClient::connect(addr.as_str(), ClientConfig::default()).await?;
     client.ping().await?;
+    println!(
+        "{} shard connection(s) of {} shard(s)",
+        client.shard_connection_count(),
+        client.hello().shards
+    );
 
-    // 32 tasks write and read their own key over the same connection
+    // 32 tasks write and read their own key; clones share the connections
     let mut tasks = Vec::new();
     for t in 0..32u32 {
         let client = client.clone();
@@ -35,5 +41,18 @@ async fn main() -> Result<(), ClientError> {
             Err(e) => println!("task {t} failed: {e}"),
         }
     }
+
+    // a pool: up to 4 connections to the node's main port, handed out in turn
+    let pool = AsyncPool::new(addr.as_str(), ClientConfig::default(), 4).await?;
+    let keys: Vec<String> = (0..32).map(|t| format!("async:{t}")).collect();
+    let found = pool.client().await?.get_many(&keys).await;
+    let present = found
+        .iter()
+        .filter(|r| matches!(r, Ok(v) if !v.is_empty()))
+        .count();
+    println!(
+        "{present} of {} keys read back through the pool",
+        keys.len()
+    );
     Ok(())
 }

@@ -1,5 +1,9 @@
-//! The tokio client (feature `tokio`): the typed API of [`crate::client`], async, over one
-//! connection that many tasks share. A writer task sends the frames callers queue (several
+//! The tokio client (feature `tokio`): the typed API of [`crate::client`], async.
+//! [`AsyncClient`] is one connection that many tasks share; [`AsyncPool`] spreads tasks
+//! over several connections to one node, reopening closed ones; [`AsyncShardAwareClient`]
+//! sends each key straight to the shard that owns it.
+//!
+//! On one connection: A writer task sends the frames callers queue (several
 //! per write when they pile up); a reader task matches each reply to its caller by request
 //! id through a map of oneshot channels, so replies may come back in any order.
 //!
@@ -12,7 +16,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,7 +29,7 @@ use tokio::time::timeout;
 
 use crate::client::{
     accept_hello, check_request, settle, ClientConfig, ClientError, Context, Expect, OwnedReply,
-    PutOutcome, ReplyBuffer, Response, Versions,
+    PutOutcome, ReplyBuffer, Response, Routing, Versions,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -146,9 +150,14 @@ impl AsyncClient {
         addr: impl ToSocketAddrs,
         config: ClientConfig,
     ) -> Result<AsyncClient, ClientError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+        let addrs = resolve(addr).await?;
+        Self::connect_any(&addrs, &config).await
+    }
+
+    /// Connects to the first of `addrs` that answers.
+    async fn connect_any(addrs: &[SocketAddr], config: &ClientConfig) -> Result<Self, ClientError> {
         let mut last = ClientError::NoAddress("address resolved to nothing".into());
-        for addr in addrs {
+        for &addr in addrs {
             match Self::connect_addr(addr, config.clone()).await {
                 Ok(client) => return Ok(client),
                 Err(e) => last = e,
@@ -293,17 +302,11 @@ impl AsyncClient {
 
     /// Gets many keys: every request is queued before the first reply is awaited.
     pub async fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Versions, ClientError>> {
-        let requests = keys.iter().map(|k| Request::Get {
-            r: 0,
-            key: k.as_ref(),
-        });
-        self.batch(requests)
+        let requests = get_requests(keys).map(|r| (self.clone(), r));
+        batch_over(requests)
             .await
             .into_iter()
-            .map(|r| match r? {
-                Response::Get(versions) => Ok(versions),
-                other => Err(mismatch(other)),
-            })
+            .map(versions_of)
             .collect()
     }
 
@@ -312,39 +315,12 @@ impl AsyncClient {
         &self,
         items: &[(K, V)],
     ) -> Vec<Result<PutOutcome, ClientError>> {
-        let requests = items.iter().map(|(k, v)| Request::Put {
-            w: 0,
-            key: k.as_ref(),
-            context: &[],
-            value: v.as_ref(),
-        });
-        self.batch(requests)
+        let requests = put_requests(items).map(|r| (self.clone(), r));
+        batch_over(requests)
             .await
             .into_iter()
-            .map(|r| match r? {
-                Response::Put(outcome) => Ok(outcome),
-                other => Err(mismatch(other)),
-            })
+            .map(outcome_of)
             .collect()
-    }
-
-    async fn batch<'r>(
-        &self,
-        requests: impl Iterator<Item = Request<'r>>,
-    ) -> Vec<Result<Response, ClientError>> {
-        let mut submitted = Vec::new();
-        for request in requests {
-            let expect = Expect::of(&request);
-            submitted.push(self.submit(request).await.map(|rx| (rx, expect)));
-        }
-        let mut results = Vec::with_capacity(submitted.len());
-        for s in submitted {
-            results.push(match s {
-                Ok((rx, expect)) => self.wait(rx, expect).await,
-                Err(e) => Err(e),
-            });
-        }
-        results
     }
 
     async fn call(&self, request: Request<'_>) -> Result<Response, ClientError> {
@@ -425,6 +401,425 @@ impl AsyncClient {
 
 fn mismatch(response: Response) -> ClientError {
     ClientError::Protocol(format!("unexpected response {response:?}"))
+}
+
+fn versions_of(response: Result<Response, ClientError>) -> Result<Versions, ClientError> {
+    match response? {
+        Response::Get(versions) => Ok(versions),
+        other => Err(mismatch(other)),
+    }
+}
+
+fn outcome_of(response: Result<Response, ClientError>) -> Result<PutOutcome, ClientError> {
+    match response? {
+        Response::Put(outcome) => Ok(outcome),
+        other => Err(mismatch(other)),
+    }
+}
+
+fn get_requests<K: AsRef<[u8]>>(keys: &[K]) -> impl Iterator<Item = Request<'_>> {
+    keys.iter().map(|k| Request::Get {
+        r: 0,
+        key: k.as_ref(),
+    })
+}
+
+fn put_requests<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    items: &[(K, V)],
+) -> impl Iterator<Item = Request<'_>> {
+    items.iter().map(|(k, v)| Request::Put {
+        w: 0,
+        key: k.as_ref(),
+        context: &[],
+        value: v.as_ref(),
+    })
+}
+
+async fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>, ClientError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+    if addrs.is_empty() {
+        return Err(ClientError::NoAddress("address resolved to nothing".into()));
+    }
+    Ok(addrs)
+}
+
+/// Queues every request on the connection paired with it before awaiting any reply, then
+/// collects the replies in request order. A request that could not be queued fails alone.
+async fn batch_over<'r>(
+    requests: impl Iterator<Item = (AsyncClient, Request<'r>)>,
+) -> Vec<Result<Response, ClientError>> {
+    let mut submitted = Vec::new();
+    for (client, request) in requests {
+        let expect = Expect::of(&request);
+        let queued = client.submit(request).await;
+        submitted.push(queued.map(|rx| (client, rx, expect)));
+    }
+    let mut results = Vec::with_capacity(submitted.len());
+    for s in submitted {
+        results.push(match s {
+            Ok((client, rx, expect)) => client.wait(rx, expect).await,
+            Err(e) => Err(e),
+        });
+    }
+    results
+}
+
+/// Up to `size` connections to one node, shared by many tasks: [`AsyncPool::client`]
+/// hands them out in turn (each is itself shared by any number of tasks), opening a
+/// connection on its slot's first use and reopening one that closed. With SO_REUSEPORT
+/// on the server, the connections spread over its shards. Clones share the pool.
+#[derive(Clone)]
+pub struct AsyncPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    addrs: Vec<SocketAddr>,
+    config: ClientConfig,
+    hello: HelloOk,
+    slots: Vec<tokio::sync::Mutex<Option<AsyncClient>>>,
+    next: AtomicUsize,
+}
+
+impl fmt::Debug for AsyncPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncPool")
+            .field("addrs", &self.inner.addrs)
+            .field("size", &self.inner.slots.len())
+            .finish()
+    }
+}
+
+impl AsyncPool {
+    /// A pool of at most `size` connections (at least 1) to `addr`. One connection is
+    /// opened now, so a wrong address fails here; the others on first use.
+    pub async fn new(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+        size: usize,
+    ) -> Result<AsyncPool, ClientError> {
+        let addrs = resolve(addr).await?;
+        let first = AsyncClient::connect_any(&addrs, &config).await?;
+        let hello = *first.hello();
+        let mut slots: Vec<_> = (1..size.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        slots.insert(0, tokio::sync::Mutex::new(Some(first)));
+        Ok(AsyncPool {
+            inner: Arc::new(PoolInner {
+                addrs,
+                config,
+                hello,
+                slots,
+                next: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The HELLO_OK of the pool's first connection.
+    pub fn hello(&self) -> &HelloOk {
+        &self.inner.hello
+    }
+
+    pub fn size(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Connections open now (not counting one being opened or used by a caller of
+    /// [`AsyncPool::client`] at this instant).
+    pub fn open_count(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|slot| {
+                slot.try_lock()
+                    .is_ok_and(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+            })
+            .count()
+    }
+
+    /// The next connection in turn, opened (or reopened, if it closed) now if need be.
+    /// A request that failed on a connection is never resent by the pool.
+    pub async fn client(&self) -> Result<AsyncClient, ClientError> {
+        let inner = &*self.inner;
+        let i = inner.next.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
+        let mut slot = inner.slots[i].lock().await;
+        match &*slot {
+            Some(client) if !client.is_closed() => Ok(client.clone()),
+            _ => {
+                let client = AsyncClient::connect_any(&inner.addrs, &inner.config).await?;
+                *slot = Some(client.clone());
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// A client that sends each key to the shard owning it, like the blocking
+/// [`ShardAwareClient`](crate::client::ShardAwareClient): after the first HELLO it opens
+/// one connection per shard, to `shard_port_base + s` on the same host, and routes a key
+/// to shard `partition_for_key(key, partitions) % shards`. Without shard ports (or when a
+/// shard cannot be reached) requests go through the main connection, and the server
+/// forwards them. A closed connection is reopened before the next request that needs it
+/// (a request that failed is never resent). Clones share the connections; every method
+/// takes `&self`, so any number of tasks use it at once.
+#[derive(Clone)]
+pub struct AsyncShardAwareClient {
+    inner: Arc<ShardAwareInner>,
+}
+
+struct ShardAwareInner {
+    main_addrs: Vec<SocketAddr>,
+    config: ClientConfig,
+    main_hello: HelloOk,
+    main_peer: SocketAddr,
+    main: tokio::sync::Mutex<AsyncClient>,
+    routing: Option<Routing>,
+    /// One per shard when routing; `None`: that shard is reached through `main` from
+    /// then on.
+    shards: Vec<tokio::sync::Mutex<Option<AsyncClient>>>,
+}
+
+impl fmt::Debug for AsyncShardAwareClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncShardAwareClient")
+            .field("main", &self.inner.main_peer)
+            .field("routing", &self.inner.routing)
+            .finish()
+    }
+}
+
+/// Which connection a request goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Main,
+    Shard(u16),
+}
+
+impl AsyncShardAwareClient {
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let main_addrs = resolve(addr).await?;
+        let main = AsyncClient::connect_any(&main_addrs, &config).await?;
+        let main_hello = *main.hello();
+        let main_peer = main.peer_addr();
+        let routing = Routing::from_hello(&main_hello, config.shard_connections_max);
+        let mut shards = Vec::new();
+        if let Some(routing) = routing {
+            for s in 0..routing.shards() {
+                let client = connect_shard(&main_hello, main_peer, &config, s).await;
+                shards.push(tokio::sync::Mutex::new(client));
+            }
+        }
+        Ok(AsyncShardAwareClient {
+            inner: Arc::new(ShardAwareInner {
+                main_addrs,
+                config,
+                main_hello,
+                main_peer,
+                main: tokio::sync::Mutex::new(main),
+                routing,
+                shards,
+            }),
+        })
+    }
+
+    /// The main connection's first HELLO_OK.
+    pub fn hello(&self) -> &HelloOk {
+        &self.inner.main_hello
+    }
+
+    /// The shard a key belongs to on this node, when the node has shard ports.
+    pub fn shard_for_key(&self, key: &[u8]) -> Option<u16> {
+        self.inner.routing.map(|r| r.shard_for_key(key))
+    }
+
+    /// Shard connections open now (0 without shard routing; a connection in use by a
+    /// caller reopening it at this instant is not counted).
+    pub fn shard_connection_count(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .filter(|slot| slot.try_lock().is_ok_and(|c| c.is_some()))
+            .count()
+    }
+
+    fn route(&self, key: &[u8]) -> Route {
+        match self.shard_for_key(key) {
+            Some(s) => Route::Shard(s),
+            None => Route::Main,
+        }
+    }
+
+    /// The connection for `route`, reopening it if it closed. A shard connection that
+    /// cannot be reopened is dropped: that shard is reached through the main connection
+    /// from then on.
+    async fn connection(&self, route: Route) -> Result<AsyncClient, ClientError> {
+        let inner = &*self.inner;
+        if let Route::Shard(s) = route {
+            let mut slot = inner.shards[usize::from(s)].lock().await;
+            if slot.as_ref().is_some_and(AsyncClient::is_closed) {
+                *slot = connect_shard(&inner.main_hello, inner.main_peer, &inner.config, s).await;
+            }
+            if let Some(client) = &*slot {
+                return Ok(client.clone());
+            }
+        }
+        let mut main = inner.main.lock().await;
+        if main.is_closed() {
+            *main = AsyncClient::connect_any(&inner.main_addrs, &inner.config).await?;
+        }
+        Ok(main.clone())
+    }
+
+    async fn call(&self, key: &[u8], request: Request<'_>) -> Result<Response, ClientError> {
+        let client = self.connection(self.route(key)).await?;
+        client.call(request).await
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.connection(Route::Main).await?.ping().await
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Versions, ClientError> {
+        self.get_with(key, 0).await
+    }
+
+    /// A get that waits for `r` replicas (0: the cluster default).
+    pub async fn get_with(&self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
+        versions_of(self.call(key, Request::Get { r, key }).await)
+    }
+
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+    ) -> Result<PutOutcome, ClientError> {
+        self.put_with(key, value, context, 0).await
+    }
+
+    /// A put that waits for `w` acknowledgements (0: the cluster default).
+    pub async fn put_with(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<PutOutcome, ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        let request = Request::Put {
+            w,
+            key,
+            context,
+            value,
+        };
+        outcome_of(self.call(key, request).await)
+    }
+
+    pub async fn delete(&self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
+        self.delete_with(key, context, 0).await
+    }
+
+    /// A delete that waits for `w` acknowledgements (0: the cluster default).
+    pub async fn delete_with(
+        &self,
+        key: &[u8],
+        context: Option<&Context>,
+        w: u8,
+    ) -> Result<(), ClientError> {
+        let context = context.map_or(&[][..], Context::as_bytes);
+        self.call(key, Request::Delete { w, key, context })
+            .await
+            .map(|_| ())
+    }
+
+    /// Gets many keys, each on its shard's connection; every request is queued before
+    /// the first reply is awaited. A connection that cannot be had fails only the keys
+    /// routed to it.
+    pub async fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Versions, ClientError>> {
+        let routed = self.routed(get_requests(keys)).await;
+        self.run_routed(routed)
+            .await
+            .into_iter()
+            .map(versions_of)
+            .collect()
+    }
+
+    /// Puts many (key, value) pairs without context, each on its shard's connection, all
+    /// queued before any reply is awaited.
+    pub async fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        items: &[(K, V)],
+    ) -> Vec<Result<PutOutcome, ClientError>> {
+        let routed = self.routed(put_requests(items)).await;
+        self.run_routed(routed)
+            .await
+            .into_iter()
+            .map(outcome_of)
+            .collect()
+    }
+
+    /// Pairs each request with its connection (each distinct route looked up once).
+    async fn routed<'r>(
+        &self,
+        requests: impl Iterator<Item = Request<'r>>,
+    ) -> Vec<(Result<AsyncClient, String>, Request<'r>)> {
+        let mut connections: Vec<(Route, Result<AsyncClient, String>)> = Vec::new();
+        let mut routed = Vec::new();
+        for request in requests {
+            let route = match &request {
+                Request::Get { key, .. }
+                | Request::Put { key, .. }
+                | Request::Delete { key, .. } => self.route(key),
+                _ => Route::Main,
+            };
+            let connection = match connections.iter().find(|(r, _)| *r == route) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c = self.connection(route).await.map_err(|e| e.to_string());
+                    connections.push((route, c.clone()));
+                    c
+                }
+            };
+            routed.push((connection, request));
+        }
+        routed
+    }
+
+    async fn run_routed<'r>(
+        &self,
+        routed: Vec<(Result<AsyncClient, String>, Request<'r>)>,
+    ) -> Vec<Result<Response, ClientError>> {
+        let failed: Vec<Option<String>> = routed.iter().map(|(c, _)| c.clone().err()).collect();
+        let sendable = routed
+            .into_iter()
+            .filter_map(|(c, request)| c.ok().map(|c| (c, request)));
+        let mut sent = batch_over(sendable).await.into_iter();
+        failed
+            .into_iter()
+            .map(|failure| match failure {
+                Some(reason) => Err(ClientError::Closed(reason)),
+                None => sent
+                    .next()
+                    .unwrap_or_else(|| Err(ClientError::Protocol("no result".into()))),
+            })
+            .collect()
+    }
+}
+
+/// A connection to shard `s` of the node `main` describes, if it answers as that shard.
+async fn connect_shard(
+    main: &HelloOk,
+    main_peer: SocketAddr,
+    config: &ClientConfig,
+    s: u16,
+) -> Option<AsyncClient> {
+    let addr = Routing::shard_addr(main, main_peer, s)?;
+    let client = AsyncClient::connect_addr(addr, config.clone()).await.ok()?;
+    Routing::is_shard_of(main, client.hello(), s).then_some(client)
 }
 
 /// Reads replies and hands each to its waiter until the connection ends.

@@ -1171,13 +1171,13 @@ impl Drop for PooledClient<'_> {
 
 /// How keys map to shards, from a HELLO_OK that allows shard routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Routing {
+pub(crate) struct Routing {
     partitions: u32,
     shards: u16,
 }
 
 impl Routing {
-    fn from_hello(hello: &HelloOk, shard_connections_max: u16) -> Option<Self> {
+    pub(crate) fn from_hello(hello: &HelloOk, shard_connections_max: u16) -> Option<Self> {
         let usable = hello.shard_port_base != 0
             && hello.shards > 0
             && hello.shards <= shard_connections_max
@@ -1192,7 +1192,26 @@ impl Routing {
         })
     }
 
-    fn shard_for_key(&self, key: &[u8]) -> u16 {
+    pub(crate) fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The address of shard `s`'s own port, on the host of the main connection.
+    pub(crate) fn shard_addr(main: &HelloOk, main_peer: SocketAddr, s: u16) -> Option<SocketAddr> {
+        let port = main.shard_port_base.checked_add(s)?;
+        Some(SocketAddr::new(main_peer.ip(), port))
+    }
+
+    /// Whether a connection to a shard port answered as shard `s` of the same node and
+    /// ring as the main connection.
+    pub(crate) fn is_shard_of(main: &HelloOk, shard: &HelloOk, s: u16) -> bool {
+        shard.shard == s
+            && shard.shards == main.shards
+            && shard.partitions == main.partitions
+            && shard.node_id == main.node_id
+    }
+
+    pub(crate) fn shard_for_key(&self, key: &[u8]) -> u16 {
         let partition = ringkv_ring::partition_for_key(key, self.partitions);
         ringkv_ring::shard_for_partition(partition, u32::from(self.shards)) as u16
     }
@@ -1245,15 +1264,9 @@ impl ShardAwareClient {
     /// A connection to shard `s` that reports being shard `s` of the same ring, if any.
     fn connect_shard(&self, s: u16) -> Option<Client> {
         let main_hello = self.main.hello();
-        let port = main_hello.shard_port_base.checked_add(s)?;
-        let addr = SocketAddr::new(self.main.peer_addr().ip(), port);
+        let addr = Routing::shard_addr(main_hello, self.main.peer_addr(), s)?;
         let client = Client::connect_addr(addr, self.main.config().clone()).ok()?;
-        let hello = client.hello();
-        let same_ring = hello.shard == s
-            && hello.shards == main_hello.shards
-            && hello.partitions == main_hello.partitions
-            && hello.node_id == main_hello.node_id;
-        same_ring.then_some(client)
+        Routing::is_shard_of(main_hello, client.hello(), s).then_some(client)
     }
 
     /// The main connection's HELLO_OK.

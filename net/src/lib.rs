@@ -13,8 +13,8 @@
 //! - [`notify`]: a single-threaded wake-all notifier.
 //! - `link` (feature `glommio`): a persistent, pipelined peer link to another node with
 //!   reconnect and backoff and a bounded queue, used by the server runtime.
-//! - `async_client` (feature `tokio`): the same typed API for tokio, one connection
-//!   shared by many tasks.
+//! - `async_client` (feature `tokio`): the same typed API for tokio: one connection
+//!   shared by many tasks, a connection pool, and shard-aware routing.
 
 pub mod client;
 pub mod notify;

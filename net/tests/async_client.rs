@@ -6,10 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use ringkv_net::async_client::AsyncClient;
+use ringkv_net::async_client::{AsyncClient, AsyncPool, AsyncShardAwareClient};
 use ringkv_net::client::{ClientConfig, ClientError, ServerCode};
 use ringkv_net::protocol::{begin_frame, encode, end_frame, opcode, ErrorCode};
-use support::{hello_ok, serve_one, FakeNode, Req};
+use support::{hello_ok, serve_one, FakeConn, FakeNode, Req};
 
 /// Joins a fake server thread without blocking the runtime (which must go on running so
 /// the dropped client's tasks end and close the socket the server waits on).
@@ -224,4 +224,147 @@ async fn hello_error_fails_the_connect() {
         Some(ServerCode::Known(ErrorCode::ShuttingDown))
     );
     join(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_aware_client_sends_each_key_to_its_shard() {
+    const SHARDS: u16 = 4;
+    let Some(node) = FakeNode::start_sharded(SHARDS) else {
+        eprintln!("no free run of ports for the shard listeners; skipped");
+        return;
+    };
+    let client = AsyncShardAwareClient::connect(node.addr, ClientConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(client.shard_connection_count(), usize::from(SHARDS));
+    let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("user:{i}").into_bytes()).collect();
+    // tasks at once through clones
+    let mut tasks = Vec::new();
+    for key in &keys[..20] {
+        let (client, key) = (client.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            client.put(&key, b"v", None).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let results = client.get_many(&keys).await;
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result.as_ref().unwrap().values.is_empty(), i >= 20);
+    }
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> =
+        keys[20..].iter().map(|k| (k.clone(), k.clone())).collect();
+    for outcome in client.put_many(&pairs).await {
+        outcome.unwrap();
+    }
+    client.ping().await.unwrap();
+    let partitions = client.hello().partitions;
+    let seen = node.seen.lock().unwrap();
+    assert_eq!(seen.len(), 80);
+    let mut shards_used = std::collections::BTreeSet::new();
+    for (shard, key) in seen.iter() {
+        let want = ringkv_ring::partition_for_key(key, partitions) % u32::from(SHARDS);
+        assert_eq!(u32::from(*shard), want, "key {key:?}");
+        assert_eq!(client.shard_for_key(key), Some(*shard));
+        shards_used.insert(*shard);
+    }
+    assert!(shards_used.len() > 1, "40 keys all on one shard");
+}
+
+#[tokio::test]
+async fn shard_aware_client_falls_back_to_the_main_connection() {
+    // shard ports announced but nobody listens there
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let (addr, server) = serve_one(move |mut conn| {
+        let mut hello = hello_ok(8);
+        hello.shards = 1;
+        hello.shard_port_base = dead_port;
+        conn.accept_hello(&hello);
+        let (id, req) = conn.read_request().unwrap();
+        assert_eq!(
+            req,
+            Req::Get {
+                r: 0,
+                key: b"k".to_vec()
+            }
+        );
+        let mut out = Vec::new();
+        encode::get_ok(&mut out, id, b"", std::iter::empty());
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let client = AsyncShardAwareClient::connect(addr, short_timeout_config())
+        .await
+        .unwrap();
+    assert_eq!(client.shard_connection_count(), 0);
+    assert!(client.get(b"k").await.unwrap().is_empty());
+    drop(client);
+    join(server).await;
+}
+
+/// A pool of one connection whose connection the server closes: the next `client()`
+/// opens a new one; a pool of three opens its connections as they are first used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_opens_connections_on_use_and_reopens_closed_ones() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // first connection: one PING answered, then closed by the server
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        let (id, req) = conn.read_request().unwrap();
+        assert_eq!(req, Req::Ping);
+        let mut out = Vec::new();
+        encode::pong(&mut out, id);
+        conn.send(&out);
+        drop(conn);
+        // second: serves PINGs until the client goes
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        while let Some((id, req)) = conn.read_request() {
+            assert_eq!(req, Req::Ping);
+            out.clear();
+            encode::pong(&mut out, id);
+            conn.send(&out);
+        }
+    });
+    let pool = AsyncPool::new(addr, short_timeout_config(), 1)
+        .await
+        .unwrap();
+    let first = pool.client().await.unwrap();
+    first.ping().await.unwrap();
+    // the server's close reaches the client's reader (bounded wait)
+    for _ in 0..200 {
+        if first.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(first.is_closed());
+    assert!(first.ping().await.is_err());
+    let second = pool.client().await.unwrap();
+    assert!(!second.is_closed());
+    second.ping().await.unwrap();
+    second.ping().await.unwrap();
+    assert_eq!(pool.open_count(), 1);
+    drop((first, second, pool));
+    join(server).await;
+
+    let node = FakeNode::start(8);
+    let pool = AsyncPool::new(node.addr, ClientConfig::default(), 3)
+        .await
+        .unwrap();
+    assert_eq!(pool.open_count(), 1);
+    for i in 0..6u32 {
+        let c = pool.client().await.unwrap();
+        c.put(format!("k{i}").as_bytes(), b"v", None).await.unwrap();
+    }
+    assert_eq!(pool.open_count(), 3);
+    let c = pool.client().await.unwrap();
+    assert_eq!(c.get(b"k5").await.unwrap().values, vec![b"v".to_vec()]);
 }
