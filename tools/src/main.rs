@@ -70,6 +70,25 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    // commands whose parsers have no help of their own: `--help` prints their usage and
+    // succeeds, as for the others
+    let usage = match command.as_str() {
+        "ping" | "get" | "put" | "del" => Some(client_cmd::USAGE.to_string()),
+        "status" | "join" | "leave" => Some(cluster_cmd::USAGE.to_string()),
+        "logdump" | "logcheck" => Some(format!(
+            "usage: ringkv {command} DIR|SEGMENT_FILE|COMMIT_LOG_FILE\n"
+        )),
+        _ => None,
+    };
+    if let Some(usage) = usage {
+        if rest.iter().any(|arg| arg == "--help" || arg == "-h") {
+            print!("{usage}");
+            if !usage.ends_with('\n') {
+                println!();
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
     let result = match command.as_str() {
         "logdump" => log_cmd::logdump(rest),
         "logcheck" => log_cmd::logcheck(rest),

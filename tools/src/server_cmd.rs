@@ -206,7 +206,20 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         println!("ringkv listening on {addr}");
     })
     .map_err(anyhow::Error::msg)?;
-    let requests: u64 = exits.iter().map(|e| e.stats.requests).sum();
+    let sum = |f: fn(&ringkv_engine::server::ShardStats) -> u64| -> u64 {
+        exits.iter().map(|e| f(&e.stats)).sum()
+    };
+    let requests = sum(|s| s.requests);
+    let forwarded = sum(|s| s.forwarded);
+    let (accepted, refused) = (
+        sum(|s| s.connections_accepted),
+        sum(|s| s.connections_refused),
+    );
     tracing::info!(requests, "ringkv node stopped cleanly");
+    // the counterpart of the "listening" line: what the node served, for scripts and tests
+    println!(
+        "ringkv stopped: {requests} requests, {forwarded} forwarded to another shard, \
+         {accepted} connections accepted, {refused} refused"
+    );
     Ok(ExitCode::SUCCESS)
 }
