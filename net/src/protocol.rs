@@ -7,8 +7,10 @@
 //! 0  u32 frame_len   whole frame, header included (16 ..= frame limit)
 //! 4  u8  version     protocol version (1)
 //! 5  u8  opcode      client requests 0x01..=0x3F, replies 0x40..=0x7F,
-//!                    peer messages 0x80..=0xFF (reserved for the cluster)
-//! 6  u16 flags       zero in v1
+//!                    peer requests 0x80..=0xBF, peer replies 0xC0..=0xFE
+//!                    (the cluster messages, `crate::peer`)
+//! 6  u16 flags       0 from clients; bit 0 is `peer::FLAG_FORWARDED` (a client request
+//!                    a node forwards to the key's coordinator); other bits zero, ignored
 //! 8  u64 request_id  chosen by the client, echoed in the reply
 //! 16 body
 //! ```

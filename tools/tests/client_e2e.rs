@@ -1,10 +1,12 @@
 //! The client library and the CLI against a real `ringkv server` process: the blocking
-//! client (pipelined, shard-aware), the tokio client, and `ringkv put/get/del/ping`.
+//! client (pipelined, pooled, shard-aware), the tokio client (shared, pooled,
+//! shard-aware), and `ringkv put/get/del/ping`.
 
 mod common;
 
 use common::Server;
-use ringkv_net::client::{Client, ClientConfig, Context};
+use ringkv_net::async_client::{AsyncPool, AsyncShardAwareClient};
+use ringkv_net::client::{Client, ClientConfig, Context, Pool, ShardAwareClient};
 use std::process::Command;
 
 fn ringkv(args: &[&str]) -> (bool, String) {
@@ -132,4 +134,176 @@ fn cli_put_get_del_with_context() {
     let (ok, out) = ringkv(&["put", "user:42", "x", "--context", "00ff", "--addr", &addr]);
     assert!(!ok && out.to_lowercase().contains("context"), "{out}");
     assert!(server.stop().success());
+}
+
+/// The blocking shard-aware client against a node with shard ports: one connection per
+/// shard, every key sent to its owner, so no request is forwarded between shards (the
+/// node's own count, printed when it stops); the same keys through the shared port are.
+#[test]
+fn blocking_shard_aware_client_sends_each_key_to_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &[]);
+    let mut c = ShardAwareClient::connect(server.addr, ClientConfig::default()).unwrap();
+    assert_eq!(c.hello().shards, 2);
+    assert_ne!(c.hello().shard_port_base, 0);
+    assert_eq!(c.shard_connection_count(), 2);
+    let pairs: Vec<(String, String)> = (0..400)
+        .map(|i| (format!("sa{i}"), format!("v{i}")))
+        .collect();
+    let on_shard: Vec<u16> = pairs
+        .iter()
+        .map(|(k, _)| c.shard_for_key(k.as_bytes()).unwrap())
+        .collect();
+    assert!(on_shard.contains(&0) && on_shard.contains(&1));
+    for r in c.put_many(&pairs) {
+        r.unwrap();
+    }
+    let keys: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+    for (r, (_, v)) in c.get_many(&keys).into_iter().zip(&pairs) {
+        assert_eq!(r.unwrap().values, vec![v.as_bytes().to_vec()]);
+    }
+    let v = c.get(b"sa7").unwrap();
+    c.put(b"sa7", b"new", Some(&v.context)).unwrap();
+    assert_eq!(c.get(b"sa7").unwrap().values, vec![b"new".to_vec()]);
+    let v = c.get(b"sa7").unwrap();
+    c.delete(b"sa7", Some(&v.context)).unwrap();
+    assert!(c.get(b"sa7").unwrap().is_empty());
+    drop(c);
+    assert!(server.stop().success());
+    let (requests, forwarded, _, _) = server.stopped_counts().expect("a stop line");
+    assert_eq!(
+        forwarded, 0,
+        "shard-aware requests reach their owner directly"
+    );
+    assert!(requests > 0);
+
+    // the same reads through a pool on the shared port: some cross to the other shard
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &[]);
+    let pool = Pool::new(server.addr, ClientConfig::default(), 4).unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (pool, pairs) = (&pool, &pairs);
+            scope.spawn(move || {
+                let mut c = pool.connection().unwrap();
+                for (k, v) in pairs.iter().skip(t).step_by(4) {
+                    if k == "sa7" {
+                        continue;
+                    }
+                    assert_eq!(
+                        c.get(k.as_bytes()).unwrap().values,
+                        vec![v.as_bytes().to_vec()]
+                    );
+                }
+            });
+        }
+    });
+    assert!(pool.open_count() <= 4);
+    drop(pool);
+    assert!(server.stop().success());
+    let (_, forwarded, _, _) = server.stopped_counts().expect("a stop line");
+    assert!(forwarded > 0, "keys of the other shard are forwarded");
+}
+
+/// The tokio shard-aware client and pool against a node with shard ports: many tasks
+/// at once, each key to its owning shard (nothing forwarded), a closed shard
+/// connection reopened.
+#[test]
+fn tokio_shard_aware_client_and_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &[]);
+    let addr = server.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pairs = rt.block_on(async move {
+        let client = AsyncShardAwareClient::connect(addr, ClientConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(client.shard_connection_count(), 2);
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40 {
+                    let key = format!("at{t}-{i}");
+                    client.put(key.as_bytes(), b"x", None).await.unwrap();
+                    let v = client.get(key.as_bytes()).await.unwrap();
+                    assert_eq!(v.values, vec![b"x".to_vec()]);
+                    if i % 10 == 0 {
+                        client
+                            .put(key.as_bytes(), b"y", Some(&v.context))
+                            .await
+                            .unwrap();
+                        assert_eq!(
+                            client.get(key.as_bytes()).await.unwrap().values,
+                            vec![b"y".to_vec()]
+                        );
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let pairs: Vec<(String, String)> = (0..300)
+            .map(|i| (format!("am{i}"), format!("v{i}")))
+            .collect();
+        for r in client.put_many(&pairs).await {
+            r.unwrap();
+        }
+        let keys: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+        for (r, (_, v)) in client.get_many(&keys).await.into_iter().zip(&pairs) {
+            assert_eq!(r.unwrap().values, vec![v.as_bytes().to_vec()]);
+        }
+        client.ping().await.unwrap();
+        pairs
+    });
+    assert!(server.stop().success());
+    let (_, forwarded, _, _) = server.stopped_counts().expect("a stop line");
+    assert_eq!(
+        forwarded, 0,
+        "shard-aware requests reach their owner directly"
+    );
+
+    // a pool of 3 connections on the shared port, shared by 12 tasks
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &[]);
+    let addr = server.addr;
+    rt.block_on(async move {
+        let pool = AsyncPool::new(addr, ClientConfig::default(), 3)
+            .await
+            .unwrap();
+        assert_eq!(pool.size(), 3);
+        let mut tasks = Vec::new();
+        for t in 0..12 {
+            let (pool, pairs) = (pool.clone(), pairs.clone());
+            tasks.push(tokio::spawn(async move {
+                for (k, v) in pairs.iter().skip(t).step_by(12) {
+                    let c = pool.client().await.unwrap();
+                    assert_eq!(
+                        c.get(k.as_bytes()).await.unwrap().values,
+                        vec![v.as_bytes().to_vec()]
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(pool.open_count(), 3);
+    });
+    assert!(server.stop().success());
+}
+
+#[test]
+fn cli_help_succeeds() {
+    for command in ["get", "put", "del", "ping", "status", "logdump"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ringkv {command} --help");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("usage"));
+    }
 }

@@ -71,6 +71,20 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
         key: &long_key,
     });
     assert_eq!(error_code(&f), Some(ErrorCode::KeyTooLong as u16));
+    // a value one byte over the 4 MiB limit, in a frame under the frame limit
+    let big_value = vec![b'v'; (4 << 20) + 1];
+    let (_, f) = c.call(Request::Put {
+        w: 0,
+        key: b"too-big",
+        context: b"",
+        value: &big_value,
+    });
+    assert_eq!(error_code(&f), Some(ErrorCode::ValueTooLarge as u16));
+    assert_eq!(
+        c.get(b"too-big").0,
+        Vec::<Vec<u8>>::new(),
+        "nothing written"
+    );
     // a garbage context
     let (_, f) = c.call(Request::Put {
         w: 0,
@@ -110,7 +124,20 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     garbage.send_bytes(&noise);
-    let _ = garbage.read_frame();
+    // an error frame (the first four bytes read as a length), then or instead a close
+    if let Some(f) = garbage.read_frame() {
+        let code = error_code(&f).expect("an ERROR frame");
+        assert!(
+            [
+                ErrorCode::BadRequest as u16,
+                ErrorCode::FrameTooLarge as u16,
+                ErrorCode::UnsupportedVersion as u16,
+                ErrorCode::UnknownOpcode as u16,
+            ]
+            .contains(&code),
+            "error code {code}"
+        );
+    }
 
     assert!(server.is_running(), "the server survived");
     good.put(b"after", b"2", b"");
@@ -152,25 +179,74 @@ fn half_a_frame_then_silence_is_closed_without_hurting_others() {
     assert!(server.stop().success());
 }
 
+/// 10,000 connections opened at once against 2 shards of 4,096 connections each (the
+/// default limit): every connection is either served or told `Unavailable` and closed,
+/// the limit holds, and the server keeps serving and keeps what it acknowledged.
 #[test]
 fn ten_thousand_connections_at_once() {
-    ringkv_engine::runtime::raise_nofile_limit(12_000);
+    const CONNECTIONS: usize = 10_000;
+    const PER_SHARD: usize = 4_096;
+    let files = ringkv_engine::runtime::raise_nofile_limit(CONNECTIONS as u64 + 2_000);
+    assert!(
+        files >= CONNECTIONS as u64 + 1_000,
+        "this test needs {} open files, the limit is {files}",
+        CONNECTIONS + 1_000
+    );
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
     let mut good = Raw::connect(server.addr);
     good.put(b"k", b"v", b"");
     let mut conns = Vec::new();
-    let mut refused = 0;
-    for _ in 0..10_000 {
-        match std::net::TcpStream::connect_timeout(&server.addr, Duration::from_secs(5)) {
+    let mut connect_errors = 0;
+    for _ in 0..CONNECTIONS {
+        match std::net::TcpStream::connect_timeout(&server.addr, Duration::from_secs(10)) {
             Ok(s) => conns.push(s),
-            Err(_) => refused += 1,
+            Err(_) => connect_errors += 1,
+        }
+    }
+    // every connection: a PING, then its answer: PONG (served) or ERROR Unavailable with
+    // request id 0 (over the limit), or a close without a frame (refused before the PING
+    // could be answered)
+    let (mut served, mut refused, mut closed) = (0usize, 0usize, 0usize);
+    for conn in &mut conns {
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut ping = Vec::new();
+        Request::Ping.encode(1, &mut ping);
+        let _ = std::io::Write::write_all(conn, &ping);
+        let mut raw = Raw::from_stream(conn.try_clone().unwrap());
+        match raw.read_frame() {
+            Some(f) => match ringkv_net::protocol::Reply::parse(&f)
+                .expect("a valid frame")
+                .1
+            {
+                ringkv_net::protocol::Reply::Pong => served += 1,
+                ringkv_net::protocol::Reply::Error { code, .. } => {
+                    assert_eq!(code, ErrorCode::Unavailable as u16);
+                    assert_eq!(common::header_of(&f).request_id, 0);
+                    refused += 1;
+                }
+                other => panic!("unexpected reply {other:?}"),
+            },
+            None => closed += 1,
         }
     }
     println!(
-        "10,000 connection attempts: {} open, {refused} refused",
+        "{CONNECTIONS} connection attempts: {} open ({served} served, {refused} refused \
+         with an error, {closed} closed), {connect_errors} failed to connect",
         conns.len()
     );
+    assert!(
+        connect_errors <= CONNECTIONS / 100,
+        "{connect_errors} connects failed"
+    );
+    assert_eq!(served + refused + closed, conns.len());
+    assert!(served <= 2 * PER_SHARD, "{served} served over the limit");
+    assert!(
+        served >= PER_SHARD,
+        "at least one shard's worth is served: {served}"
+    );
+    assert!(refused + closed >= conns.len() - 2 * PER_SHARD);
     assert!(server.is_running());
     // the server still answers, on an old connection and a new one
     assert!(good.ping());
@@ -178,6 +254,124 @@ fn ten_thousand_connections_at_once() {
     drop(conns);
     let mut fresh = Raw::connect(server.addr);
     assert!(fresh.ping());
+    assert!(server.stop().success());
+    let (_, _, _, refused_by_node) = server.stopped_counts().expect("a stop line");
+    assert_eq!(refused_by_node as usize, refused + closed);
+}
+
+/// The per-connection in-flight limit and the per-shard connection limit, set low in
+/// the config file: a request over the first gets `TooManyInFlight` and is not run; a
+/// connection over the second gets `Unavailable` and is closed; the idle timeout closes
+/// a silent connection while a busy one stays.
+#[test]
+fn configured_limits_are_enforced_with_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ringkv.toml");
+    std::fs::write(
+        &config,
+        "in_flight_per_connection_max = 1\nconnections_per_shard_max = 3\nidle_timeout_ms = 60000\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let config_arg = config.to_str().unwrap();
+    let mut server = Server::start(
+        &data,
+        &[
+            "--config",
+            config_arg,
+            "--shards",
+            "1",
+            "--durability",
+            "sync",
+        ],
+    );
+    // 20 puts in one write: the first waits for its group commit while the others are
+    // read in the same step, so those over the limit of 1 are refused
+    let mut c = Raw::connect(server.addr);
+    let mut batch = Vec::new();
+    for i in 0..20u64 {
+        let key = format!("f{i}");
+        Request::Put {
+            w: 0,
+            key: key.as_bytes(),
+            context: b"",
+            value: b"v",
+        }
+        .encode(i + 1, &mut batch);
+    }
+    c.send_bytes(&batch);
+    let (mut done, mut refused) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let f = c.read_frame().expect("a reply for every request");
+        let id = common::header_of(&f).request_id - 1;
+        match error_code(&f) {
+            None => done.push(id),
+            Some(code) if code == ErrorCode::TooManyInFlight as u16 => refused.push(id),
+            Some(code) => panic!("error code {code}"),
+        }
+    }
+    assert!(
+        !done.is_empty() && !refused.is_empty(),
+        "{done:?} {refused:?}"
+    );
+    for i in done {
+        assert_eq!(c.get(format!("f{i}").as_bytes()).0, vec![b"v".to_vec()]);
+    }
+    for i in refused {
+        assert!(
+            c.get(format!("f{i}").as_bytes()).0.is_empty(),
+            "f{i} not run"
+        );
+    }
+    // connections: `c` and two more are served, a fourth is refused and closed
+    let mut second = Raw::connect(server.addr);
+    let mut third = Raw::connect(server.addr);
+    assert!(second.ping() && third.ping());
+    let mut fourth = Raw::connect(server.addr);
+    let f = fourth.read_frame().expect("an error frame");
+    assert_eq!(error_code(&f), Some(ErrorCode::Unavailable as u16));
+    assert_eq!(common::header_of(&f).request_id, 0);
+    assert!(fourth.read_frame().is_none(), "then closed");
+    // once one closes, a new connection is served
+    drop(third);
+    let mut fifth = None;
+    for _ in 0..100 {
+        let mut r = Raw::connect(server.addr);
+        let mut ping = Vec::new();
+        Request::Ping.encode(1, &mut ping);
+        r.send_bytes(&ping);
+        if let Some(f) = r.read_frame() {
+            if error_code(&f).is_none() {
+                fifth = Some(r);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(fifth.is_some(), "a freed connection slot is reused");
+    assert!(c.ping() && second.ping());
+    drop((c, second, fifth));
+    assert!(server.stop().success());
+
+    // the idle timeout
+    std::fs::write(&config, "idle_timeout_ms = 300\n").unwrap();
+    let mut server = Server::start(&data, &["--config", config_arg]);
+    let mut idle = Raw::connect(server.addr);
+    let mut busy = Raw::connect(server.addr);
+    for _ in 0..20 {
+        assert!(busy.ping(), "a busy connection stays open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    idle.stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        idle.stream.read(&mut byte).unwrap_or(0),
+        0,
+        "the idle one was closed"
+    );
+    assert!(busy.ping());
     assert!(server.stop().success());
 }
 

@@ -7,28 +7,68 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+}
 
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Lines the server printed on stdout after "listening" (kept by a drain thread).
+    pub stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
+    /// A node with 2 shards and no shard ports (tests run in parallel: fixed ports
+    /// would collide), on a free client port.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["--shard-port-base", "0", "--shards", "2"];
+        args.extend_from_slice(extra);
+        Server::try_start(data_dir, &args).expect("server exited before it was ready")
+    }
+
+    /// A node with `shards` shards and shard ports: a free-looking range of ports is
+    /// picked and the start retried (bounded) if another process takes one first.
+    pub fn start_with_shard_ports(data_dir: &Path, shards: u16, extra: &[&str]) -> Server {
+        let seed = std::process::id() as u64 ^ now_nanos();
+        for attempt in 0..20u64 {
+            let base =
+                20_000 + ((seed.wrapping_mul(6364136223846793005) >> 33) + attempt * 977) % 40_000;
+            let base = base as u16;
+            let free =
+                (0..shards).all(|s| std::net::TcpListener::bind(("127.0.0.1", base + s)).is_ok());
+            if !free {
+                continue;
+            }
+            let (base_arg, shards_arg) = (base.to_string(), shards.to_string());
+            let mut args = vec![
+                "--shard-port-base",
+                base_arg.as_str(),
+                "--shards",
+                shards_arg.as_str(),
+            ];
+            args.extend_from_slice(extra);
+            if let Some(server) = Server::try_start(data_dir, &args) {
+                return server;
+            }
+        }
+        panic!("no free range of {shards} shard ports found in 20 tries");
+    }
+
+    /// Starts `ringkv server --data-dir DIR --listen 127.0.0.1:0 ARGS`; `None` if it exits
+    /// before printing its "listening" line.
+    pub fn try_start(data_dir: &Path, args: &[&str]) -> Option<Server> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
             .args(["server", "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--shard-port-base",
-                "0",
-                "--shards",
-                "2",
-            ])
-            .args(extra)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -43,16 +83,55 @@ impl Server {
                         break addr.parse().expect("address");
                     }
                 }
-                _ => panic!("server exited before it was ready"),
+                _ => {
+                    let _ = child.wait();
+                    return None;
+                }
             }
         };
         // keep draining stdout so the server never blocks on it
-        std::thread::spawn(move || for _ in lines {});
-        Server {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let sink = kept.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Some(Server {
             child,
             addr,
             data_dir: data_dir.to_path_buf(),
+            stdout: kept,
+        })
+    }
+
+    /// The counts of the "ringkv stopped: ..." line, once the server stopped cleanly:
+    /// (requests, forwarded, connections accepted, connections refused).
+    pub fn stopped_counts(&self) -> Option<(u64, u64, u64, u64)> {
+        // the drain thread may still be taking the last line (bounded wait)
+        for _ in 0..100 {
+            let lines = self.stdout.lock().unwrap();
+            if let Some(line) = lines.iter().find(|l| l.starts_with("ringkv stopped: ")) {
+                let numbers: Vec<u64> = line
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                return match numbers[..] {
+                    [requests, forwarded, accepted, refused] => {
+                        Some((requests, forwarded, accepted, refused))
+                    }
+                    _ => panic!("unexpected stop line {line:?}"),
+                };
+            }
+            drop(lines);
+            std::thread::sleep(Duration::from_millis(20));
         }
+        None
+    }
+
+    /// SIGINT, then wait for a clean exit (bounded).
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        self.signal_and_wait(libc::SIGINT)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -66,8 +145,12 @@ impl Server {
 
     /// SIGTERM, then wait for a clean exit (bounded).
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal_and_wait(libc::SIGTERM)
+    }
+
+    fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         for _ in 0..300 {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
@@ -75,7 +158,7 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.kill();
-        panic!("server did not stop within 15 s of SIGTERM");
+        panic!("server did not stop within 15 s of signal {signal}");
     }
 }
 
@@ -98,6 +181,11 @@ impl Raw {
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         stream.set_nodelay(true).unwrap();
+        Raw { stream, next_id: 1 }
+    }
+
+    /// A raw connection over a stream the caller opened (its timeouts as they are).
+    pub fn from_stream(stream: TcpStream) -> Raw {
         Raw { stream, next_id: 1 }
     }
 
