@@ -5,7 +5,10 @@
 //! fails every waiting request at once (so the caller's failure detector hears about it
 //! promptly) and reconnects with exponential backoff. While the peer is known to be down
 //! (between a failed connect and the next attempt) calls fail fast instead of queueing.
-//! Both the queue and the number of waiting requests are bounded.
+//! Both the queue and the number of requests outstanding are bounded: a call waits
+//! (within its timeout) for a free place when `pending_max` requests are outstanding, and
+//! a request that timed out stays counted until its reply arrives or the connection
+//! drops, so the link never has more outstanding at the peer than the peer accepts.
 
 use crate::notify::Notify;
 use crate::protocol::{check_frame, header};
@@ -21,8 +24,9 @@ use thiserror::Error;
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
     pub connect_timeout: Duration,
-    /// Requests waiting for a reply, at most: no more than the peer's in-flight limit
-    /// per connection, which refuses the rest (`TooManyInFlight`).
+    /// Requests outstanding (sent or queued, reply not yet in), at most: no more than
+    /// the peer's in-flight limit per connection, which refuses the rest
+    /// (`TooManyInFlight`). A call over it waits for a reply to free a place.
     pub pending_max: usize,
     /// Encoded bytes waiting to be written, at most (a single larger frame is still
     /// accepted when the queue is empty).
@@ -49,7 +53,7 @@ impl Default for LinkConfig {
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum LinkError {
-    #[error("the link to {0} is full (too many requests waiting)")]
+    #[error("the link to {0} is full (too many bytes waiting to be sent)")]
     QueueFull(String),
     #[error("{addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
@@ -79,7 +83,10 @@ struct Inner {
     addr: RefCell<String>,
     config: LinkConfig,
     queue: RefCell<Vec<u8>>,
+    /// Requests sent or queued whose reply has not come, timed-out ones included.
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
+    /// A place in `pending` came free.
+    freed: Notify,
     next_id: Cell<u64>,
     wake: Notify,
     state: Cell<State>,
@@ -102,6 +109,7 @@ impl PeerLink {
             config,
             queue: RefCell::default(),
             pending: RefCell::default(),
+            freed: Notify::default(),
             next_id: Cell::new(1),
             wake: Notify::default(),
             state: Cell::new(State::Connecting),
@@ -141,27 +149,47 @@ impl PeerLink {
     }
 
     /// Sends one request, built by `build(request_id, out)` (it must append exactly one
-    /// frame carrying that request id), and waits up to `timeout` for its reply frame.
+    /// frame carrying that request id), and waits up to `timeout` for its reply frame;
+    /// the wait includes waiting for a place when `pending_max` requests are
+    /// outstanding. A request that times out stays outstanding (its place is freed by
+    /// its reply, or by the connection dropping).
     pub async fn call(
         &self,
         timeout: Duration,
         build: impl FnOnce(u64, &mut Vec<u8>),
     ) -> Result<Vec<u8>, LinkError> {
         let inner = &self.inner;
-        if inner.closed.get() {
-            return Err(LinkError::Closed);
-        }
-        if let State::Down { retry_at } = inner.state.get() {
-            if Instant::now() < retry_at {
-                return Err(self.unreachable());
+        let deadline = Instant::now() + timeout;
+        // bounded by the deadline: each pass waits for a freed place or fails
+        loop {
+            if inner.closed.get() {
+                return Err(LinkError::Closed);
             }
-        }
-        {
-            let queue = inner.queue.borrow();
-            if inner.pending.borrow().len() >= inner.config.pending_max
-                || (!queue.is_empty() && queue.len() >= inner.config.queue_bytes_max)
+            if let State::Down { retry_at } = inner.state.get() {
+                if Instant::now() < retry_at {
+                    return Err(self.unreachable());
+                }
+            }
             {
-                return Err(LinkError::QueueFull(self.addr()));
+                let queue = inner.queue.borrow();
+                if !queue.is_empty() && queue.len() >= inner.config.queue_bytes_max {
+                    return Err(LinkError::QueueFull(self.addr()));
+                }
+            }
+            if inner.pending.borrow().len() < inner.config.pending_max {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let freed = glommio::timer::timeout(left, async {
+                inner.freed.wait().await;
+                Ok(())
+            })
+            .await;
+            if freed.is_err() {
+                return Err(LinkError::Timeout {
+                    addr: self.addr(),
+                    after: timeout,
+                });
             }
         }
         let id = inner.next_id.get();
@@ -170,16 +198,15 @@ impl PeerLink {
         let slot = Rc::new(Slot::default());
         inner.pending.borrow_mut().insert(id, slot.clone());
         inner.wake.notify_all();
-        let waited = glommio::timer::timeout(timeout, async {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = glommio::timer::timeout(left, async {
             while slot.reply.borrow().is_none() {
                 slot.done.wait().await;
             }
             Ok(())
         })
         .await;
-        inner.pending.borrow_mut().remove(&id);
         let reply = slot.reply.borrow_mut().take();
-        let _ = waited;
         match reply {
             Some(reply) => reply,
             None => Err(LinkError::Timeout {
@@ -187,6 +214,11 @@ impl PeerLink {
                 after: timeout,
             }),
         }
+    }
+
+    /// Requests outstanding now (timed-out ones whose reply has not come included).
+    pub fn outstanding(&self) -> usize {
+        self.inner.pending.borrow().len()
     }
 
     fn unreachable(&self) -> LinkError {
@@ -214,6 +246,7 @@ fn fail_all(inner: &Inner, error: LinkError) {
         *slot.reply.borrow_mut() = Some(Err(error.clone()));
         slot.done.notify_all();
     }
+    inner.freed.notify_all();
 }
 
 async fn connection_task(inner: Rc<Inner>) {
@@ -310,6 +343,7 @@ async fn run_connection(inner: &Rc<Inner>, stream: TcpStream, addr: &str) -> Str
                         if let Some(slot) = inner.pending.borrow_mut().remove(&id) {
                             *slot.reply.borrow_mut() = Some(Ok(frame.to_vec()));
                             slot.done.notify_all();
+                            inner.freed.notify_all();
                         }
                         at += len;
                     }

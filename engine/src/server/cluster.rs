@@ -606,7 +606,10 @@ impl Shard {
                 Ok(())
             }
             Err(e) => {
-                self.cluster.fd.borrow_mut().handle_unanswered(now_ms(), to);
+                // a full link says nothing of the peer's health (as in `call_peer`)
+                if !matches!(e, LinkError::QueueFull(_)) {
+                    self.cluster.fd.borrow_mut().handle_unanswered(now_ms(), to);
+                }
                 // the coordinator may have written before the link failed
                 let code = match protocol::header(frame).opcode {
                     protocol::opcode::GET => ErrorCode::Unavailable,

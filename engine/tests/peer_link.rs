@@ -1,0 +1,127 @@
+//! The peer link against a slow fake peer: it never has more than `pending_max`
+//! requests outstanding at the peer (a call over the limit waits for a place instead of
+//! failing), and a request that timed out keeps its place until its reply comes.
+
+use ringkv_engine::runtime::run_local;
+use ringkv_net::link::{LinkConfig, LinkError, PeerLink};
+use ringkv_net::protocol::{check_frame, encode, header, Request};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// A peer that answers every PING with a PONG `delay` after the previous answer, one at
+/// a time, and records the most requests it ever held unanswered.
+struct SlowPeer {
+    addr: String,
+    most_unanswered: Arc<AtomicUsize>,
+}
+
+fn slow_peer(delay: Duration) -> SlowPeer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let most_unanswered = Arc::new(AtomicUsize::new(0));
+    let most = most_unanswered.clone();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let unanswered = Arc::new(AtomicUsize::new(0));
+        let (ids, to_answer) = mpsc::channel::<u64>();
+        let mut writer: TcpStream = stream.try_clone().unwrap();
+        let answering = unanswered.clone();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for id in to_answer {
+                std::thread::sleep(delay);
+                out.clear();
+                encode::pong(&mut out, id);
+                // the count drops before the reply can reach the link
+                answering.fetch_sub(1, Ordering::SeqCst);
+                if writer.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut reader = stream;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // ends when the link closes the connection
+        loop {
+            let n = match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Some(len)) = check_frame(&buf, 1 << 20) {
+                let id = header(&buf[..len]).request_id;
+                buf.drain(..len);
+                let now = unanswered.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                if ids.send(id).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    SlowPeer {
+        addr,
+        most_unanswered,
+    }
+}
+
+fn config(pending_max: usize) -> LinkConfig {
+    LinkConfig {
+        pending_max,
+        ..LinkConfig::default()
+    }
+}
+
+#[test]
+fn calls_over_the_limit_wait_for_a_place() {
+    let peer = slow_peer(Duration::from_millis(30));
+    let addr = peer.addr.clone();
+    let results = run_local(move || async move {
+        let link = std::rc::Rc::new(PeerLink::spawn(&addr, config(2)));
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let link = link.clone();
+                glommio::spawn_local(async move {
+                    link.call(Duration::from_secs(10), |id, out| {
+                        Request::Ping.encode(id, out)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await);
+        }
+        results
+    });
+    for result in &results {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    let most = peer.most_unanswered.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&most), "the peer held {most} unanswered");
+}
+
+#[test]
+fn a_timed_out_call_keeps_its_place_until_its_reply() {
+    let peer = slow_peer(Duration::from_millis(300));
+    let addr = peer.addr.clone();
+    run_local(move || async move {
+        let link = PeerLink::spawn(&addr, config(1));
+        let ping = |id, out: &mut Vec<u8>| Request::Ping.encode(id, out);
+        let first = link.call(Duration::from_millis(50), ping).await;
+        assert!(matches!(first, Err(LinkError::Timeout { .. })), "{first:?}");
+        assert_eq!(link.outstanding(), 1, "still outstanding at the peer");
+        // the next call waits for the first reply, then gets its own
+        let second = link.call(Duration::from_secs(10), ping).await;
+        assert!(second.is_ok(), "{second:?}");
+        assert_eq!(link.outstanding(), 0);
+    });
+    assert_eq!(peer.most_unanswered.load(Ordering::SeqCst), 1);
+}
