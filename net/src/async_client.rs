@@ -29,7 +29,7 @@ use tokio::time::timeout;
 
 use crate::client::{
     accept_hello, check_request, settle, ClientConfig, ClientError, Context, Expect, OwnedReply,
-    PutOutcome, ReplyBuffer, Response, Routing, Versions,
+    PutOutcome, ReplyBuffer, Response, Routing, ShardSlot, Versions,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -561,7 +561,8 @@ impl AsyncPool {
 /// to shard `partition_for_key(key, partitions) % shards`. Without shard ports (or when a
 /// shard cannot be reached) requests go through the main connection, and the server
 /// forwards them. A closed connection is reopened before the next request that needs it
-/// (a request that failed is never resent). Clones share the connections; every method
+/// (a request that failed is never resent); a shard connection that could not be opened
+/// is tried again at most once a second. Clones share the connections; every method
 /// takes `&self`, so any number of tasks use it at once.
 #[derive(Clone)]
 pub struct AsyncShardAwareClient {
@@ -575,9 +576,9 @@ struct ShardAwareInner {
     main_peer: SocketAddr,
     main: tokio::sync::Mutex<AsyncClient>,
     routing: Option<Routing>,
-    /// One per shard when routing; `None`: that shard is reached through `main` from
-    /// then on.
-    shards: Vec<tokio::sync::Mutex<Option<AsyncClient>>>,
+    /// One per shard when routing; without a client, that shard is reached through
+    /// `main`.
+    shards: Vec<tokio::sync::Mutex<ShardSlot<AsyncClient>>>,
 }
 
 impl fmt::Debug for AsyncShardAwareClient {
@@ -610,7 +611,7 @@ impl AsyncShardAwareClient {
         if let Some(routing) = routing {
             for s in 0..routing.shards() {
                 let client = connect_shard(&main_hello, main_peer, &config, s).await;
-                shards.push(tokio::sync::Mutex::new(client));
+                shards.push(tokio::sync::Mutex::new(ShardSlot::new(client)));
             }
         }
         Ok(AsyncShardAwareClient {
@@ -642,7 +643,7 @@ impl AsyncShardAwareClient {
         self.inner
             .shards
             .iter()
-            .filter(|slot| slot.try_lock().is_ok_and(|c| c.is_some()))
+            .filter(|slot| slot.try_lock().is_ok_and(|c| c.client.is_some()))
             .count()
     }
 
@@ -653,17 +654,19 @@ impl AsyncShardAwareClient {
         }
     }
 
-    /// The connection for `route`, reopening it if it closed. A shard connection that
-    /// cannot be reopened is dropped: that shard is reached through the main connection
-    /// from then on.
+    /// The connection for `route`, reopening it if it closed. While a shard connection
+    /// cannot be reopened (tried at most once a second), that shard's keys go through
+    /// the main connection.
     async fn connection(&self, route: Route) -> Result<AsyncClient, ClientError> {
         let inner = &*self.inner;
         if let Route::Shard(s) = route {
             let mut slot = inner.shards[usize::from(s)].lock().await;
-            if slot.as_ref().is_some_and(AsyncClient::is_closed) {
-                *slot = connect_shard(&inner.main_hello, inner.main_peer, &inner.config, s).await;
+            if slot.should_reopen(AsyncClient::is_closed) {
+                let client =
+                    connect_shard(&inner.main_hello, inner.main_peer, &inner.config, s).await;
+                slot.reopened(client);
             }
-            if let Some(client) = &*slot {
+            if let Some(client) = &slot.client {
                 return Ok(client.clone());
             }
         }

@@ -1169,6 +1169,42 @@ impl Drop for PooledClient<'_> {
     }
 }
 
+/// How long a client waits before trying again to open a shard connection that could
+/// not be opened; meanwhile that shard's keys go through the main connection.
+pub(crate) const SHARD_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A shard-aware client's connection to one shard: open, or when to try again.
+#[derive(Debug)]
+pub(crate) struct ShardSlot<C> {
+    pub(crate) client: Option<C>,
+    /// With no client: no new attempt before this.
+    pub(crate) retry_at: Instant,
+}
+
+impl<C> ShardSlot<C> {
+    pub(crate) fn new(client: Option<C>) -> Self {
+        ShardSlot {
+            client,
+            retry_at: Instant::now() + SHARD_RETRY_INTERVAL,
+        }
+    }
+
+    /// Whether to try to open the connection now: it is missing or `broken`, and any
+    /// earlier failed attempt is at least `SHARD_RETRY_INTERVAL` old.
+    pub(crate) fn should_reopen(&self, broken: impl Fn(&C) -> bool) -> bool {
+        match &self.client {
+            Some(client) => broken(client),
+            None => Instant::now() >= self.retry_at,
+        }
+    }
+
+    /// Records the outcome of an attempt to (re)open the connection.
+    pub(crate) fn reopened(&mut self, client: Option<C>) {
+        self.client = client;
+        self.retry_at = Instant::now() + SHARD_RETRY_INTERVAL;
+    }
+}
+
 /// How keys map to shards, from a HELLO_OK that allows shard routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Routing {
@@ -1219,16 +1255,18 @@ impl Routing {
 
 /// A client that sends each key to the shard owning it: after the first HELLO it opens
 /// one connection per shard, to `shard_port_base + s` on the same host, and routes a key
-/// to shard `partition_for_key(key, partitions) % shards`. Without shard ports (or when a
+/// to shard `partition_for_key(key, partitions) % shards`. Without shard ports (or while a
 /// shard cannot be reached) requests go through the main connection, and the server
-/// forwards them. Broken connections are reopened before the next request (a request that
-/// failed is never resent).
+/// forwards them. Broken connections are reopened before the next request that needs
+/// them (a request that failed is never resent); a shard connection that could not be
+/// opened is tried again at most once a second.
 #[derive(Debug)]
 pub struct ShardAwareClient {
     main: Client,
     main_addrs: Vec<SocketAddr>,
-    /// One per shard when routing; `None`: that shard is reached through `main`.
-    shards: Vec<Option<Client>>,
+    /// One per shard when routing; without a client, that shard is reached through
+    /// `main`.
+    shards: Vec<ShardSlot<Client>>,
     routing: Option<Routing>,
 }
 
@@ -1255,7 +1293,7 @@ impl ShardAwareClient {
         };
         if let Some(routing) = routing {
             client.shards = (0..routing.shards)
-                .map(|s| client.connect_shard(s))
+                .map(|s| ShardSlot::new(client.connect_shard(s)))
                 .collect();
         }
         Ok(client)
@@ -1281,27 +1319,27 @@ impl ShardAwareClient {
 
     /// Shard connections open (0 without shard routing).
     pub fn shard_connection_count(&self) -> usize {
-        self.shards.iter().filter(|c| c.is_some()).count()
+        self.shards.iter().filter(|c| c.client.is_some()).count()
     }
 
     fn route(&self, key: &[u8]) -> Route {
         match self.shard_for_key(key) {
-            Some(s) if matches!(self.shards.get(usize::from(s)), Some(Some(_))) => Route::Shard(s),
-            _ => Route::Main,
+            Some(s) => Route::Shard(s),
+            None => Route::Main,
         }
     }
 
-    /// The connection for `route`, reopening it if it broke. A shard that cannot be
-    /// reopened is reached through the main connection from then on.
+    /// The connection for `route`, reopening it if it broke. While a shard cannot be
+    /// reopened (tried at most once a second), its keys go through the main connection.
     fn connection(&mut self, route: Route) -> Result<&mut Client, ClientError> {
         if let Route::Shard(s) = route {
             let s_index = usize::from(s);
-            let broken = matches!(&self.shards[s_index], Some(c) if c.is_broken());
-            if broken {
-                self.shards[s_index] = self.connect_shard(s);
+            if self.shards[s_index].should_reopen(Client::is_broken) {
+                let client = self.connect_shard(s);
+                self.shards[s_index].reopened(client);
             }
-            if self.shards[s_index].is_some() {
-                return Ok(self.shards[s_index].as_mut().expect("checked"));
+            if self.shards[s_index].client.is_some() {
+                return Ok(self.shards[s_index].client.as_mut().expect("checked"));
             }
         }
         if self.main.is_broken() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ringkv_net::async_client::{AsyncClient, AsyncPool, AsyncShardAwareClient};
 use ringkv_net::client::{ClientConfig, ClientError, ServerCode};
 use ringkv_net::protocol::{begin_frame, encode, end_frame, opcode, ErrorCode};
-use support::{hello_ok, serve_one, FakeConn, FakeNode, Req};
+use support::{hello_ok, serve_kv_listener, serve_one, FakeConn, FakeNode, Req};
 
 /// Joins a fake server thread without blocking the runtime (which must go on running so
 /// the dropped client's tasks end and close the socket the server waits on).
@@ -367,4 +367,46 @@ async fn pool_opens_connections_on_use_and_reopens_closed_ones() {
     assert_eq!(pool.open_count(), 3);
     let c = pool.client().await.unwrap();
     assert_eq!(c.get(b"k5").await.unwrap().values, vec![b"v".to_vec()]);
+}
+
+/// A shard port that does not answer at connect time: its keys go through the main
+/// connection; once the shard listens, the client opens it (after the retry interval)
+/// and sends that shard's keys there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_aware_client_opens_a_shard_that_comes_up_later() {
+    let shard_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let shard_port = shard_listener.local_addr().unwrap().port();
+    drop(shard_listener);
+    let main_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = main_listener.local_addr().unwrap();
+    let mut hello = hello_ok(8);
+    hello.shards = 1;
+    hello.shard = 0;
+    hello.shard_port_base = shard_port;
+    let main_seen = serve_kv_listener(main_listener, hello);
+    let client = AsyncShardAwareClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(client.shard_connection_count(), 0);
+    client.put(b"a", b"1", None).await.unwrap();
+    assert_eq!(
+        main_seen.lock().unwrap().len(),
+        1,
+        "through the main connection"
+    );
+    // the shard comes up (the port may have been taken meanwhile: then skip)
+    let Ok(shard_listener) = std::net::TcpListener::bind(("127.0.0.1", shard_port)) else {
+        eprintln!("shard port taken by another process; skipped");
+        return;
+    };
+    let shard_seen = serve_kv_listener(shard_listener, hello);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.put(b"b", b"2", None).await.unwrap();
+    assert_eq!(client.shard_connection_count(), 1);
+    assert_eq!(
+        shard_seen.lock().unwrap().len(),
+        1,
+        "through the shard port"
+    );
+    assert_eq!(main_seen.lock().unwrap().len(), 1);
 }

@@ -547,3 +547,41 @@ fn shard_aware_client_falls_back_to_the_main_connection() {
     drop(client);
     server.join().unwrap();
 }
+
+/// A shard port that does not answer at connect time is tried again (at most once a
+/// second) and used once it answers.
+#[test]
+fn shard_aware_client_opens_a_shard_that_comes_up_later() {
+    let shard_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let shard_port = shard_listener.local_addr().unwrap().port();
+    drop(shard_listener);
+    let main_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = main_listener.local_addr().unwrap();
+    let mut hello = hello_ok(8);
+    hello.shards = 1;
+    hello.shard = 0;
+    hello.shard_port_base = shard_port;
+    let main_seen = support::serve_kv_listener(main_listener, hello);
+    let mut client = ShardAwareClient::connect(addr, config()).unwrap();
+    assert_eq!(client.shard_connection_count(), 0);
+    client.put(b"a", b"1", None).unwrap();
+    assert_eq!(
+        main_seen.lock().unwrap().len(),
+        1,
+        "through the main connection"
+    );
+    let Ok(shard_listener) = std::net::TcpListener::bind(("127.0.0.1", shard_port)) else {
+        eprintln!("shard port taken by another process; skipped");
+        return;
+    };
+    let shard_seen = support::serve_kv_listener(shard_listener, hello);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    client.put(b"b", b"2", None).unwrap();
+    assert_eq!(client.shard_connection_count(), 1);
+    assert_eq!(
+        shard_seen.lock().unwrap().len(),
+        1,
+        "through the shard port"
+    );
+    assert_eq!(main_seen.lock().unwrap().len(), 1);
+}

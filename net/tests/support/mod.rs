@@ -251,6 +251,15 @@ impl FakeNode {
     }
 }
 
+/// Serves `listener` as a key-value node answering HELLO with `hello`; returns what it
+/// sees.
+#[allow(dead_code)]
+pub fn serve_kv_listener(listener: TcpListener, hello: HelloOk) -> Seen {
+    let seen: Seen = Arc::default();
+    spawn_listener(listener, hello, seen.clone(), Arc::default());
+    seen
+}
+
 fn spawn_listener(listener: TcpListener, hello: HelloOk, seen: Seen, store: Store) {
     std::thread::spawn(move || {
         for stream in listener.incoming().take(FAKE_NODE_CONNECTIONS_MAX) {
