@@ -252,11 +252,29 @@ fn ten_thousand_connections_at_once() {
     assert!(good.ping());
     assert_eq!(good.get(b"k").0, vec![b"v".to_vec()]);
     drop(conns);
-    let mut fresh = Raw::connect(server.addr);
-    assert!(fresh.ping());
+    // a new connection is served once the shards have seen the old ones close (bounded)
+    let mut late_refusals = 0;
+    let served_again = (0..200).any(|_| {
+        let mut fresh = Raw::connect(server.addr);
+        let mut ping = Vec::new();
+        Request::Ping.encode(1, &mut ping);
+        fresh.send_bytes(&ping);
+        match fresh.read_frame() {
+            Some(f) if error_code(&f).is_none() => true,
+            _ => {
+                late_refusals += 1;
+                std::thread::sleep(Duration::from_millis(25));
+                false
+            }
+        }
+    });
+    assert!(
+        served_again,
+        "a new connection is served after the others closed"
+    );
     assert!(server.stop().success());
     let (_, _, _, refused_by_node) = server.stopped_counts().expect("a stop line");
-    assert_eq!(refused_by_node as usize, refused + closed);
+    assert_eq!(refused_by_node as usize, refused + closed + late_refusals);
 }
 
 /// The per-connection in-flight limit and the per-shard connection limit, set low in
@@ -366,11 +384,11 @@ fn configured_limits_are_enforced_with_errors() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let mut byte = [0u8; 1];
-    assert_eq!(
-        idle.stream.read(&mut byte).unwrap_or(0),
-        0,
-        "the idle one was closed"
-    );
+    match idle.stream.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the idle connection was not closed: {other:?}"),
+    }
     assert!(busy.ping());
     assert!(server.stop().success());
 }

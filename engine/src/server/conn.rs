@@ -367,7 +367,9 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
         return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
     }
     if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
-        // the limit HELLO_OK announced: a client that keeps to it never sees this
+        // the count HELLO_OK announced: a client that keeps to it is never refused for
+        // it (the server stops counting a request before the client does); the bytes
+        // limit below is separate
         return refuse(
             ErrorCode::TooManyInFlight,
             &format!(
