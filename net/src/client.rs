@@ -1292,7 +1292,7 @@ impl ShardAwareClient {
             routing,
         };
         if let Some(routing) = routing {
-            client.shards = (0..routing.shards)
+            client.shards = (0..routing.shards())
                 .map(|s| ShardSlot::new(client.connect_shard(s)))
                 .collect();
         }
