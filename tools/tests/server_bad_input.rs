@@ -277,6 +277,54 @@ fn ten_thousand_connections_at_once() {
     assert_eq!(refused_by_node as usize, refused + closed + late_refusals);
 }
 
+/// Requests within the announced count but carrying more bytes than the server keeps
+/// running per connection (4 frame limits: here 80 puts of 1 MiB against a 4 MiB frame
+/// limit; on the shared port half of them cross to the other shard, as tasks) wait in
+/// the socket instead of failing.
+#[test]
+fn many_large_pipelined_puts_wait_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut c = Raw::connect(server.addr);
+    c.stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let value = vec![b'x'; 1 << 20];
+    const PUTS: u64 = 80;
+    // written from another thread while this one reads, so neither side's buffers fill
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..PUTS {
+            let key = format!("big{i}");
+            let mut frame = Vec::new();
+            Request::Put {
+                w: 0,
+                key: key.as_bytes(),
+                context: b"",
+                value: &value,
+            }
+            .encode(i + 1, &mut frame);
+            std::io::Write::write_all(&mut writer, &frame).unwrap();
+        }
+    });
+    for _ in 0..PUTS {
+        let f = c.read_frame().expect("a reply for every put");
+        assert_eq!(
+            error_code(&f),
+            None,
+            "put {} refused",
+            common::header_of(&f).request_id
+        );
+    }
+    sender.join().unwrap();
+    for i in (0..PUTS).step_by(7) {
+        let (values, _) = c.get(format!("big{i}").as_bytes());
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0].len(), 1 << 20);
+    }
+    assert!(server.stop().success());
+}
+
 /// The per-connection in-flight limit and the per-shard connection limit, set low in
 /// the config file: a request over the first gets `TooManyInFlight` and is not run; a
 /// connection over the second gets `Unavailable` and is closed; the idle timeout closes

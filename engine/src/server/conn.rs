@@ -104,6 +104,10 @@ impl Held {
 /// next dispatch).
 const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 
+/// Request bytes that requests running as tasks may hold per connection, in frame
+/// limits (each such request keeps a copy of its frame).
+const IN_FLIGHT_FRAMES_OF_BYTES: usize = 4;
+
 impl Output {
     fn pending_bytes(&self) -> usize {
         self.buf.borrow().len() + self.sending_bytes.get() + self.held.borrow().bytes.len()
@@ -116,6 +120,14 @@ impl Output {
     fn can_dispatch(&self, budget: usize) -> bool {
         let running = self.in_flight.get() - self.held.borrow().replies.len();
         self.pending_bytes() + running * REPLY_BYTES_ESTIMATE <= budget
+    }
+
+    /// Whether a request frame of `len` bytes may start now: the frames of requests
+    /// running as tasks (each holds a copy) stay under `bytes_max`, or none runs. This
+    /// is backpressure, not an error: HELLO_OK announces no bytes limit.
+    fn has_room_for(&self, len: usize, bytes_max: usize) -> bool {
+        let running = self.in_flight_bytes.get();
+        running == 0 || running + len <= bytes_max
     }
 }
 
@@ -154,6 +166,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     });
     // the output a client may leave unread before the reader pauses
     let output_budget = 2 * config.frame_bytes_max;
+    let in_flight_bytes_max = IN_FLIGHT_FRAMES_OF_BYTES * config.frame_bytes_max;
     let writer_task = {
         let output = output.clone();
         let deadline_per_batch = config.slow_client_timeout;
@@ -210,6 +223,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             match protocol::check_frame(&buf[consumed..], config.frame_bytes_max) {
                 Ok(None) => break,
                 Ok(Some(len)) => {
+                    if !output.has_room_for(len, in_flight_bytes_max) {
+                        // backpressure: it waits in `buf` until running requests end
+                        break;
+                    }
                     let frame = &buf[consumed..consumed + len];
                     consumed += len;
                     dispatch(frame, &shard, &output);
@@ -242,10 +259,11 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             }
         }
         buf.drain(..consumed);
-        let whole_frame_waiting = matches!(
-            protocol::check_frame(&buf, config.frame_bytes_max),
-            Ok(Some(_))
-        );
+        let waiting_frame_len = match protocol::check_frame(&buf, config.frame_bytes_max) {
+            Ok(Some(len)) => Some(len),
+            _ => None,
+        };
+        let whole_frame_waiting = waiting_frame_len.is_some();
         frame_started = match (buf.is_empty() || whole_frame_waiting, consumed > 0) {
             (true, _) => None,
             (false, true) => Some(Instant::now()),
@@ -256,9 +274,14 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
         // backpressure: wait (bounded) for replies to drain or requests to finish
         // before taking or reading more
-        if !output.can_dispatch(output_budget) {
+        let blocked = || {
+            !output.can_dispatch(output_budget)
+                || waiting_frame_len
+                    .is_some_and(|len| !output.has_room_for(len, in_flight_bytes_max))
+        };
+        if blocked() {
             let waited = glommio::timer::timeout(config.slow_client_timeout, async {
-                while !output.can_dispatch(output_budget) && !output.broken.get() {
+                while blocked() && !output.broken.get() {
                     futures_lite::future::or(output.drained.wait(), output.in_flight_done.wait())
                         .await;
                 }
@@ -367,21 +390,14 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
         return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
     }
     if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
-        // the count HELLO_OK announced: a client that keeps to it is never refused for
-        // it (the server stops counting a request before the client does); the bytes
-        // limit below is separate
+        // the count HELLO_OK announced: a client that keeps to it is never refused
+        // (the server stops counting a request before the client does)
         return refuse(
             ErrorCode::TooManyInFlight,
             &format!(
                 "more than {} requests in flight on this connection",
                 shard.config.in_flight_per_connection_max
             ),
-        );
-    }
-    if output.in_flight_bytes.get() + frame.len() > 4 * shard.config.frame_bytes_max {
-        return refuse(
-            ErrorCode::TooManyInFlight,
-            "too many request bytes in flight on this connection",
         );
     }
     {
