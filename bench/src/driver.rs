@@ -145,6 +145,11 @@ pub trait Connection: Send {
     fn accepts(&self, _key: &[u8]) -> bool {
         true
     }
+    /// ringkv: whether to remember the contexts reads return (on by default). A run
+    /// that never writes an existing key turns it off: a client that only reads has
+    /// no use for them, and the contexts remembered before stay current since reads
+    /// change nothing.
+    fn remember_read_contexts(&mut self, _remember: bool) {}
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -195,12 +200,14 @@ pub fn connect(target: &Target, index: usize) -> anyhow::Result<Box<dyn Connecti
                 frame: Vec::new(),
                 next_id: 1,
                 outstanding: std::collections::VecDeque::new(),
+                spare_keys: Vec::new(),
                 early: std::collections::HashMap::new(),
                 contexts: target.contexts.clone(),
                 context: Vec::new(),
                 r: target.r,
                 w: target.w,
                 shard,
+                remember_reads: true,
             })
         }
         DriverKind::Redis => Box::new(RedisConnection {
@@ -242,6 +249,8 @@ struct RingkvConnection {
     next_id: u64,
     /// Request ids and keys of the requests sent and not yet answered, oldest first.
     outstanding: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Key buffers of answered requests, reused (no allocation per request).
+    spare_keys: Vec<Vec<u8>>,
     /// Replies that arrived before the reply to an older request, by request id. The
     /// server answers a pipeline in any order (a cached get before a put that waits
     /// for its sync, a local key before a forwarded one); the runner takes replies in
@@ -255,12 +264,33 @@ struct RingkvConnection {
     r: u8,
     w: u8,
     shard: Option<(u32, usize, usize)>,
+    /// Whether GET_OK contexts go into `contexts` (PUT_OK ones always do).
+    remember_reads: bool,
+}
+
+impl RingkvConnection {
+    /// Records a request sent for `key` under the next request id.
+    fn track(&mut self, key: &[u8]) {
+        let mut k = self.spare_keys.pop().unwrap_or_default();
+        k.clear();
+        k.extend_from_slice(key);
+        self.outstanding.push_back((self.next_id, k));
+    }
+
+    fn untrack_oldest(&mut self) {
+        if let Some((_, k)) = self.outstanding.pop_front() {
+            self.spare_keys.push(k);
+        }
+    }
 }
 
 impl Connection for RingkvConnection {
+    fn remember_read_contexts(&mut self, remember: bool) {
+        self.remember_reads = remember;
+    }
     fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
         self.next_id += 1;
-        self.outstanding.push_back((self.next_id, key.to_vec()));
+        self.track(key);
         Request::Get { r: self.r, key }.encode(self.next_id, out);
     }
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
@@ -271,7 +301,7 @@ impl Connection for RingkvConnection {
         } else {
             self.context.extend_from_slice(context);
         }
-        self.outstanding.push_back((self.next_id, key.to_vec()));
+        self.track(key);
         Request::Put {
             w: self.w,
             key,
@@ -284,7 +314,7 @@ impl Connection for RingkvConnection {
         let oldest = self.outstanding.front().map(|(id, _)| *id);
         loop {
             if let Some(outcome) = oldest.and_then(|id| self.early.remove(&id)) {
-                self.outstanding.pop_front();
+                self.untrack_oldest();
                 return Ok(outcome);
             }
             read_frame(&mut self.reader, &mut self.frame)?;
@@ -294,9 +324,12 @@ impl Connection for RingkvConnection {
                 .iter()
                 .find(|(id, _)| *id == header.request_id)
                 .map(|(_, key)| key.as_slice());
-            if let (Some(key), Reply::GetOk { context, .. } | Reply::PutOk { context, .. }) =
-                (key, &reply)
-            {
+            let context = match &reply {
+                Reply::GetOk { context, .. } if self.remember_reads => Some(context),
+                Reply::PutOk { context, .. } => Some(context),
+                _ => None,
+            };
+            if let (Some(key), Some(context)) = (key, context) {
                 if !context.is_empty() {
                     self.contexts.remember(key, context);
                 }
@@ -321,7 +354,7 @@ impl Connection for RingkvConnection {
             }
             // the oldest request's reply, or one no request matches (an error about
             // the stream itself, request id 0): it stands for the oldest
-            self.outstanding.pop_front();
+            self.untrack_oldest();
             return Ok(outcome);
         }
     }

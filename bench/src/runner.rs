@@ -366,8 +366,12 @@ pub fn run(config: &RunConfig) -> anyhow::Result<RunResult> {
     check_reachable(&config.target)?;
     // connect everything before the clock starts
     let mut conns = Vec::with_capacity(config.connections);
+    // a run that never writes an existing key has no use for the contexts reads return
+    let writes = config.workload.update > 0.0 || config.workload.read_modify_write > 0.0;
     for c in 0..config.connections {
-        conns.push(driver::connect(&config.target, c)?);
+        let mut conn = driver::connect(&config.target, c)?;
+        conn.remember_read_contexts(writes);
+        conns.push(conn);
     }
     let records = Arc::new(AtomicU64::new(config.records.max(1)));
     let counters = Arc::new(Counters {
