@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use crate::client::{
-    accept_hello, check_request, settle, ClientConfig, ClientError, Context, Expect, OwnedReply,
-    PutOutcome, ReplyBuffer, Response, Routing, ShardSlot, Versions,
+    accept_hello, check_request, delete_request, put_request, settle, ClientConfig, ClientError,
+    Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response, Routing, ShardSlot, Versions,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -247,10 +247,7 @@ impl AsyncClient {
 
     /// A get that waits for `r` replicas (0: the cluster default).
     pub async fn get_with(&self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
-        match self.call(Request::Get { r, key }).await? {
-            Response::Get(versions) => Ok(versions),
-            other => Err(mismatch(other)),
-        }
+        versions_of(self.call(Request::Get { r, key }).await)
     }
 
     pub async fn put(
@@ -270,17 +267,7 @@ impl AsyncClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<PutOutcome, ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        let request = Request::Put {
-            w,
-            key,
-            context,
-            value,
-        };
-        match self.call(request).await? {
-            Response::Put(outcome) => Ok(outcome),
-            other => Err(mismatch(other)),
-        }
+        outcome_of(self.call(put_request(key, value, context, w)).await)
     }
 
     pub async fn delete(&self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
@@ -294,10 +281,7 @@ impl AsyncClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<(), ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        self.call(Request::Delete { w, key, context })
-            .await
-            .map(|_| ())
+        self.call(delete_request(key, context, w)).await.map(|_| ())
     }
 
     /// Gets many keys: every request is queued before the first reply is awaited.
@@ -677,9 +661,9 @@ impl AsyncShardAwareClient {
         Ok(main.clone())
     }
 
-    async fn call(&self, key: &[u8], request: Request<'_>) -> Result<Response, ClientError> {
-        let client = self.connection(self.route(key)).await?;
-        client.call(request).await
+    /// The connection that `key` goes through.
+    async fn connection_for(&self, key: &[u8]) -> Result<AsyncClient, ClientError> {
+        self.connection(self.route(key)).await
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
@@ -692,7 +676,7 @@ impl AsyncShardAwareClient {
 
     /// A get that waits for `r` replicas (0: the cluster default).
     pub async fn get_with(&self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
-        versions_of(self.call(key, Request::Get { r, key }).await)
+        self.connection_for(key).await?.get_with(key, r).await
     }
 
     pub async fn put(
@@ -712,14 +696,8 @@ impl AsyncShardAwareClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<PutOutcome, ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        let request = Request::Put {
-            w,
-            key,
-            context,
-            value,
-        };
-        outcome_of(self.call(key, request).await)
+        let client = self.connection_for(key).await?;
+        client.put_with(key, value, context, w).await
     }
 
     pub async fn delete(&self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
@@ -733,10 +711,8 @@ impl AsyncShardAwareClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<(), ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        self.call(key, Request::Delete { w, key, context })
-            .await
-            .map(|_| ())
+        let client = self.connection_for(key).await?;
+        client.delete_with(key, context, w).await
     }
 
     /// Gets many keys, each on its shard's connection; every request is queued before

@@ -669,13 +669,7 @@ impl Client {
         context: Option<&Context>,
         w: u8,
     ) -> Result<PutOutcome, ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        match self.one(Request::Put {
-            w,
-            key,
-            context,
-            value,
-        })? {
+        match self.one(put_request(key, value, context, w))? {
             Response::Put(outcome) => Ok(outcome),
             other => Err(unreachable_kind(other)),
         }
@@ -693,8 +687,7 @@ impl Client {
         context: Option<&Context>,
         w: u8,
     ) -> Result<(), ClientError> {
-        let context = context.map_or(&[][..], Context::as_bytes);
-        self.one(Request::Delete { w, key, context }).map(|_| ())
+        self.one(delete_request(key, context, w)).map(|_| ())
     }
 
     /// Gets many keys with their requests pipelined. The outer error is a connection
@@ -1019,6 +1012,33 @@ impl Pipeline<'_> {
         self.client
             .run(requests.len(), |i| requests[i].as_request())
     }
+}
+
+/// A PUT of `value` under `key` carrying `context` (none: the empty context, a blind
+/// write).
+pub(crate) fn put_request<'a>(
+    key: &'a [u8],
+    value: &'a [u8],
+    context: Option<&'a Context>,
+    w: u8,
+) -> Request<'a> {
+    let context = context.map_or(&[][..], Context::as_bytes);
+    Request::Put {
+        w,
+        key,
+        context,
+        value,
+    }
+}
+
+/// A DELETE of `key` carrying `context` (none: the empty context).
+pub(crate) fn delete_request<'a>(
+    key: &'a [u8],
+    context: Option<&'a Context>,
+    w: u8,
+) -> Request<'a> {
+    let context = context.map_or(&[][..], Context::as_bytes);
+    Request::Delete { w, key, context }
 }
 
 /// A bounded set of connections to one address, shared by threads. A connection is

@@ -9,7 +9,10 @@ use std::time::Duration;
 use ringkv_net::async_client::{AsyncClient, AsyncPool, AsyncShardAwareClient};
 use ringkv_net::client::{ClientConfig, ClientError, ServerCode};
 use ringkv_net::protocol::{begin_frame, encode, end_frame, opcode, ErrorCode};
-use support::{hello_ok, serve_kv_listener, serve_one, FakeConn, FakeNode, Req};
+use support::{
+    free_port, hello_ok, node_announcing_shard_port, serve_kv_listener, serve_one, FakeConn,
+    FakeNode, Req,
+};
 
 /// Joins a fake server thread without blocking the runtime (which must go on running so
 /// the dropped client's tasks end and close the socket the server waits on).
@@ -274,35 +277,14 @@ async fn shard_aware_client_sends_each_key_to_its_shard() {
 
 #[tokio::test]
 async fn shard_aware_client_falls_back_to_the_main_connection() {
-    // shard ports announced but nobody listens there
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let (addr, server) = serve_one(move |mut conn| {
-        let mut hello = hello_ok(8);
-        hello.shards = 1;
-        hello.shard_port_base = dead_port;
-        conn.accept_hello(&hello);
-        let (id, req) = conn.read_request().unwrap();
-        assert_eq!(
-            req,
-            Req::Get {
-                r: 0,
-                key: b"k".to_vec()
-            }
-        );
-        let mut out = Vec::new();
-        encode::get_ok(&mut out, id, b"", std::iter::empty());
-        conn.send(&out);
-        conn.wait_for_close();
-    });
+    // a shard port announced but nobody listens there
+    let (addr, _, seen) = node_announcing_shard_port(free_port());
     let client = AsyncShardAwareClient::connect(addr, short_timeout_config())
         .await
         .unwrap();
     assert_eq!(client.shard_connection_count(), 0);
     assert!(client.get(b"k").await.unwrap().is_empty());
-    drop(client);
-    join(server).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "through the main connection");
 }
 
 /// A pool of one connection whose connection the server closes: the next `client()`
@@ -374,16 +356,8 @@ async fn pool_opens_connections_on_use_and_reopens_closed_ones() {
 /// and sends that shard's keys there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_aware_client_opens_a_shard_that_comes_up_later() {
-    let shard_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let shard_port = shard_listener.local_addr().unwrap().port();
-    drop(shard_listener);
-    let main_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = main_listener.local_addr().unwrap();
-    let mut hello = hello_ok(8);
-    hello.shards = 1;
-    hello.shard = 0;
-    hello.shard_port_base = shard_port;
-    let main_seen = serve_kv_listener(main_listener, hello);
+    let shard_port = free_port();
+    let (addr, hello, main_seen) = node_announcing_shard_port(shard_port);
     let client = AsyncShardAwareClient::connect(addr, ClientConfig::default())
         .await
         .unwrap();

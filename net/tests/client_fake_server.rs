@@ -552,16 +552,8 @@ fn shard_aware_client_falls_back_to_the_main_connection() {
 /// second) and used once it answers.
 #[test]
 fn shard_aware_client_opens_a_shard_that_comes_up_later() {
-    let shard_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let shard_port = shard_listener.local_addr().unwrap().port();
-    drop(shard_listener);
-    let main_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = main_listener.local_addr().unwrap();
-    let mut hello = hello_ok(8);
-    hello.shards = 1;
-    hello.shard = 0;
-    hello.shard_port_base = shard_port;
-    let main_seen = support::serve_kv_listener(main_listener, hello);
+    let shard_port = support::free_port();
+    let (addr, hello, main_seen) = support::node_announcing_shard_port(shard_port);
     let mut client = ShardAwareClient::connect(addr, config()).unwrap();
     assert_eq!(client.shard_connection_count(), 0);
     client.put(b"a", b"1", None).unwrap();

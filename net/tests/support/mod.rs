@@ -251,6 +251,26 @@ impl FakeNode {
     }
 }
 
+/// A port nobody listens on now (bound, then released).
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A key-value node on a fresh port whose HELLO announces one shard, on `shard_port`,
+/// which this node does not serve: (its address, its HELLO, what it sees).
+#[allow(dead_code)]
+pub fn node_announcing_shard_port(shard_port: u16) -> (SocketAddr, HelloOk, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut hello = hello_ok(8);
+    hello.shards = 1;
+    hello.shard = 0;
+    hello.shard_port_base = shard_port;
+    (addr, hello, serve_kv_listener(listener, hello))
+}
+
 /// Serves `listener` as a key-value node answering HELLO with `hello`; returns what it
 /// sees.
 #[allow(dead_code)]
