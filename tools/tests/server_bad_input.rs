@@ -149,15 +149,10 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
 #[test]
 fn half_a_frame_then_silence_is_closed_without_hurting_others() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ringkv.toml");
-    std::fs::write(
-        &config,
+    let mut server = Server::start_with_config(
+        dir.path(),
         "slow_client_timeout_ms = 500\nidle_timeout_ms = 60000\n",
-    )
-    .unwrap();
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
+        &[],
     );
     let mut staller = Raw::connect(server.addr);
     let f = frame(1, opcode::PING, 1, b"");
@@ -211,10 +206,8 @@ fn ten_thousand_connections_at_once() {
     for conn in &mut conns {
         conn.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        let mut ping = Vec::new();
-        Request::Ping.encode(1, &mut ping);
-        let _ = std::io::Write::write_all(conn, &ping);
         let mut raw = Raw::from_stream(conn.try_clone().unwrap());
+        raw.try_send(Request::Ping);
         match raw.read_frame() {
             Some(f) => match ringkv_net::protocol::Reply::parse(&f)
                 .expect("a valid frame")
@@ -253,21 +246,8 @@ fn ten_thousand_connections_at_once() {
     assert_eq!(good.get(b"k").0, vec![b"v".to_vec()]);
     drop(conns);
     // a new connection is served once the shards have seen the old ones close (bounded)
-    let mut late_refusals = 0;
-    let served_again = (0..200).any(|_| {
-        let mut fresh = Raw::connect(server.addr);
-        let mut ping = Vec::new();
-        Request::Ping.encode(1, &mut ping);
-        fresh.send_bytes(&ping);
-        match fresh.read_frame() {
-            Some(f) if error_code(&f).is_none() => true,
-            _ => {
-                late_refusals += 1;
-                std::thread::sleep(Duration::from_millis(25));
-                false
-            }
-        }
-    });
+    let (fresh, late_refusals) = common::connect_until_served(server.addr, 200);
+    let served_again = fresh.is_some();
     assert!(
         served_again,
         "a new connection is served after the others closed"
@@ -297,13 +277,7 @@ fn many_large_pipelined_puts_wait_instead_of_failing() {
         for i in 0..PUTS {
             let key = format!("big{i}");
             let mut frame = Vec::new();
-            Request::Put {
-                w: 0,
-                key: key.as_bytes(),
-                context: b"",
-                value: &value,
-            }
-            .encode(i + 1, &mut frame);
+            common::encode_blind_put(i + 1, key.as_bytes(), &value, &mut frame);
             std::io::Write::write_all(&mut writer, &frame).unwrap();
         }
     });
@@ -332,38 +306,17 @@ fn many_large_pipelined_puts_wait_instead_of_failing() {
 #[test]
 fn configured_limits_are_enforced_with_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ringkv.toml");
-    std::fs::write(
-        &config,
+    let mut server = Server::start_with_config(
+        dir.path(),
         "in_flight_per_connection_max = 1\nconnections_per_shard_max = 3\nidle_timeout_ms = 60000\n",
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let config_arg = config.to_str().unwrap();
-    let mut server = Server::start(
-        &data,
-        &[
-            "--config",
-            config_arg,
-            "--shards",
-            "1",
-            "--durability",
-            "sync",
-        ],
+        &["--shards", "1", "--durability", "sync"],
     );
     // 20 puts in one write: the first waits for its group commit while the others are
     // read in the same step, so those over the limit of 1 are refused
     let mut c = Raw::connect(server.addr);
     let mut batch = Vec::new();
     for i in 0..20u64 {
-        let key = format!("f{i}");
-        Request::Put {
-            w: 0,
-            key: key.as_bytes(),
-            context: b"",
-            value: b"v",
-        }
-        .encode(i + 1, &mut batch);
+        common::encode_blind_put(i + 1, format!("f{i}").as_bytes(), b"v", &mut batch);
     }
     c.send_bytes(&batch);
     let (mut done, mut refused) = (Vec::new(), Vec::new());
@@ -400,28 +353,14 @@ fn configured_limits_are_enforced_with_errors() {
     assert!(fourth.read_frame().is_none(), "then closed");
     // once one closes, a new connection is served
     drop(third);
-    let mut fifth = None;
-    for _ in 0..100 {
-        let mut r = Raw::connect(server.addr);
-        let mut ping = Vec::new();
-        Request::Ping.encode(1, &mut ping);
-        r.send_bytes(&ping);
-        if let Some(f) = r.read_frame() {
-            if error_code(&f).is_none() {
-                fifth = Some(r);
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (fifth, _) = common::connect_until_served(server.addr, 100);
     assert!(fifth.is_some(), "a freed connection slot is reused");
     assert!(c.ping() && second.ping());
     drop((c, second, fifth));
     assert!(server.stop().success());
 
     // the idle timeout
-    std::fs::write(&config, "idle_timeout_ms = 300\n").unwrap();
-    let mut server = Server::start(&data, &["--config", config_arg]);
+    let mut server = Server::start_with_config(dir.path(), "idle_timeout_ms = 300\n", &[]);
     let mut idle = Raw::connect(server.addr);
     let mut busy = Raw::connect(server.addr);
     for _ in 0..20 {
@@ -447,12 +386,7 @@ fn configured_limits_are_enforced_with_errors() {
 #[test]
 fn siblings_past_the_limit_are_refused_and_resolvable() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ringkv.toml");
-    std::fs::write(&config, "siblings_max = 5\n").unwrap();
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
+    let mut server = Server::start_with_config(dir.path(), "siblings_max = 5\n", &[]);
     let mut c = Raw::connect(server.addr);
     for i in 0..5 {
         c.put(b"hot", format!("v{i}").as_bytes(), b"");
@@ -478,12 +412,7 @@ fn siblings_past_the_limit_are_refused_and_resolvable() {
 #[test]
 fn a_client_that_never_reads_its_replies_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ringkv.toml");
-    std::fs::write(&config, "slow_client_timeout_ms = 1000\n").unwrap();
-    let mut server = Server::start(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    );
+    let mut server = Server::start_with_config(dir.path(), "slow_client_timeout_ms = 1000\n", &[]);
     let mut good = Raw::connect(server.addr);
     let big = vec![b'x'; 1 << 20];
     good.put(b"big", &big, b"");

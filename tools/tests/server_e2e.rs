@@ -241,13 +241,7 @@ fn sigint_answers_in_flight_puts_and_a_restart_keeps_the_acknowledged() {
     let mut batch = Vec::new();
     for i in 0..PUTS {
         let key = format!("drain{i}");
-        Request::Put {
-            w: 0,
-            key: key.as_bytes(),
-            context: b"",
-            value: key.as_bytes(),
-        }
-        .encode(100 + i, &mut batch);
+        common::encode_blind_put(100 + i, key.as_bytes(), key.as_bytes(), &mut batch);
     }
     c.send_bytes(&batch);
     // SAFETY: signalling our own child process.

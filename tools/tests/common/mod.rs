@@ -33,6 +33,17 @@ impl Server {
         Server::try_start(data_dir, &args).expect("server exited before it was ready")
     }
 
+    /// [`Server::start`] with `toml` as its config file (`DIR/ringkv.toml`, rewritten
+    /// each time) and its data in `DIR/data`.
+    pub fn start_with_config(dir: &Path, toml: &str, extra: &[&str]) -> Server {
+        let config = dir.join("ringkv.toml");
+        std::fs::write(&config, toml).expect("write the config file");
+        let config = config.to_str().expect("a UTF-8 path").to_string();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        Server::start(&dir.join("data"), &args)
+    }
+
     /// A node with `shards` shards and shard ports: a free-looking range of ports is
     /// picked and the start retried (bounded) if another process takes one first.
     pub fn start_with_shard_ports(data_dir: &Path, shards: u16, extra: &[&str]) -> Server {
@@ -190,12 +201,19 @@ impl Raw {
     }
 
     pub fn send(&mut self, req: Request<'_>) -> u64 {
+        let (id, written) = self.try_send(req);
+        assert!(written, "write");
+        id
+    }
+
+    /// [`Raw::send`] that reports a failed write (a connection the server closed)
+    /// instead of panicking: (request id, written).
+    pub fn try_send(&mut self, req: Request<'_>) -> (u64, bool) {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = Vec::new();
         req.encode(id, &mut out);
-        self.stream.write_all(&out).expect("write");
-        id
+        (id, self.stream.write_all(&out).is_ok())
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) {
@@ -256,6 +274,36 @@ impl Raw {
         let (_, frame) = self.call(Request::Ping);
         matches!(Reply::parse(&frame).unwrap().1, Reply::Pong)
     }
+}
+
+/// Appends a PUT frame without context (a blind write) to `out`.
+pub fn encode_blind_put(id: u64, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    Request::Put {
+        w: 0,
+        key,
+        context: b"",
+        value,
+    }
+    .encode(id, out);
+}
+
+/// Opens connections until one answers a PING (a shard over its connection limit
+/// refuses new ones until it has seen old ones close), 25 ms apart: the served
+/// connection, or `None` after `tries`, and how many were refused first.
+pub fn connect_until_served(addr: SocketAddr, tries: usize) -> (Option<Raw>, usize) {
+    let mut refused = 0;
+    for _ in 0..tries {
+        let mut raw = Raw::connect(addr);
+        raw.try_send(Request::Ping);
+        if let Some(f) = raw.read_frame() {
+            if error_code(&f).is_none() {
+                return (Some(raw), refused);
+            }
+        }
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (None, refused)
 }
 
 /// The error code of an ERROR reply frame.
