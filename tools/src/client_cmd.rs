@@ -40,7 +40,6 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
             }
             "--json" => out.json = true,
             "--r" | "--w" => out.quorum = value()?.parse().context("quorum 0..=255")?,
-            "--help" | "-h" => bail!("{USAGE}"),
             s if s.starts_with("--") => bail!("unknown option {s}\n\n{USAGE}"),
             _ => out.positional.push(a.clone()),
         }

@@ -73,7 +73,6 @@ fn addr_and_rest(args: &[String]) -> anyhow::Result<(String, bool, Vec<String>)>
         match a.as_str() {
             "--addr" => addr = it.next().context("--addr needs HOST:PORT")?.clone(),
             "--json" => json = true,
-            "--help" | "-h" => bail!("{USAGE}"),
             s if s.starts_with("--") => bail!("unknown option {s}\n\n{USAGE}"),
             _ => rest.push(a.clone()),
         }

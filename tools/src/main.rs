@@ -35,6 +35,10 @@ commands:
   sim ...         deterministic cluster simulator: --seed S --runs K (see `ringkv sim --help`)
 ";
 
+fn wants_help(args: &[String]) -> bool {
+    args.iter().any(|arg| arg == "--help" || arg == "-h")
+}
+
 /// The opening of a subcommand: `--help` prints `usage` and succeeds; arguments that do
 /// not parse print the error with `usage` and exit 2. `Err` carries that exit code.
 pub(crate) fn parse_or_usage<T>(
@@ -43,7 +47,7 @@ pub(crate) fn parse_or_usage<T>(
     args: &[String],
     parse: impl FnOnce(&[String]) -> anyhow::Result<T>,
 ) -> Result<T, ExitCode> {
-    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+    if wants_help(args) {
         print!("{usage}");
         return Err(ExitCode::SUCCESS);
     }
@@ -70,8 +74,8 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    // commands whose parsers have no help of their own: `--help` prints their usage and
-    // succeeds, as for the others
+    // commands whose hand-written parsers do not go through `parse_or_usage`: `--help`
+    // prints their usage and succeeds, as for the others
     let usage = match command.as_str() {
         "ping" | "get" | "put" | "del" => Some(client_cmd::USAGE.to_string()),
         "status" | "join" | "leave" => Some(cluster_cmd::USAGE.to_string()),
@@ -81,7 +85,7 @@ fn main() -> ExitCode {
         _ => None,
     };
     if let Some(usage) = usage {
-        if rest.iter().any(|arg| arg == "--help" || arg == "-h") {
+        if wants_help(rest) {
             print!("{usage}");
             if !usage.ends_with('\n') {
                 println!();

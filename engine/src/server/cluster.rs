@@ -262,8 +262,8 @@ impl Shard {
                 LinkConfig {
                     frame_bytes_max: self.config.frame_bytes_max,
                     // a peer refuses requests over its in-flight limit per connection
-                    // (the nodes of a cluster share their limits): the link fails
-                    // them here instead, at once
+                    // (the nodes of a cluster share their limits): the link holds the
+                    // rest back until replies free a place
                     pending_max: self.config.in_flight_per_connection_max,
                     ..LinkConfig::default()
                 },

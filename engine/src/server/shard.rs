@@ -811,6 +811,15 @@ impl Shard {
         Ok(())
     }
 
+    /// `clock` as a client context, in the shard's reused buffer; and how many clock
+    /// entries were truncated to fit.
+    fn encode_context(&self, clock: &VClock) -> (std::cell::RefMut<'_, Vec<u8>>, usize) {
+        let mut encoded = self.context_scratch.borrow_mut();
+        encoded.clear();
+        let truncated_entries = Context::encode_into(clock, &mut encoded);
+        (encoded, truncated_entries)
+    }
+
     /// Encodes the reply to a get: the values of the siblings that are not tombstones
     /// and the context covering them all (truncations are counted on `partition`).
     fn reply_get(
@@ -821,9 +830,7 @@ impl Shard {
         request_id: u64,
         out: &RefCell<Vec<u8>>,
     ) -> Result<(), (ErrorCode, String)> {
-        let mut encoded = self.context_scratch.borrow_mut();
-        encoded.clear();
-        let truncated_entries = Context::encode_into(context, &mut encoded);
+        let (encoded, truncated_entries) = self.encode_context(context);
         if let Some(partition) = partition {
             partition.record_clock_truncation(truncated_entries);
         }
@@ -1009,9 +1016,7 @@ impl Shard {
             );
         }
         if put {
-            let mut encoded = self.context_scratch.borrow_mut();
-            encoded.clear();
-            Context::encode_into(&outcome.context, &mut encoded);
+            let (encoded, _) = self.encode_context(&outcome.context);
             encode::put_ok(
                 out,
                 request_id,
