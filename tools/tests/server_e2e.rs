@@ -227,6 +227,33 @@ fn after_a_crash_a_changed_shard_count_waits_for_the_commit_log_replay() {
     assert!(server.stop().success());
 }
 
+/// Two nodes on one data directory would append to the same segments and remove each
+/// other's files: the second is refused, naming the first, and the first keeps serving.
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut c = Raw::connect(server.addr);
+    c.put(b"k", b"v", b"");
+    let stderr = refused_start(dir.path(), "2");
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another ringkv node (pid {})",
+            server.child.id()
+        )),
+        "{stderr}"
+    );
+    // the refused start touched nothing of the running node
+    c.put(b"k2", b"v2", b"");
+    assert_eq!(c.get(b"k").0, vec![b"v".to_vec()]);
+    assert!(server.stop().success());
+    // a stopped node leaves the directory free
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut c = Raw::connect(server.addr);
+    assert_eq!(c.get(b"k2").0, vec![b"v2".to_vec()]);
+    assert!(server.stop().success());
+}
+
 /// SIGINT while a pipeline of durable puts is in flight: puts get their replies (done,
 /// or an error such as `ShuttingDown` or `TooManyInFlight`: not done) until the
 /// connection closes, the node exits 0, and every put it acknowledged is there after

@@ -251,8 +251,6 @@ fn wait_until_port_is_free(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Runs the node until `shutdown` triggers. `ready` is called once every shard
-/// listens (with the client address actually bound).
 /// A shard's commit log is replayed by that shard: one left by a shard this start
 /// does not have (the node crashed, then got fewer `--shards`) would never be.
 fn refuse_orphan_commit_logs(config: &ServerConfig) -> Result<(), String> {
@@ -314,6 +312,51 @@ fn log_folder_holds_entries(folder: &std::path::Path) -> bool {
     })
 }
 
+/// The data directory's lock file: `LOCK`, holding the pid of the process that has it.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the data directory for this process: an exclusive `flock` on its `LOCK` file,
+/// held while the returned file is open (the kernel drops it when the process ends,
+/// however it ends). Two nodes on one directory would append to the same segments and
+/// remove each other's files, so a second one is refused, naming the holder.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            return Err(format!(
+                "the data directory {} is in use by another ringkv node{holder}",
+                dir.display()
+            ));
+        }
+        return Err(format!("cannot lock {}: {e}", path.display()));
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(file)
+}
+
+/// Runs the node until `shutdown` triggers. `ready` is called once every shard
+/// listens (with the client address actually bound).
 pub fn run(
     config: ServerConfig,
     shutdown: Shutdown,
@@ -337,6 +380,8 @@ pub fn run(
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| format!("cannot resolve {}: {e}", config.data_dir.display()))?;
     let config = ServerConfig { data_dir, ..config };
+    // held until the shards have stopped (dropped when this function returns)
+    let _lock = lock_data_dir(&config.data_dir)?;
     refuse_orphan_commit_logs(&config)?;
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
