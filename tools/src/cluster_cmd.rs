@@ -166,6 +166,31 @@ fn agreement(addr: &str) -> Option<(u64, usize)> {
 
 struct Children(Vec<Child>);
 
+impl Children {
+    /// Polls `ok` until it holds or `limit` passes; gives up at once when a node has
+    /// exited (a node that could not start has printed why on stderr).
+    fn wait_until(&mut self, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            for (i, child) in self.0.iter_mut().enumerate() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!(
+                        "node {} exited ({status}) before the cluster was ready",
+                        i + 1
+                    );
+                }
+            }
+            if ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 impl Drop for Children {
     fn drop(&mut self) {
         for child in &mut self.0 {
@@ -217,6 +242,17 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
     }
     let exe = std::env::current_exe().context("cannot find the ringkv binary")?;
+    // readiness is asked of the nodes' addresses: one another process answers on
+    // would pass for a node of this cluster
+    for i in 1..=nodes {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], base_port + 10 * (i as u16 - 1)));
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
+            bail!(
+                "{addr} (node {i}) is taken: something listens there (another `ringkv dev`?); \
+                 stop it or choose --base-port"
+            );
+        }
+    }
     let seed = format!("127.0.0.1:{base_port}");
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
@@ -252,19 +288,19 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
         addrs.push(addr.clone());
         // the seed first: the others join through it
         if i == 1 {
-            wait_until(Duration::from_secs(60), || agreement(&addr).is_some())
+            children
+                .wait_until(Duration::from_secs(60), || agreement(&addr).is_some())
                 .context("node 1 did not start")?;
         }
     }
-    let agreed = wait_until(Duration::from_secs(120), || {
-        let views: Vec<_> = addrs.iter().map(|a| agreement(a)).collect();
-        views
-            .iter()
-            .all(|v| *v == views[0] && v.is_some_and(|(_, n)| n == nodes))
-    });
-    if agreed.is_err() {
-        bail!("the nodes did not agree on the ring within 120 s (see their logs above)");
-    }
+    children
+        .wait_until(Duration::from_secs(120), || {
+            let views: Vec<_> = addrs.iter().map(|a| agreement(a)).collect();
+            views
+                .iter()
+                .all(|v| *v == views[0] && v.is_some_and(|(_, n)| n == nodes))
+        })
+        .context("the nodes did not agree on the ring (see their logs above)")?;
     println!("cluster of {nodes} nodes ready; clients can use any of:");
     for addr in &addrs {
         println!("{addr}");
@@ -286,19 +322,12 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if reported.iter().all(|&r| r) {
+            eprintln!("every node has exited");
+            return Ok(ExitCode::FAILURE);
+        }
     }
     drop(children);
     println!("stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("timed out after {limit:?}")
 }

@@ -66,3 +66,89 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_ctrl_c() {
     // the nodes stopped with it
     assert!(std::net::TcpStream::connect(&addrs[1]).is_err());
 }
+
+/// `ringkv dev` with `args`, expected to fail by itself: returns its stderr.
+fn failing_dev(args: &[&str], data_dir: &std::path::Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .arg("dev")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ringkv dev");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringkv dev {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "ringkv dev {args:?} succeeded: {stderr}");
+    stderr
+}
+
+/// A second `ringkv dev` beside a running one fails at once, saying why, instead of
+/// reporting the first cluster as its own: on the same ports, or (other ports) on the
+/// same data directory. The first keeps serving.
+#[test]
+fn a_second_dev_on_the_same_ports_or_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args([
+            "dev",
+            "--nodes",
+            "1",
+            "--base-port",
+            "7640",
+            "--shards",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start ringkv dev");
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.expect("stdout").starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let other = dir.path().join("other");
+    let base_port = ["--nodes", "1", "--base-port", "7640", "--shards", "1"];
+    let stderr = failing_dev(&base_port, &other);
+    assert!(
+        stderr.contains("127.0.0.1:7640 (node 1) is taken"),
+        "{stderr}"
+    );
+    let other_ports = ["--nodes", "1", "--base-port", "7660", "--shards", "1"];
+    let stderr = failing_dev(&other_ports, &data);
+    assert!(
+        stderr.contains("is in use by another ringkv node"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("node 1 exited (exit status: 1) before the cluster was ready"),
+        "{stderr}"
+    );
+    let mut c = Client::connect("127.0.0.1:7640", ClientConfig::default()).unwrap();
+    c.put(b"still", b"serving", None)
+        .expect("the first cluster serves");
+    // SAFETY: SIGINT to our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    assert!(first.wait().unwrap().success());
+}
