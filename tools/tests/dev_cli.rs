@@ -1,6 +1,8 @@
 //! `ringkv dev`: a local cluster of child processes that agree on the ring, serve
 //! quorum reads and writes, and all stop on SIGINT.
 
+mod common;
+
 use ringkv_net::client::{Client, ClientConfig};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -67,34 +69,12 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_ctrl_c() {
     assert!(std::net::TcpStream::connect(&addrs[1]).is_err());
 }
 
-/// `ringkv dev` with `args`, expected to fail by itself: returns its stderr.
+/// `ringkv dev` with `args` on `data_dir`, expected to fail by itself: its stderr.
 fn failing_dev(args: &[&str], data_dir: &std::path::Path) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
-        .arg("dev")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ringkv dev");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ringkv dev {args:?} kept running");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "ringkv dev {args:?} succeeded: {stderr}");
-    stderr
+    let mut all: Vec<&std::ffi::OsStr> = vec!["dev".as_ref()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    all.extend(["--data-dir".as_ref(), data_dir.as_os_str()]);
+    common::ringkv_fails(&all)
 }
 
 /// A second `ringkv dev` beside a running one fails at once, saying why, instead of

@@ -170,30 +170,25 @@ fn sigkill_during_sync_writes_loses_no_acknowledged_put() {
 /// Starts `ringkv server` on `dir` with `shards` shards and expects it to refuse to
 /// start, saying why; returns its stderr.
 fn refused_start(dir: &std::path::Path, shards: &str) -> String {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv"))
-        .args(["server", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", "127.0.0.1:0", "--shard-port-base", "0"])
-        .args(["--shards", shards, "--durability", "sync"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start ringkv server");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("--shards {shards}: the server did not refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "--shards {shards} started: {stderr}");
-    stderr
+    let args = ["server", "--data-dir"].map(std::ffi::OsStr::new);
+    let rest = [
+        "--listen",
+        "127.0.0.1:0",
+        "--shard-port-base",
+        "0",
+        "--shards",
+        shards,
+    ];
+    let rest = rest
+        .iter()
+        .chain(&["--durability", "sync"])
+        .map(std::ffi::OsStr::new);
+    let args: Vec<&std::ffi::OsStr> = args
+        .into_iter()
+        .chain([dir.as_os_str()])
+        .chain(rest)
+        .collect();
+    common::ringkv_fails(&args)
 }
 
 #[test]

@@ -16,6 +16,39 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| d.subsec_nanos() as u64)
 }
 
+/// Runs `ringkv ARGS`, which must fail by itself (within 60 s, else the test fails);
+/// returns its stderr.
+pub fn ringkv_fails(args: &[&std::ffi::OsStr]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ringkv");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringkv {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "ringkv {args:?} succeeded: {stderr}");
+    stderr
+}
+
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
