@@ -172,6 +172,9 @@ impl Children {
     fn wait_until(&mut self, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
+            if stopping() {
+                bail!("interrupted before the cluster was ready");
+            }
             for (i, child) in self.0.iter_mut().enumerate() {
                 if let Ok(Some(status)) = child.try_wait() {
                     bail!(
@@ -204,6 +207,10 @@ impl Drop for Children {
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stopping() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -307,7 +314,8 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     }
     println!("Ctrl-C stops them all");
     let mut reported = vec![false; nodes];
-    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+    let mut failed = false;
+    while !stopping() {
         std::thread::sleep(Duration::from_millis(100));
         for (i, child) in children.0.iter_mut().enumerate() {
             if reported[i] {
@@ -318,13 +326,20 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
                 // a node killed from outside may be restarted with its own command line
                 // (printed above); dev keeps the others running
                 if status.code() != Some(0) {
+                    failed = true;
                     eprintln!("node {} exited ({status})", i + 1);
                 }
             }
         }
-        if reported.iter().all(|&r| r) {
+        // a Ctrl-C in the terminal reaches the nodes too: they may all be gone
+        // before the loop sees it, which is a clean stop
+        if reported.iter().all(|&r| r) && !stopping() {
             eprintln!("every node has exited");
-            return Ok(ExitCode::FAILURE);
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
         }
     }
     drop(children);

@@ -1,51 +1,107 @@
 //! `ringkv dev`: a local cluster of child processes that agree on the ring, serve
-//! quorum reads and writes, and all stop on SIGINT.
+//! quorum reads and writes, and all stop on SIGINT; a second `dev` in its way fails.
 
 mod common;
 
 use ringkv_net::client::{Client, ClientConfig};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// A running `ringkv dev` in a process group of its own with its nodes: interrupted
+/// as a terminal's Ctrl-C does (SIGINT to the whole group), and so when dropped (then
+/// killed after 30 s), so a failing test leaves no cluster on its ports.
+struct Dev(Child);
+
+impl Dev {
+    /// Starts `ringkv dev ARGS --data-dir DIR` and waits until it reports the cluster
+    /// ready; returns it with the client addresses it printed.
+    fn start(args: &[&str], data_dir: &std::path::Path) -> (Dev, Vec<String>) {
+        let child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .arg("dev")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("start ringkv dev");
+        let mut dev = Dev(child);
+        let mut lines = BufReader::new(dev.0.stdout.take().unwrap()).lines();
+        let (mut addrs, mut ready) = (Vec::new(), false);
+        // dev gives up by itself within 180 s (60 s for node 1, 120 s to agree)
+        for line in lines.by_ref() {
+            let line = line.expect("stdout");
+            if line.starts_with("127.0.0.1:") {
+                addrs.push(line.trim().to_string());
+            }
+            if line.starts_with("Ctrl-C") {
+                ready = true;
+                break;
+            }
+        }
+        assert!(ready, "ringkv dev {args:?} did not report a ready cluster");
+        std::thread::spawn(move || for _ in lines {});
+        (dev, addrs)
+    }
+
+    /// SIGINT to dev and its nodes at once, as a terminal sends it.
+    fn ctrl_c(&self) {
+        // SAFETY: kill(2) on the process group our own child leads.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGINT) };
+    }
+
+    /// Ctrl-C; the exit status (bounded wait, then killed).
+    fn interrupt(&mut self) -> ExitStatus {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            return status;
+        }
+        self.ctrl_c();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                panic!("dev did not stop on SIGINT within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(None) = self.0.try_wait() {
+                self.ctrl_c();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = self.0.kill();
+            }
+            let _ = self.0.wait();
+        } else {
+            self.interrupt();
+        }
+    }
+}
 
 #[test]
 fn dev_starts_a_cluster_that_serves_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringkv"))
-        .args([
-            "dev",
-            "--nodes",
-            "3",
-            "--base-port",
-            "7600",
-            "--shards",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("dev"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ringkv dev");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addrs = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for line in lines.by_ref() {
-        let line = line.expect("stdout");
-        if line.starts_with("127.0.0.1:") {
-            addrs.push(line.trim().to_string());
-        }
-        if line.starts_with("Ctrl-C") || Instant::now() > deadline {
-            break;
-        }
-    }
+    let args = ["--nodes", "3", "--base-port", "7600", "--shards", "1"];
+    let (mut dev, addrs) = Dev::start(&args, &dir.path().join("dev"));
     assert_eq!(
         addrs,
         ["127.0.0.1:7600", "127.0.0.1:7610", "127.0.0.1:7620"],
         "dev prints each node's client address once the ring agrees"
     );
-    std::thread::spawn(move || for _ in lines {});
     let mut a = Client::connect(&addrs[0], ClientConfig::default()).unwrap();
     let mut c = Client::connect(&addrs[2], ClientConfig::default()).unwrap();
     a.put_with(b"dev-key", b"dev-value", None, 3)
@@ -54,16 +110,7 @@ fn dev_starts_a_cluster_that_serves_and_stops_on_ctrl_c() {
         c.get_with(b"dev-key", 3).expect("get R = 3").values,
         vec![b"dev-value".to_vec()]
     );
-    // SAFETY: SIGINT to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = dev.interrupt();
     assert!(status.success(), "{status}");
     // the nodes stopped with it
     assert!(std::net::TcpStream::connect(&addrs[1]).is_err());
@@ -84,33 +131,10 @@ fn failing_dev(args: &[&str], data_dir: &std::path::Path) -> String {
 fn a_second_dev_on_the_same_ports_or_data_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_ringkv"))
-        .args([
-            "dev",
-            "--nodes",
-            "1",
-            "--base-port",
-            "7640",
-            "--shards",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ringkv dev");
-    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.expect("stdout").starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let other = dir.path().join("other");
-    let base_port = ["--nodes", "1", "--base-port", "7640", "--shards", "1"];
-    let stderr = failing_dev(&base_port, &other);
+    let first_args = ["--nodes", "1", "--base-port", "7640", "--shards", "1"];
+    let (mut first, addrs) = Dev::start(&first_args, &data);
+    assert_eq!(addrs, ["127.0.0.1:7640"]);
+    let stderr = failing_dev(&first_args, &dir.path().join("other"));
     assert!(
         stderr.contains("127.0.0.1:7640 (node 1) is taken"),
         "{stderr}"
@@ -128,7 +152,6 @@ fn a_second_dev_on_the_same_ports_or_data_is_refused() {
     let mut c = Client::connect("127.0.0.1:7640", ClientConfig::default()).unwrap();
     c.put(b"still", b"serving", None)
         .expect("the first cluster serves");
-    // SAFETY: SIGINT to our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
-    assert!(first.wait().unwrap().success());
+    let status = first.interrupt();
+    assert!(status.success(), "{status}");
 }

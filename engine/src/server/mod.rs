@@ -318,7 +318,8 @@ pub const LOCK_FILE: &str = "LOCK";
 /// Takes the data directory for this process: an exclusive `flock` on its `LOCK` file,
 /// held while the returned file is open (the kernel drops it when the process ends,
 /// however it ends). Two nodes on one directory would append to the same segments and
-/// remove each other's files, so a second one is refused, naming the holder.
+/// remove each other's files, so a second one is refused, naming the holder. On a file
+/// system that cannot lock, the node warns and runs unprotected.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
@@ -345,7 +346,16 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
                 dir.display()
             ));
         }
-        return Err(format!("cannot lock {}: {e}", path.display()));
+        // a file system without locks (NFS without lockd, say): nothing to hold
+        if [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS].contains(&e.raw_os_error().unwrap_or(0)) {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "the file system cannot lock the data directory: nothing stops a second node on it"
+            );
+        } else {
+            return Err(format!("cannot lock {}: {e}", path.display()));
+        }
     }
     let pid = std::process::id().to_string();
     file.set_len(0)
@@ -380,8 +390,9 @@ pub fn run(
     let data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| format!("cannot resolve {}: {e}", config.data_dir.display()))?;
     let config = ServerConfig { data_dir, ..config };
-    // held until the shards have stopped (dropped when this function returns)
-    let _lock = lock_data_dir(&config.data_dir)?;
+    // each shard holds a share of it: the lock lasts as long as the last shard (also
+    // when this function returns early, leaving shards that cannot be joined)
+    let lock = Arc::new(lock_data_dir(&config.data_dir)?);
     refuse_orphan_commit_logs(&config)?;
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
@@ -451,13 +462,14 @@ pub fn run(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut handles = Vec::new();
     for shard_id in 0..config.shards {
-        let (config, shutdown, mesh, ready_tx, membership, counters) = (
+        let (config, shutdown, mesh, ready_tx, membership, counters, lock) = (
             config.clone(),
             shutdown.clone(),
             mesh.clone(),
             ready_tx.clone(),
             membership.clone(),
             counters.clone(),
+            lock.clone(),
         );
         let builder =
             glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(shard_id % cores))
@@ -467,6 +479,7 @@ pub fn run(
                 .name(&format!("ringkv-shard-{shard_id}"));
         let handle = builder
             .spawn(move || async move {
+                let _lock = lock;
                 shard::shard_main(
                     shard_id, config, shutdown, mesh, membership, counters, ready_tx,
                 )
