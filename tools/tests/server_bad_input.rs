@@ -523,3 +523,56 @@ fn bad_cluster_messages_get_errors_and_the_server_keeps_serving() {
     assert!(c.ping(), "the connection is still usable");
     assert_eq!(good.get(b"kept").0, vec![b"1".to_vec()]);
 }
+
+/// Limits that make no sense are refused at start with the key's name, before the node
+/// touches its data directory; before, `segment_bytes_max = 100` passed the checks and
+/// panicked a shard thread when it opened its partitions.
+#[test]
+fn nonsense_limits_are_refused_at_start_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, says) in [
+        (
+            "segment_bytes_max = 100",
+            "segment_bytes_max must be 4096..4294967295",
+        ),
+        (
+            "segment_bytes_max = 5000000000",
+            "segment_bytes_max must be 4096..4294967295",
+        ),
+        (
+            "commit_log_bytes_max = 10",
+            "commit_log_bytes_max must be at least 4096",
+        ),
+        ("siblings_max = 0", "siblings_max must be at least 1"),
+        (
+            "in_flight_per_connection_max = 0",
+            "in_flight_per_connection_max must be at least 1",
+        ),
+        (
+            "connections_per_shard_max = 0",
+            "connections_per_shard_max must be at least 1",
+        ),
+    ] {
+        let config = dir.path().join("ringkv.toml");
+        std::fs::write(&config, toml).unwrap();
+        let data = dir.path().join("data");
+        let args = [
+            "server".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--shard-port-base".as_ref(),
+            "0".as_ref(),
+        ];
+        let stderr = common::ringkv_fails(&args);
+        assert!(stderr.contains(says), "{toml}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{toml}: {stderr}");
+        assert!(
+            !data.exists(),
+            "{toml}: the refused node made its data directory"
+        );
+    }
+}

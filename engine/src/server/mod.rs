@@ -163,6 +163,35 @@ impl ServerConfig {
         if self.frame_bytes_max < self.value_bytes_max + self.key_bytes_max + 4096 {
             return Err("frame_bytes_max must hold the largest value, key and context".into());
         }
+        // segment offsets and lengths are u32 on disk and in the keydir
+        if !(4096..u32::MAX as u64).contains(&self.segment_bytes_max) {
+            return Err(format!(
+                "segment_bytes_max must be 4096..4294967295, not {}",
+                self.segment_bytes_max
+            ));
+        }
+        if self.commit_log_bytes_max < 4096 {
+            return Err("commit_log_bytes_max must be at least 4096".into());
+        }
+        for (name, value) in [
+            (
+                "in_flight_per_connection_max",
+                self.in_flight_per_connection_max,
+            ),
+            ("connections_per_shard_max", self.connections_per_shard_max),
+            ("siblings_max", self.siblings_max),
+            ("clock_entries_max", self.clock_entries_max),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if !(self.compaction_dead_ratio > 0.0 && self.compaction_dead_ratio <= 1.0) {
+            return Err(format!(
+                "compaction_dead_ratio must be in (0, 1], not {}",
+                self.compaction_dead_ratio
+            ));
+        }
         Ok(())
     }
 }
