@@ -59,6 +59,13 @@ pub struct WireVersion<'a> {
     pub value: Option<&'a [u8]>,
 }
 
+impl WireVersion<'_> {
+    /// Bytes it takes in a frame (`write_version`).
+    pub fn encoded_len(&self) -> usize {
+        2 + self.version.len() + 1 + 4 + self.value.map_or(0, <[u8]>::len)
+    }
+}
+
 const VERSION_FLAG_TOMBSTONE: u8 = 1;
 
 /// A cluster request, borrowing from its frame.
@@ -427,6 +434,24 @@ mod tests {
         round_trip_reply(ClusterReply::GossipOk);
         round_trip_reply(ClusterReply::JoinAccept(b"members"));
         round_trip_reply(ClusterReply::KeyCountOk(12));
+    }
+
+    #[test]
+    fn encoded_len_is_what_a_version_takes_in_a_frame() {
+        let versions = vec![
+            WireVersion {
+                version: b"clock",
+                value: Some(b"value bytes"),
+            },
+            WireVersion {
+                version: b"tomb",
+                value: None,
+            },
+        ];
+        let lens: usize = versions.iter().map(WireVersion::encoded_len).sum();
+        let mut frame = Vec::new();
+        ClusterReply::ReplicaGetOk(versions).encode(1, &mut frame);
+        assert_eq!(frame.len(), HEADER_BYTES + 2 + lens);
     }
 
     #[test]

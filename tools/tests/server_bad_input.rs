@@ -576,3 +576,55 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
         );
     }
 }
+
+/// Siblings too large for one frame: a peer's REPLICA_GET of them gets `FrameTooLarge`
+/// (as a client's GET does), not a reply frame over the limit, which would make the
+/// asking node drop its whole link to this one.
+#[test]
+fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
+    use ringkv_net::peer::{ClusterReply, ClusterRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "value_bytes_max = 65536\nframe_bytes_max = 80000\n";
+    // one shard: the partition is on the shard the connection lands on
+    let server = Server::start_with_config(dir.path(), toml, &["--shards", "1"]);
+    let mut c = Raw::connect(server.addr);
+    let value = vec![b'x'; 60_000];
+    // two puts without a context: two siblings, 120 KB together
+    c.put(b"big", &value, b"");
+    c.put(b"big", &value, b"");
+    let (_, frame) = c.call(Request::Get { r: 0, key: b"big" });
+    assert_eq!(
+        error_code(&frame),
+        Some(ErrorCode::FrameTooLarge as u16),
+        "a client's get of them"
+    );
+    let partition = ringkv_ring::hash::partition_for_key(b"big", 64);
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaGet {
+        partition,
+        key: b"big",
+    }
+    .encode(7, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    assert!(
+        reply.len() <= 80_000,
+        "a {}-byte reply over the 80,000-byte frame limit",
+        reply.len()
+    );
+    assert_eq!(error_code(&reply), Some(ErrorCode::FrameTooLarge as u16));
+    // a key that fits is still served to peers
+    c.put(b"small", b"v", b"");
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaGet {
+        partition: ringkv_ring::hash::partition_for_key(b"small", 64),
+        key: b"small",
+    }
+    .encode(8, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    match ClusterReply::parse(&reply) {
+        Ok((_, ClusterReply::ReplicaGetOk(versions))) => assert_eq!(versions.len(), 1),
+        other => panic!("replica get of a small key: {other:?}"),
+    }
+}

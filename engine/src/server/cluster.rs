@@ -879,6 +879,22 @@ impl Shard {
                 if wire.len() > u16::MAX as usize {
                     return Err((ErrorCode::TooManySiblings, "too many versions".into()));
                 }
+                // a frame over the limit would make the asking node drop the whole link
+                // (every request in flight on it): refuse this one read instead
+                let reply_bytes = ringkv_net::protocol::HEADER_BYTES
+                    + 2
+                    + wire.iter().map(WireVersion::encoded_len).sum::<usize>();
+                if reply_bytes > self.config.frame_bytes_max {
+                    return Err((
+                        ErrorCode::FrameTooLarge,
+                        format!(
+                            "{} versions take {reply_bytes} bytes, over the {}-byte frame \
+                             limit; resolve them with a put that carries the context",
+                            wire.len(),
+                            self.config.frame_bytes_max
+                        ),
+                    ));
+                }
                 ClusterReply::ReplicaGetOk(wire).encode(request_id, &mut out.borrow_mut());
                 return Ok(());
             }
