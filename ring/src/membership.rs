@@ -21,6 +21,10 @@ pub const ZONE_BYTES_MAX: usize = 255;
 pub const WEIGHT_MAX: u32 = 1_000_000;
 /// The most shards (cores) on one node.
 pub const SHARD_COUNT_MAX: u32 = 4096;
+/// The largest member version and claim epoch a state may hold. Each grows by one per
+/// change, so no real cluster comes near; the bound keeps `+ 1` from overflowing on a
+/// record that came from the network or the disk.
+pub const COUNTER_MAX: u64 = 1 << 48;
 
 /// The identity of a node, stable for its whole life in the cluster. Ids of removed
 /// nodes should not be reused (their history is part of the ring, see `docs/ring.md`).
@@ -169,6 +173,12 @@ impl Member {
         }
         if self.version == 0 {
             return Err(invalid("version 0"));
+        }
+        if self.version > COUNTER_MAX {
+            return Err(invalid("version out of range"));
+        }
+        if self.joined_epoch > COUNTER_MAX || self.left_epoch > COUNTER_MAX {
+            return Err(invalid("claim epoch out of range"));
         }
         if self.joined_epoch == 0 {
             return Err(invalid("joined epoch 0"));
@@ -340,9 +350,12 @@ impl Membership {
                 to: Status::Leaving,
             });
         }
-        member.status = Status::Leaving;
-        member.left_epoch = next_epoch;
-        member.version += 1;
+        let mut changed = member.clone();
+        changed.status = Status::Leaving;
+        changed.left_epoch = next_epoch;
+        changed.version += 1;
+        changed.validate()?;
+        *member = changed;
         Ok(())
     }
 
@@ -353,11 +366,14 @@ impl Membership {
         if member.status == Status::Removed {
             return Ok(());
         }
-        if member.left_epoch == 0 {
-            member.left_epoch = next_epoch;
+        let mut changed = member.clone();
+        if changed.left_epoch == 0 {
+            changed.left_epoch = next_epoch;
         }
-        member.status = Status::Removed;
-        member.version += 1;
+        changed.status = Status::Removed;
+        changed.version += 1;
+        changed.validate()?;
+        *member = changed;
         Ok(())
     }
 
@@ -372,8 +388,11 @@ impl Membership {
             });
         }
         if member.status != status {
-            member.status = status;
-            member.version += 1;
+            let mut changed = member.clone();
+            changed.status = status;
+            changed.version += 1;
+            changed.validate()?;
+            *member = changed;
         }
         Ok(())
     }
@@ -616,6 +635,49 @@ mod tests {
             .join(NodeId(3), "10.0.0.3:7000", 1, "", 8)
             .unwrap();
         membership
+    }
+
+    #[test]
+    fn counters_near_overflow_are_refused_so_a_change_cannot_overflow_them() {
+        let mut membership = three_node_membership();
+        let good = membership.member(NodeId(2)).unwrap().clone();
+        for (field, value) in [
+            ("version", u64::MAX),
+            ("joined", u64::MAX),
+            ("left", u64::MAX),
+        ] {
+            let mut bad = good.clone();
+            match field {
+                "version" => bad.version = value,
+                "joined" => bad.joined_epoch = value,
+                _ => {
+                    bad.status = Status::Leaving;
+                    bad.left_epoch = value;
+                }
+            }
+            assert!(
+                matches!(
+                    membership.merge_member(&bad),
+                    Err(MembershipError::InvalidMember { .. })
+                ),
+                "{field} = {value}"
+            );
+        }
+        // at the bound, changes still work (and the next one is refused, not wrapped)
+        let mut top = good.clone();
+        top.version = COUNTER_MAX - 1;
+        assert!(membership.merge_member(&top).unwrap());
+        membership.set_status(NodeId(2), Status::Valid).unwrap();
+        assert_eq!(membership.member(NodeId(2)).unwrap().version, COUNTER_MAX);
+        assert!(membership.set_weight(NodeId(2), 3).is_err());
+        assert!(membership.set_status(NodeId(2), Status::Down).is_err());
+        assert!(membership.leave(NodeId(2)).is_err());
+        assert!(membership.remove(NodeId(2)).is_err());
+        let member = membership.member(NodeId(2)).unwrap();
+        assert_eq!(
+            (member.version, member.status),
+            (COUNTER_MAX, Status::Valid)
+        );
     }
 
     #[test]
