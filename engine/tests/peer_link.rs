@@ -125,3 +125,25 @@ fn a_timed_out_call_keeps_its_place_until_its_reply() {
     });
     assert_eq!(peer.most_unanswered.load(Ordering::SeqCst), 1);
 }
+
+/// A peer address that is a name, not IP:port (from a bad gossip record, say), fails the
+/// call with the reason; the shard's thread never blocks in a name lookup.
+#[test]
+fn a_name_is_refused_not_looked_up() {
+    let error = run_local(|| async {
+        let link = PeerLink::spawn("localhost:1", config(4));
+        let call = link
+            .call(Duration::from_secs(2), |id, out| {
+                Request::Ping.encode(id, out)
+            })
+            .await;
+        drop(link);
+        call
+    });
+    match error {
+        Err(LinkError::Unreachable { reason, .. }) => {
+            assert!(reason.contains("must be IP:port"), "{reason}")
+        }
+        other => panic!("a call to a name: {other:?}"),
+    }
+}

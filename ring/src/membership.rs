@@ -101,7 +101,8 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
     pub id: NodeId,
-    /// Where peers reach the node (`host:port`); opaque to this crate.
+    /// Where peers reach the node (`IP:port` in a ringkv cluster: its links connect to
+    /// addresses, never look names up); opaque to this crate.
     pub addr: String,
     pub status: Status,
     /// Relative capacity: a node of weight 2 claims about twice the partitions.

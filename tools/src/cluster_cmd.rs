@@ -131,6 +131,8 @@ pub fn join(args: &[String]) -> anyhow::Result<ExitCode> {
     let [seed] = rest.as_slice() else {
         bail!("{USAGE}");
     };
+    // the node takes IP:port only: a name is looked up here
+    let seed = crate::server_cmd::resolve(seed)?;
     let text = admin_call(
         &addr,
         &ClusterRequest::Join {

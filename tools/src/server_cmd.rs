@@ -172,8 +172,28 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             other => bail!("unknown option {other}\n\n{USAGE}"),
         }
     }
+    config.seeds = config
+        .seeds
+        .iter()
+        .map(|seed| resolve(seed))
+        .collect::<anyhow::Result<_>>()?;
     config.validate().map_err(anyhow::Error::msg)?;
     Ok(Some(config))
+}
+
+/// `host:port` as `IP:port`, looked up here (once, at start): the node itself connects
+/// to addresses only, never to names.
+pub(crate) fn resolve(host_port: &str) -> anyhow::Result<String> {
+    use std::net::ToSocketAddrs;
+    if host_port.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(host_port.to_string());
+    }
+    let found = host_port
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host_port}"))?
+        .next()
+        .with_context(|| format!("{host_port} resolves to no address"))?;
+    Ok(found.to_string())
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
@@ -222,4 +242,21 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
          {accepted} connections accepted, {refused} refused"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_from_args;
+
+    #[test]
+    fn seeds_given_by_name_are_looked_up_once_at_start() {
+        let args = ["--seeds", "localhost:7400,127.0.0.1:7410"].map(String::from);
+        let config = config_from_args(&args).unwrap().expect("a config");
+        assert!(
+            ["127.0.0.1:7400", "[::1]:7400"].contains(&config.seeds[0].as_str()),
+            "{:?}",
+            config.seeds
+        );
+        assert_eq!(config.seeds[1], "127.0.0.1:7410");
+    }
 }

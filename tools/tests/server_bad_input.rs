@@ -507,6 +507,13 @@ fn bad_cluster_messages_get_errors_and_the_server_keeps_serving() {
         ErrorCode::BadRequest,
         "truncated replica get",
     );
+    // a join through a seed given by name: the node looks no names up
+    let mut f = Vec::new();
+    ClusterRequest::Join {
+        seed: b"localhost:7379",
+    }
+    .encode(6, &mut f);
+    expect_error(&mut c, f, ErrorCode::BadRequest, "a seed that is a name");
     // a join request from a node of another cluster size is refused with a reason
     let mut f = Vec::new();
     ClusterRequest::JoinRequest {
