@@ -30,6 +30,10 @@ const FLAGS_KNOWN: u8 = FLAG_TOMBSTONE | FLAG_BATCH_CONTINUES;
 /// Hard limits of format v1 (the node enforces smaller, configurable ones).
 pub const KEY_BYTES_MAX: usize = u16::MAX as usize;
 pub const REPLACED_COUNT_MAX: usize = 1024;
+/// The largest seq a record may carry. A partition numbers its writes from 1, one by
+/// one, so none gets near; a larger one is corruption (and would make the next seq
+/// wrap around onto live ones).
+pub const SEQ_MAX: u64 = 1 << 62;
 pub const VERSION_BYTES_MAX: usize = 64 * 1024;
 pub const VALUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES
@@ -205,6 +209,9 @@ pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, RecordError> {
     if u32_at(buf, 36) != 0 {
         return Err(RecordError::OutOfBounds("reserved field is not zero"));
     }
+    if header.seq > SEQ_MAX {
+        return Err(RecordError::OutOfBounds("seq"));
+    }
     if header.replaced_count as usize > REPLACED_COUNT_MAX {
         return Err(RecordError::OutOfBounds("replaced_count"));
     }
@@ -296,6 +303,29 @@ mod tests {
         }
         .encode_into(&mut out);
         out
+    }
+
+    #[test]
+    fn a_seq_past_the_limit_is_refused_even_with_a_good_crc() {
+        let record = |seq| {
+            let mut out = Vec::new();
+            RecordRef {
+                seq,
+                timestamp_ms: 1,
+                key: b"k",
+                replaced: &[],
+                version: b"v",
+                value: Some(b"x"),
+                batch_continues: false,
+            }
+            .encode_into(&mut out);
+            out
+        };
+        assert_eq!(decode(&record(SEQ_MAX)).unwrap().header.seq, SEQ_MAX);
+        assert!(matches!(
+            decode(&record(u64::MAX)),
+            Err(RecordError::OutOfBounds("seq"))
+        ));
     }
 
     #[test]
