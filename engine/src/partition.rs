@@ -1596,11 +1596,18 @@ impl<S: Storage> Partition<S> {
                     Some((_, f)) => f.len() + len as u64 > self.config.segment_bytes_max,
                 };
                 if need_new {
-                    let id = last_source_id + 1 + outputs.len() as u64;
-                    assert!(
-                        id >> SEGMENT_ID_SHIFT == last_source_id >> SEGMENT_ID_SHIFT,
-                        "compaction output ids exhausted the gap before the next segment"
-                    );
+                    let id = last_source_id
+                        .checked_add(1 + outputs.len() as u64)
+                        .filter(|id| id >> SEGMENT_ID_SHIFT == last_source_id >> SEGMENT_ID_SHIFT);
+                    // ids climb by one per compaction between roll-overs: only a segment
+                    // file renamed by hand (or a corrupt name) gets here; compaction of
+                    // this partition stops with the reason, nothing is lost
+                    let Some(id) = id else {
+                        return Err(StoreError::Io(io::Error::other(format!(
+                            "compaction output ids exhausted the gap after segment \
+                             {last_source_id:#x} (a segment file name out of sequence?)"
+                        ))));
+                    };
                     let file = self
                         .storage
                         .create(&format!("{}.tmp", segment::segment_name(id)))
