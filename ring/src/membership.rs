@@ -351,13 +351,10 @@ impl Membership {
                 to: Status::Leaving,
             });
         }
-        let mut changed = member.clone();
-        changed.status = Status::Leaving;
-        changed.left_epoch = next_epoch;
-        changed.version += 1;
-        changed.validate()?;
-        *member = changed;
-        Ok(())
+        change(member, |m| {
+            m.status = Status::Leaving;
+            m.left_epoch = next_epoch;
+        })
     }
 
     /// Marks a member removed for good (after its hand-off, or by force).
@@ -367,15 +364,12 @@ impl Membership {
         if member.status == Status::Removed {
             return Ok(());
         }
-        let mut changed = member.clone();
-        if changed.left_epoch == 0 {
-            changed.left_epoch = next_epoch;
-        }
-        changed.status = Status::Removed;
-        changed.version += 1;
-        changed.validate()?;
-        *member = changed;
-        Ok(())
+        change(member, |m| {
+            if m.left_epoch == 0 {
+                m.left_epoch = next_epoch;
+            }
+            m.status = Status::Removed;
+        })
     }
 
     /// Moves a member between joining, valid and down; none of these changes ownership.
@@ -388,37 +382,21 @@ impl Membership {
                 to: status,
             });
         }
-        if member.status != status {
-            let mut changed = member.clone();
-            changed.status = status;
-            changed.version += 1;
-            changed.validate()?;
-            *member = changed;
+        if member.status == status {
+            return Ok(());
         }
-        Ok(())
+        change(member, |m| m.status = status)
     }
 
     /// Changes the weight of a member. The ring folds its history with current weights,
     /// so a weight change may move more than the minimum (see `docs/ring.md`).
     pub fn set_weight(&mut self, id: NodeId, weight: u32) -> Result<(), MembershipError> {
-        let member = self.member_mut(id)?;
-        let mut changed = member.clone();
-        changed.weight = weight;
-        changed.version += 1;
-        changed.validate()?;
-        *member = changed;
-        Ok(())
+        change(self.member_mut(id)?, |m| m.weight = weight)
     }
 
     /// Changes the address of a member (a restart on a new port, say).
     pub fn set_addr(&mut self, id: NodeId, addr: &str) -> Result<(), MembershipError> {
-        let member = self.member_mut(id)?;
-        let mut changed = member.clone();
-        changed.addr = addr.to_string();
-        changed.version += 1;
-        changed.validate()?;
-        *member = changed;
-        Ok(())
+        change(self.member_mut(id)?, |m| m.addr = addr.to_string())
     }
 
     /// Merges one member record; returns true when the state changed.
@@ -521,6 +499,17 @@ impl Membership {
             .get_mut(&id)
             .ok_or(MembershipError::UnknownMember(id))
     }
+}
+
+/// Applies `edit` to `member` as one change (its version bumped): only if the result is
+/// valid, so a refused change leaves the member as it was.
+fn change(member: &mut Member, edit: impl FnOnce(&mut Member)) -> Result<(), MembershipError> {
+    let mut changed = member.clone();
+    edit(&mut changed);
+    changed.version += 1;
+    changed.validate()?;
+    *member = changed;
+    Ok(())
 }
 
 /// Appends the encoding of one member (shared by the membership and gossip encodings).
