@@ -257,19 +257,18 @@ async fn connection_task(inner: Rc<Inner>) {
         }
         inner.state.set(State::Connecting);
         let addr = inner.addr.borrow().clone();
-        let connected = match addr.parse::<std::net::SocketAddr>() {
+        // never a name: glommio 0.9 would look it up on this thread (and unwraps an
+        // empty answer)
+        let connected = match crate::peer::peer_addr(&addr) {
             Ok(target) => {
                 glommio::timer::timeout(inner.config.connect_timeout, async {
                     TcpStream::connect(target).await
                 })
                 .await
             }
-            // a name would be looked up by a blocking getaddrinfo on the shard's own
-            // thread (and glommio 0.9 unwraps an empty answer): members advertise
-            // IP:port, and a name can only come from a bad record or request
-            Err(_) => Err(glommio::GlommioError::IoError(std::io::Error::new(
+            Err(e) => Err(glommio::GlommioError::IoError(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "a peer address must be IP:port (names are not looked up)",
+                e,
             ))),
         };
         match connected {

@@ -59,6 +59,14 @@ pub struct WireVersion<'a> {
     pub value: Option<&'a [u8]>,
 }
 
+/// A peer address (a member's, or a seed's) as a socket address: `IP:port` only. Nodes
+/// never look names up, as that is a blocking call on a shard's thread; members
+/// advertise `IP:port`, so a name can only come from a bad record or request.
+pub fn peer_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
+    addr.parse()
+        .map_err(|_| format!("{addr}: a peer address must be IP:port (names are not looked up)"))
+}
+
 impl WireVersion<'_> {
     /// Bytes it takes in a frame (`write_version`).
     pub fn encoded_len(&self) -> usize {

@@ -935,12 +935,8 @@ impl Shard {
                 let seed = std::str::from_utf8(seed)
                     .map_err(|_| (ErrorCode::BadRequest, "seed is not UTF-8".to_string()))?
                     .to_string();
-                if seed.parse::<std::net::SocketAddr>().is_err() {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        format!("seed {seed} must be IP:port (the node looks no names up)"),
-                    ));
-                }
+                ringkv_net::peer::peer_addr(&seed)
+                    .map_err(|e| (ErrorCode::BadRequest, format!("seed {e}")))?;
                 reply_bytes = self
                     .join_cluster_on_request(&seed)
                     .await

@@ -163,9 +163,8 @@ impl ServerConfig {
         if self.frame_bytes_max < self.value_bytes_max + self.key_bytes_max + 4096 {
             return Err("frame_bytes_max must hold the largest value, key and context".into());
         }
-        // shards connect to addresses, never look names up (see `ringkv_net::link`)
-        if let Some(seed) = self.seeds.iter().find(|s| s.parse::<SocketAddr>().is_err()) {
-            return Err(format!("seed {seed} must be IP:port"));
+        for seed in &self.seeds {
+            ringkv_net::peer::peer_addr(seed).map_err(|e| format!("seed {e}"))?;
         }
         // segment offsets and lengths are u32 on disk and in the keydir
         if !(4096..u32::MAX as u64).contains(&self.segment_bytes_max) {
