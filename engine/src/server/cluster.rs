@@ -884,17 +884,7 @@ impl Shard {
                 let reply_bytes = ringkv_net::protocol::HEADER_BYTES
                     + 2
                     + wire.iter().map(WireVersion::encoded_len).sum::<usize>();
-                if reply_bytes > self.config.frame_bytes_max {
-                    return Err((
-                        ErrorCode::FrameTooLarge,
-                        format!(
-                            "{} versions take {reply_bytes} bytes, over the {}-byte frame \
-                             limit; resolve them with a put that carries the context",
-                            wire.len(),
-                            self.config.frame_bytes_max
-                        ),
-                    ));
-                }
+                self.check_versions_fit(wire.len(), reply_bytes)?;
                 ClusterReply::ReplicaGetOk(wire).encode(request_id, &mut out.borrow_mut());
                 return Ok(());
             }

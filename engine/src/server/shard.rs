@@ -820,6 +820,27 @@ impl Shard {
         (encoded, truncated_entries)
     }
 
+    /// A reply carrying `count` versions of one key in `reply_bytes` must fit one frame
+    /// (and a u16 count): otherwise `FrameTooLarge`, with the way out. The key's other
+    /// requests, and the connection, go on.
+    pub(crate) fn check_versions_fit(
+        &self,
+        count: usize,
+        reply_bytes: usize,
+    ) -> Result<(), (ErrorCode, String)> {
+        if reply_bytes > self.config.frame_bytes_max || count > u16::MAX as usize {
+            return Err((
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "{count} siblings take {reply_bytes} bytes, over the {}-byte frame limit; \
+                     resolve them with a put that carries the context",
+                    self.config.frame_bytes_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Encodes the reply to a get: the values of the siblings that are not tombstones
     /// and the context covering them all (truncations are counted on `partition`).
     fn reply_get(
@@ -838,17 +859,7 @@ impl Shard {
             + 4
             + encoded.len()
             + values.iter().map(|v| 4 + v.len()).sum::<usize>();
-        if reply_bytes > self.config.frame_bytes_max || values.len() > u16::MAX as usize {
-            return Err((
-                ErrorCode::FrameTooLarge,
-                format!(
-                    "{} siblings take {reply_bytes} bytes, over the {}-byte frame limit; \
-                     resolve them with a put that carries the context",
-                    values.len(),
-                    self.config.frame_bytes_max
-                ),
-            ));
-        }
+        self.check_versions_fit(values.len(), reply_bytes)?;
         encode::get_ok(
             &mut out.borrow_mut(),
             request_id,
