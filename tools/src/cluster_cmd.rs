@@ -208,6 +208,11 @@ impl Drop for Children {
     }
 }
 
+/// Node `i` (from 1) of `ringkv dev` listens here; its shards on the ports after it.
+fn node_port(base_port: u16, i: usize) -> u16 {
+    base_port + 10 * (i as u16 - 1)
+}
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn stopping() -> bool {
@@ -254,7 +259,7 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     // readiness is asked of the nodes' addresses: one another process answers on
     // would pass for a node of this cluster
     for i in 1..=nodes {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], base_port + 10 * (i as u16 - 1)));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node_port(base_port, i)));
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
             bail!(
                 "{addr} (node {i}) is taken: something listens there (another `ringkv dev`?); \
@@ -266,7 +271,7 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     for i in 1..=nodes {
-        let port = base_port + 10 * (i as u16 - 1);
+        let port = node_port(base_port, i);
         let addr = format!("127.0.0.1:{port}");
         let dir = data_dir.join(format!("node-{i}"));
         let mut cmd_args: Vec<String> = vec![
