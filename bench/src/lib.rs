@@ -33,10 +33,9 @@ pub mod workload;
 
 use hdrhistogram::Histogram;
 
-/// A latency histogram in nanoseconds, 1 ns .. 60 s, 3 significant digits.
-pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
-}
+/// A latency histogram in nanoseconds, 1 ns .. 60 s, 3 significant digits (the same
+/// as the node's, so the two can be compared and merged).
+pub use ringkv_net::stats::latency_histogram;
 
 /// One line: `name  ops  ops/s  p50 p99 p999 max` (latencies in microseconds).
 pub fn report_line(name: &str, ops: u64, seconds: f64, h: &Histogram<u64>) -> String {

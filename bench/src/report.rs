@@ -99,52 +99,9 @@ pub fn markdown_table(rows: &[Row]) -> String {
     s
 }
 
-/// HdrHistogram's percentile distribution text (`outputPercentileDistribution`,
-/// 5 ticks per half distance), values in microseconds from a histogram in ns.
-pub fn hgrm(h: &Histogram<u64>) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    );
-    let mut total = 0u64;
-    if !h.is_empty() {
-        for v in h.iter_quantiles(5) {
-            total += v.count_since_last_iteration();
-            let value = h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
-            let q = v.quantile_iterated_to();
-            if q < 1.0 {
-                let _ = writeln!(
-                    s,
-                    "{value:12.3} {q:2.12} {total:10} {:14.2}",
-                    1.0 / (1.0 - q)
-                );
-            } else {
-                let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}");
-            }
-        }
-    }
-    let _ = writeln!(
-        s,
-        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
-        h.mean() / 1000.0,
-        h.stdev() / 1000.0
-    );
-    let _ = writeln!(
-        s,
-        "#[Max     = {:12.3}, Total count    = {:12}]",
-        h.max() as f64 / 1000.0,
-        h.len()
-    );
-    let _ = writeln!(
-        s,
-        "#[Buckets = {:12}, SubBuckets     = {:12}]",
-        h.buckets(),
-        h.distinct_values()
-    );
-    s
-}
+/// HdrHistogram's percentile distribution text (the `.hgrm` format), values in
+/// microseconds from a histogram in ns: the same writer `ringkv stats --hgrm` uses.
+pub use ringkv_net::stats::hgrm;
 
 /// A parsed `.hgrm`: rows of (value in us, percentile, total count), and the footer.
 #[derive(Debug, Clone, PartialEq)]

@@ -193,6 +193,8 @@ struct LogState<F> {
     busy: bool,
     rotate_due: bool,
     syncs: u64,
+    /// How long each group commit took (ns), rotations included.
+    sync_latency: hdrhistogram::Histogram<u64>,
 }
 
 /// A shard's commit log (see the module documentation).
@@ -268,6 +270,7 @@ impl<S: Storage> CommitLog<S> {
                 busy: false,
                 rotate_due: false,
                 syncs: 0,
+                sync_latency: ringkv_net::stats::latency_histogram(),
             }),
             done: Notify::default(),
             checkpointing: Cell::new(false),
@@ -316,6 +319,7 @@ impl<S: Storage> CommitLog<S> {
             };
             // hands the lead back even if this future is dropped mid-sync
             let lead = Lead(self, rotate);
+            let started = std::time::Instant::now();
             let result = if rotate {
                 self.rotate().await
             } else {
@@ -328,6 +332,8 @@ impl<S: Storage> CommitLog<S> {
                 Ok(durable) => {
                     st.durable = st.durable.max(durable);
                     st.syncs += 1;
+                    let ns = started.elapsed().as_nanos() as u64;
+                    st.sync_latency.saturating_record(ns.max(1));
                 }
                 Err(e) => {
                     st.failed.get_or_insert_with(|| e.to_string());
@@ -469,6 +475,11 @@ impl<S: Storage> CommitLog<S> {
     /// Group commits run so far.
     pub fn syncs(&self) -> u64 {
         self.state.borrow().syncs
+    }
+
+    /// How long the group commits so far took (ns; see `ringkv_net::stats`).
+    pub fn sync_latency(&self) -> hdrhistogram::Histogram<u64> {
+        self.state.borrow().sync_latency.clone()
     }
 
     pub fn generation(&self) -> u64 {

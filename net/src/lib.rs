@@ -11,6 +11,7 @@
 //!   shard-aware routing.
 //! - [`peer`]: cluster messages between nodes and the cluster admin requests.
 //! - [`notify`]: a single-threaded wake-all notifier.
+//! - [`stats`]: node statistics (counters, latency histograms) as STATS replies carry them.
 //! - `link` (feature `glommio`): a persistent, pipelined peer link to another node with
 //!   reconnect and backoff and a bounded queue, used by the server runtime.
 //! - `async_client` (feature `tokio`): the same typed API for tokio: one connection
@@ -20,6 +21,7 @@ pub mod client;
 pub mod notify;
 pub mod peer;
 pub mod protocol;
+pub mod stats;
 
 #[cfg(feature = "glommio")]
 pub mod link;

@@ -1,6 +1,6 @@
 //! Cluster messages: the peer messages nodes send each other (opcodes `0x80..=0xBF`,
 //! replies `0xC0..=0xFE`) and the cluster admin requests a client sends to one node
-//! (`STATUS`, `JOIN`, `LEAVE`). Same frame header as every client message; bodies are
+//! (`STATUS`, `JOIN`, `LEAVE`, `STATS`). Same frame header as every client message; bodies are
 //! laid out in `docs/protocol.md`, section "Cluster messages".
 //!
 //! A client request a node forwards to the key's coordinator travels as the client's own
@@ -20,9 +20,12 @@ pub mod opcode {
     pub const JOIN: u8 = 0x07;
     /// Admin: ask this node to leave its cluster.
     pub const LEAVE: u8 = 0x08;
+    /// Admin: this node's (or one shard's) counters and latency histograms.
+    pub const STATS: u8 = 0x09;
     pub const STATUS_OK: u8 = 0x46;
     pub const JOIN_OK: u8 = 0x47;
     pub const LEAVE_OK: u8 = 0x48;
+    pub const STATS_OK: u8 = 0x49;
 
     pub const REPLICA_PUT: u8 = 0x81;
     pub const REPLICA_GET: u8 = 0x82;
@@ -43,6 +46,7 @@ pub fn is_cluster_opcode(op: u8) -> bool {
         opcode::STATUS
             | opcode::JOIN
             | opcode::LEAVE
+            | opcode::STATS
             | opcode::REPLICA_PUT
             | opcode::REPLICA_GET
             | opcode::GOSSIP
@@ -85,6 +89,11 @@ pub enum ClusterRequest<'a> {
         seed: &'a [u8],
     },
     Leave,
+    /// The node's counters and latency histograms, summed over its shards; with
+    /// `shard_only`, those of the shard that reads the request alone.
+    Stats {
+        shard_only: bool,
+    },
     /// Store `version` of `key` (partition `partition`) under the sibling rules;
     /// `hint_for` (0: none) is the home node this replica stands in for.
     ReplicaPut {
@@ -129,6 +138,13 @@ impl<'a> ClusterRequest<'a> {
                 seed: r.bytes16("seed")?,
             },
             opcode::LEAVE => ClusterRequest::Leave,
+            opcode::STATS => ClusterRequest::Stats {
+                shard_only: match r.u8("scope")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(ParseError::OutOfRange("scope (0: node, 1: shard)")),
+                },
+            },
             opcode::REPLICA_PUT => ClusterRequest::ReplicaPut {
                 partition: r.u32("partition")?,
                 hint_for: r.u64("hint_for")?,
@@ -174,6 +190,7 @@ impl<'a> ClusterRequest<'a> {
             ClusterRequest::Status => opcode::STATUS,
             ClusterRequest::Join { .. } => opcode::JOIN,
             ClusterRequest::Leave => opcode::LEAVE,
+            ClusterRequest::Stats { .. } => opcode::STATS,
             ClusterRequest::ReplicaPut { .. } => opcode::REPLICA_PUT,
             ClusterRequest::ReplicaGet { .. } => opcode::REPLICA_GET,
             ClusterRequest::Gossip { .. } => opcode::GOSSIP,
@@ -188,6 +205,7 @@ impl<'a> ClusterRequest<'a> {
         match self {
             ClusterRequest::Status | ClusterRequest::Leave => {}
             ClusterRequest::Join { seed } => put_bytes16(out, seed),
+            ClusterRequest::Stats { shard_only } => out.push(u8::from(*shard_only)),
             ClusterRequest::ReplicaPut {
                 partition,
                 hint_for,
@@ -263,6 +281,13 @@ pub enum ClusterReply<'a> {
     /// A human-readable JSON summary of the join.
     JoinOk(&'a [u8]),
     LeaveOk(&'a [u8]),
+    /// Counters and latency histograms (HdrHistogram V2 serialization, ns) by name,
+    /// summed over `shards` shards (`crate::stats::NodeStats` decodes them).
+    StatsOk {
+        shards: u16,
+        counters: Vec<(&'a [u8], u64)>,
+        latencies: Vec<(&'a [u8], &'a [u8])>,
+    },
     /// `applied`: false when the replica already had it (or something newer).
     ReplicaPutOk {
         applied: bool,
@@ -286,6 +311,24 @@ impl<'a> ClusterReply<'a> {
             opcode::STATUS_OK => ClusterReply::StatusOk(r.bytes32("status")?),
             opcode::JOIN_OK => ClusterReply::JoinOk(r.bytes32("join")?),
             opcode::LEAVE_OK => ClusterReply::LeaveOk(r.bytes32("leave")?),
+            opcode::STATS_OK => {
+                let shards = r.u16("shards")?;
+                let count = r.u16("counter count")? as usize;
+                let mut counters = Vec::with_capacity(count.min(64));
+                for _ in 0..count {
+                    counters.push((r.bytes16("counter name")?, r.u64("counter")?));
+                }
+                let count = r.u16("histogram count")? as usize;
+                let mut latencies = Vec::with_capacity(count.min(64));
+                for _ in 0..count {
+                    latencies.push((r.bytes16("histogram name")?, r.bytes32("histogram")?));
+                }
+                ClusterReply::StatsOk {
+                    shards,
+                    counters,
+                    latencies,
+                }
+            }
             opcode::REPLICA_PUT_OK => ClusterReply::ReplicaPutOk {
                 applied: r.u8("applied")? != 0,
             },
@@ -311,6 +354,7 @@ impl<'a> ClusterReply<'a> {
             ClusterReply::StatusOk(_) => opcode::STATUS_OK,
             ClusterReply::JoinOk(_) => opcode::JOIN_OK,
             ClusterReply::LeaveOk(_) => opcode::LEAVE_OK,
+            ClusterReply::StatsOk { .. } => opcode::STATS_OK,
             ClusterReply::ReplicaPutOk { .. } => opcode::REPLICA_PUT_OK,
             ClusterReply::ReplicaGetOk(_) => opcode::REPLICA_GET_OK,
             ClusterReply::GossipOk => opcode::GOSSIP_OK,
@@ -327,6 +371,25 @@ impl<'a> ClusterReply<'a> {
             | ClusterReply::JoinOk(b)
             | ClusterReply::LeaveOk(b)
             | ClusterReply::JoinAccept(b) => put_bytes32(out, b),
+            ClusterReply::StatsOk {
+                shards,
+                counters,
+                latencies,
+            } => {
+                out.extend_from_slice(&shards.to_le_bytes());
+                let count = u16::try_from(counters.len()).expect("at most u16::MAX counters");
+                out.extend_from_slice(&count.to_le_bytes());
+                for (name, value) in counters {
+                    put_bytes16(out, name);
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+                let count = u16::try_from(latencies.len()).expect("at most u16::MAX histograms");
+                out.extend_from_slice(&count.to_le_bytes());
+                for (name, h) in latencies {
+                    put_bytes16(out, name);
+                    put_bytes32(out, h);
+                }
+            }
             ClusterReply::ReplicaPutOk { applied } => out.push(u8::from(*applied)),
             ClusterReply::ReplicaGetOk(versions) => {
                 let count = u16::try_from(versions.len()).expect("at most u16::MAX versions");
@@ -383,6 +446,8 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         round_trip_request(ClusterRequest::Status);
+        round_trip_request(ClusterRequest::Stats { shard_only: false });
+        round_trip_request(ClusterRequest::Stats { shard_only: true });
         round_trip_request(ClusterRequest::Leave);
         round_trip_request(ClusterRequest::Join {
             seed: b"127.0.0.1:7379",
@@ -426,6 +491,11 @@ mod tests {
     #[test]
     fn replies_round_trip() {
         round_trip_reply(ClusterReply::StatusOk(b"{}"));
+        round_trip_reply(ClusterReply::StatsOk {
+            shards: 2,
+            counters: vec![(&b"requests"[..], 7), (&b"errors"[..], 0)],
+            latencies: vec![(&b"get"[..], &b"\x1c\x84\x93\x14"[..])],
+        });
         round_trip_reply(ClusterReply::JoinOk(b"{}"));
         round_trip_reply(ClusterReply::LeaveOk(b"{}"));
         round_trip_reply(ClusterReply::ReplicaPutOk { applied: true });

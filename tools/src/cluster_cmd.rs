@@ -28,6 +28,22 @@ pub fn admin_call(
     request: &ClusterRequest<'_>,
     timeout: Duration,
 ) -> anyhow::Result<String> {
+    let frame = admin_frame(addr, request, timeout)?;
+    match ClusterReply::parse(&frame).map_err(anyhow::Error::msg)? {
+        (_, ClusterReply::StatusOk(b) | ClusterReply::JoinOk(b) | ClusterReply::LeaveOk(b)) => {
+            Ok(String::from_utf8_lossy(b).into_owned())
+        }
+        (_, other) => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// Sends one cluster admin request and returns its reply frame; an ERROR reply is
+/// an error with the node's message.
+pub fn admin_frame(
+    addr: &str,
+    request: &ClusterRequest<'_>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
     let sock: std::net::SocketAddr = addr
         .parse()
         .with_context(|| format!("{addr} is not HOST:PORT"))?;
@@ -52,16 +68,11 @@ pub fn admin_call(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let frame = &buf[..len];
-    if let Ok((_, Reply::Error { code, message })) = Reply::parse(frame) {
+    buf.truncate(len);
+    if let Ok((_, Reply::Error { code, message })) = Reply::parse(&buf) {
         bail!("{} (error {code})", String::from_utf8_lossy(message));
     }
-    match ClusterReply::parse(frame).map_err(anyhow::Error::msg)? {
-        (_, ClusterReply::StatusOk(b) | ClusterReply::JoinOk(b) | ClusterReply::LeaveOk(b)) => {
-            Ok(String::from_utf8_lossy(b).into_owned())
-        }
-        (_, other) => bail!("unexpected reply {other:?}"),
-    }
+    Ok(buf)
 }
 
 fn addr_and_rest(args: &[String]) -> anyhow::Result<(String, bool, Vec<String>)> {

@@ -7,6 +7,7 @@
 //! - `ping`, `get`, `put`, `del`: a client for one node (`client_cmd`).
 //! - `status`, `join`, `leave`, `dev`: cluster admin and a local dev cluster
 //!   (`cluster_cmd`).
+//! - `stats`: a node's counters and latency percentiles (`stats_cmd`).
 //! - `sim ...`: the deterministic cluster simulator over a range of seeds (`sim_cmd`).
 
 mod client_cmd;
@@ -15,6 +16,7 @@ mod log_cmd;
 mod ring_cmd;
 mod server_cmd;
 mod sim_cmd;
+mod stats_cmd;
 
 use std::process::ExitCode;
 
@@ -26,6 +28,7 @@ commands:
   status [--json]  a node's view of the cluster: members, status, reachability, partitions
   join SEED        make the node at --addr join the cluster of SEED
   leave            make the node at --addr leave its cluster
+  stats [--json] [--hgrm DIR]   a node's counters and latency percentiles by operation
   ping | get KEY | put KEY VALUE | del KEY   talk to a node (--addr, --context, --json)
   logdump DIR     print every record of a partition folder (or one segment file),
                   or every entry of a commit log folder (or one .clog file)
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         "join" => cluster_cmd::join(rest),
         "leave" => cluster_cmd::leave(rest),
         "dev" => cluster_cmd::dev(rest),
+        "stats" => stats_cmd::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -904,6 +904,15 @@ impl Shard {
                 reply_bytes = self.status_json().into_bytes();
                 ClusterReply::StatusOk(&reply_bytes)
             }
+            ClusterRequest::Stats { shard_only } => {
+                let stats = if shard_only {
+                    self.shard_stats()
+                } else {
+                    self.node_stats(request_id).await?
+                };
+                super::encode_stats(&stats, request_id, &mut out.borrow_mut());
+                return Ok(());
+            }
             ClusterRequest::JoinRequest {
                 id,
                 shards,

@@ -13,6 +13,7 @@
 //! well-framed stream gets an error frame and the connection goes on.
 
 use super::shard::{Now, Shard};
+use super::stats::{Latencies, Op};
 use crate::notify::Notify;
 use crate::partition::Partition;
 use crate::storage::dma::DmaStorage;
@@ -64,16 +65,21 @@ struct HeldReply {
     request_id: u64,
     /// Where the reply ends, counted like `Held::released`.
     end: usize,
+    /// What the write was, and when its frame was taken (for its latency).
+    op: Option<Op>,
+    started: Instant,
 }
 
 impl Held {
     /// Moves the replies the commit log now covers to `out`, oldest first; with
     /// `failed`, the oldest reply's sync failed: `failed` encodes its error reply
-    /// instead. Returns how many replies it released.
+    /// instead. Counts each released reply's latency in `latencies`. Returns how many
+    /// replies it released.
     fn release(
         &mut self,
         out: &mut Vec<u8>,
         failed: Option<impl FnOnce(&mut Vec<u8>, u64)>,
+        latencies: &mut Latencies,
     ) -> usize {
         let mut released = 0;
         let mut start = self.released;
@@ -82,6 +88,9 @@ impl Held {
                 failed(out, reply.request_id);
                 start = reply.end;
                 released += 1;
+                if let Some(op) = reply.op {
+                    latencies.record(op, reply.started);
+                }
             }
         }
         while let Some(reply) = self.replies.front() {
@@ -91,6 +100,9 @@ impl Held {
             out.extend_from_slice(&self.bytes[start - self.released..reply.end - self.released]);
             start = reply.end;
             released += 1;
+            if let Some(op) = reply.op {
+                latencies.record(op, reply.started);
+            }
             self.replies.pop_front();
         }
         self.bytes.drain(..start - self.released);
@@ -372,7 +384,7 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
             let failed = synced.err().map(|e| {
                 |out: &mut Vec<u8>, request_id| shard.reply_held_failed(out, request_id, e)
             });
-            held.release(&mut out, failed)
+            held.release(&mut out, failed, &mut shard.latencies.borrow_mut())
         };
         output.in_flight.set(output.in_flight.get() - released);
         output.ready.notify_all();
@@ -381,7 +393,9 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
 }
 
 fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
-    let request_id = protocol::header(frame).request_id;
+    let started = Instant::now();
+    let header = protocol::header(frame);
+    let (request_id, op) = (header.request_id, Op::of(header.opcode));
     let refuse = |code: ErrorCode, message: &str| {
         encode::error(&mut output.buf.borrow_mut(), request_id, code, message);
         output.ready.notify_all();
@@ -405,6 +419,9 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
         match shard.try_execute_now(frame, &output.buf, &mut held.bytes) {
             Now::Later => {}
             Now::Answered => {
+                if let Some(op) = op {
+                    shard.latencies.borrow_mut().record(op, started);
+                }
                 output.ready.notify_all();
                 return;
             }
@@ -418,6 +435,8 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
                     position,
                     request_id,
                     end,
+                    op,
+                    started,
                 });
                 output.in_flight.set(output.in_flight.get() + 1);
                 output.held_ready.notify_all();
@@ -433,6 +452,9 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     let (shard, output) = (shard.clone(), output.clone());
     glommio::spawn_local(async move {
         shard.execute(&frame, &output.buf).await;
+        if let Some(op) = op {
+            shard.latencies.borrow_mut().record(op, started);
+        }
         output.in_flight.set(output.in_flight.get() - 1);
         output
             .in_flight_bytes

@@ -11,9 +11,11 @@
 //!   through `crate::cluster::Coordinator`, replica messages, hints and their delivery,
 //!   gossip and membership (shard 0), the failure detector, peer links.
 //! - `conn`: the connection loop: check frames, pipeline, enforce limits and timeouts.
+//! - `stats`: per-shard latency histograms by operation (STATS, `ringkv stats`).
 
 mod conn;
 mod shard;
+mod stats;
 
 use crate::partition::Durability;
 use std::net::SocketAddr;

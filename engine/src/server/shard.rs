@@ -17,6 +17,7 @@ pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use ringkv_net::protocol::{self, encode, ErrorCode, HelloOk, Request};
+use ringkv_net::stats::NodeStats;
 use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -69,6 +70,8 @@ pub(crate) struct Shard {
     /// Where a reply's context is encoded before it is copied into the reply (reused:
     /// no allocation per reply).
     context_scratch: RefCell<Vec<u8>>,
+    /// How long the requests this shard read took, by operation (STATS).
+    pub latencies: RefCell<super::stats::Latencies>,
 }
 
 /// Where a forwarded request's reply lands.
@@ -256,6 +259,7 @@ async fn start(
         counters,
         commit_log: log,
         context_scratch: RefCell::new(Vec::with_capacity(crate::version::CONTEXT_BYTES_MAX)),
+        latencies: RefCell::default(),
     });
     let mut tasks = Vec::new();
     if let Some(bytes) = &membership {
@@ -593,6 +597,8 @@ impl Shard {
         let opcode = protocol::header(frame).opcode;
         if ringkv_net::peer::is_cluster_opcode(opcode) {
             return match ringkv_net::peer::ClusterRequest::parse(frame) {
+                // any shard answers: its own figures, or the node's gathered over the mesh
+                Ok((_, ringkv_net::peer::ClusterRequest::Stats { .. })) => None,
                 Ok((_, req)) => Some(match req.partition() {
                     Some(p) => p as usize % self.config.shards,
                     None => 0,
@@ -1012,6 +1018,86 @@ impl Shard {
         self.partitions.get(&p)
     }
 
+    /// This shard's counters and latency histograms (STATS with `shard_only`).
+    pub(crate) fn shard_stats(&self) -> NodeStats {
+        let s = self.stats.borrow();
+        let mut counters: Vec<(String, u64)> = [
+            ("requests", s.requests),
+            ("forwarded", s.forwarded),
+            ("errors", s.errors),
+            ("connections_accepted", s.connections_accepted),
+            ("connections_refused", s.connections_refused),
+            ("connections_open", self.connections.get() as u64),
+            ("requests_running", self.in_flight.get() as u64),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        let mut latencies: Vec<(String, hdrhistogram::Histogram<u64>)> = self
+            .latencies
+            .borrow()
+            .iter()
+            .map(|(n, h)| (n.to_string(), h.clone()))
+            .collect();
+        if let Some(log) = &self.commit_log {
+            counters.push(("commit_log_syncs".into(), log.syncs()));
+            latencies.push(("commit_log_sync".into(), log.sync_latency()));
+        }
+        NodeStats {
+            shards: 1,
+            counters,
+            latencies,
+        }
+    }
+
+    /// The whole node's figures: this shard's and every other shard's (asked over the
+    /// mesh), summed, and the node's own counters.
+    pub(crate) async fn node_stats(
+        &self,
+        request_id: u64,
+    ) -> Result<NodeStats, (ErrorCode, String)> {
+        let mut stats = self.shard_stats();
+        let mut frame = Vec::new();
+        ringkv_net::peer::ClusterRequest::Stats { shard_only: true }.encode(request_id, &mut frame);
+        for other in (0..self.config.shards).filter(|&s| s != self.id) {
+            let reply = self.forward(other, &frame).await;
+            let failed = |why: String| (ErrorCode::Unavailable, format!("shard {other}: {why}"));
+            match ringkv_net::peer::ClusterReply::parse(&reply) {
+                Ok((
+                    _,
+                    ringkv_net::peer::ClusterReply::StatsOk {
+                        shards,
+                        counters,
+                        latencies,
+                    },
+                )) => {
+                    stats.merge(&NodeStats::decode(shards, &counters, &latencies).map_err(failed)?)
+                }
+                _ => {
+                    return Err(failed(match protocol::Reply::parse(&reply) {
+                        Ok((_, protocol::Reply::Error { message, .. })) => {
+                            String::from_utf8_lossy(message).into_owned()
+                        }
+                        _ => "an unexpected reply to STATS".into(),
+                    }))
+                }
+            }
+        }
+        let c = &self.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        stats.counters.extend(
+            [
+                ("hints_pending", c.hints_pending.iter().map(load).sum()),
+                ("hints_stored", load(&c.hints_stored)),
+                ("hints_delivered", load(&c.hints_delivered)),
+                ("read_repairs", load(&c.read_repairs)),
+            ]
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v)),
+        );
+        Ok(stats)
+    }
+
     /// Encodes the reply to a put (`put: true`) or delete that succeeded.
     pub(crate) fn reply_put(
         &self,
@@ -1098,6 +1184,34 @@ fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
         return Ok(VClock::new());
     }
     Context::decode(bytes).map_err(|e| (ErrorCode::BadContext, e.to_string()))
+}
+
+/// Encodes the STATS_OK reply carrying `stats`.
+pub(crate) fn encode_stats(stats: &NodeStats, request_id: u64, out: &mut Vec<u8>) {
+    let encoded: Vec<Vec<u8>> = stats
+        .latencies
+        .iter()
+        .map(|(_, h)| {
+            let mut bytes = Vec::new();
+            ringkv_net::stats::encode_histogram(h, &mut bytes);
+            bytes
+        })
+        .collect();
+    ringkv_net::peer::ClusterReply::StatsOk {
+        shards: stats.shards,
+        counters: stats
+            .counters
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), *v))
+            .collect(),
+        latencies: stats
+            .latencies
+            .iter()
+            .zip(&encoded)
+            .map(|((n, _), bytes)| (n.as_bytes(), bytes.as_slice()))
+            .collect(),
+    }
+    .encode(request_id, out);
 }
 
 pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {

@@ -1,0 +1,114 @@
+//! What a shard measures for STATS (`ringkv stats`): how long the requests it read
+//! took, by operation, as HdrHistograms in nanoseconds.
+//!
+//! A request's latency runs from the moment its connection took the whole frame off
+//! the socket buffer to the moment its reply was put in the connection's output: for a
+//! `sync` write, after the group commit that made it durable; for a request another
+//! shard or node answered, after that answer came back. It leaves out the time a frame
+//! waited in the kernel and the reply's send, which the client sees on top.
+
+use hdrhistogram::Histogram;
+use ringkv_net::peer::opcode as peer_opcode;
+use ringkv_net::protocol::opcode;
+use std::time::Instant;
+
+/// The operations a shard keeps a latency histogram for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Get = 0,
+    Put = 1,
+    Delete = 2,
+    ReplicaGet = 3,
+    ReplicaPut = 4,
+}
+
+const OPS: [Op; 5] = [Op::Get, Op::Put, Op::Delete, Op::ReplicaGet, Op::ReplicaPut];
+
+impl Op {
+    /// The operation a request with `opcode` is, if it is one measured.
+    pub(crate) fn of(opcode: u8) -> Option<Op> {
+        match opcode {
+            opcode::GET => Some(Op::Get),
+            opcode::PUT => Some(Op::Put),
+            opcode::DELETE => Some(Op::Delete),
+            peer_opcode::REPLICA_GET => Some(Op::ReplicaGet),
+            peer_opcode::REPLICA_PUT => Some(Op::ReplicaPut),
+            _ => None,
+        }
+    }
+
+    /// Its name in STATS replies.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::ReplicaGet => "replica_get",
+            Op::ReplicaPut => "replica_put",
+        }
+    }
+}
+
+/// One histogram per [`Op`].
+pub(crate) struct Latencies {
+    by_op: [Histogram<u64>; OPS.len()],
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self {
+            by_op: std::array::from_fn(|_| ringkv_net::stats::latency_histogram()),
+        }
+    }
+}
+
+impl Latencies {
+    /// Counts one `op` that started at `started` and ends now.
+    pub(crate) fn record(&mut self, op: Op, started: Instant) {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // past the histogram's top it counts as the top (60 s)
+        self.by_op[op as usize].saturating_record(ns.max(1));
+    }
+
+    /// Each operation's name and histogram.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'static str, &Histogram<u64>)> {
+        OPS.iter().map(|&op| (op.name(), &self.by_op[op as usize]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_measured_opcode_has_its_own_histogram() {
+        let mut l = Latencies::default();
+        for (i, op) in [
+            opcode::GET,
+            opcode::PUT,
+            opcode::DELETE,
+            peer_opcode::REPLICA_GET,
+            peer_opcode::REPLICA_PUT,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let op = Op::of(op).expect("measured");
+            for _ in 0..=i {
+                l.record(op, Instant::now());
+            }
+        }
+        assert_eq!(Op::of(opcode::PING), None);
+        let counts: Vec<(&str, u64)> = l.iter().map(|(n, h)| (n, h.len())).collect();
+        assert_eq!(
+            counts,
+            vec![
+                ("get", 1),
+                ("put", 2),
+                ("delete", 3),
+                ("replica_get", 4),
+                ("replica_put", 5)
+            ]
+        );
+    }
+}

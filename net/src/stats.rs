@@ -1,0 +1,226 @@
+//! Node statistics, as STATS replies carry them (`docs/protocol.md`, "STATS"): named
+//! counters and named latency histograms (HdrHistogram, nanoseconds, in its V2
+//! serialization on the wire), one set per shard, merged for the whole node.
+//!
+//! The server fills them; `ringkv stats` and capacity planners read them. A histogram
+//! merges losslessly, so a node's figures are the sum of its shards'.
+
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use std::fmt::Write as _;
+
+/// The largest latency a histogram tracks (60 s, in ns); longer ones count as this.
+pub const LATENCY_MAX_NS: u64 = 60_000_000_000;
+
+/// Significant decimal digits the histograms keep (0.1% resolution).
+pub const LATENCY_SIGFIGS: u8 = 3;
+
+/// The first 4 bytes (big-endian) of HdrHistogram's uncompressed V2 serialization.
+pub const V2_COOKIE: u64 = 0x1c84_9313;
+
+/// An empty latency histogram, in nanoseconds from 1 ns to [`LATENCY_MAX_NS`].
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_SIGFIGS).expect("valid bounds")
+}
+
+/// `h` in HdrHistogram's V2 serialization (what a STATS reply carries).
+pub fn encode_histogram(h: &Histogram<u64>, out: &mut Vec<u8>) {
+    V2Serializer::new()
+        .serialize(h, out)
+        .expect("a histogram within its bounds serializes into memory");
+}
+
+/// A histogram from its V2 serialization. Refuses one with other bounds than
+/// [`latency_histogram`]'s (a hostile or corrupt header could otherwise make the
+/// reader allocate whatever it names).
+pub fn decode_histogram(bytes: &[u8]) -> Result<Histogram<u64>, String> {
+    // the V2 header: cookie, payload length, normalizing offset, sigfigs, lowest,
+    // highest (all big-endian); checked before the deserializer sizes anything
+    let field = |at: usize, n: usize| -> Result<u64, String> {
+        let b = bytes
+            .get(at..at + n)
+            .ok_or_else(|| "histogram header truncated".to_string())?;
+        Ok(b.iter().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
+    };
+    // V2, uncompressed: a compressed one would hide its real header
+    if field(0, 4)? != V2_COOKIE {
+        return Err("not an uncompressed V2 histogram".into());
+    }
+    let (sigfigs, lowest, highest) = (field(12, 4)?, field(16, 8)?, field(24, 8)?);
+    if sigfigs != u64::from(LATENCY_SIGFIGS) || lowest != 1 || highest != LATENCY_MAX_NS {
+        return Err(format!(
+            "histogram bounds {lowest}..{highest} at {sigfigs} digits, expected 1..{LATENCY_MAX_NS} at {LATENCY_SIGFIGS}"
+        ));
+    }
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| format!("bad histogram: {e:?}"))
+}
+
+/// What a STATS reply says about a node (or one shard), decoded.
+#[derive(Debug, Clone)]
+pub struct NodeStats {
+    /// Shards whose figures are summed here.
+    pub shards: u16,
+    /// Counters since the node started, by name.
+    pub counters: Vec<(String, u64)>,
+    /// Latency histograms (ns) since the node started, by operation name.
+    pub latencies: Vec<(String, Histogram<u64>)>,
+}
+
+impl NodeStats {
+    /// Decodes the fields of a STATS_OK reply (`peer::ClusterReply::StatsOk`).
+    pub fn decode(
+        shards: u16,
+        counters: &[(&[u8], u64)],
+        latencies: &[(&[u8], &[u8])],
+    ) -> Result<NodeStats, String> {
+        let name = |b: &[u8]| {
+            String::from_utf8(b.to_vec()).map_err(|_| "a stats name is not UTF-8".to_string())
+        };
+        Ok(NodeStats {
+            shards,
+            counters: counters
+                .iter()
+                .map(|&(n, v)| Ok((name(n)?, v)))
+                .collect::<Result<_, String>>()?,
+            latencies: latencies
+                .iter()
+                .map(|&(n, h)| Ok((name(n)?, decode_histogram(h)?)))
+                .collect::<Result<_, String>>()?,
+        })
+    }
+
+    /// Adds `other`'s figures to these (counters summed, histograms merged, names
+    /// this set lacks appended).
+    pub fn merge(&mut self, other: &NodeStats) {
+        self.shards = self.shards.saturating_add(other.shards);
+        for (name, value) in &other.counters {
+            match self.counters.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => *v = v.saturating_add(*value),
+                None => self.counters.push((name.clone(), *value)),
+            }
+        }
+        for (name, h) in &other.latencies {
+            match self.latencies.iter_mut().find(|(n, _)| n == name) {
+                // same bounds on both sides (checked at decode): cannot fail
+                Some((_, mine)) => {
+                    let _ = mine.add(h);
+                }
+                None => self.latencies.push((name.clone(), h.clone())),
+            }
+        }
+    }
+
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        self.counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
+
+    pub fn latency(&self, name: &str) -> Option<&Histogram<u64>> {
+        self.latencies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| h)
+    }
+}
+
+/// HdrHistogram's percentile distribution text (`outputPercentileDistribution`, 5
+/// ticks per half distance, the `.hgrm` format), values in microseconds from a
+/// histogram in ns.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let value = h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
+            let q = v.quantile_iterated_to();
+            if q < 1.0 {
+                let _ = writeln!(
+                    s,
+                    "{value:12.3} {q:2.12} {total:10} {:14.2}",
+                    1.0 / (1.0 - q)
+                );
+            } else {
+                let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}");
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        s,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    let _ = writeln!(
+        s,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_round_trips_and_merges() {
+        let mut a = latency_histogram();
+        for v in [1_000, 2_000, 3_000, 1_000_000] {
+            a.record(v).unwrap();
+        }
+        let mut bytes = Vec::new();
+        encode_histogram(&a, &mut bytes);
+        let back = decode_histogram(&bytes).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back.max(), a.max());
+        let one = NodeStats {
+            shards: 1,
+            counters: vec![("requests".into(), 4)],
+            latencies: vec![("get".into(), back)],
+        };
+        let mut node = one.clone();
+        node.merge(&one);
+        assert_eq!(node.shards, 2);
+        assert_eq!(node.counter("requests"), Some(8));
+        assert_eq!(node.latency("get").unwrap().len(), 8);
+    }
+
+    #[test]
+    fn other_bounds_and_garbage_are_refused_before_allocating() {
+        let mut bytes = Vec::new();
+        let h = Histogram::<u64>::new_with_bounds(1, 1_000_000, 2).unwrap();
+        encode_histogram(&h, &mut bytes);
+        assert!(decode_histogram(&bytes).unwrap_err().contains("bounds"));
+        assert!(decode_histogram(&[1, 2, 3]).is_err());
+        // a compressed serialization is refused (its real header is inside the deflate)
+        let mut compressed = Vec::new();
+        hdrhistogram::serialization::V2DeflateSerializer::new()
+            .serialize(&latency_histogram(), &mut compressed)
+            .unwrap();
+        assert!(decode_histogram(&compressed)
+            .unwrap_err()
+            .contains("uncompressed"));
+        let mut good = Vec::new();
+        encode_histogram(&latency_histogram(), &mut good);
+        good.truncate(good.len() - 1);
+        // a cut payload is an error, not a panic
+        let _ = decode_histogram(&good);
+    }
+}
