@@ -58,10 +58,21 @@ impl Node {
         }
     }
 
+    /// Sends `sig`; for SIGSTOP, returns only once every thread of the node has
+    /// stopped. `kill` returns before the stop takes effect: on a loaded machine a
+    /// shard could still answer a peer for a while, and a test that stops a node to
+    /// keep it from answering would race with it.
     fn signal(&self, sig: i32) {
         let pid = self.server.as_ref().expect("running").child.id();
         // SAFETY: a signal to our own child process.
         unsafe { libc::kill(pid as i32, sig) };
+        if sig == libc::SIGSTOP {
+            wait_for(
+                "the node's threads to stop",
+                Duration::from_secs(10),
+                || all_threads_stopped(pid),
+            );
+        }
     }
 
     fn client(&self) -> Client {
@@ -85,6 +96,20 @@ fn status(addr: &str) -> Option<serde_json::Value> {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Whether every thread of process `pid` is in state `T` (stopped by a signal).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // the state follows the command name, which is in parentheses
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }
 
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
