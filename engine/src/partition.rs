@@ -1447,6 +1447,14 @@ impl<S: Storage> Partition<S> {
     }
 
     pub fn stats(&self) -> PartitionStats {
+        let mut stats = self.stats_without_memory();
+        stats.keydir_heap_bytes = self.state.borrow().keydir.heap_bytes();
+        stats
+    }
+
+    /// [`stats`](Self::stats) without `keydir_heap_bytes` (0 here), which takes a pass
+    /// over every key: this one costs O(segments) and may run on a serving shard.
+    pub fn stats_without_memory(&self) -> PartitionStats {
         let state = self.state.borrow();
         let segments: Vec<_> = state.slots.iter().flatten().collect();
         PartitionStats {
@@ -1457,7 +1465,7 @@ impl<S: Storage> Partition<S> {
             dead_bytes: segments.iter().map(|s| s.dead_bytes.get()).sum(),
             syncs: state.syncs,
             writes: state.writes,
-            keydir_heap_bytes: state.keydir.heap_bytes(),
+            keydir_heap_bytes: 0,
             needs_repair: state.needs_repair,
             epoch: state.epoch,
             clock_truncations: state.clock_truncations,

@@ -18,6 +18,23 @@ pub const LATENCY_SIGFIGS: u8 = 3;
 /// The first 4 bytes (big-endian) of HdrHistogram's uncompressed V2 serialization.
 pub const V2_COOKIE: u64 = 0x1c84_9313;
 
+/// Bytes of the V2 header (cookie, payload length, offset, digits, lowest, highest,
+/// conversion ratio).
+const V2_HEADER_BYTES: usize = 40;
+
+/// At most this many counters, and histograms, in one STATS reply a reader accepts
+/// (the node sends about 20 and 6).
+pub const STATS_ENTRIES_MAX: usize = 64;
+
+/// Whether `name` may name a counter or a histogram: 1 to 32 of `a-z`, `0-9`, `_`
+/// (names become file names in `ringkv stats --hgrm` and are printed as they are).
+pub fn is_stats_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// An empty latency histogram, in nanoseconds from 1 ns to [`LATENCY_MAX_NS`].
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_SIGFIGS).expect("valid bounds")
@@ -46,6 +63,10 @@ pub fn decode_histogram(bytes: &[u8]) -> Result<Histogram<u64>, String> {
     if field(0, 4)? != V2_COOKIE {
         return Err("not an uncompressed V2 histogram".into());
     }
+    // the deserializer sizes a buffer by the payload length before reading it
+    if field(4, 4)? != bytes.len().saturating_sub(V2_HEADER_BYTES) as u64 {
+        return Err("histogram payload length does not match its bytes".into());
+    }
     let (sigfigs, lowest, highest) = (field(12, 4)?, field(16, 8)?, field(24, 8)?);
     if sigfigs != u64::from(LATENCY_SIGFIGS) || lowest != 1 || highest != LATENCY_MAX_NS {
         return Err(format!(
@@ -69,24 +90,40 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
-    /// Decodes the fields of a STATS_OK reply (`peer::ClusterReply::StatsOk`).
+    /// Decodes the fields of a STATS_OK reply (`peer::ClusterReply::StatsOk`): at most
+    /// [`STATS_ENTRIES_MAX`] of each, names that pass [`is_stats_name`], none twice.
     pub fn decode(
         shards: u16,
         counters: &[(&[u8], u64)],
         latencies: &[(&[u8], &[u8])],
     ) -> Result<NodeStats, String> {
-        let name = |b: &[u8]| {
-            String::from_utf8(b.to_vec()).map_err(|_| "a stats name is not UTF-8".to_string())
-        };
+        if counters.len() > STATS_ENTRIES_MAX || latencies.len() > STATS_ENTRIES_MAX {
+            return Err(format!(
+                "{} counters and {} histograms: at most {STATS_ENTRIES_MAX} of each",
+                counters.len(),
+                latencies.len()
+            ));
+        }
+        let names = counters
+            .iter()
+            .map(|(n, _)| n)
+            .chain(latencies.iter().map(|(n, _)| n));
+        let mut seen = std::collections::HashSet::new();
+        for n in names {
+            if !std::str::from_utf8(n).is_ok_and(is_stats_name) {
+                return Err(format!("bad stats name {:?}", String::from_utf8_lossy(n)));
+            }
+            if !seen.insert(*n) {
+                return Err(format!("stats name {} twice", String::from_utf8_lossy(n)));
+            }
+        }
+        let name = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         Ok(NodeStats {
             shards,
-            counters: counters
-                .iter()
-                .map(|&(n, v)| Ok((name(n)?, v)))
-                .collect::<Result<_, String>>()?,
+            counters: counters.iter().map(|&(n, v)| (name(n), v)).collect(),
             latencies: latencies
                 .iter()
-                .map(|&(n, h)| Ok((name(n)?, decode_histogram(h)?)))
+                .map(|&(n, h)| Ok((name(n), decode_histogram(h)?)))
                 .collect::<Result<_, String>>()?,
         })
     }
@@ -140,7 +177,7 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     let mut total = 0u64;
     if !h.is_empty() {
         for v in h.iter_quantiles(5) {
-            total += v.count_since_last_iteration();
+            total = total.saturating_add(v.count_since_last_iteration());
             let value = h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0;
             let q = v.quantile_iterated_to();
             if q < 1.0 {
@@ -220,7 +257,38 @@ mod tests {
         let mut good = Vec::new();
         encode_histogram(&latency_histogram(), &mut good);
         good.truncate(good.len() - 1);
-        // a cut payload is an error, not a panic
-        let _ = decode_histogram(&good);
+        // a cut payload, or a header claiming a larger payload than it has (the
+        // deserializer would allocate that much), is refused
+        assert!(decode_histogram(&good).unwrap_err().contains("length"));
+        let mut huge = Vec::new();
+        encode_histogram(&latency_histogram(), &mut huge);
+        huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_histogram(&huge).unwrap_err().contains("length"));
+    }
+
+    #[test]
+    fn replies_with_bad_names_or_too_many_entries_are_refused() {
+        let mut h = Vec::new();
+        encode_histogram(&latency_histogram(), &mut h);
+        let ok = NodeStats::decode(1, &[(b"keys", 1)], &[(b"get", &h)]).unwrap();
+        assert_eq!(ok.counter("keys"), Some(1));
+        for bad in [
+            &b"../x"[..],
+            b"/etc/x",
+            b"",
+            b"GET",
+            b"a\x1b[2J",
+            &[b'a'; 33],
+        ] {
+            assert!(NodeStats::decode(1, &[(bad, 1)], &[]).is_err(), "{bad:?}");
+            assert!(NodeStats::decode(1, &[], &[(bad, &h)]).is_err(), "{bad:?}");
+        }
+        assert!(NodeStats::decode(1, &[(b"keys", 1), (b"keys", 2)], &[]).is_err());
+        let many: Vec<(&[u8], &[u8])> = (0..=STATS_ENTRIES_MAX)
+            .map(|_| (&b"get"[..], &h[..]))
+            .collect();
+        assert!(NodeStats::decode(1, &[], &many)
+            .unwrap_err()
+            .contains("at most"));
     }
 }

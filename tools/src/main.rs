@@ -28,7 +28,7 @@ commands:
   status [--json]  a node's view of the cluster: members, status, reachability, partitions
   join SEED        make the node at --addr join the cluster of SEED
   leave            make the node at --addr leave its cluster
-  stats [--json] [--hgrm DIR]   a node's counters and latency percentiles by operation
+  stats [--shard] [--json] [--hgrm DIR]   a node's counters, holdings and latency percentiles
   ping | get KEY | put KEY VALUE | del KEY   talk to a node (--addr, --context, --json)
   logdump DIR     print every record of a partition folder (or one segment file),
                   or every entry of a commit log folder (or one .clog file)

@@ -13,9 +13,11 @@ use std::time::Duration;
 
 pub const USAGE: &str = "usage: ringkv stats [--addr HOST:PORT] [--shard] [--json] [--hgrm DIR]
 
-A node's counters and request latencies since it started, summed over its shards:
-get, put, delete, replica_get, replica_put (from the frame taken off the socket to the
-reply ready to send; a sync write after its group commit) and commit_log_sync.
+A node's counters (requests, errors, connections, commit-log syncs, hints, read
+repairs), what it holds (keys, versions, log bytes, dead bytes), and its request
+latencies since it started, summed over its shards: get, put, delete, replica_get,
+replica_put (from the frame taken off the socket to the reply ready to send; a sync
+write after its group commit) and commit_log_sync.
   --shard      the figures of the one shard that reads the request (with --addr on a
                shard port: that shard)
   --json       one JSON object: shards, counters, latency_us (count, mean, p50, p90,
@@ -57,7 +59,9 @@ pub fn fetch(addr: &str, shard_only: bool) -> anyhow::Result<NodeStats> {
     let frame = admin_frame(
         addr,
         &ClusterRequest::Stats { shard_only },
-        Duration::from_secs(5),
+        // longer than the node's own wait for a shard (the slow-client timeout, 10 s by
+        // default), so that a stuck shard is reported by name
+        Duration::from_secs(15),
     )?;
     match ClusterReply::parse(&frame).map_err(anyhow::Error::msg)? {
         (

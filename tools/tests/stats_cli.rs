@@ -6,7 +6,7 @@ mod common;
 
 use common::{Raw, Server};
 use ringkv_net::peer::{ClusterReply, ClusterRequest};
-use ringkv_net::protocol::{ErrorCode, Request};
+use ringkv_net::protocol::{ErrorCode, Reply, Request};
 use std::process::Command;
 
 fn stats_json(args: &[&str]) -> serde_json::Value {
@@ -27,9 +27,18 @@ fn stats_json(args: &[&str]) -> serde_json::Value {
 #[test]
 fn stats_count_every_request_once_and_sum_the_shards() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &["--durability", "sync"]);
     let addr = server.addr.to_string();
+    // one connection on the shared port: one shard reads every request
     let mut c = Raw::connect(server.addr);
+    let (_, hello) = c.call(Request::Hello {
+        min_version: 1,
+        max_version: 1,
+    });
+    let Reply::HelloOk(hello) = Reply::parse(&hello).unwrap().1 else {
+        panic!("no HELLO_OK");
+    };
+    let shard_addr = |s: u16| format!("127.0.0.1:{}", hello.shard_port_base + s);
     // 40 keys: both shards own some, so half the requests cross the mesh
     let keys: Vec<String> = (0..40).map(|i| format!("stats-key-{i}")).collect();
     let mut contexts = Vec::new();
@@ -65,18 +74,41 @@ fn stats_count_every_request_once_and_sum_the_shards() {
     assert!(put["p50"].as_f64().unwrap() > 0.0);
     assert!(put["p50"].as_f64().unwrap() <= put["p999"].as_f64().unwrap());
     assert!(put["p999"].as_f64().unwrap() <= put["max"].as_f64().unwrap());
-    // the 100 client requests, the ping, and the HELLO-less STATS requests are counted
+    // HELLO, 100 gets, puts and deletes, the ping and this STATS, each once (the
+    // STATS that the reading shard sent on to the other shard is not a request read)
+    assert_eq!(node["counters"]["requests"], 103, "{node}");
+    assert_eq!(node["counters"]["errors"], 0, "{node}");
+    // what the node holds: 40 keys, one version each (5 of them tombstones)
+    assert_eq!(node["counters"]["keys"], 40, "{node}");
+    assert_eq!(node["counters"]["versions"], 40, "{node}");
     assert!(
-        node["counters"]["requests"].as_u64().unwrap() >= 101,
+        node["counters"]["log_bytes"].as_u64().unwrap() > 40 * 100,
         "{node}"
     );
-    assert_eq!(node["counters"]["errors"], 0, "{node}");
+    assert!(
+        node["counters"]["log_dead_bytes"].as_u64().unwrap() > 0,
+        "{node}"
+    );
 
-    // one shard's figures are part of the node's
-    let shard = stats_json(&["--addr", &addr, "--shard"]);
-    assert_eq!(shard["shards"], 1, "{shard}");
-    assert!(count(&shard, "put") <= 50);
-    assert!(count(&shard, "get") <= 45);
+    // each shard's own figures (asked on its own port): the shard that read the
+    // requests timed them all, whichever shard owns the keys; both hold keys
+    let shards: Vec<serde_json::Value> = (0..2)
+        .map(|s| stats_json(&["--addr", &shard_addr(s), "--shard"]))
+        .collect();
+    let mut puts: Vec<u64> = shards.iter().map(|s| count(s, "put")).collect();
+    puts.sort_unstable();
+    assert_eq!(puts, vec![0, 50], "{shards:?}");
+    let gets: u64 = shards.iter().map(|s| count(s, "get")).sum();
+    assert_eq!(gets, 45, "{shards:?}");
+    let keys: Vec<u64> = shards
+        .iter()
+        .map(|s| s["counters"]["keys"].as_u64().unwrap())
+        .collect();
+    assert_eq!(keys.iter().sum::<u64>(), 40, "{shards:?}");
+    assert!(keys.iter().all(|&k| k > 0), "{shards:?}");
+    for s in &shards {
+        assert_eq!(s["shards"], 1, "{s}");
+    }
 
     // the .hgrm export holds every put
     let hgrm = dir.path().join("hgrm");

@@ -1028,11 +1028,39 @@ impl Shard {
             ("connections_accepted", s.connections_accepted),
             ("connections_refused", s.connections_refused),
             ("connections_open", self.connections.get() as u64),
-            ("requests_running", self.in_flight.get() as u64),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
         .collect();
+        // what the shard's partitions hold now (O(segments) each)
+        let mut held = [0u64; 8];
+        for p in self.partitions.values() {
+            let p = p.stats_without_memory();
+            let values = [
+                p.keys as u64,
+                p.versions as u64,
+                p.segments as u64,
+                p.bytes,
+                p.dead_bytes,
+                p.clock_truncations,
+                p.clock_entries_truncated,
+                u64::from(p.needs_repair),
+            ];
+            for (sum, v) in held.iter_mut().zip(values) {
+                *sum += v;
+            }
+        }
+        let names = [
+            "keys",
+            "versions",
+            "segments",
+            "log_bytes",
+            "log_dead_bytes",
+            "clock_truncations",
+            "clock_entries_truncated",
+            "partitions_needing_repair",
+        ];
+        counters.extend(names.iter().zip(held).map(|(n, v)| (n.to_string(), v)));
         let mut latencies: Vec<(String, hdrhistogram::Histogram<u64>)> = self
             .latencies
             .borrow()
@@ -1051,16 +1079,28 @@ impl Shard {
     }
 
     /// The whole node's figures: this shard's and every other shard's (asked over the
-    /// mesh), summed, and the node's own counters.
+    /// mesh, all at once: a shard that does not answer fails the request after the
+    /// slow-client timeout), summed, and the node's own counters.
     pub(crate) async fn node_stats(
-        &self,
+        self: &Rc<Self>,
         request_id: u64,
     ) -> Result<NodeStats, (ErrorCode, String)> {
         let mut stats = self.shard_stats();
         let mut frame = Vec::new();
         ringkv_net::peer::ClusterRequest::Stats { shard_only: true }.encode(request_id, &mut frame);
-        for other in (0..self.config.shards).filter(|&s| s != self.id) {
-            let reply = self.forward(other, &frame).await;
+        let frame = Rc::new(frame);
+        let asked: Vec<_> = (0..self.config.shards)
+            .filter(|&s| s != self.id)
+            .map(|other| {
+                let (shard, frame) = (self.clone(), frame.clone());
+                (
+                    other,
+                    glommio::spawn_local(async move { shard.forward(other, &frame).await }),
+                )
+            })
+            .collect();
+        for (other, answer) in asked {
+            let reply = answer.await;
             let failed = |why: String| (ErrorCode::Unavailable, format!("shard {other}: {why}"));
             match ringkv_net::peer::ClusterReply::parse(&reply) {
                 Ok((
