@@ -164,6 +164,76 @@ impl NodeStats {
     }
 }
 
+/// Values that say what is held now (Prometheus gauges); every other counter counts
+/// from the node's start (a Prometheus counter, named with `_total`).
+const GAUGES: &[&str] = &[
+    "connections_open",
+    "keys",
+    "versions",
+    "segments",
+    "log_bytes",
+    "log_dead_bytes",
+    "partitions_needing_repair",
+    "hints_pending",
+];
+
+/// The quantiles a Prometheus summary of a latency histogram carries.
+const SUMMARY_QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+/// `stats` in Prometheus's text exposition format (version 0.0.4): one metric
+/// `ringkv_NAME` per counter (`ringkv_NAME_total` for those that count from the start),
+/// `ringkv_shards`, and the latencies as one summary `ringkv_latency_seconds` with an
+/// `op` label (quantiles 0.5, 0.9, 0.99, 0.999 and 1, `_sum`, `_count`; `NaN`
+/// quantiles while an operation has no sample).
+pub fn prometheus_text(stats: &NodeStats) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# HELP ringkv_shards Shards whose figures are summed here."
+    );
+    let _ = writeln!(s, "# TYPE ringkv_shards gauge");
+    let _ = writeln!(s, "ringkv_shards {}", stats.shards);
+    for (name, value) in &stats.counters {
+        let (metric, kind) = if GAUGES.contains(&name.as_str()) {
+            (format!("ringkv_{name}"), "gauge")
+        } else {
+            (format!("ringkv_{name}_total"), "counter")
+        };
+        let _ = writeln!(s, "# HELP {metric} ringkv stats value {name}.");
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
+        let _ = writeln!(s, "{metric} {value}");
+    }
+    let _ = writeln!(
+        s,
+        "# HELP ringkv_latency_seconds Request and group-commit latency on the node, by operation."
+    );
+    let _ = writeln!(s, "# TYPE ringkv_latency_seconds summary");
+    for (op, h) in &stats.latencies {
+        for q in SUMMARY_QUANTILES {
+            if h.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "ringkv_latency_seconds{{op=\"{op}\",quantile=\"{q}\"}} NaN"
+                );
+            } else {
+                let v = h.value_at_quantile(q) as f64 / 1e9;
+                let _ = writeln!(
+                    s,
+                    "ringkv_latency_seconds{{op=\"{op}\",quantile=\"{q}\"}} {v}"
+                );
+            }
+        }
+        let sum = if h.is_empty() {
+            0.0
+        } else {
+            h.mean() * h.len() as f64 / 1e9
+        };
+        let _ = writeln!(s, "ringkv_latency_seconds_sum{{op=\"{op}\"}} {sum}");
+        let _ = writeln!(s, "ringkv_latency_seconds_count{{op=\"{op}\"}} {}", h.len());
+    }
+    s
+}
+
 /// HdrHistogram's percentile distribution text (`outputPercentileDistribution`, 5
 /// ticks per half distance, the `.hgrm` format), values in microseconds from a
 /// histogram in ns.
@@ -264,6 +334,38 @@ mod tests {
         encode_histogram(&latency_histogram(), &mut huge);
         huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode_histogram(&huge).unwrap_err().contains("length"));
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_gauges_and_latency_summaries() {
+        let mut get = latency_histogram();
+        get.record(2_000).unwrap();
+        get.record(4_000).unwrap();
+        let stats = NodeStats {
+            shards: 2,
+            counters: vec![("requests".into(), 7), ("keys".into(), 3)],
+            latencies: vec![("get".into(), get), ("put".into(), latency_histogram())],
+        };
+        let text = prometheus_text(&stats);
+        for line in [
+            "ringkv_shards 2",
+            "# TYPE ringkv_requests_total counter",
+            "ringkv_requests_total 7",
+            "# TYPE ringkv_keys gauge",
+            "ringkv_keys 3",
+            "# TYPE ringkv_latency_seconds summary",
+            "ringkv_latency_seconds_count{op=\"get\"} 2",
+            "ringkv_latency_seconds{op=\"put\",quantile=\"0.5\"} NaN",
+            "ringkv_latency_seconds_count{op=\"put\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        let p50 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ringkv_latency_seconds{op=\"get\",quantile=\"0.5\"} "))
+            .unwrap();
+        let p50: f64 = p50.parse().unwrap();
+        assert!((1.9e-6..2.1e-6).contains(&p50), "{p50}");
     }
 
     #[test]

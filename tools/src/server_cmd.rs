@@ -15,7 +15,7 @@ pub const USAGE: &str =
                      [--durability sync|none|interval(MS)] [--seeds HOST:PORT,...]
                      [--advertise HOST:PORT] [--replicas N] [--r R] [--w W]
                      [--request-timeout-ms MS] [--weight W] [--zone Z]
-                     [--hinted-handoff on|off]
+                     [--hinted-handoff on|off] [--metrics-listen HOST:PORT]
 
 Starts one node. With no options: data in ./ringkv-data, clients on 127.0.0.1:7379,
 shard s also on port 7380+s, one shard per core, 64 partitions, sync durability.
@@ -23,6 +23,7 @@ Without --seeds and without a persisted membership the node starts a cluster of 
 own; with --seeds it joins the cluster of the first seed that admits it. A restarted
 node rejoins with its persisted membership (data-dir/cluster/membership).
 Replication: N = 3, R = 2, W = 2 (each capped by the number of nodes).
+--metrics-listen serves the node's stats for Prometheus (GET /metrics); off by default.
 Stops gracefully on SIGINT/SIGTERM. Log level: RUST_LOG (default info).";
 
 /// The TOML file: every field optional, names as in `ServerConfig`.
@@ -58,6 +59,7 @@ struct FileConfig {
     weight: Option<u32>,
     zone: Option<String>,
     hinted_handoff: Option<bool>,
+    metrics_listen: Option<String>,
 }
 
 impl FileConfig {
@@ -101,6 +103,12 @@ impl FileConfig {
             c.listen = listen
                 .parse()
                 .with_context(|| format!("listen = {listen:?}"))?;
+        }
+        if let Some(m) = self.metrics_listen {
+            c.metrics_listen = Some(
+                m.parse()
+                    .with_context(|| format!("metrics_listen = {m:?}"))?,
+            );
         }
         if let Some(d) = self.durability {
             c.durability = d.parse::<Durability>().map_err(anyhow::Error::msg)?;
@@ -168,6 +176,10 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
                 }
             }
             "--zone" => config.zone = value()?.clone(),
+            "--metrics-listen" => {
+                config.metrics_listen =
+                    Some(value()?.parse().context("--metrics-listen HOST:PORT")?)
+            }
             "--help" | "-h" => return Ok(None),
             other => bail!("unknown option {other}\n\n{USAGE}"),
         }

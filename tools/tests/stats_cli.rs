@@ -145,3 +145,72 @@ fn stats_count_every_request_once_and_sum_the_shards() {
     ));
     assert!(server.stop().success());
 }
+
+/// One HTTP exchange: `request` written as it is, the whole response read back (empty
+/// when the node closed without answering).
+fn http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    // a node that closes early (a head over its limit) may reset the connection
+    let _ = s.write_all(request);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn the_metrics_endpoint_serves_the_node_stats_to_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    // a free port for the endpoint (the node binds it right after)
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut server = Server::start(dir.path(), &["--metrics-listen", &metrics]);
+    let mut c = Raw::connect(server.addr);
+    let ctx = c.put(b"scraped", b"v", b"");
+    c.put(b"scraped", b"w", &ctx);
+    assert_eq!(c.get(b"scraped").0, vec![b"w".to_vec()]);
+
+    let page = http(&metrics, b"GET /metrics HTTP/1.1\r\nHost: ringkv\r\n\r\n");
+    let (head, body) = page.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len());
+    for line in [
+        "ringkv_shards 2",
+        "ringkv_keys 1",
+        "ringkv_versions 1",
+        "ringkv_errors_total 0",
+        "# TYPE ringkv_requests_total counter",
+        "# TYPE ringkv_latency_seconds summary",
+        "ringkv_latency_seconds_count{op=\"put\"} 2",
+        "ringkv_latency_seconds_count{op=\"get\"} 1",
+        "ringkv_latency_seconds_count{op=\"delete\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+    }
+
+    // anything but GET /metrics is a 404; a head that never ends is cut off at its
+    // limit; the endpoint and the node go on serving
+    let other = http(&metrics, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let endless = http(&metrics, &vec![b'x'; 20 * 1024]);
+    assert_eq!(endless, "");
+    let again = http(&metrics, b"GET /metrics HTTP/1.0\r\n\r\n");
+    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+    assert!(c.ping());
+    assert!(server.stop().success());
+}

@@ -12,8 +12,10 @@
 //!   gossip and membership (shard 0), the failure detector, peer links.
 //! - `conn`: the connection loop: check frames, pipeline, enforce limits and timeouts.
 //! - `stats`: per-shard latency histograms by operation (STATS, `ringkv stats`).
+//! - `metrics`: the Prometheus text endpoint (`--metrics-listen`), served by shard 0.
 
 mod conn;
+mod metrics;
 mod shard;
 mod stats;
 
@@ -85,6 +87,9 @@ pub struct ServerConfig {
     /// Deliver hints to their owners (off: hints are kept, not sent; for tests and
     /// for operators who want to hold handoff during maintenance).
     pub hinted_handoff: bool,
+    /// Serve the node's stats in Prometheus's text format (`GET /metrics`, HTTP/1.1)
+    /// on this address, from shard 0; `None` (the default): no such listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +128,7 @@ impl Default for ServerConfig {
             weight: 1,
             zone: String::new(),
             hinted_handoff: true,
+            metrics_listen: None,
         }
     }
 }

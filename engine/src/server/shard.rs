@@ -332,6 +332,14 @@ async fn start(
         let shard = shard.clone();
         tasks.push(glommio::spawn_local(accept_loop(listener, shard)));
     }
+    if let (0, Some(addr)) = (shard_id, config.metrics_listen) {
+        let listener = glommio::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        tasks.push(glommio::spawn_local(super::metrics::serve(
+            listener,
+            shard.clone(),
+        )));
+    }
     let watcher_shard = shard.clone();
     tasks.push(glommio::spawn_local(async move {
         while !shutdown.is_triggered() {

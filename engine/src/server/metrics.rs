@@ -1,0 +1,133 @@
+//! The Prometheus text endpoint (`--metrics-listen HOST:PORT`): shard 0 answers
+//! `GET /metrics` over HTTP/1.1 with the node's stats (the same figures as STATS,
+//! summed over the shards; `ringkv_net::stats::prometheus_text`), one request per
+//! connection. It is for a scraper on a trusted network: a request head over
+//! [`HEAD_BYTES_MAX`], or not whole within [`TIMEOUT`], closes the connection, and at
+//! most [`CONNECTIONS_MAX`] are served at once (more are closed at once).
+
+use super::shard::Shard;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// The longest request head read.
+pub(crate) const HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Reading the head and writing the answer each get this long.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once.
+pub(crate) const CONNECTIONS_MAX: usize = 8;
+
+/// Accepts scrapes until the node stops.
+pub(crate) async fn serve(listener: TcpListener, shard: Rc<Shard>) {
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.stop.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                if open.get() >= CONNECTIONS_MAX {
+                    drop(stream);
+                    continue;
+                }
+                open.set(open.get() + 1);
+                let (shard, open) = (shard.clone(), open.clone());
+                glommio::spawn_local(async move {
+                    answer(stream, &shard).await;
+                    open.set(open.get() - 1);
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What a request head asks for: the metrics, or something else (404), or nothing
+/// whole yet.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Metrics,
+    Other,
+    Incomplete,
+}
+
+fn asked(head: &[u8]) -> Asked {
+    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Asked::Incomplete;
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    match (parts.next(), parts.next()) {
+        (Some(b"GET"), Some(path)) if path == b"/metrics" || path.starts_with(b"/metrics?") => {
+            Asked::Metrics
+        }
+        _ => Asked::Other,
+    }
+}
+
+async fn answer(mut stream: TcpStream, shard: &Rc<Shard>) {
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let what = loop {
+        match asked(&head) {
+            Asked::Incomplete if head.len() < HEAD_BYTES_MAX => {}
+            Asked::Incomplete => return,
+            done => break done,
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let (status, body) = match what {
+        Asked::Metrics => match shard.node_stats(0).await {
+            Ok(stats) => ("200 OK", ringkv_net::stats::prometheus_text(&stats)),
+            Err((_, message)) => ("503 Service Unavailable", format!("{message}\n")),
+        },
+        _ => (
+            "404 Not Found",
+            "only GET /metrics is served here\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_get_of_metrics_is_the_metrics() {
+        assert_eq!(
+            asked(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Asked::Metrics
+        );
+        assert_eq!(
+            asked(b"GET /metrics HTTP/1.1\r\nHost: a\r\n"),
+            Asked::Incomplete
+        );
+        assert_eq!(asked(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), Asked::Metrics);
+        assert_eq!(asked(b"GET /metricsx HTTP/1.1\r\n\r\n"), Asked::Other);
+        assert_eq!(asked(b"GET / HTTP/1.1\r\n\r\n"), Asked::Other);
+        assert_eq!(asked(b"POST /metrics HTTP/1.1\r\n\r\n"), Asked::Other);
+        assert_eq!(asked(b"\r\n\r\n"), Asked::Other);
+        assert_eq!(asked(b""), Asked::Incomplete);
+    }
+}
