@@ -304,6 +304,7 @@ fn bench_overwrite(o: &Options, compactor: bool) -> anyhow::Result<()> {
                 Duration::from_millis(10),
                 1_000_000,
                 now_ms,
+                |_| {},
             )
         });
         let hist = Rc::new(RefCell::new(latency_histogram()));

@@ -85,7 +85,8 @@ pub fn background_queue() -> TaskQueueHandle {
 
 /// Writes pending hint files of newly sealed segments and compacts `partition` in the
 /// low-priority `queue` whenever at least `min_dead_ratio` of its sealed bytes are dead, checking every `check_every`; stops when the
-/// partition is closed or failed, or after `rounds_max` checks.
+/// partition is closed or failed, or after `rounds_max` checks. `compacted` is told
+/// how long each compaction that succeeded took.
 pub fn spawn_compactor<S: Storage + 'static>(
     partition: Rc<Partition<S>>,
     queue: TaskQueueHandle,
@@ -93,6 +94,7 @@ pub fn spawn_compactor<S: Storage + 'static>(
     check_every: Duration,
     rounds_max: u64,
     now_ms: impl Fn() -> u64 + 'static,
+    compacted: impl Fn(Duration) + 'static,
 ) -> glommio::Task<Result<u64, StoreError>> {
     glommio::spawn_local_into(
         async move {
@@ -109,8 +111,12 @@ pub fn spawn_compactor<S: Storage + 'static>(
                     }
                 }
                 if partition.compaction_due(min_dead_ratio) {
+                    let started = std::time::Instant::now();
                     match partition.compact(now_ms()).await {
-                        Ok(_) => compactions += 1,
+                        Ok(_) => {
+                            compactions += 1;
+                            compacted(started.elapsed());
+                        }
                         Err(StoreError::Closed) => break,
                         Err(e) => return Err(e),
                     }

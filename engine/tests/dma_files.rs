@@ -645,6 +645,7 @@ fn background_compaction_runs_beside_foreground_writes() {
             std::time::Duration::from_millis(1),
             1_000_000,
             || 100,
+            |_| {},
         );
         for round in 0..40u32 {
             for i in 0..100u32 {

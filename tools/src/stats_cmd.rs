@@ -17,7 +17,7 @@ A node's counters (requests, errors, connections, commit-log syncs, hints, read
 repairs), what it holds (keys, versions, log bytes, dead bytes), and its request
 latencies since it started, summed over its shards: get, put, delete, replica_get,
 replica_put (from the frame taken off the socket to the reply ready to send; a sync
-write after its group commit) and commit_log_sync.
+write after its group commit), commit_log_sync and compaction.
   --shard      the figures of the one shard that reads the request (with --addr on a
                shard port: that shard)
   --json       one JSON object: shards, counters, latency_us (count, mean, p50, p90,

@@ -214,3 +214,33 @@ fn the_metrics_endpoint_serves_the_node_stats_to_prometheus() {
     assert!(c.ping());
     assert!(server.stop().success());
 }
+
+#[test]
+fn compactions_are_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    // small segments: overwrites of one key seal segments that are all dead
+    let mut server = Server::start_with_config(dir.path(), "segment_bytes_max = 4096\n", &[]);
+    let addr = server.addr.to_string();
+    let mut c = Raw::connect(server.addr);
+    let mut ctx = Vec::new();
+    for i in 0..300u32 {
+        ctx = c.put(b"churn", &[b'a' + (i % 26) as u8; 100], &ctx);
+    }
+    // the compactor checks each partition once a second, in the background
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let node = stats_json(&["--addr", &addr]);
+        let compactions = node["latency_us"]["compaction"]["count"].as_u64().unwrap();
+        if compactions >= 1 {
+            assert!(node["latency_us"]["compaction"]["max"].as_f64().unwrap() > 0.0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction timed in 30 s: {node}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(c.get(b"churn").0.len(), 1);
+    assert!(server.stop().success());
+}

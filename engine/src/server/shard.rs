@@ -296,6 +296,10 @@ async fn start(
             Duration::from_secs(1),
             u64::MAX,
             now_ms,
+            {
+                let shard = shard.clone();
+                move |took| shard.latencies.borrow_mut().record_compaction(took)
+            },
         );
         tasks.push(glommio::spawn_local(async move {
             if let Err(e) = compactor.await {

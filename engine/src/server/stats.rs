@@ -1,5 +1,6 @@
 //! What a shard measures for STATS (`ringkv stats`): how long the requests it read
-//! took, by operation, as HdrHistograms in nanoseconds.
+//! took, by operation, and how long its partitions' compactions took, as HdrHistograms
+//! in nanoseconds.
 //!
 //! A request's latency runs from the moment its connection took the whole frame off
 //! the socket buffer to the moment its reply was put in the connection's output: for a
@@ -49,30 +50,42 @@ impl Op {
     }
 }
 
-/// One histogram per [`Op`].
+/// One histogram per [`Op`], and one of compactions.
 pub(crate) struct Latencies {
     by_op: [Histogram<u64>; OPS.len()],
+    compaction: Histogram<u64>,
 }
 
 impl Default for Latencies {
     fn default() -> Self {
         Self {
             by_op: std::array::from_fn(|_| ringkv_net::stats::latency_histogram()),
+            compaction: ringkv_net::stats::latency_histogram(),
         }
     }
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    // past the histogram's top it counts as the top (60 s)
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Latencies {
     /// Counts one `op` that started at `started` and ends now.
     pub(crate) fn record(&mut self, op: Op, started: Instant) {
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        // past the histogram's top it counts as the top (60 s)
-        self.by_op[op as usize].saturating_record(ns.max(1));
+        self.by_op[op as usize].saturating_record(nanos(started.elapsed()));
     }
 
-    /// Each operation's name and histogram.
+    /// Counts one compaction of one of the shard's partitions that took `took`.
+    pub(crate) fn record_compaction(&mut self, took: std::time::Duration) {
+        self.compaction.saturating_record(nanos(took));
+    }
+
+    /// Each operation's name and histogram, then `compaction`'s.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&'static str, &Histogram<u64>)> {
-        OPS.iter().map(|&op| (op.name(), &self.by_op[op as usize]))
+        OPS.iter()
+            .map(|&op| (op.name(), &self.by_op[op as usize]))
+            .chain(std::iter::once(("compaction", &self.compaction)))
     }
 }
 
@@ -99,6 +112,7 @@ mod tests {
             }
         }
         assert_eq!(Op::of(opcode::PING), None);
+        l.record_compaction(std::time::Duration::from_millis(3));
         let counts: Vec<(&str, u64)> = l.iter().map(|(n, h)| (n, h.len())).collect();
         assert_eq!(
             counts,
@@ -107,7 +121,8 @@ mod tests {
                 ("put", 2),
                 ("delete", 3),
                 ("replica_get", 4),
-                ("replica_put", 5)
+                ("replica_put", 5),
+                ("compaction", 1)
             ]
         );
     }
