@@ -73,9 +73,54 @@ pub fn decode_histogram(bytes: &[u8]) -> Result<Histogram<u64>, String> {
             "histogram bounds {lowest}..{highest} at {sigfigs} digits, expected 1..{LATENCY_MAX_NS} at {LATENCY_SIGFIGS}"
         ));
     }
+    check_payload(&bytes[V2_HEADER_BYTES..])?;
     Deserializer::new()
         .deserialize(&mut &bytes[..])
         .map_err(|e| format!("bad histogram: {e:?}"))
+}
+
+/// Most samples one histogram a reader accepts may hold (2^53: 28 years at ten
+/// million a second), so that summing up to 1,024 shards' cannot overflow.
+pub const HISTOGRAM_SAMPLES_MAX: u64 = 1 << 53;
+
+/// Walks a V2 payload (zig-zag LEB128 numbers, at most 9 bytes each, the 9th taking
+/// 8 bits: a count, or minus a run of zero counts) before the deserializer does, and
+/// refuses what would overflow its arithmetic: a run of `i64::MIN` zeros, or more
+/// than [`HISTOGRAM_SAMPLES_MAX`] samples in all.
+fn check_payload(payload: &[u8]) -> Result<(), String> {
+    let mut at = 0;
+    let mut samples = 0u64;
+    while at < payload.len() {
+        let mut raw = 0u64;
+        let mut len = 0;
+        loop {
+            let b = *payload
+                .get(at + len)
+                .ok_or_else(|| "histogram payload cut in a number".to_string())?;
+            if len == 8 {
+                raw |= u64::from(b) << 56;
+                len += 1;
+                break;
+            }
+            raw |= u64::from(b & 0x7f) << (7 * len);
+            len += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        at += len;
+        let n = ((raw >> 1) as i64) ^ -((raw & 1) as i64);
+        if n == i64::MIN {
+            return Err("histogram payload has an impossible run of zeros".into());
+        }
+        if n > 0 {
+            samples = samples
+                .checked_add(n as u64)
+                .filter(|&s| s <= HISTOGRAM_SAMPLES_MAX)
+                .ok_or_else(|| "histogram holds too many samples".to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// What a STATS reply says about a node (or one shard), decoded.
@@ -366,6 +411,45 @@ mod tests {
             .unwrap();
         let p50: f64 = p50.parse().unwrap();
         assert!((1.9e-6..2.1e-6).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn payloads_that_would_overflow_the_deserializer_are_refused() {
+        let mut h = latency_histogram();
+        h.record_n(1_000, 5).unwrap();
+        h.record_n(9_000_000, 7).unwrap();
+        let mut good = Vec::new();
+        encode_histogram(&h, &mut good);
+        check_payload(&good[V2_HEADER_BYTES..]).unwrap();
+        assert_eq!(decode_histogram(&good).unwrap().len(), 12);
+        let with_payload = |payload: &[u8]| {
+            let mut bytes = good[..V2_HEADER_BYTES].to_vec();
+            bytes[4..8].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(payload);
+            decode_histogram(&bytes)
+        };
+        // nine 0xFF bytes: zig-zag i64::MIN, a run of zeros that cannot be negated
+        assert!(with_payload(&[0xff; 9]).unwrap_err().contains("zeros"));
+        // two counts of 2^62 each: past the sample limit (and near u64 overflow)
+        let big = |n: u64| {
+            let mut v = Vec::new();
+            let mut z = n << 1; // zig-zag of a positive number
+            for _ in 0..8 {
+                let more = z >> 7 != 0;
+                v.push((z & 0x7f) as u8 | if more { 0x80 } else { 0 });
+                z >>= 7;
+                if !more {
+                    return v;
+                }
+            }
+            v.push(z as u8);
+            v
+        };
+        let two: Vec<u8> = [big(1 << 62), big(1 << 62)].concat();
+        assert!(with_payload(&two).unwrap_err().contains("too many samples"));
+        assert!(with_payload(&[0x80]).unwrap_err().contains("cut"));
+        // a small valid payload of counts is accepted
+        assert_eq!(with_payload(&[2, 4]).unwrap().len(), 3);
     }
 
     #[test]

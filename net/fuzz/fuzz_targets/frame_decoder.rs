@@ -28,7 +28,18 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again.len(), frame.len());
             assert_eq!(again[8..], frame[8..]);
         }
-        let _ = ringkv_net::peer::ClusterReply::parse(frame);
+        // a STATS_OK's histograms and names: refused or decoded, never a panic
+        if let Ok((
+            _,
+            ringkv_net::peer::ClusterReply::StatsOk {
+                shards,
+                counters,
+                latencies,
+            },
+        )) = ringkv_net::peer::ClusterReply::parse(frame)
+        {
+            let _ = ringkv_net::stats::NodeStats::decode(shards, &counters, &latencies);
+        }
         rest = &rest[len..];
     }
 });
