@@ -332,8 +332,7 @@ impl<S: Storage> CommitLog<S> {
                 Ok(durable) => {
                     st.durable = st.durable.max(durable);
                     st.syncs += 1;
-                    let ns = started.elapsed().as_nanos() as u64;
-                    st.sync_latency.saturating_record(ns.max(1));
+                    ringkv_net::stats::record_latency(&mut st.sync_latency, started.elapsed());
                 }
                 Err(e) => {
                     st.failed.get_or_insert_with(|| e.to_string());

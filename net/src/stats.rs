@@ -40,6 +40,13 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_SIGFIGS).expect("valid bounds")
 }
 
+/// Counts one latency of `took` in `h` (a [`latency_histogram`]): past its top, it
+/// counts as the top (60 s); under 1 ns, as 1 ns.
+pub fn record_latency(h: &mut Histogram<u64>, took: std::time::Duration) {
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    h.saturating_record(ns.max(1));
+}
+
 /// `h` in HdrHistogram's V2 serialization (what a STATS reply carries).
 pub fn encode_histogram(h: &Histogram<u64>, out: &mut Vec<u8>) {
     V2Serializer::new()
@@ -171,6 +178,55 @@ impl NodeStats {
                 .map(|&(n, h)| Ok((name(n), decode_histogram(h)?)))
                 .collect::<Result<_, String>>()?,
         })
+    }
+
+    /// Parses a reply to STATS: a STATS_OK decoded as [`NodeStats::decode`] does, or
+    /// the reason it is not one (an ERROR's message included).
+    pub fn parse_reply(frame: &[u8]) -> Result<NodeStats, String> {
+        match crate::peer::ClusterReply::parse(frame) {
+            Ok((
+                _,
+                crate::peer::ClusterReply::StatsOk {
+                    shards,
+                    counters,
+                    latencies,
+                },
+            )) => NodeStats::decode(shards, &counters, &latencies),
+            _ => Err(match crate::protocol::Reply::parse(frame) {
+                Ok((_, crate::protocol::Reply::Error { message, .. })) => {
+                    String::from_utf8_lossy(message).into_owned()
+                }
+                _ => "not a reply to STATS".into(),
+            }),
+        }
+    }
+
+    /// Appends the STATS_OK frame carrying these figures to `out`.
+    pub fn encode_reply(&self, request_id: u64, out: &mut Vec<u8>) {
+        let encoded: Vec<Vec<u8>> = self
+            .latencies
+            .iter()
+            .map(|(_, h)| {
+                let mut bytes = Vec::new();
+                encode_histogram(h, &mut bytes);
+                bytes
+            })
+            .collect();
+        crate::peer::ClusterReply::StatsOk {
+            shards: self.shards,
+            counters: self
+                .counters
+                .iter()
+                .map(|(n, v)| (n.as_bytes(), *v))
+                .collect(),
+            latencies: self
+                .latencies
+                .iter()
+                .zip(&encoded)
+                .map(|((n, _), bytes)| (n.as_bytes(), bytes.as_slice()))
+                .collect(),
+        }
+        .encode(request_id, out);
     }
 
     /// Adds `other`'s figures to these (counters summed, histograms merged, names

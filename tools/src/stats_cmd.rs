@@ -5,7 +5,7 @@
 use crate::cluster_cmd::admin_frame;
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
-use ringkv_net::peer::{ClusterReply, ClusterRequest};
+use ringkv_net::peer::ClusterRequest;
 use ringkv_net::stats::NodeStats;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,17 +63,7 @@ pub fn fetch(addr: &str, shard_only: bool) -> anyhow::Result<NodeStats> {
         // default), so that a stuck shard is reported by name
         Duration::from_secs(15),
     )?;
-    match ClusterReply::parse(&frame).map_err(anyhow::Error::msg)? {
-        (
-            _,
-            ClusterReply::StatsOk {
-                shards,
-                counters,
-                latencies,
-            },
-        ) => NodeStats::decode(shards, &counters, &latencies).map_err(anyhow::Error::msg),
-        (_, other) => bail!("unexpected reply {other:?}"),
-    }
+    NodeStats::parse_reply(&frame).map_err(anyhow::Error::msg)
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {

@@ -910,7 +910,7 @@ impl Shard {
                 } else {
                     self.node_stats(request_id).await?
                 };
-                super::encode_stats(&stats, request_id, &mut out.borrow_mut());
+                stats.encode_reply(request_id, &mut out.borrow_mut());
                 return Ok(());
             }
             ClusterRequest::JoinRequest {

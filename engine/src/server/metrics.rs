@@ -22,33 +22,19 @@ pub(crate) const CONNECTIONS_MAX: usize = 8;
 /// Accepts scrapes until the node stops.
 pub(crate) async fn serve(listener: TcpListener, shard: Rc<Shard>) {
     let open = Rc::new(Cell::new(0usize));
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.stop.wait().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => return,
-            Some(Ok(stream)) => {
-                if open.get() >= CONNECTIONS_MAX {
-                    drop(stream);
-                    continue;
-                }
-                open.set(open.get() + 1);
-                let (shard, open) = (shard.clone(), open.clone());
-                glommio::spawn_local(async move {
-                    answer(stream, &shard).await;
-                    open.set(open.get() - 1);
-                })
-                .detach();
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
+    super::shard::accept_until_stopped(&listener, &shard, "metrics accept failed", |stream| {
+        if open.get() >= CONNECTIONS_MAX {
+            return drop(stream);
         }
-    }
+        open.set(open.get() + 1);
+        let (shard, open) = (shard.clone(), open.clone());
+        glommio::spawn_local(async move {
+            answer(stream, &shard).await;
+            open.set(open.get() - 1);
+        })
+        .detach();
+    })
+    .await
 }
 
 /// What a request head asks for: the metrics, or something else (404), or nothing

@@ -380,6 +380,33 @@ pub(crate) fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<std::n
 }
 
 async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
+    accept_until_stopped(&listener, &shard, "accept failed", |stream| {
+        if shard.connections.get() >= shard.config.connections_per_shard_max {
+            shard.stats.borrow_mut().connections_refused += 1;
+            glommio::spawn_local(conn::refuse(stream)).detach();
+            return;
+        }
+        shard.stats.borrow_mut().connections_accepted += 1;
+        shard.connections.set(shard.connections.get() + 1);
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            conn::serve(stream, s.clone()).await;
+            s.connections.set(s.connections.get() - 1);
+        })
+        .detach();
+    })
+    .await
+}
+
+/// Accepts on `listener` until `shard` stops, handing each connection to `take`. A
+/// failed accept (out of file descriptors and the like) is logged as `what` and backed
+/// off, from 1 ms up to 1 s; serving goes on.
+pub(crate) async fn accept_until_stopped(
+    listener: &glommio::net::TcpListener,
+    shard: &Shard,
+    what: &str,
+    mut take: impl FnMut(glommio::net::TcpStream),
+) {
     let mut backoff_ms = 1u64;
     loop {
         if shard.stopping.get() {
@@ -390,29 +417,14 @@ async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
             None
         })
         .await;
-        let Some(accepted) = accepted else {
-            return;
-        };
         match accepted {
-            Ok(stream) => {
+            None => return,
+            Some(Ok(stream)) => {
                 backoff_ms = 1;
-                if shard.connections.get() >= shard.config.connections_per_shard_max {
-                    shard.stats.borrow_mut().connections_refused += 1;
-                    glommio::spawn_local(conn::refuse(stream)).detach();
-                    continue;
-                }
-                shard.stats.borrow_mut().connections_accepted += 1;
-                shard.connections.set(shard.connections.get() + 1);
-                let s = shard.clone();
-                glommio::spawn_local(async move {
-                    conn::serve(stream, s.clone()).await;
-                    s.connections.set(s.connections.get() - 1);
-                })
-                .detach();
+                take(stream);
             }
-            Err(e) => {
-                // out of file descriptors and the like: back off, keep serving
-                tracing::warn!(error = %e, "accept failed");
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "{what}");
                 glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
                 backoff_ms = (backoff_ms * 2).min(1000);
             }
@@ -1044,35 +1056,26 @@ impl Shard {
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
         .collect();
-        // what the shard's partitions hold now (O(segments) each)
-        let mut held = [0u64; 8];
+        // what the shard's partitions hold now (O(segments) each), summed
+        let held = |p: &crate::partition::PartitionStats| {
+            [
+                ("keys", p.keys as u64),
+                ("versions", p.versions as u64),
+                ("segments", p.segments as u64),
+                ("log_bytes", p.bytes),
+                ("log_dead_bytes", p.dead_bytes),
+                ("clock_truncations", p.clock_truncations),
+                ("clock_entries_truncated", p.clock_entries_truncated),
+                ("partitions_needing_repair", u64::from(p.needs_repair)),
+            ]
+        };
+        let mut sums = held(&Default::default());
         for p in self.partitions.values() {
-            let p = p.stats_without_memory();
-            let values = [
-                p.keys as u64,
-                p.versions as u64,
-                p.segments as u64,
-                p.bytes,
-                p.dead_bytes,
-                p.clock_truncations,
-                p.clock_entries_truncated,
-                u64::from(p.needs_repair),
-            ];
-            for (sum, v) in held.iter_mut().zip(values) {
-                *sum += v;
+            for (sum, (_, v)) in sums.iter_mut().zip(held(&p.stats_without_memory())) {
+                sum.1 += v;
             }
         }
-        let names = [
-            "keys",
-            "versions",
-            "segments",
-            "log_bytes",
-            "log_dead_bytes",
-            "clock_truncations",
-            "clock_entries_truncated",
-            "partitions_needing_repair",
-        ];
-        counters.extend(names.iter().zip(held).map(|(n, v)| (n.to_string(), v)));
+        counters.extend(sums.iter().map(|&(n, v)| (n.to_string(), v)));
         let mut latencies: Vec<(String, hdrhistogram::Histogram<u64>)> = self
             .latencies
             .borrow()
@@ -1112,28 +1115,9 @@ impl Shard {
             })
             .collect();
         for (other, answer) in asked {
-            let reply = answer.await;
-            let failed = |why: String| (ErrorCode::Unavailable, format!("shard {other}: {why}"));
-            match ringkv_net::peer::ClusterReply::parse(&reply) {
-                Ok((
-                    _,
-                    ringkv_net::peer::ClusterReply::StatsOk {
-                        shards,
-                        counters,
-                        latencies,
-                    },
-                )) => {
-                    stats.merge(&NodeStats::decode(shards, &counters, &latencies).map_err(failed)?)
-                }
-                _ => {
-                    return Err(failed(match protocol::Reply::parse(&reply) {
-                        Ok((_, protocol::Reply::Error { message, .. })) => {
-                            String::from_utf8_lossy(message).into_owned()
-                        }
-                        _ => "an unexpected reply to STATS".into(),
-                    }))
-                }
-            }
+            let theirs = NodeStats::parse_reply(&answer.await)
+                .map_err(|why| (ErrorCode::Unavailable, format!("shard {other}: {why}")))?;
+            stats.merge(&theirs);
         }
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -1236,34 +1220,6 @@ fn decode_context(bytes: &[u8]) -> Result<VClock, (ErrorCode, String)> {
         return Ok(VClock::new());
     }
     Context::decode(bytes).map_err(|e| (ErrorCode::BadContext, e.to_string()))
-}
-
-/// Encodes the STATS_OK reply carrying `stats`.
-pub(crate) fn encode_stats(stats: &NodeStats, request_id: u64, out: &mut Vec<u8>) {
-    let encoded: Vec<Vec<u8>> = stats
-        .latencies
-        .iter()
-        .map(|(_, h)| {
-            let mut bytes = Vec::new();
-            ringkv_net::stats::encode_histogram(h, &mut bytes);
-            bytes
-        })
-        .collect();
-    ringkv_net::peer::ClusterReply::StatsOk {
-        shards: stats.shards,
-        counters: stats
-            .counters
-            .iter()
-            .map(|(n, v)| (n.as_bytes(), *v))
-            .collect(),
-        latencies: stats
-            .latencies
-            .iter()
-            .zip(&encoded)
-            .map(|((n, _), bytes)| (n.as_bytes(), bytes.as_slice()))
-            .collect(),
-    }
-    .encode(request_id, out);
 }
 
 pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {

@@ -11,6 +11,7 @@
 use hdrhistogram::Histogram;
 use ringkv_net::peer::opcode as peer_opcode;
 use ringkv_net::protocol::opcode;
+use ringkv_net::stats::record_latency;
 use std::time::Instant;
 
 /// The operations a shard keeps a latency histogram for.
@@ -65,20 +66,15 @@ impl Default for Latencies {
     }
 }
 
-fn nanos(d: std::time::Duration) -> u64 {
-    // past the histogram's top it counts as the top (60 s)
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
-}
-
 impl Latencies {
     /// Counts one `op` that started at `started` and ends now.
     pub(crate) fn record(&mut self, op: Op, started: Instant) {
-        self.by_op[op as usize].saturating_record(nanos(started.elapsed()));
+        record_latency(&mut self.by_op[op as usize], started.elapsed());
     }
 
     /// Counts one compaction of one of the shard's partitions that took `took`.
     pub(crate) fn record_compaction(&mut self, took: std::time::Duration) {
-        self.compaction.saturating_record(nanos(took));
+        record_latency(&mut self.compaction, took);
     }
 
     /// Each operation's name and histogram, then `compaction`'s.
