@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# CPU time per request, of the server and of the load generator, for ringkv (one node,
+# `sync`, shard-aware load) and Redis (appendonly, appendfsync always) in one run:
+# each process's user and system time from /proc/PID/stat over the run, divided by
+# the requests it served. On a machine where the load generator shares the CPUs with
+# the server, this says where the time goes when the throughputs differ.
+#
+#   bench/cpu-per-op.sh [SHARDS] [PIPELINE] [WORKLOAD] [SECONDS]
+#   RINGKV_BIN=path/to/ringkv bench/cpu-per-op.sh ...   (another build of the server)
+#   (defaults: 1 shard, pipeline 1, workload C, 8 s after a 2 s warm-up; every run
+#   stops by itself; needs redis-server: apt-get install redis-server)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARDS=${1:-1}
+PIPELINE=${2:-1}
+WORKLOAD=${3:-C}
+SECONDS_RUN=${4:-8}
+BIN=${RINGKV_BIN:-target/release/ringkv}
+BENCH=target/release/ringkv-bench
+command -v redis-server >/dev/null || {
+  echo "missing redis-server: apt-get install redis-server" >&2
+  exit 1
+}
+cargo build -q --release -p ringkv-tools -p ringkv-bench
+DIR=$(mktemp -d /tmp/ringkv-cpu.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+HZ=$(getconf CLK_TCK)
+
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# rescheduling interrupts (cross-CPU wakeups and kicks), summed over the CPUs
+resched() { awk '$1 == "RES:" { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts; }
+
+measure() { # NAME SERVER_PID BENCH_ARGS...
+  local name=$1 server=$2
+  shift 2
+  "$BENCH" run "$@" --duration 2s --no-progress >/dev/null
+  "$BENCH" run "$@" --duration "${SECONDS_RUN}s" --skip-load --no-progress \
+    --json "$DIR/$name.json" >/dev/null &
+  local load=$!
+  local s0 c0 s1 c1 r0 r1
+  s0=$(ticks "$server")
+  c0=$(ticks "$load")
+  r0=$(resched)
+  # The run's first and last moments (connecting, the last replies) stay outside.
+  sleep "$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 0.5 }')"
+  s1=$(ticks "$server")
+  c1=$(ticks "$load")
+  r1=$(resched)
+  wait "$load"
+  python3 - "$DIR/$name.json" "$name" "$HZ" "$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 0.5 }')" \
+    "$s0" "$s1" "$c0" "$c1" "$((r1 - r0))" <<'EOF'
+import json, sys
+path, name, hz, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s0, s1, c0, c1 = (list(map(int, a.split())) for a in sys.argv[5:9])
+resched = int(sys.argv[9])
+ops = json.load(open(path))["throughput_ops_s"]
+n = ops * secs
+us = lambda a, b, i: (b[i] - a[i]) / hz * 1e6 / n
+print(f"{name:<8} {ops:>10,.0f} ops/s   server µs/op user {us(s0, s1, 0):.2f} system "
+      f"{us(s0, s1, 1):.2f}   load generator µs/op user {us(c0, c1, 0):.2f} system "
+      f"{us(c0, c1, 1):.2f}   rescheduling interrupts/op {resched / n:.2f}")
+EOF
+}
+
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores; ringkv $(git rev-parse --short HEAD 2>/dev/null || echo '?') --shards $SHARDS; workload $WORKLOAD, pipeline $PIPELINE, 50 connections, ${SECONDS_RUN} s"
+PORT=$((20000 + RANDOM % 20000))
+"$BIN" server --data-dir "$DIR/ringkv" --listen "127.0.0.1:$PORT" \
+  --shard-port-base "$((PORT + 1))" --shards "$SHARDS" --durability sync >"$DIR/ringkv.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do "$BIN" ping --addr "127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.1; done
+measure ringkv "${PIDS[0]}" --addr "127.0.0.1:$PORT" --workload "$WORKLOAD" --shard-aware \
+  --pipeline "$PIPELINE"
+kill -INT "${PIDS[0]}"
+wait "${PIDS[0]}" || true
+
+RPORT=$((PORT + 1 + SHARDS))
+mkdir -p "$DIR/redis"
+redis-server --port "$RPORT" --dir "$DIR/redis" --appendonly yes --appendfsync always \
+  --save "" --daemonize no >"$DIR/redis.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+measure redis "${PIDS[1]}" --driver redis --addr "127.0.0.1:$RPORT" --workload "$WORKLOAD" \
+  --pipeline "$PIPELINE"
