@@ -6,7 +6,8 @@
 # the server, this says where the time goes when the throughputs differ.
 #
 #   bench/cpu-per-op.sh [SHARDS] [PIPELINE] [WORKLOAD] [SECONDS]
-#   RINGKV_BIN=path/to/ringkv bench/cpu-per-op.sh ...   (another build of the server)
+#   RINGKV_BIN=path/to/ringkv RINGKV_BENCH_BIN=path/to/ringkv-bench bench/cpu-per-op.sh ...
+#   (other builds of the server and of the load generator)
 #   (defaults: 1 shard, pipeline 1, workload C, 8 s after a 2 s warm-up; every run
 #   stops by itself; needs redis-server: apt-get install redis-server)
 set -euo pipefail
@@ -16,7 +17,7 @@ PIPELINE=${2:-1}
 WORKLOAD=${3:-C}
 SECONDS_RUN=${4:-8}
 BIN=${RINGKV_BIN:-target/release/ringkv}
-BENCH=target/release/ringkv-bench
+BENCH=${RINGKV_BENCH_BIN:-target/release/ringkv-bench}
 command -v redis-server >/dev/null || {
   echo "missing redis-server: apt-get install redis-server" >&2
   exit 1
