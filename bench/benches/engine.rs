@@ -37,6 +37,16 @@ fn records(c: &mut Criterion) {
     group.bench_function("decode + CRC 100-byte value", |b| {
         b.iter(|| black_box(record::decode(black_box(&encoded)).unwrap().total_bytes()))
     });
+    // a read from the record cache
+    group.bench_function("decode verified 100-byte value", |b| {
+        b.iter(|| {
+            black_box(
+                record::decode_verified(black_box(&encoded))
+                    .unwrap()
+                    .total_bytes(),
+            )
+        })
+    });
     group.finish();
 
     let mut seg = segment::encode_segment_header(1 << 24, 0).to_vec();
@@ -77,23 +87,32 @@ fn keydir(c: &mut Criterion) {
         })
     });
     let mut seq = n + 1;
+    let loc = |seq| Loc {
+        seq,
+        segment: 0,
+        offset: 0,
+        len: 160,
+        flags: 0,
+    };
+    // what a write that supersedes the one version does (the read of it first)
     group.bench_function("replace version", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            let key = keys[i].as_bytes();
+            let old = kd.get(key).unwrap()[0].seq;
+            seq += 1;
+            black_box(kd.replace(key, &[old], loc(seq)));
+        })
+    });
+    // the same in two lookups, as writes did before `KeyDir::replace`
+    group.bench_function("replace version: remove_seqs + insert", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
             let key = keys[i].as_bytes();
             let old = kd.get(key).unwrap()[0].seq;
             kd.remove_seqs(key, &[old]);
             seq += 1;
-            kd.insert(
-                key,
-                Loc {
-                    seq,
-                    segment: 0,
-                    offset: 0,
-                    len: 160,
-                    flags: 0,
-                },
-            );
+            black_box(kd.insert(key, loc(seq)));
         })
     });
     group.finish();

@@ -135,6 +135,40 @@ impl KeyDir {
         None
     }
 
+    /// [`remove_seqs`](Self::remove_seqs)`(key, replaced)` then
+    /// [`insert`](Self::insert)`(key, loc)` with one lookup: a write that supersedes
+    /// the key's versions keeps its entry and arena bytes instead of dropping and
+    /// adding the key back. Returns the removed versions and the one `loc` replaced.
+    pub fn replace(
+        &mut self,
+        key: &[u8],
+        replaced: &[u64],
+        loc: Loc,
+    ) -> (SmallVec<[Loc; 2]>, Option<Loc>) {
+        let mut removed = SmallVec::new();
+        let Some(i) = self.find(key) else {
+            return (removed, self.insert(key, loc));
+        };
+        let versions = &mut self.entries[i as usize].versions;
+        if !replaced.is_empty() {
+            versions.retain(|v| {
+                if replaced.contains(&v.seq) {
+                    removed.push(*v);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.version_count -= removed.len();
+        }
+        if let Some(v) = versions.iter_mut().find(|v| v.seq == loc.seq) {
+            return (removed, Some(std::mem::replace(v, loc)));
+        }
+        versions.push(loc);
+        self.version_count += 1;
+        (removed, None)
+    }
+
     /// Removes the versions of `key` whose seq is in `seqs`; returns what was removed.
     /// A key left with no version is removed.
     pub fn remove_seqs(&mut self, key: &[u8], seqs: &[u64]) -> SmallVec<[Loc; 2]> {
@@ -242,6 +276,48 @@ mod tests {
             offset: seq as u32 * 10,
             len: 10,
             flags: 0,
+        }
+    }
+
+    #[test]
+    fn replace_is_remove_seqs_then_insert() {
+        // a small model run: the same operations through both paths
+        let (mut one, mut two) = (KeyDir::new(), KeyDir::new());
+        let keys: [&[u8]; 3] = [b"a", b"bb", b"ccc"];
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        for step in 0..2000u64 {
+            let key = keys[(next() % 3) as usize];
+            let live: Vec<u64> = one
+                .get(key)
+                .map_or(vec![], |v| v.iter().map(|l| l.seq).collect());
+            // supersede some of the live versions (none, one, all) or re-place one
+            let replaced: Vec<u64> = live.iter().copied().filter(|_| next() % 2 == 0).collect();
+            let seq = if next() % 10 == 0 && !live.is_empty() {
+                live[0]
+            } else {
+                10_000 + step
+            };
+            let mut l = loc(seq);
+            l.offset = step as u32;
+            let (removed, old) = one.replace(key, &replaced, l);
+            let removed_two = two.remove_seqs(key, &replaced);
+            let old_two = two.insert(key, l);
+            assert_eq!((removed.as_slice(), old), (removed_two.as_slice(), old_two));
+            assert_eq!(one.version_count(), two.version_count());
+            assert_eq!(one.len(), two.len());
+            for k in keys {
+                let mut a: Vec<Loc> = one.get(k).map_or(vec![], |v| v.to_vec());
+                let mut b: Vec<Loc> = two.get(k).map_or(vec![], |v| v.to_vec());
+                a.sort_by_key(|l| l.seq);
+                b.sort_by_key(|l| l.seq);
+                assert_eq!(a, b, "key {k:?} at step {step}");
+            }
         }
     }
 

@@ -309,13 +309,9 @@ impl<F> State<F> {
     }
     /// Applies one record to the keydir, as a write or as a replay.
     fn apply(&mut self, key: &[u8], loc: Loc, replaced: &[u64]) {
-        if !replaced.is_empty() {
-            for old in self.keydir.remove_seqs(key, replaced) {
-                self.mark_dead(&old);
-            }
-        }
-        if let Some(old) = self.keydir.insert(key, loc) {
-            self.mark_dead(&old);
+        let (removed, old) = self.keydir.replace(key, replaced, loc);
+        for old in removed.iter().chain(&old) {
+            self.mark_dead(old);
         }
     }
 }
@@ -1356,8 +1352,8 @@ impl<S: Storage> Partition<S> {
         self.read_cached(key, |records| records.iter().map(stored_version).collect())
     }
 
-    /// Calls `f` with every live record of `key` (CRC-checked, borrowed from the record
-    /// cache, nothing copied) when all of them are cached; `None`, without calling it,
+    /// Calls `f` with every live record of `key` (borrowed from the record cache, whose
+    /// records were CRC-checked on their way in; nothing copied) when all of them are cached; `None`, without calling it,
     /// when one is not (then only [`Partition::get`] can answer). The server answers a
     /// cached read this way in the step that parsed it, without a task of its own.
     pub fn read_cached<T>(
@@ -1383,7 +1379,7 @@ impl<S: Storage> Partition<S> {
         };
         let records: Result<SmallVec<[Record<'_>; 2]>, StoreError> = found
             .iter()
-            .map(|(loc, segment, bytes)| self.check_record(key, loc, *segment, bytes))
+            .map(|(loc, segment, bytes)| self.check_record(key, loc, *segment, bytes, false))
             .collect();
         Some(records.map(|records| f(&records)))
     }
@@ -1407,21 +1403,23 @@ impl<S: Storage> Partition<S> {
                 b
             }
         };
-        let version = stored_version(&self.check_record(key, loc, segment.id, &bytes)?);
+        let version = stored_version(&self.check_record(key, loc, segment.id, &bytes, from_log)?);
         if from_log {
             self.cache.borrow_mut().insert(loc.seq, &bytes);
         }
         Ok(version)
     }
 
-    /// A record's bytes decoded, CRC-checked and matched against the keydir entry that
-    /// named them (a mismatch marks the partition for repair).
+    /// A record's bytes decoded, CRC-checked when `from_log` (bytes from the record
+    /// cache were checked on their way in, or encoded here), and matched against the
+    /// keydir entry that named them (a mismatch marks the partition for repair).
     fn check_record<'b>(
         &self,
         key: &[u8],
         loc: &Loc,
         segment: u64,
         bytes: &'b [u8],
+        from_log: bool,
     ) -> Result<Record<'b>, StoreError> {
         let corrupt = |error: String| {
             self.state.borrow_mut().needs_repair = true;
@@ -1431,7 +1429,12 @@ impl<S: Storage> Partition<S> {
                 error,
             }
         };
-        let r = record::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let decoded = if from_log {
+            record::decode(bytes)
+        } else {
+            record::decode_verified(bytes)
+        };
+        let r = decoded.map_err(|e| corrupt(e.to_string()))?;
         if r.key != key || r.header.seq != loc.seq {
             return Err(corrupt("record does not match the keydir".into()));
         }

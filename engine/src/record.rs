@@ -251,6 +251,17 @@ impl<'a> Record<'a> {
 
 /// Decodes one whole record from the front of `buf`, verifying its CRC.
 pub fn decode(buf: &[u8]) -> Result<Record<'_>, RecordError> {
+    decode_with(buf, true)
+}
+
+/// [`decode`] without the CRC check, for bytes whose CRC this process has already
+/// checked or computed (the record cache holds only records read from disk and
+/// verified, or encoded here). The header is still checked field by field.
+pub fn decode_verified(buf: &[u8]) -> Result<Record<'_>, RecordError> {
+    decode_with(buf, false)
+}
+
+fn decode_with(buf: &[u8], check_crc: bool) -> Result<Record<'_>, RecordError> {
     let header = decode_header(buf)?;
     let total = header.total_bytes();
     if buf.len() < total {
@@ -260,10 +271,12 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, RecordError> {
         });
     }
     let record = &buf[..total];
-    let stored = u32_at(record, 4);
-    let computed = record_crc(record);
-    if stored != computed {
-        return Err(RecordError::CrcMismatch { stored, computed });
+    if check_crc {
+        let stored = u32_at(record, 4);
+        let computed = record_crc(record);
+        if stored != computed {
+            return Err(RecordError::CrcMismatch { stored, computed });
+        }
     }
     let mut at = RECORD_HEADER_BYTES;
     let key = &record[at..at + header.key_len as usize];
