@@ -1,6 +1,7 @@
 //! End to end through a real `ringkv server` process: put/get/delete, siblings and
 //! reconciliation, pipelining from many clients, SIGKILL during a write load, and a
-//! changed shard count after a crash (the commit logs must be replayed first).
+//! changed shard count after a crash (the commit logs must be replayed first), and
+//! every shard port taking connections once the client port answers.
 
 mod common;
 
@@ -294,4 +295,71 @@ fn sigint_answers_in_flight_puts_and_a_restart_keeps_the_acknowledged() {
         );
     }
     assert!(server.stop().success());
+}
+
+/// What a script or a load balancer does with a node it just started: ping the client
+/// port until it answers, then go to the shard ports that HELLO_OK names. Every shard
+/// port must take the connection by then (before, a shard still opening its partitions
+/// had not bound its own port while another shard already answered on the shared one).
+#[test]
+fn once_the_client_port_answers_every_shard_port_takes_connections() {
+    const SHARDS: u16 = 4;
+    let seed = std::process::id() as u64;
+    for round in 0..3u64 {
+        let dir = tempfile::tempdir().unwrap();
+        // a free-looking client port with SHARDS free ports after it (bounded tries)
+        let base = (0..50u64)
+            .map(|t| 21_000 + ((seed * 7919 + (round * 50 + t) * 613) % 11_000) as u16)
+            .find(|&p| {
+                (0..=SHARDS).all(|s| std::net::TcpListener::bind(("127.0.0.1", p + s)).is_ok())
+            })
+            .expect("a free range of ports");
+        // killed if an assertion fails first (a running child would hold the test's pipes)
+        struct KillOnDrop(std::process::Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .args(["server", "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{base}")])
+            .args(["--shard-port-base", &(base + 1).to_string()])
+            .args(["--shards", &SHARDS.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .expect("start ringkv server");
+        let client: std::net::SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut answered = false;
+        while !answered && std::time::Instant::now() < deadline {
+            if let Ok(stream) = std::net::TcpStream::connect(client) {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                answered = Raw::from_stream(stream).ping();
+            }
+            if !answered {
+                assert!(child.0.try_wait().unwrap().is_none(), "the server exited");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert!(answered, "the client port never answered");
+        // at once, no retry: each shard port takes the connection and answers
+        for s in 0..SHARDS {
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{}", base + 1 + s).parse().unwrap();
+            let stream = std::net::TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("round {round}: shard {s} port refused: {e}"));
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            assert!(Raw::from_stream(stream).ping(), "shard {s}");
+        }
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+        assert!(child.0.wait().unwrap().success());
+    }
 }

@@ -141,6 +141,16 @@ async fn start(
     membership: Option<Vec<u8>>,
     counters: std::sync::Arc<NodeCounters>,
 ) -> Result<Started, String> {
+    // This shard's own port is bound before the mesh join, which every shard must reach
+    // before any gets past it, and the shared client port only at the end: so once the
+    // client port answers (a HELLO_OK names the shard ports), every shard's own port
+    // takes connections (queued until that shard serves them). A failed bind is
+    // reported after the join, as before, so the other shards are not left waiting.
+    let own_listener = (config.shard_port_base != 0).then(|| {
+        let mut own = config.listen;
+        own.set_port(config.shard_port_base + shard_id as u16);
+        listen_reusing(own).map_err(|e| format!("shard {shard_id}: cannot listen on {own}: {e}"))
+    });
     let (senders, receivers) = if config.shards > 1 {
         let (s, r) = mesh
             .join()
@@ -323,16 +333,17 @@ async fn start(
             }));
         }
     }
-    // listeners: the shared client port and this shard's own port
-    let mut addrs = vec![config.listen];
-    if config.shard_port_base != 0 {
-        let mut own = config.listen;
-        own.set_port(config.shard_port_base + shard_id as u16);
-        addrs.push(own);
+    // listeners: this shard's own port (bound at the start), then the shared client port
+    let mut listeners = Vec::new();
+    if let Some(own) = own_listener {
+        listeners.push(own?);
     }
-    for addr in addrs {
-        let listener = listen_reusing(addr)
-            .map_err(|e| format!("shard {shard_id}: cannot listen on {addr}: {e}"))?;
+    let addr = config.listen;
+    listeners.push(
+        listen_reusing(addr)
+            .map_err(|e| format!("shard {shard_id}: cannot listen on {addr}: {e}"))?,
+    );
+    for listener in listeners {
         let shard = shard.clone();
         tasks.push(glommio::spawn_local(accept_loop(listener, shard)));
     }
