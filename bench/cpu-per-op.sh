@@ -11,6 +11,9 @@
 #   (defaults: 1 shard, pipeline 1, workload C, 8 s after a 2 s warm-up; every run
 #   stops by itself; needs redis-server: apt-get install redis-server)
 set -euo pipefail
+# other builds named relative to where the script was started
+[ -n "${RINGKV_BIN:-}" ] && RINGKV_BIN=$(realpath "$RINGKV_BIN")
+[ -n "${RINGKV_BENCH_BIN:-}" ] && RINGKV_BENCH_BIN=$(realpath "$RINGKV_BENCH_BIN")
 cd "$(dirname "$0")/.."
 SHARDS=${1:-1}
 PIPELINE=${2:-1}
@@ -18,11 +21,15 @@ WORKLOAD=${3:-C}
 SECONDS_RUN=${4:-8}
 BIN=${RINGKV_BIN:-target/release/ringkv}
 BENCH=${RINGKV_BENCH_BIN:-target/release/ringkv-bench}
-command -v redis-server >/dev/null || {
-  echo "missing redis-server: apt-get install redis-server" >&2
-  exit 1
-}
-cargo build -q --release -p ringkv-tools -p ringkv-bench
+for tool in redis-server redis-cli; do
+  command -v "$tool" >/dev/null || {
+    echo "missing $tool: apt-get install redis-server" >&2
+    exit 1
+  }
+done
+if [ -z "${RINGKV_BIN:-}" ] || [ -z "${RINGKV_BENCH_BIN:-}" ]; then
+  cargo build -q --release -p ringkv-tools -p ringkv-bench
+fi
 DIR=$(mktemp -d /tmp/ringkv-cpu.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
@@ -31,7 +38,8 @@ HZ=$(getconf CLK_TCK)
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # rescheduling interrupts (cross-CPU wakeups and kicks), summed over the CPUs
-resched() { awk '$1 == "RES:" { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts; }
+# (%.0f: mawk prints a bigger sum than 2^31 in exponent form)
+resched() { awk '$1 == "RES:" { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; printf "%.0f\n", n }' /proc/interrupts; }
 
 measure() { # NAME SERVER_PID BENCH_ARGS...
   local name=$1 server=$2
@@ -40,17 +48,19 @@ measure() { # NAME SERVER_PID BENCH_ARGS...
   "$BENCH" run "$@" --duration "${SECONDS_RUN}s" --skip-load --no-progress \
     --json "$DIR/$name.json" >/dev/null &
   local load=$!
-  local s0 c0 s1 c1 r0 r1
+  local s0 c0 s1 c1 r0 r1 window
+  # the run's first and last half seconds (connecting, the last replies) stay outside
+  window=$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 1 }')
+  sleep 0.5
   s0=$(ticks "$server")
   c0=$(ticks "$load")
   r0=$(resched)
-  # The run's first and last moments (connecting, the last replies) stay outside.
-  sleep "$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 0.5 }')"
+  sleep "$window"
   s1=$(ticks "$server")
   c1=$(ticks "$load")
   r1=$(resched)
   wait "$load"
-  python3 - "$DIR/$name.json" "$name" "$HZ" "$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 0.5 }')" \
+  python3 - "$DIR/$name.json" "$name" "$HZ" "$window" \
     "$s0" "$s1" "$c0" "$c1" "$((r1 - r0))" <<'EOF'
 import json, sys
 path, name, hz, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -66,21 +76,39 @@ EOF
 }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores; ringkv $(git rev-parse --short HEAD 2>/dev/null || echo '?') --shards $SHARDS; workload $WORKLOAD, pipeline $PIPELINE, 50 connections, ${SECONDS_RUN} s"
-PORT=$((20000 + RANDOM % 20000))
+# below the kernel's ephemeral ports (32768 and up), so no client socket holds them
+PORT=$((20000 + RANDOM % 12000))
+RPORT=$((PORT + 1 + SHARDS))
+
+up() { # PID NAME LOG CHECK...: waits (10 s at most) until CHECK succeeds
+  local pid=$1 name=$2 log=$3
+  shift 3
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || { echo "$name exited at start:" >&2; cat "$log" >&2; exit 1; }
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "$name did not answer within 10 s:" >&2
+  cat "$log" >&2
+  exit 1
+}
+
 "$BIN" server --data-dir "$DIR/ringkv" --listen "127.0.0.1:$PORT" \
   --shard-port-base "$((PORT + 1))" --shards "$SHARDS" --durability sync >"$DIR/ringkv.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do "$BIN" ping --addr "127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.1; done
-measure ringkv "${PIDS[0]}" --addr "127.0.0.1:$PORT" --workload "$WORKLOAD" --shard-aware \
+SERVER=$!
+PIDS+=("$SERVER")
+up "$SERVER" ringkv "$DIR/ringkv.log" "$BIN" ping --addr "127.0.0.1:$PORT"
+measure ringkv "$SERVER" --addr "127.0.0.1:$PORT" --workload "$WORKLOAD" --shard-aware \
   --pipeline "$PIPELINE"
-kill -INT "${PIDS[0]}"
-wait "${PIDS[0]}" || true
+kill -INT "$SERVER"
+wait "$SERVER" || true
+PIDS=()
 
-RPORT=$((PORT + 1 + SHARDS))
 mkdir -p "$DIR/redis"
 redis-server --port "$RPORT" --dir "$DIR/redis" --appendonly yes --appendfsync always \
   --save "" --daemonize no >"$DIR/redis.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-measure redis "${PIDS[1]}" --driver redis --addr "127.0.0.1:$RPORT" --workload "$WORKLOAD" \
+SERVER=$!
+PIDS+=("$SERVER")
+up "$SERVER" redis-server "$DIR/redis.log" redis-cli -p "$RPORT" ping
+measure redis "$SERVER" --driver redis --addr "127.0.0.1:$RPORT" --workload "$WORKLOAD" \
   --pipeline "$PIPELINE"

@@ -104,8 +104,10 @@ impl std::fmt::Debug for ContextCache {
 }
 
 impl ContextCache {
-    /// The key's hash and its shard (the shard from the high bits, so that the table
-    /// probe inside the shard, which uses the low ones, stays spread).
+    /// The key's hash and its shard. The shard takes bits 32-37, which the table inside
+    /// the shard uses for neither its bucket index (the low bits) nor its slot tags
+    /// (the top 7): taking the top bits made every key of a shard share 6 of the 7 tag
+    /// bits, so half the slots of a probed group matched and had their keys compared.
     fn shard(
         &self,
         key: &[u8],
@@ -114,7 +116,7 @@ impl ContextCache {
         std::sync::MutexGuard<'_, hashbrown::HashTable<Remembered>>,
     ) {
         let hash = self.hasher.hash_one(key);
-        let shard = &self.shards[((hash >> 58) as usize) % self.shards.len()];
+        let shard = &self.shards[((hash >> 32) as usize & 63) % self.shards.len()];
         (hash, shard.lock().unwrap_or_else(|e| e.into_inner()))
     }
 

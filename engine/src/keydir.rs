@@ -160,6 +160,11 @@ impl KeyDir {
                 }
             });
             self.version_count -= removed.len();
+            if versions.is_empty() {
+                // back inside the entry, as a key added anew would be: a key that once
+                // had siblings keeps no heap list (nor the pointer hop on every get)
+                versions.shrink_to_fit();
+            }
         }
         if let Some(v) = versions.iter_mut().find(|v| v.seq == loc.seq) {
             return (removed, Some(std::mem::replace(v, loc)));
@@ -305,7 +310,12 @@ mod tests {
             };
             let mut l = loc(seq);
             l.offset = step as u32;
+            let superseded_all = !live.is_empty() && replaced.len() == live.len();
             let (removed, old) = one.replace(key, &replaced, l);
+            if superseded_all {
+                let i = one.find(key).unwrap() as usize;
+                assert!(!one.entries[i].versions.spilled(), "step {step}");
+            }
             let removed_two = two.remove_seqs(key, &replaced);
             let old_two = two.insert(key, l);
             assert_eq!((removed.as_slice(), old), (removed_two.as_slice(), old_two));

@@ -1353,9 +1353,10 @@ impl<S: Storage> Partition<S> {
     }
 
     /// Calls `f` with every live record of `key` (borrowed from the record cache, whose
-    /// records were CRC-checked on their way in; nothing copied) when all of them are cached; `None`, without calling it,
-    /// when one is not (then only [`Partition::get`] can answer). The server answers a
-    /// cached read this way in the step that parsed it, without a task of its own.
+    /// records were CRC-checked on their way in; nothing copied) when all of them are
+    /// cached; `None`, without calling it, when one is not (then only
+    /// [`Partition::get`] can answer). The server answers a cached read this way in the
+    /// step that parsed it, without a task of its own.
     pub fn read_cached<T>(
         &self,
         key: &[u8],
