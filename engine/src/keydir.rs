@@ -145,26 +145,15 @@ impl KeyDir {
         replaced: &[u64],
         loc: Loc,
     ) -> (SmallVec<[Loc; 2]>, Option<Loc>) {
-        let mut removed = SmallVec::new();
         let Some(i) = self.find(key) else {
-            return (removed, self.insert(key, loc));
+            return (SmallVec::new(), self.insert(key, loc));
         };
+        let removed = self.take_seqs(i, replaced);
         let versions = &mut self.entries[i as usize].versions;
-        if !replaced.is_empty() {
-            versions.retain(|v| {
-                if replaced.contains(&v.seq) {
-                    removed.push(*v);
-                    false
-                } else {
-                    true
-                }
-            });
-            self.version_count -= removed.len();
-            if versions.is_empty() {
-                // back inside the entry, as a key added anew would be: a key that once
-                // had siblings keeps no heap list (nor the pointer hop on every get)
-                versions.shrink_to_fit();
-            }
+        if versions.is_empty() {
+            // every version superseded: the list goes back inside the entry, as a key
+            // added anew would have it (no heap list, no pointer hop on every get)
+            versions.shrink_to_fit();
         }
         if let Some(v) = versions.iter_mut().find(|v| v.seq == loc.seq) {
             return (removed, Some(std::mem::replace(v, loc)));
@@ -177,12 +166,24 @@ impl KeyDir {
     /// Removes the versions of `key` whose seq is in `seqs`; returns what was removed.
     /// A key left with no version is removed.
     pub fn remove_seqs(&mut self, key: &[u8], seqs: &[u64]) -> SmallVec<[Loc; 2]> {
-        let mut removed = SmallVec::new();
         let Some(i) = self.find(key) else {
-            return removed;
+            return SmallVec::new();
         };
-        let versions = &mut self.entries[i as usize].versions;
-        versions.retain(|v| {
+        let removed = self.take_seqs(i, seqs);
+        if self.entries[i as usize].versions.is_empty() {
+            self.remove_entry(key, i);
+        }
+        removed
+    }
+
+    /// Takes the versions whose seq is in `seqs` out of entry `i` (which may be left
+    /// with none).
+    fn take_seqs(&mut self, i: u32, seqs: &[u64]) -> SmallVec<[Loc; 2]> {
+        let mut removed = SmallVec::new();
+        if seqs.is_empty() {
+            return removed;
+        }
+        self.entries[i as usize].versions.retain(|v| {
             if seqs.contains(&v.seq) {
                 removed.push(*v);
                 false
@@ -191,9 +192,6 @@ impl KeyDir {
             }
         });
         self.version_count -= removed.len();
-        if versions.is_empty() {
-            self.remove_entry(key, i);
-        }
         removed
     }
 
