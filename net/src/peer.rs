@@ -314,12 +314,12 @@ impl<'a> ClusterReply<'a> {
             opcode::STATS_OK => {
                 let shards = r.u16("shards")?;
                 let count = r.u16("counter count")? as usize;
-                let mut counters = Vec::with_capacity(count.min(64));
+                let mut counters = Vec::with_capacity(count.min(crate::stats::STATS_ENTRIES_MAX));
                 for _ in 0..count {
                     counters.push((r.bytes16("counter name")?, r.u64("counter")?));
                 }
                 let count = r.u16("histogram count")? as usize;
-                let mut latencies = Vec::with_capacity(count.min(64));
+                let mut latencies = Vec::with_capacity(count.min(crate::stats::STATS_ENTRIES_MAX));
                 for _ in 0..count {
                     latencies.push((r.bytes16("histogram name")?, r.bytes32("histogram")?));
                 }

@@ -123,20 +123,29 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         stats.shards,
         if stats.shards == 1 { "" } else { "s" }
     );
+    // names are up to 32 characters (`is_stats_name`): each name column fits its longest
+    let width = |names: &mut dyn Iterator<Item = &String>, least: usize| {
+        names.map(String::len).max().unwrap_or(0).max(least)
+    };
+    let width_c = width(&mut stats.counters.iter().map(|(n, _)| n), 0);
+    let width = width(
+        &mut stats.latencies.iter().map(|(n, _)| n),
+        "latency (us)".len(),
+    );
     for (name, value) in &stats.counters {
-        println!("  {name:<22} {value:>14}");
+        println!("  {name:<width_c$} {value:>14}");
     }
     println!(
-        "{:<16} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:<width$} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "latency (us)", "count", "p50", "p90", "p99", "p999", "max"
     );
     for (name, h) in &stats.latencies {
         if h.is_empty() {
-            println!("{name:<16} {:>12}", 0);
+            println!("{name:<width$} {:>12}", 0);
             continue;
         }
         println!(
-            "{name:<16} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            "{name:<width$} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             h.len(),
             us(h, 0.5),
             us(h, 0.9),
