@@ -147,6 +147,27 @@ pub fn check_frame(buf: &[u8], frame_bytes_max: usize) -> Result<Option<usize>, 
     Ok(Some(len as usize))
 }
 
+/// The frames of a buffer holding whole frames back to back (each one `check_frame`
+/// accepted, such as a batch one shard forwards to another), in order. Stops at the
+/// first length that is shorter than a header or runs past the end, so a damaged
+/// buffer yields only the whole frames before the damage.
+pub fn frames(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < HEADER_BYTES {
+            return None;
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < HEADER_BYTES || len > rest.len() {
+            rest = &[];
+            return None;
+        }
+        let (frame, tail) = rest.split_at(len);
+        rest = tail;
+        Some(frame)
+    })
+}
+
 /// Decodes the header of a frame `check_frame` accepted (or any 16+ bytes).
 pub fn header(frame: &[u8]) -> Header {
     assert!(frame.len() >= HEADER_BYTES);
@@ -572,6 +593,27 @@ mod tests {
         for n in 0..one.len() {
             assert_eq!(check_frame(&one[..n], 1 << 20), Ok(None));
         }
+    }
+
+    #[test]
+    fn frames_yields_whole_frames_and_stops_at_damage() {
+        let mut buf = Vec::new();
+        Request::Ping.encode(1, &mut buf);
+        Request::Get { r: 0, key: b"k" }.encode(2, &mut buf);
+        let ids: Vec<u64> = frames(&buf).map(|f| header(f).request_id).collect();
+        assert_eq!(ids, [1, 2]);
+        // every cut yields the whole frames before it, never a partial one
+        for n in 0..buf.len() {
+            let whole = frames(&buf[..n]).count();
+            assert_eq!(
+                whole,
+                usize::from(n >= HEADER_BYTES) + usize::from(n == buf.len())
+            );
+        }
+        // a length shorter than a header ends the walk instead of looping
+        let mut bad = buf.clone();
+        bad[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(frames(&bad).count(), 1);
     }
 
     #[test]

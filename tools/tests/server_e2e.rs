@@ -363,3 +363,92 @@ fn once_the_client_port_answers_every_shard_port_takes_connections() {
         assert!(child.0.wait().unwrap().success());
     }
 }
+
+/// Requests one connection pipelines for partitions of other shards travel in one
+/// batch per owning shard. Every kind the owner handles differently comes back once,
+/// matched by id: reads it answers at once, `sync` writes it holds for the commit
+/// log, requests its full path refuses (a key over the limit), and ids a client
+/// repeats. Then the writes read back, and the node counts the forwarding.
+#[test]
+fn forwarded_batches_answer_each_request_once_whatever_the_owner_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--shards", "4", "--durability", "sync"]);
+    let mut c = Raw::connect(server.addr);
+    let long_key = vec![b'k'; 5000];
+    let mut bytes = Vec::new();
+    // (request id, what its reply must be)
+    let mut expected: Vec<(u64, &str)> = Vec::new();
+    let mut id = 100;
+    for i in 0..120 {
+        let key = format!("fb{i}");
+        Request::Put {
+            w: 0,
+            key: key.as_bytes(),
+            context: b"",
+            value: key.as_bytes(),
+        }
+        .encode(id, &mut bytes);
+        expected.push((id, "put"));
+        id += 1;
+        Request::Get {
+            r: 0,
+            key: format!("absent{i}").as_bytes(),
+        }
+        .encode(id, &mut bytes);
+        expected.push((id, "get"));
+        id += 1;
+        if i % 10 == 0 {
+            Request::Get {
+                r: 0,
+                key: &long_key,
+            }
+            .encode(id, &mut bytes);
+            expected.push((id, "error"));
+            id += 1;
+            // the same id twice in a row: both are answered
+            for _ in 0..2 {
+                Request::Get {
+                    r: 0,
+                    key: b"absent-twice",
+                }
+                .encode(id, &mut bytes);
+                expected.push((id, "get"));
+            }
+            id += 1;
+        }
+    }
+    c.send_bytes(&bytes);
+    let mut got: Vec<(u64, &str)> = Vec::new();
+    for _ in 0..expected.len() {
+        let f = c.read_frame().expect("a reply to every request");
+        let (h, reply) = Reply::parse(&f).unwrap();
+        let kind = match reply {
+            Reply::PutOk { .. } => "put",
+            Reply::GetOk { values, .. } => {
+                assert!(values.is_empty(), "absent keys read empty");
+                "get"
+            }
+            Reply::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::KeyTooLong as u16);
+                "error"
+            }
+            other => panic!("{other:?}"),
+        };
+        got.push((h.request_id, kind));
+    }
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "each request answered once, by its own id");
+    for i in 0..120 {
+        let key = format!("fb{i}");
+        let (values, _) = c.get(key.as_bytes());
+        assert_eq!(values, vec![key.into_bytes()]);
+    }
+    drop(c);
+    assert!(server.stop().success());
+    let (requests, forwarded, _, _) = server.stopped_counts().expect("a stop line");
+    assert!(
+        forwarded > 100 && requests >= forwarded,
+        "{forwarded} of {requests} forwarded"
+    );
+}

@@ -224,9 +224,11 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     // when the first byte of the frame now being received arrived
     let mut frame_started: Option<Instant> = None;
+    let mut forwards = Forwards::new(config.shards);
     'read: loop {
         // take every whole frame already buffered
         let mut consumed = 0;
+        let mut broken = false;
         loop {
             if !output.can_dispatch(output_budget) {
                 // backpressure: the rest waits in `buf` until replies drain
@@ -241,7 +243,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     }
                     let frame = &buf[consumed..consumed + len];
                     consumed += len;
-                    dispatch(frame, &shard, &output);
+                    dispatch(frame, &shard, &output, &mut forwards);
                 }
                 Err(err) => {
                     let request_id = if buf.len() - consumed >= protocol::HEADER_BYTES {
@@ -266,9 +268,15 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         consumed += len;
                         continue;
                     }
-                    break 'read;
+                    broken = true;
+                    break;
                 }
             }
+        }
+        // what this pass read for other shards goes out, one message per shard
+        forwards.send(&shard, &output);
+        if broken {
+            break 'read;
         }
         buf.drain(..consumed);
         let waiting_frame_len = match protocol::check_frame(&buf, config.frame_bytes_max) {
@@ -392,7 +400,7 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
     }
 }
 
-fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
+fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut Forwards) {
     let started = Instant::now();
     let header = protocol::header(frame);
     let (request_id, op) = (header.request_id, Op::of(header.opcode));
@@ -419,6 +427,7 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
         match shard.try_execute_now(frame, &output.buf, &mut held.bytes) {
             Now::Later => {}
             Now::Answered => {
+                shard.stats.borrow_mut().requests += 1;
                 if let Some(op) = op {
                     shard.latencies.borrow_mut().record(op, started);
                 }
@@ -429,6 +438,7 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
                 partition,
                 position,
             } => {
+                shard.stats.borrow_mut().requests += 1;
                 let end = held.released + held.bytes.len();
                 held.replies.push_back(HeldReply {
                     partition,
@@ -448,6 +458,23 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
     output
         .in_flight_bytes
         .set(output.in_flight_bytes.get() + frame.len());
+    if let Some(owner) = shard.forward_target(frame) {
+        let batch = &mut forwards.by_shard[owner];
+        if batch.frames.capacity() == 0 {
+            // room for the replies too: the owner writes them into this buffer when
+            // they fit, so it comes back to be freed here
+            batch.frames.reserve(BATCH_BUFFER_BYTES);
+        }
+        batch.frames.extend_from_slice(frame);
+        batch.requests.push(Forwarded {
+            request_id,
+            op,
+            started,
+            len: frame.len(),
+            answered: false,
+        });
+        return;
+    }
     let frame = frame.to_vec();
     let (shard, output) = (shard.clone(), output.clone());
     glommio::spawn_local(async move {
@@ -463,4 +490,113 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>) {
         output.in_flight_done.notify_all();
     })
     .detach();
+}
+
+/// Requests one pass over the read buffer found for partitions other shards own, by
+/// owning shard: each shard's go over the mesh as one message, and one task takes
+/// their replies (instead of a task, a message and a reply message per request).
+const BATCH_BUFFER_BYTES: usize = 16 * 1024;
+
+struct Forwards {
+    by_shard: Vec<Batch>,
+}
+
+#[derive(Default)]
+struct Batch {
+    /// The request frames, back to back.
+    frames: Vec<u8>,
+    requests: Vec<Forwarded>,
+}
+
+struct Forwarded {
+    request_id: u64,
+    op: Option<Op>,
+    started: Instant,
+    /// Its frame's length (counted in the connection's in-flight bytes).
+    len: usize,
+    answered: bool,
+}
+
+impl Forwards {
+    fn new(shards: usize) -> Self {
+        Forwards {
+            by_shard: (0..shards).map(|_| Batch::default()).collect(),
+        }
+    }
+
+    /// Starts a task per shard that has requests waiting, with those requests.
+    fn send(&mut self, shard: &Rc<Shard>, output: &Rc<Output>) {
+        for (owner, batch) in self.by_shard.iter_mut().enumerate() {
+            if batch.requests.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(batch);
+            shard.count_forwarded(batch.requests.len());
+            glommio::spawn_local(forward_batch(shard.clone(), output.clone(), owner, batch))
+                .detach();
+        }
+    }
+}
+
+/// Forwards one batch and writes each reply to the connection as it arrives; the
+/// requests left without one when forwarding fails get error replies.
+async fn forward_batch(shard: Rc<Shard>, output: Rc<Output>, owner: usize, batch: Batch) {
+    let Batch {
+        frames,
+        mut requests,
+    } = batch;
+    let count = requests.len();
+    let mut answered = 0;
+    // replies usually come in request order: look from the oldest unanswered
+    let mut oldest = 0;
+    let finish = |requests: &mut [Forwarded], i: usize, latencies: &mut Latencies| {
+        let request = &mut requests[i];
+        request.answered = true;
+        if let Some(op) = request.op {
+            latencies.record(op, request.started);
+        }
+        output.in_flight.set(output.in_flight.get() - 1);
+        output
+            .in_flight_bytes
+            .set(output.in_flight_bytes.get() - request.len);
+    };
+    let result = shard
+        .forward_batch(owner, frames, count, |replies| {
+            let mut out = output.buf.borrow_mut();
+            let mut latencies = shard.latencies.borrow_mut();
+            for reply in protocol::frames(replies) {
+                let id = protocol::header(reply).request_id;
+                while oldest < count && requests[oldest].answered {
+                    oldest += 1;
+                }
+                // a reply to no request of this batch cannot come from the owner;
+                // dropping it beats sending the client a reply it never asked for
+                let Some(i) = (oldest..count)
+                    .find(|&i| !requests[i].answered && requests[i].request_id == id)
+                else {
+                    continue;
+                };
+                out.extend_from_slice(reply);
+                finish(&mut requests, i, &mut latencies);
+                answered += 1;
+            }
+            drop(out);
+            output.ready.notify_all();
+            output.in_flight_done.notify_all();
+            answered == count
+        })
+        .await;
+    if let Err((code, message)) = result {
+        let mut out = output.buf.borrow_mut();
+        let mut latencies = shard.latencies.borrow_mut();
+        for i in 0..count {
+            if !requests[i].answered {
+                encode::error(&mut out, requests[i].request_id, code, message);
+                finish(&mut requests, i, &mut latencies);
+            }
+        }
+        drop(out);
+        output.ready.notify_all();
+        output.in_flight_done.notify_all();
+    }
 }

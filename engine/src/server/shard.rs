@@ -35,6 +35,16 @@ pub(crate) enum ShardMsg {
     },
     /// The reply frame to a forwarded request.
     Reply { token: u64, frame: Vec<u8> },
+    /// Whole request frames, back to back, that one connection read in one pass for
+    /// partitions the receiver owns: one message, one task on the owner for all.
+    Requests {
+        from: usize,
+        token: u64,
+        frames: Vec<u8>,
+    },
+    /// Reply frames, back to back, to some of a [`ShardMsg::Requests`] batch (the
+    /// owner sends what it answered at once, then the rest as they finish).
+    Replies { token: u64, frames: Vec<u8> },
     /// Shard 0 changed the membership (encoded); every other shard installs it.
     Membership(Vec<u8>),
 }
@@ -55,6 +65,7 @@ pub(crate) struct Shard {
     partitions: HashMap<u32, Rc<Partition<DmaStorage>>>,
     senders: Option<Senders<ShardMsg>>,
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
+    pending_batches: RefCell<HashMap<u64, Rc<BatchSlot>>>,
     next_token: Cell<u64>,
     pub stats: RefCell<ShardStats>,
     pub connections: Cell<usize>,
@@ -78,6 +89,13 @@ pub(crate) struct Shard {
 #[derive(Default)]
 struct Slot {
     reply: RefCell<Option<Vec<u8>>>,
+    arrived: Notify,
+}
+
+/// Where the replies to a forwarded batch land, as they arrive.
+#[derive(Default)]
+struct BatchSlot {
+    replies: RefCell<Vec<u8>>,
     arrived: Notify,
 }
 
@@ -258,6 +276,7 @@ async fn start(
         partitions,
         senders,
         pending: RefCell::default(),
+        pending_batches: RefCell::default(),
         next_token: Cell::new(1),
         stats: RefCell::default(),
         connections: Cell::new(0),
@@ -677,6 +696,19 @@ impl Shard {
                 })
                 .detach();
             }
+            ShardMsg::Requests {
+                from,
+                token,
+                frames,
+            } => {
+                glommio::spawn_local(self.answer_forwarded(from, token, frames)).detach();
+            }
+            ShardMsg::Replies { token, frames } => {
+                if let Some(slot) = self.pending_batches.borrow().get(&token) {
+                    slot.replies.borrow_mut().extend_from_slice(&frames);
+                    slot.arrived.notify_all();
+                }
+            }
             ShardMsg::Reply { token, frame } => {
                 if let Some(slot) = self.pending.borrow_mut().remove(&token) {
                     *slot.reply.borrow_mut() = Some(frame);
@@ -688,6 +720,162 @@ impl Shard {
                 Err(e) => tracing::error!(error = %e, "shard 0 sent a bad membership"),
             },
         }
+    }
+
+    /// Answers a batch of forwarded requests: what can run in this step at once (one
+    /// reply message for all of them), writes held for the commit log once it covers
+    /// them (one more message), and each of the rest as its own task with its own
+    /// reply message, so a slow request does not hold back the others.
+    ///
+    /// The last reply message carries the batch's own buffer back (its requests
+    /// replaced by replies), so the buffer is freed on the shard that allocated it:
+    /// frees across threads contend on the allocator's locks.
+    async fn answer_forwarded(self: Rc<Self>, from: usize, token: u64, mut frames: Vec<u8>) {
+        let out = RefCell::new(Vec::new());
+        let mut held_bytes = Vec::new();
+        // (partition, position, request id, where its reply ends in held_bytes)
+        let mut held = Vec::new();
+        let mut later = Vec::new();
+        // the sender checked every frame whole when it read it
+        for frame in protocol::frames(&frames) {
+            if self.stopping.get() {
+                encode::error(
+                    &mut out.borrow_mut(),
+                    protocol::header(frame).request_id,
+                    ErrorCode::ShuttingDown,
+                    "the owning shard is shutting down",
+                );
+                continue;
+            }
+            match self.try_execute_now(frame, &out, &mut held_bytes) {
+                Now::Answered => {}
+                Now::Held {
+                    partition,
+                    position,
+                } => held.push((
+                    partition,
+                    position,
+                    protocol::header(frame).request_id,
+                    held_bytes.len(),
+                )),
+                Now::Later => later.push(frame.to_vec()),
+            }
+        }
+        for frame in later {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                let out = RefCell::new(Vec::new());
+                shard.execute_local(&frame, &out).await;
+                shard.send_replies(from, token, out.into_inner()).await;
+            })
+            .detach();
+        }
+        let out = out.into_inner();
+        // growing the buffer here would reallocate it on this thread as well
+        if held.is_empty() && out.len() <= frames.capacity() {
+            frames.clear();
+            frames.extend_from_slice(&out);
+            self.send_replies(from, token, frames).await;
+            return;
+        }
+        self.send_replies(from, token, out).await;
+        if held.is_empty() {
+            return;
+        }
+        // shutdown waits for these like for any request running here
+        let count = held.len();
+        self.in_flight.set(self.in_flight.get() + count);
+        let mut replies = if held_bytes.len() <= frames.capacity() {
+            frames.clear();
+            frames
+        } else {
+            Vec::with_capacity(held_bytes.len())
+        };
+        let mut start = 0;
+        for (partition, position, request_id, end) in held {
+            match partition.wait_logged(position).await {
+                Ok(()) => replies.extend_from_slice(&held_bytes[start..end]),
+                Err(e) => self.reply_held_failed(&mut replies, request_id, e),
+            }
+            start = end;
+        }
+        self.in_flight.set(self.in_flight.get() - count);
+        self.in_flight_done.notify_all();
+        self.send_replies(from, token, replies).await;
+    }
+
+    async fn send_replies(&self, to: usize, token: u64, frames: Vec<u8>) {
+        if frames.is_empty() {
+            return;
+        }
+        if let Some(senders) = &self.senders {
+            let _ = senders
+                .send_to(to, ShardMsg::Replies { token, frames })
+                .await;
+        }
+    }
+
+    /// The shard another shard must run `frame` on, if not this one (the frame is
+    /// then forwarded; see [`Shard::forward_batch`]).
+    pub(crate) fn forward_target(&self, frame: &[u8]) -> Option<usize> {
+        self.route(frame).filter(|&owner| owner != self.id)
+    }
+
+    /// Sends whole request frames (back to back, each for a partition `owner` owns)
+    /// to shard `owner` as one message, then hands each arriving run of reply frames
+    /// to `take` until it returns true (every request answered). Sending and waiting
+    /// share one deadline, so a stalled shard cannot hold the requests forever; on
+    /// an error the caller answers the requests `take` has not seen.
+    pub(crate) async fn forward_batch(
+        &self,
+        owner: usize,
+        frames: Vec<u8>,
+        requests: usize,
+        mut take: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), (ErrorCode, &'static str)> {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let slot = Rc::new(BatchSlot::default());
+        self.pending_batches
+            .borrow_mut()
+            .insert(token, slot.clone());
+        self.in_flight.set(self.in_flight.get() + requests);
+        let answered = glommio::timer::timeout(self.config.slow_client_timeout, async {
+            let Some(senders) = &self.senders else {
+                return Ok(false);
+            };
+            let message = ShardMsg::Requests {
+                from: self.id,
+                token,
+                frames,
+            };
+            if senders.send_to(owner, message).await.is_err() {
+                return Ok(false);
+            }
+            loop {
+                let replies = std::mem::take(&mut *slot.replies.borrow_mut());
+                if !replies.is_empty() && take(&replies) {
+                    return Ok(true);
+                }
+                slot.arrived.wait().await;
+            }
+        })
+        .await;
+        self.pending_batches.borrow_mut().remove(&token);
+        self.in_flight.set(self.in_flight.get() - requests);
+        self.in_flight_done.notify_all();
+        match answered {
+            Ok(true) => Ok(()),
+            Ok(false) => Err((ErrorCode::Unavailable, "owning shard is gone")),
+            Err(_) => Err((ErrorCode::Timeout, "owning shard did not answer in time")),
+        }
+    }
+
+    /// Counts requests read here and forwarded to their owners in a batch.
+    pub(crate) fn count_forwarded(&self, requests: usize) {
+        let mut stats = self.stats.borrow_mut();
+        stats.requests += requests as u64;
+        stats.forwarded += requests as u64;
     }
 
     /// Executes one whole request frame and appends the reply frame to `out`.
@@ -969,7 +1157,6 @@ impl Shard {
         }) else {
             return Now::Later;
         };
-        self.stats.borrow_mut().requests += 1;
         if let Err((code, message)) = answered.map_err(store_error).and_then(|r| r) {
             self.stats.borrow_mut().errors += 1;
             encode::error(&mut out.borrow_mut(), header.request_id, code, &message);
@@ -1021,7 +1208,6 @@ impl Shard {
         ) else {
             return Now::Later;
         };
-        self.stats.borrow_mut().requests += 1;
         match done {
             Err(e) => {
                 self.stats.borrow_mut().errors += 1;
