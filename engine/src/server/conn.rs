@@ -5,7 +5,9 @@
 //! request id) and refuses work past the in-flight limits (requests and bytes). A
 //! request the shard can run in the reader's own step ([`Shard::try_execute_now`]) is
 //! answered there; a write done that way in `sync` mode has its reply held until the
-//! commit log's group commit covers it (an acker task waits for that). Replies
+//! commit log's group commit covers it (an acker task waits for that). Requests for
+//! partitions another shard owns go to it in one batch per shard and pass over the
+//! buffer, with one task taking that batch's replies. Replies
 //! are encoded into one shared output buffer that a writer task flushes in batches;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
@@ -492,11 +494,13 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
     .detach();
 }
 
+/// Room a forwarded batch's buffer starts with: its requests, and then the replies
+/// the owner writes into it when they fit.
+const BATCH_BUFFER_BYTES: usize = 16 * 1024;
+
 /// Requests one pass over the read buffer found for partitions other shards own, by
 /// owning shard: each shard's go over the mesh as one message, and one task takes
 /// their replies (instead of a task, a message and a reply message per request).
-const BATCH_BUFFER_BYTES: usize = 16 * 1024;
-
 struct Forwards {
     by_shard: Vec<Batch>,
 }

@@ -35,16 +35,22 @@ pub(crate) enum ShardMsg {
     },
     /// The reply frame to a forwarded request.
     Reply { token: u64, frame: Vec<u8> },
-    /// Whole request frames, back to back, that one connection read in one pass for
-    /// partitions the receiver owns: one message, one task on the owner for all.
+    /// Whole request frames, back to back, that one pass over a connection's buffer
+    /// found for partitions the receiver owns: one message for all of them.
     Requests {
         from: usize,
         token: u64,
         frames: Vec<u8>,
     },
     /// Reply frames, back to back, to some of a [`ShardMsg::Requests`] batch (the
-    /// owner sends what it answered at once, then the rest as they finish).
-    Replies { token: u64, frames: Vec<u8> },
+    /// owner sends what it answered at once, then the rest as they finish), and the
+    /// batch's buffer when the replies are not in it (dropped by the receiver, whose
+    /// thread allocated it).
+    Replies {
+        token: u64,
+        frames: Vec<u8>,
+        returned: Vec<u8>,
+    },
     /// Shard 0 changed the membership (encoded); every other shard installs it.
     Membership(Vec<u8>),
 }
@@ -703,7 +709,15 @@ impl Shard {
             } => {
                 glommio::spawn_local(self.answer_forwarded(from, token, frames)).detach();
             }
-            ShardMsg::Replies { token, frames } => {
+            ShardMsg::Replies {
+                token,
+                frames,
+                returned,
+            } => {
+                drop(returned);
+                if frames.is_empty() {
+                    return;
+                }
                 if let Some(slot) = self.pending_batches.borrow().get(&token) {
                     slot.replies.borrow_mut().extend_from_slice(&frames);
                     slot.arrived.notify_all();
@@ -727,10 +741,11 @@ impl Shard {
     /// them (one more message), and each of the rest as its own task with its own
     /// reply message, so a slow request does not hold back the others.
     ///
-    /// The last reply message carries the batch's own buffer back (its requests
-    /// replaced by replies), so the buffer is freed on the shard that allocated it:
-    /// frees across threads contend on the allocator's locks.
-    async fn answer_forwarded(self: Rc<Self>, from: usize, token: u64, mut frames: Vec<u8>) {
+    /// The batch's own buffer goes back to the sender with one of these messages
+    /// (holding replies when they fit, else beside them), so it is freed on the shard
+    /// that allocated it and never grown here: frees and reallocations across threads
+    /// contend on the allocator's locks.
+    async fn answer_forwarded(self: Rc<Self>, from: usize, token: u64, frames: Vec<u8>) {
         let out = RefCell::new(Vec::new());
         let mut held_bytes = Vec::new();
         // (partition, position, request id, where its reply ends in held_bytes)
@@ -761,36 +776,28 @@ impl Shard {
                 Now::Later => later.push(frame.to_vec()),
             }
         }
+        // shutdown waits for the held writes like for any request running here,
+        // counted before the first wait
+        let count = held.len();
+        self.in_flight.set(self.in_flight.get() + count);
         for frame in later {
             let shard = self.clone();
             glommio::spawn_local(async move {
                 let out = RefCell::new(Vec::new());
                 shard.execute_local(&frame, &out).await;
-                shard.send_replies(from, token, out.into_inner()).await;
+                shard
+                    .send_replies(from, token, out.into_inner(), Vec::new())
+                    .await;
             })
             .detach();
         }
         let out = out.into_inner();
-        // growing the buffer here would reallocate it on this thread as well
-        if held.is_empty() && out.len() <= frames.capacity() {
-            frames.clear();
-            frames.extend_from_slice(&out);
-            self.send_replies(from, token, frames).await;
-            return;
-        }
-        self.send_replies(from, token, out).await;
         if held.is_empty() {
+            self.send_replies_returning(from, token, out, frames).await;
             return;
         }
-        // shutdown waits for these like for any request running here
-        let count = held.len();
-        self.in_flight.set(self.in_flight.get() + count);
-        let mut replies = if held_bytes.len() <= frames.capacity() {
-            frames.clear();
-            frames
-        } else {
-            Vec::with_capacity(held_bytes.len())
-        };
+        self.send_replies(from, token, out, Vec::new()).await;
+        let mut replies = Vec::with_capacity(held_bytes.len());
         let mut start = 0;
         for (partition, position, request_id, end) in held {
             match partition.wait_logged(position).await {
@@ -801,17 +808,41 @@ impl Shard {
         }
         self.in_flight.set(self.in_flight.get() - count);
         self.in_flight_done.notify_all();
-        self.send_replies(from, token, replies).await;
+        self.send_replies_returning(from, token, replies, frames)
+            .await;
     }
 
-    async fn send_replies(&self, to: usize, token: u64, frames: Vec<u8>) {
-        if frames.is_empty() {
+    /// Sends `replies` and gives the batch's buffer back: the replies travel in it
+    /// when they fit (it is not grown on this thread), else beside it.
+    async fn send_replies_returning(
+        &self,
+        to: usize,
+        token: u64,
+        replies: Vec<u8>,
+        mut buffer: Vec<u8>,
+    ) {
+        if replies.len() <= buffer.capacity() {
+            buffer.clear();
+            buffer.extend_from_slice(&replies);
+            self.send_replies(to, token, buffer, Vec::new()).await;
+        } else {
+            self.send_replies(to, token, replies, buffer).await;
+        }
+    }
+
+    /// Sends reply frames to a forwarded batch's sender, and a buffer of its to free
+    /// there; nothing when there are no frames and no buffer to give back.
+    async fn send_replies(&self, to: usize, token: u64, frames: Vec<u8>, returned: Vec<u8>) {
+        if frames.capacity() == 0 && returned.capacity() == 0 {
             return;
         }
         if let Some(senders) = &self.senders {
-            let _ = senders
-                .send_to(to, ShardMsg::Replies { token, frames })
-                .await;
+            let message = ShardMsg::Replies {
+                token,
+                frames,
+                returned,
+            };
+            let _ = senders.send_to(to, message).await;
         }
     }
 
@@ -878,7 +909,10 @@ impl Shard {
         stats.forwarded += requests as u64;
     }
 
-    /// Executes one whole request frame and appends the reply frame to `out`.
+    /// Executes one whole request frame and appends the reply frame to `out`. A frame
+    /// for another shard's partition is forwarded alone (the connection reader sends
+    /// those in batches itself, see [`Shard::forward_batch`]; this serves a caller
+    /// with a single frame).
     pub(crate) async fn execute(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
         self.stats.borrow_mut().requests += 1;
         let owner = self.route(frame);
