@@ -27,16 +27,8 @@ use std::time::Duration;
 /// What travels between shards.
 #[derive(Debug)]
 pub(crate) enum ShardMsg {
-    /// A whole request frame for a partition the receiver owns.
-    Request {
-        from: usize,
-        token: u64,
-        frame: Vec<u8>,
-    },
-    /// The reply frame to a forwarded request.
-    Reply { token: u64, frame: Vec<u8> },
-    /// Whole request frames, back to back, that one pass over a connection's buffer
-    /// found for partitions the receiver owns: one message for all of them.
+    /// Whole request frames, back to back, for partitions the receiver owns: what one
+    /// pass over a connection's buffer found for it, or one forwarded request.
     Requests {
         from: usize,
         token: u64,
@@ -71,7 +63,6 @@ pub(crate) struct Shard {
     partitions: HashMap<u32, Rc<Partition<DmaStorage>>>,
     senders: Option<Senders<ShardMsg>>,
     pending: RefCell<HashMap<u64, Rc<Slot>>>,
-    pending_batches: RefCell<HashMap<u64, Rc<BatchSlot>>>,
     next_token: Cell<u64>,
     pub stats: RefCell<ShardStats>,
     pub connections: Cell<usize>,
@@ -91,16 +82,9 @@ pub(crate) struct Shard {
     pub latencies: RefCell<super::stats::Latencies>,
 }
 
-/// Where a forwarded request's reply lands.
-#[derive(Default)]
-struct Slot {
-    reply: RefCell<Option<Vec<u8>>>,
-    arrived: Notify,
-}
-
 /// Where the replies to a forwarded batch land, as they arrive.
 #[derive(Default)]
-struct BatchSlot {
+struct Slot {
     replies: RefCell<Vec<u8>>,
     arrived: Notify,
 }
@@ -282,7 +266,6 @@ async fn start(
         partitions,
         senders,
         pending: RefCell::default(),
-        pending_batches: RefCell::default(),
         next_token: Cell::new(1),
         stats: RefCell::default(),
         connections: Cell::new(0),
@@ -679,29 +662,6 @@ impl Shard {
 
     fn on_mesh_message(self: Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Request { from, token, frame } => {
-                glommio::spawn_local(async move {
-                    let out = RefCell::new(Vec::new());
-                    if self.stopping.get() {
-                        let request_id = protocol::header(&frame).request_id;
-                        encode::error(
-                            &mut out.borrow_mut(),
-                            request_id,
-                            ErrorCode::ShuttingDown,
-                            "the owning shard is shutting down",
-                        );
-                    } else {
-                        self.execute_local(&frame, &out).await;
-                    }
-                    if let Some(senders) = &self.senders {
-                        let out = out.into_inner();
-                        let _ = senders
-                            .send_to(from, ShardMsg::Reply { token, frame: out })
-                            .await;
-                    }
-                })
-                .detach();
-            }
             ShardMsg::Requests {
                 from,
                 token,
@@ -718,14 +678,8 @@ impl Shard {
                 if frames.is_empty() {
                     return;
                 }
-                if let Some(slot) = self.pending_batches.borrow().get(&token) {
+                if let Some(slot) = self.pending.borrow().get(&token) {
                     slot.replies.borrow_mut().extend_from_slice(&frames);
-                    slot.arrived.notify_all();
-                }
-            }
-            ShardMsg::Reply { token, frame } => {
-                if let Some(slot) = self.pending.borrow_mut().remove(&token) {
-                    *slot.reply.borrow_mut() = Some(frame);
                     slot.arrived.notify_all();
                 }
             }
@@ -866,10 +820,8 @@ impl Shard {
     ) -> Result<(), (ErrorCode, &'static str)> {
         let token = self.next_token.get();
         self.next_token.set(token + 1);
-        let slot = Rc::new(BatchSlot::default());
-        self.pending_batches
-            .borrow_mut()
-            .insert(token, slot.clone());
+        let slot = Rc::new(Slot::default());
+        self.pending.borrow_mut().insert(token, slot.clone());
         self.in_flight.set(self.in_flight.get() + requests);
         let answered = glommio::timer::timeout(self.config.slow_client_timeout, async {
             let Some(senders) = &self.senders else {
@@ -892,7 +844,7 @@ impl Shard {
             }
         })
         .await;
-        self.pending_batches.borrow_mut().remove(&token);
+        self.pending.borrow_mut().remove(&token);
         self.in_flight.set(self.in_flight.get() - requests);
         self.in_flight_done.notify_all();
         match answered {
@@ -927,59 +879,26 @@ impl Shard {
         }
     }
 
+    /// Forwards one request frame to shard `owner` (a batch of one) and returns the
+    /// reply frame, or an error reply when the owner is gone or too slow.
     async fn forward(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
-        self.in_flight.set(self.in_flight.get() + 1);
-        let reply = self.forward_inner(owner, frame).await;
-        self.in_flight.set(self.in_flight.get() - 1);
-        self.in_flight_done.notify_all();
-        reply
-    }
-
-    async fn forward_inner(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
-        let request_id = protocol::header(frame).request_id;
-        let token = self.next_token.get();
-        self.next_token.set(token + 1);
-        let slot = Rc::new(Slot::default());
-        self.pending.borrow_mut().insert(token, slot.clone());
-        // sending and waiting share one deadline: a stalled peer cannot hold the
-        // request (and its connection) forever
-        let answered = glommio::timer::timeout(self.config.slow_client_timeout, async {
-            let Some(senders) = &self.senders else {
-                return Ok(false);
-            };
-            let message = ShardMsg::Request {
-                from: self.id,
-                token,
-                frame: frame.to_vec(),
-            };
-            if senders.send_to(owner, message).await.is_err() {
-                return Ok(false);
-            }
-            while slot.reply.borrow().is_none() {
-                slot.arrived.wait().await;
-            }
-            Ok(true)
-        })
-        .await;
-        self.pending.borrow_mut().remove(&token);
-        let reply = slot.reply.borrow_mut().take();
-        let mut out = Vec::new();
-        match (answered, reply) {
-            (Ok(true), Some(reply)) => return reply,
-            (Ok(false), _) => encode::error(
-                &mut out,
-                request_id,
-                ErrorCode::Unavailable,
-                "owning shard is gone",
-            ),
-            _ => encode::error(
-                &mut out,
-                request_id,
-                ErrorCode::Timeout,
-                "owning shard did not answer in time",
-            ),
+        let mut reply = Vec::new();
+        let forwarded = self
+            .forward_batch(owner, frame.to_vec(), 1, |replies| {
+                reply.extend_from_slice(replies);
+                true
+            })
+            .await;
+        if let Err((code, message)) = forwarded {
+            reply.clear();
+            encode::error(
+                &mut reply,
+                protocol::header(frame).request_id,
+                code,
+                message,
+            );
         }
-        out
+        reply
     }
 
     /// Executes a request whose partition is on this shard (or that has no key).
