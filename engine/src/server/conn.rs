@@ -181,8 +181,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     // the output a client may leave unread before the reader pauses
     let output_budget = 2 * config.frame_bytes_max;
     let in_flight_bytes_max = IN_FLIGHT_FRAMES_OF_BYTES * config.frame_bytes_max;
+    let deadlines = shard.sweeper.watch();
     let writer_task = {
         let output = output.clone();
+        let deadlines = deadlines.clone();
         let deadline_per_batch = config.slow_client_timeout;
         glommio::spawn_local(async move {
             let mut sending = Vec::with_capacity(64 * 1024);
@@ -197,11 +199,22 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 std::mem::swap(&mut *output.buf.borrow_mut(), &mut sending);
                 output.sending_bytes.set(sending.len());
                 // the whole batch must go out within the slow-client timeout, however
-                // slowly the client reads
-                let sent = glommio::timer::timeout(deadline_per_batch, async {
-                    writer.write_all(&sending).await.map_err(Into::into)
-                })
-                .await;
+                // slowly the client reads (a deadline only when the socket does not
+                // take it at once)
+                let mut write = std::pin::pin!(writer.write_all(&sending));
+                let sent = match futures_lite::future::poll_once(&mut write).await {
+                    Some(sent) => sent,
+                    None => {
+                        deadlines.arm_write(Instant::now() + deadline_per_batch);
+                        let sent = futures_lite::future::or(write, async {
+                            deadlines.write_expired().await;
+                            Err(std::io::ErrorKind::TimedOut.into())
+                        })
+                        .await;
+                        deadlines.disarm_write();
+                        sent
+                    }
+                };
                 output.sending_bytes.set(0);
                 output.drained.notify_all();
                 if sent.is_err() {
@@ -315,36 +328,36 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             }
             continue;
         }
-        // idle connections wait long; a frame started must finish within the
-        // slow-client timeout counted from its first byte
-        let wait = match frame_started {
-            None => config.idle_timeout,
-            Some(t) => match config.slow_client_timeout.checked_sub(t.elapsed()) {
-                Some(left) => left,
-                None => break,
-            },
-        };
-        let read = futures_lite::future::or(
-            async {
-                Some(
-                    glommio::timer::timeout(wait, async {
-                        reader.read(&mut chunk).await.map_err(Into::into)
+        // a frame started must finish within the slow-client timeout counted from its
+        // first byte
+        let overdue = frame_started.map(|t| t + config.slow_client_timeout);
+        if overdue.is_some_and(|at| at <= Instant::now()) {
+            break;
+        }
+        let mut read = std::pin::pin!(reader.read(&mut chunk));
+        let read = match futures_lite::future::poll_once(&mut read).await {
+            Some(read) => Some(read),
+            None => {
+                // nothing to read yet: idle connections wait long
+                deadlines.arm_read(overdue.unwrap_or_else(|| Instant::now() + config.idle_timeout));
+                let read = futures_lite::future::or(async { Some(read.await) }, async {
+                    // a deadline, shutdown or a failed writer end the read at once
+                    futures_lite::future::or(deadlines.read_expired(), async {
+                        futures_lite::future::or(shard.stop.wait(), async {
+                            while !output.broken.get() {
+                                output.drained.wait().await;
+                            }
+                        })
+                        .await
                     })
-                    .await,
-                )
-            },
-            async {
-                // shutdown or a failed writer end the read at once
-                futures_lite::future::or(shard.stop.wait(), async {
-                    while !output.broken.get() {
-                        output.drained.wait().await;
-                    }
+                    .await;
+                    None
                 })
                 .await;
-                None
-            },
-        )
-        .await;
+                deadlines.disarm_read();
+                read
+            }
+        };
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),

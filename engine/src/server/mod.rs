@@ -15,6 +15,7 @@
 //! - `metrics`: the Prometheus text endpoint (`--metrics-listen`), served by shard 0.
 
 mod conn;
+mod deadline;
 mod metrics;
 mod shard;
 mod stats;

@@ -80,6 +80,8 @@ pub(crate) struct Shard {
     context_scratch: RefCell<Vec<u8>>,
     /// How long the requests this shard read took, by operation (STATS).
     pub latencies: RefCell<super::stats::Latencies>,
+    /// Its connections' idle and slow-client deadlines.
+    pub sweeper: Rc<super::deadline::Sweeper>,
 }
 
 /// Where the replies to a forwarded batch land, as they arrive.
@@ -278,8 +280,12 @@ async fn start(
         commit_log: log,
         context_scratch: RefCell::new(Vec::with_capacity(crate::version::CONTEXT_BYTES_MAX)),
         latencies: RefCell::default(),
+        sweeper: Rc::new(super::deadline::Sweeper::new(&[
+            config.idle_timeout,
+            config.slow_client_timeout,
+        ])),
     });
-    let mut tasks = Vec::new();
+    let mut tasks = vec![glommio::spawn_local(shard.sweeper.clone().run())];
     if let Some(bytes) = &membership {
         let membership =
             ringkv_ring::Membership::decode(bytes).map_err(|e| format!("bad membership: {e}"))?;
