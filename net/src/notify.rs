@@ -22,16 +22,24 @@ struct Slots {
 }
 
 impl Notify {
-    /// Wakes every task waiting now.
+    /// Wakes every task waiting now. Allocates nothing: the slots' own vector is taken
+    /// out while its wakers run (a waker may register a new wait), then given back.
     pub fn notify_all(&self) {
         self.generation.set(self.generation.get() + 1);
-        let wakers: Vec<Waker> = {
+        let mut wakers = {
             let mut slots = self.slots.borrow_mut();
+            if slots.wakers.is_empty() {
+                return;
+            }
             slots.free.clear();
-            slots.wakers.drain(..).flatten().collect()
+            std::mem::take(&mut slots.wakers)
         };
-        for waker in wakers {
+        for waker in wakers.drain(..).flatten() {
             waker.wake();
+        }
+        let mut slots = self.slots.borrow_mut();
+        if slots.wakers.is_empty() {
+            slots.wakers = wakers;
         }
     }
 
@@ -117,5 +125,63 @@ mod tests {
         assert!(w.as_mut().poll(&mut cx).is_pending());
         n.notify_all();
         assert!(w.as_mut().poll(&mut cx).is_ready());
+    }
+
+    thread_local! {
+        static WOKEN: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A waker that registers a new wait on the notifier it is woken by, as a task
+    /// polled at once would (its data is that `&'static Notify`).
+    fn rewait_waker(notify: &'static Notify) -> Waker {
+        use std::task::{RawWaker, RawWakerVTable};
+        const VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
+        fn clone(p: *const ()) -> RawWaker {
+            RawWaker::new(p, &VTABLE)
+        }
+        fn wake(p: *const ()) {
+            WOKEN.with(|w| w.set(w.get() + 1));
+            // SAFETY: every waker of this vtable carries a `&'static Notify`
+            let notify: &'static Notify = unsafe { &*(p as *const Notify) };
+            let waker = rewait_waker(notify);
+            let mut again = Box::pin(notify.wait());
+            assert!(again
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            // keeps its slot, as a wait still pending does
+            std::mem::forget(again);
+        }
+        fn drop(_: *const ()) {}
+        // SAFETY: the vtable's functions only read the `&'static Notify`
+        unsafe { Waker::from_raw(RawWaker::new(notify as *const Notify as *const (), &VTABLE)) }
+    }
+
+    #[test]
+    fn every_waiter_is_woken_once_per_notify_even_one_that_waits_again() {
+        let n: &'static Notify = Box::leak(Box::default());
+        let waker = rewait_waker(n);
+        let mut cx = Context::from_waker(&waker);
+        let noop = Waker::noop();
+        let mut plain = Box::pin(n.wait());
+        assert!(plain
+            .as_mut()
+            .poll(&mut Context::from_waker(noop))
+            .is_pending());
+        let mut first = Box::pin(n.wait());
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        let woken = || WOKEN.with(Cell::get);
+        n.notify_all();
+        assert_eq!(woken(), 1);
+        assert!(plain
+            .as_mut()
+            .poll(&mut Context::from_waker(noop))
+            .is_ready());
+        // the wait registered from inside the wake is kept and woken by the next one
+        assert_eq!(n.slots.borrow().wakers.len(), 1);
+        n.notify_all();
+        assert_eq!(woken(), 2);
+        n.notify_all();
+        assert_eq!(woken(), 3);
     }
 }

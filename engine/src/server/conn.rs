@@ -39,6 +39,9 @@ struct Output {
     closed: Cell<bool>,
     /// The writer failed: the reader must stop.
     broken: Cell<bool>,
+    /// Woken when `broken` is set (not `drained`: a reader waiting for bytes is not
+    /// woken by every batch of replies sent).
+    broke: Notify,
     in_flight: Cell<usize>,
     in_flight_bytes: Cell<usize>,
     in_flight_done: Notify,
@@ -171,6 +174,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         drained: Notify::default(),
         closed: Cell::new(false),
         broken: Cell::new(false),
+        broke: Notify::default(),
         in_flight: Cell::new(0),
         in_flight_bytes: Cell::new(0),
         in_flight_done: Notify::default(),
@@ -221,6 +225,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     output.broken.set(true);
                     output.closed.set(true);
                     output.drained.notify_all();
+                    output.broke.notify_all();
                     break;
                 }
                 sending.clear();
@@ -345,7 +350,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     futures_lite::future::or(deadlines.read_expired(), async {
                         futures_lite::future::or(shard.stop.wait(), async {
                             while !output.broken.get() {
-                                output.drained.wait().await;
+                                output.broke.wait().await;
                             }
                         })
                         .await
