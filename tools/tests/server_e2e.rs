@@ -478,3 +478,64 @@ fn forwarded_batches_answer_each_request_once_whatever_the_owner_does() {
     assert_eq!(requests, (expected.len() + 120 + 2 * big.len()) as u64);
     assert!(forwarded > 100, "{forwarded} of {requests} forwarded");
 }
+
+/// Replies go out either straight from the task that made them or, once the socket is
+/// full, from the connection's writer task: a client that writes a long pipeline of
+/// large GETs and only then starts reading must still get every reply whole, by its
+/// own id, with its own value (2 shards on the shared port: some replies come from
+/// the other shard, some are answered at once).
+#[test]
+fn replies_held_up_by_a_slow_reader_arrive_whole_and_by_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--shards", "2"]);
+    let mut c = Raw::connect(server.addr);
+    let values: Vec<Vec<u8>> = (0..8u8)
+        .map(|i| {
+            let mut v = vec![b'a' + i; 48 * 1024];
+            v[..8].copy_from_slice(&u64::from(i).to_le_bytes());
+            v
+        })
+        .collect();
+    for (i, v) in values.iter().enumerate() {
+        c.put(format!("slow-reader-{i}").as_bytes(), v, b"");
+    }
+    // 400 GETs, about 19 MiB of replies, far more than the socket buffers hold
+    let mut bytes = Vec::new();
+    let mut key_of_id = std::collections::HashMap::new();
+    for id in 1000..1400u64 {
+        let k = (id * 7 % 8) as usize;
+        Request::Get {
+            r: 0,
+            key: format!("slow-reader-{k}").as_bytes(),
+        }
+        .encode(id, &mut bytes);
+        key_of_id.insert(id, k);
+    }
+    let mut writer = c.stream.try_clone().unwrap();
+    let sending = std::thread::spawn(move || std::io::Write::write_all(&mut writer, &bytes));
+    // not reading yet: the server's socket fills and its writer has to wait
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..key_of_id.len() {
+        let f = c.read_frame().expect("a reply to every request");
+        let (h, reply) = Reply::parse(&f).expect("a whole reply");
+        let k = key_of_id
+            .remove(&h.request_id)
+            .unwrap_or_else(|| panic!("a reply to id {} twice or never asked", h.request_id));
+        match reply {
+            Reply::GetOk { values: got, .. } => {
+                assert_eq!(got.len(), 1);
+                assert!(
+                    got[0] == values[k],
+                    "id {}: the value of key {k}",
+                    h.request_id
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    sending.join().unwrap().unwrap();
+    assert!(key_of_id.is_empty());
+    assert!(c.ping());
+    drop(c);
+    assert!(server.stop().success());
+}

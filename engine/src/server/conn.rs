@@ -8,7 +8,9 @@
 //! commit log's group commit covers it (an acker task waits for that). Requests for
 //! partitions another shard owns go to it in one batch per shard and pass over the
 //! buffer, with one task taking that batch's replies. Replies
-//! are encoded into one shared output buffer that a writer task flushes in batches;
+//! are encoded into one shared output buffer; the task that added them sends what the
+//! socket takes at once, and a writer task sends the rest in batches, waiting for the
+//! socket as long as the slow-client timeout allows;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
 //! (bad length) gets an error frame and the connection closes; a bad request in a
@@ -30,6 +32,8 @@ use std::time::{Duration, Instant};
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 struct Output {
+    /// The connection's socket (for [`Output::flush`]).
+    fd: std::os::fd::RawFd,
     buf: RefCell<Vec<u8>>,
     /// Bytes the writer has taken and is sending.
     sending_bytes: Cell<usize>,
@@ -126,6 +130,38 @@ const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 const IN_FLIGHT_FRAMES_OF_BYTES: usize = 4;
 
 impl Output {
+    /// Sends the buffered replies from the calling task when the writer holds none of
+    /// its own (so the stream stays in order) and the socket takes them at once; wakes
+    /// the writer for whatever is left. A reply that can go out at once then costs no
+    /// switch to the writer task.
+    fn flush(&self) {
+        if self.buf.borrow().is_empty() {
+            return;
+        }
+        // `closed` unset: the reader still runs, so its half keeps the socket open
+        if self.sending_bytes.get() == 0 && !self.closed.get() && !self.broken.get() {
+            let mut buf = self.buf.borrow_mut();
+            // SAFETY: `send` reads `buf.len()` initialised bytes of `buf`, which
+            // outlives the call; `fd` is this connection's open socket (see above)
+            let sent = unsafe {
+                libc::send(
+                    self.fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            // an error or a full socket is left to the writer, which waits or fails
+            if sent > 0 {
+                buf.drain(..sent as usize);
+            }
+            if buf.is_empty() {
+                return;
+            }
+        }
+        self.ready.notify_all();
+    }
+
     fn pending_bytes(&self) -> usize {
         self.buf.borrow().len() + self.sending_bytes.get() + self.held.borrow().bytes.len()
     }
@@ -166,8 +202,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let config = &shard.config;
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(config.slow_client_timeout));
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let output = Rc::new(Output {
+        fd,
         buf: RefCell::new(Vec::with_capacity(64 * 1024)),
         sending_bytes: Cell::new(0),
         ready: Notify::default(),
@@ -295,6 +333,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
         // what this pass read for other shards goes out, one message per shard
         forwards.send(&shard, &output);
+        // the replies this pass answered at once go out together
+        output.flush();
         if broken {
             break 'read;
         }
@@ -331,6 +371,12 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             if waited.is_err() || output.broken.get() {
                 break;
             }
+            continue;
+        }
+        if whole_frame_waiting {
+            // the pass stopped at its budget and sending the replies freed room
+            // (replies sent from this task leave no writer to wake the reader)
+            glommio::yield_if_needed().await;
             continue;
         }
         // a frame started must finish within the slow-client timeout counted from its
@@ -415,7 +461,7 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
             held.release(&mut out, failed, &mut shard.latencies.borrow_mut())
         };
         output.in_flight.set(output.in_flight.get() - released);
-        output.ready.notify_all();
+        output.flush();
         output.in_flight_done.notify_all();
     }
 }
@@ -424,9 +470,9 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
     let started = Instant::now();
     let header = protocol::header(frame);
     let (request_id, op) = (header.request_id, Op::of(header.opcode));
+    // the reader flushes what its pass answered
     let refuse = |code: ErrorCode, message: &str| {
         encode::error(&mut output.buf.borrow_mut(), request_id, code, message);
-        output.ready.notify_all();
     };
     if shard.stopping.get() {
         return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
@@ -451,7 +497,6 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
                 if let Some(op) = op {
                     shard.latencies.borrow_mut().record(op, started);
                 }
-                output.ready.notify_all();
                 return;
             }
             Now::Held {
@@ -506,7 +551,7 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
         output
             .in_flight_bytes
             .set(output.in_flight_bytes.get() - frame.len());
-        output.ready.notify_all();
+        output.flush();
         output.in_flight_done.notify_all();
     })
     .detach();
@@ -603,7 +648,7 @@ async fn forward_batch(shard: Rc<Shard>, output: Rc<Output>, owner: usize, batch
                 answered += 1;
             }
             drop(out);
-            output.ready.notify_all();
+            output.flush();
             output.in_flight_done.notify_all();
             answered == count
         })
@@ -618,7 +663,7 @@ async fn forward_batch(shard: Rc<Shard>, output: Rc<Output>, owner: usize, batch
             }
         }
         drop(out);
-        output.ready.notify_all();
+        output.flush();
         output.in_flight_done.notify_all();
     }
 }
