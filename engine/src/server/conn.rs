@@ -8,9 +8,11 @@
 //! commit log's group commit covers it (an acker task waits for that). Requests for
 //! partitions another shard owns go to it in one batch per shard and pass over the
 //! buffer, with one task taking that batch's replies. Replies
-//! are encoded into one shared output buffer; the task that added them sends what the
-//! socket takes at once, and a writer task sends the rest in batches, waiting for the
-//! socket as long as the slow-client timeout allows;
+//! are encoded into one shared output buffer. The reader (once per pass), the acker and
+//! a forwarded batch's task send the buffer themselves when the writer task holds no
+//! bytes of its own, as far as the socket takes it at once; the writer task sends
+//! everything else in batches, waiting for the socket as long as the slow-client
+//! timeout allows;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
 //! (bad length) gets an error frame and the connection closes; a bad request in a
@@ -201,7 +203,7 @@ pub(crate) async fn refuse(mut stream: TcpStream) {
 pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let config = &shard.config;
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(config.slow_client_timeout));
+    // no glommio write timeout: the writer's deadline covers each batch (see deadline.rs)
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let output = Rc::new(Output {
@@ -320,7 +322,6 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         code,
                         &err.to_string(),
                     );
-                    output.ready.notify_all();
                     if err.resynchronisable() {
                         let len = protocol::header(&buf[consumed..]).frame_len as usize;
                         consumed += len;
@@ -551,7 +552,8 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
         output
             .in_flight_bytes
             .set(output.in_flight_bytes.get() - frame.len());
-        output.flush();
+        // not flushed here: replies of tasks that end in the same turn go out together
+        output.ready.notify_all();
         output.in_flight_done.notify_all();
     })
     .detach();

@@ -32,8 +32,10 @@ pub(crate) struct Deadlines {
 }
 
 impl Deadlines {
-    /// The reader waits for bytes until `at`.
+    /// The reader waits for bytes until `at` (an expiry of an earlier wait that its
+    /// bytes won the race against is forgotten).
     pub fn arm_read(&self, at: Instant) {
+        self.read_expired.set(false);
         self.read.set(Some(at));
     }
 
@@ -41,8 +43,10 @@ impl Deadlines {
         self.read.set(None);
     }
 
-    /// The writer waits for the socket to take its batch until `at`.
+    /// The writer waits for the socket to take its batch until `at` (an expiry of an
+    /// earlier wait that its write won the race against is forgotten).
     pub fn arm_write(&self, at: Instant) {
+        self.write_expired.set(false);
         self.write.set(Some(at));
     }
 
@@ -136,7 +140,7 @@ impl Sweeper {
     }
 
     /// Sweeps every tick, for as long as the task runs (the shard drops it at shutdown,
-    /// after its connections have closed).
+    /// once its connections have closed or its drain timeout has passed).
     pub async fn run(self: Rc<Self>) {
         loop {
             glommio::timer::sleep(self.tick).await;
@@ -184,6 +188,31 @@ mod tests {
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(15)), 0);
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(20)), 1);
         assert!(conn.write_expired.get());
+    }
+
+    /// A wait whose I/O completed although its deadline had just been swept (the I/O
+    /// wins the race) must not make the next wait expire at once.
+    #[test]
+    fn an_expiry_does_not_carry_over_to_the_next_wait() {
+        let sweeper = Sweeper::new(&[Duration::from_secs(1)]);
+        let conn = sweeper.watch();
+        let t0 = Instant::now();
+        conn.arm_read(t0);
+        conn.arm_write(t0);
+        assert_eq!(sweeper.sweep(t0), 1);
+        conn.disarm_read();
+        conn.disarm_write();
+        conn.arm_read(t0 + Duration::from_secs(300));
+        conn.arm_write(t0 + Duration::from_secs(10));
+        assert!(!conn.read_expired.get() && !conn.write_expired.get());
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::pin::pin!(conn.read_expired())
+            .poll(&mut cx)
+            .is_pending());
+        assert!(std::pin::pin!(conn.write_expired())
+            .poll(&mut cx)
+            .is_pending());
     }
 
     #[test]
