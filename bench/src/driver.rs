@@ -167,7 +167,9 @@ pub enum Outcome {
 
 /// One connection. A broken stream or an unparseable reply is an `Err`.
 pub trait Connection: Send {
-    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>);
+    /// `want_context`: the caller puts the reply's context back (a read-modify-write),
+    /// so [`Outcome::Found`] must carry it; otherwise a driver need not copy it.
+    fn encode_get(&mut self, key: &[u8], want_context: bool, out: &mut Vec<u8>);
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>);
     /// Reads the reply to the oldest outstanding request (a server that answers out of
     /// order has its replies put back in request order).
@@ -279,8 +281,10 @@ struct RingkvConnection {
     reader: BufReader<TcpStream>,
     frame: Vec<u8>,
     next_id: u64,
-    /// Request ids and keys of the requests sent and not yet answered, oldest first.
-    outstanding: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Request ids and keys of the requests sent and not yet answered, oldest first,
+    /// and whether the caller wants the context of the reply (see
+    /// [`Connection::encode_get`]).
+    outstanding: std::collections::VecDeque<(u64, Vec<u8>, bool)>,
     /// Key buffers of answered requests, reused (no allocation per request).
     spare_keys: Vec<Vec<u8>>,
     /// Replies that arrived before the reply to an older request, by request id. The
@@ -302,15 +306,15 @@ struct RingkvConnection {
 
 impl RingkvConnection {
     /// Records a request sent for `key` under the next request id.
-    fn track(&mut self, key: &[u8]) {
+    fn track(&mut self, key: &[u8], want_context: bool) {
         let mut k = self.spare_keys.pop().unwrap_or_default();
         k.clear();
         k.extend_from_slice(key);
-        self.outstanding.push_back((self.next_id, k));
+        self.outstanding.push_back((self.next_id, k, want_context));
     }
 
     fn untrack_oldest(&mut self) {
-        if let Some((_, k)) = self.outstanding.pop_front() {
+        if let Some((_, k, _)) = self.outstanding.pop_front() {
             self.spare_keys.push(k);
         }
     }
@@ -320,9 +324,9 @@ impl Connection for RingkvConnection {
     fn remember_read_contexts(&mut self, remember: bool) {
         self.remember_reads = remember;
     }
-    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+    fn encode_get(&mut self, key: &[u8], want_context: bool, out: &mut Vec<u8>) {
         self.next_id += 1;
-        self.track(key);
+        self.track(key, want_context);
         Request::Get { r: self.r, key }.encode(self.next_id, out);
     }
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {
@@ -333,7 +337,7 @@ impl Connection for RingkvConnection {
         } else {
             self.context.extend_from_slice(context);
         }
-        self.track(key);
+        self.track(key, false);
         Request::Put {
             w: self.w,
             key,
@@ -343,7 +347,7 @@ impl Connection for RingkvConnection {
         .encode(self.next_id, out);
     }
     fn read_reply(&mut self, _is_get: bool) -> anyhow::Result<Outcome> {
-        let oldest = self.outstanding.front().map(|(id, _)| *id);
+        let oldest = self.outstanding.front().map(|(id, _, _)| *id);
         loop {
             if let Some(outcome) = oldest.and_then(|id| self.early.remove(&id)) {
                 self.untrack_oldest();
@@ -351,11 +355,14 @@ impl Connection for RingkvConnection {
             }
             read_frame(&mut self.reader, &mut self.frame)?;
             let (header, reply) = Reply::parse(&self.frame)?;
-            let key = self
+            let (key, want_context) = match self
                 .outstanding
                 .iter()
-                .find(|(id, _)| *id == header.request_id)
-                .map(|(_, key)| key.as_slice());
+                .find(|(id, _, _)| *id == header.request_id)
+            {
+                Some((_, key, want)) => (Some(key.as_slice()), *want),
+                None => (None, false),
+            };
             let context = match &reply {
                 Reply::GetOk { context, .. } if self.remember_reads => Some(context),
                 Reply::PutOk { context, .. } => Some(context),
@@ -369,8 +376,13 @@ impl Connection for RingkvConnection {
             let answers_later_request = key.is_some() && Some(header.request_id) != oldest;
             let outcome = match reply {
                 Reply::GetOk { values, .. } if values.is_empty() => Outcome::NotFound,
+                // a copy only for a caller that puts it back (no allocation per read)
                 Reply::GetOk { context, .. } => Outcome::Found {
-                    context: context.to_vec(),
+                    context: if want_context {
+                        context.to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 },
                 Reply::PutOk { .. } | Reply::DeleteOk | Reply::Pong | Reply::HelloOk(_) => {
                     Outcome::Ok
@@ -467,7 +479,7 @@ fn resp_arg(out: &mut Vec<u8>, a: &[u8]) {
 }
 
 impl Connection for RedisConnection {
-    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+    fn encode_get(&mut self, key: &[u8], _want_context: bool, out: &mut Vec<u8>) {
         out.extend_from_slice(b"*2\r\n$3\r\nGET\r\n");
         resp_arg(out, key);
     }
@@ -507,7 +519,7 @@ struct MemcachedConnection {
 }
 
 impl Connection for MemcachedConnection {
-    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+    fn encode_get(&mut self, key: &[u8], _want_context: bool, out: &mut Vec<u8>) {
         out.extend_from_slice(b"get ");
         out.extend_from_slice(key);
         out.extend_from_slice(b"\r\n");
@@ -575,7 +587,7 @@ struct EchoConnection {
 }
 
 impl Connection for EchoConnection {
-    fn encode_get(&mut self, key: &[u8], out: &mut Vec<u8>) {
+    fn encode_get(&mut self, key: &[u8], _want_context: bool, out: &mut Vec<u8>) {
         Request::Get { r: 0, key }.encode(0, out);
     }
     fn encode_put(&mut self, key: &[u8], value: &[u8], context: &[u8], out: &mut Vec<u8>) {

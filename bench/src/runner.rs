@@ -266,7 +266,8 @@ fn connection_loop(
                 (op, record) = gen.next_op();
             }
             match op {
-                OpKind::Read | OpKind::ReadModifyWrite => conn.encode_get(&key, &mut out),
+                OpKind::Read => conn.encode_get(&key, false, &mut out),
+                OpKind::ReadModifyWrite => conn.encode_get(&key, true, &mut out),
                 OpKind::Update | OpKind::Insert => {
                     let len = gen.value_len(config.value_bytes_min, config.value_bytes_max);
                     conn.encode_put(&key, &value[..len], b"", &mut out)
@@ -291,8 +292,8 @@ fn connection_loop(
                 Outcome::NotFound => {
                     counters.not_found.fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Found { ref context } if entry.0 == OpKind::ReadModifyWrite => {
-                    entry.3 = Some(context.clone());
+                Outcome::Found { context } if entry.0 == OpKind::ReadModifyWrite => {
+                    entry.3 = Some(context);
                 }
                 _ => {}
             }
