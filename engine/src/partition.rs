@@ -174,7 +174,7 @@ impl<'a> WriteOp<'a> {
 struct Appended<F> {
     segment: Rc<Segment<F>>,
     end: u64,
-    seqs: Vec<u64>,
+    seqs: std::ops::Range<u64>,
     roll: bool,
     /// The commit-log position the append is durable at.
     logged: Option<u64>,
@@ -338,7 +338,14 @@ pub struct Partition<S: Storage> {
     hints_done: Notify,
     cache: RefCell<crate::cache::RecordCache>,
     epoch_done: Notify,
+    /// Reused buffers (no allocation per write in the steady state): the records an
+    /// append encodes, and the version blob a coordinated write encodes.
+    append_scratch: Cell<Vec<u8>>,
+    version_scratch: Cell<Vec<u8>>,
 }
+
+/// A scratch buffer grown past this is dropped after use rather than kept.
+const SCRATCH_KEPT_BYTES_MAX: usize = 1 << 20;
 
 impl<S: Storage> std::fmt::Debug for Partition<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -577,6 +584,8 @@ impl<S: Storage> Partition<S> {
             hints_busy: Cell::new(false),
             hints_done: Notify::default(),
             cache: RefCell::new(crate::cache::RecordCache::new(cache_bytes_max)),
+            append_scratch: Cell::default(),
+            version_scratch: Cell::default(),
         };
         match reopen_active {
             Some(slot) => partition.state.borrow_mut().active = slot,
@@ -813,7 +822,9 @@ impl<S: Storage> Partition<S> {
         }
         let first_seq = state.next_seq;
         state.next_seq += ops.len() as u64;
-        let mut buf = Vec::with_capacity(ops.iter().map(WriteOp::encoded_len).sum());
+        let mut buf = self.append_scratch.take();
+        buf.clear();
+        buf.reserve(ops.iter().map(WriteOp::encoded_len).sum());
         let mut places = SmallVec::<[(usize, usize); 4]>::new();
         for (i, op) in ops.iter().enumerate() {
             let start = buf.len();
@@ -865,13 +876,30 @@ impl<S: Storage> Partition<S> {
         if roll {
             state.rolling = true;
         }
+        if buf.capacity() <= SCRATCH_KEPT_BYTES_MAX {
+            self.append_scratch.set(buf);
+        }
         Ok(Some(Appended {
             segment,
             end,
-            seqs: (first_seq..first_seq + ops.len() as u64).collect(),
+            seqs: first_seq..first_seq + ops.len() as u64,
             roll,
             logged,
         }))
+    }
+
+    /// The version scratch buffer, empty (give it back with
+    /// [`put_version_scratch`](Self::put_version_scratch)).
+    pub(crate) fn take_version_scratch(&self) -> Vec<u8> {
+        let mut buf = self.version_scratch.take();
+        buf.clear();
+        buf
+    }
+
+    pub(crate) fn put_version_scratch(&self, buf: Vec<u8>) {
+        if buf.capacity() <= SCRATCH_KEPT_BYTES_MAX {
+            self.version_scratch.set(buf);
+        }
     }
 
     /// [`append_now`](Self::append_now) for a caller that checked
@@ -959,7 +987,7 @@ impl<S: Storage> Partition<S> {
                 self.file_io(&segment, false).await?;
             }
             self.wait_logged(position).await?;
-            return Ok(seqs);
+            return Ok(seqs.collect());
         }
         match self.config.durability {
             Durability::Sync => self.make_durable(&segment, end).await?,
@@ -969,7 +997,7 @@ impl<S: Storage> Partition<S> {
                 }
             }
         }
-        Ok(seqs)
+        Ok(seqs.collect())
     }
 
     /// Waits until bytes `..end` of `segment` are durable, leading a group commit when

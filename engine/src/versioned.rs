@@ -106,13 +106,18 @@ impl<S: Storage> Partition<S> {
     /// [`read_versions`](Self::read_versions) from the record cache alone: `None` when
     /// a version of `key` is not cached.
     fn read_versions_cached(&self, key: &[u8]) -> Option<Result<(Seqs, Vec<Version>), StoreError>> {
+        // straight into the two results: no vector of pairs in between
         let cached = self.read_cached(key, |records| {
-            records
-                .iter()
-                .map(|r| decode_version(r.header.seq, r.version))
-                .collect::<Result<Vec<_>, _>>()
+            let mut seqs = Seqs::new();
+            let mut versions = Vec::with_capacity(records.len());
+            for r in records {
+                let (seq, version) = decode_version(r.header.seq, r.version)?;
+                seqs.push(seq);
+                versions.push(version);
+            }
+            Ok((seqs, versions))
         })?;
-        Some(cached.and_then(|pairs| pairs.map(|pairs| pairs.into_iter().unzip())))
+        Some(cached.and_then(|read| read))
     }
 
     /// [`coordinate_put`](Self::coordinate_put) in one step, without waiting, when it
@@ -152,7 +157,8 @@ impl<S: Storage> Partition<S> {
             return Some(Err(e));
         }
         let replaces: Seqs = made.replaced.iter().map(|&i| stored[i]).collect();
-        let blob = made.version.encode_to_vec();
+        let mut blob = self.take_version_scratch();
+        made.version.encode(&mut blob);
         let op = WriteOp {
             key,
             version: &blob,
@@ -160,10 +166,13 @@ impl<S: Storage> Partition<S> {
             replaces: &replaces,
         };
         if !self.append_owes_no_io(op.encoded_len()) {
+            self.put_version_scratch(blob);
             return None;
         }
         self.record_clock_truncation(made.truncated_entries);
-        let position = match self.append_now_logged(&[op], now_ms) {
+        let appended = self.append_now_logged(&[op], now_ms);
+        self.put_version_scratch(blob);
+        let position = match appended {
             Ok(position) => position,
             Err(e) => return Some(Err(e)),
         };

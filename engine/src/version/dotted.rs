@@ -6,6 +6,7 @@
 //! different dots and neither claims to have seen the other, and a later write whose context saw
 //! both covers both.
 
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use super::clock::{ActorId, ClockDecodeError, Dot, VClock, ACTOR_BYTES};
@@ -157,7 +158,7 @@ pub enum CoordinateError {
 pub struct Coordinated {
     pub version: Version,
     /// Indices into `stored` of siblings the new version replaces (ascending); the others stay.
-    pub replaced: Vec<usize>,
+    pub replaced: SmallVec<[usize; 2]>,
     /// Entries truncated from the new version's past; feed to [`TruncationStats::record`](super::TruncationStats::record).
     pub truncated_entries: usize,
 }
@@ -279,7 +280,8 @@ pub fn context_of(siblings: &[Version]) -> VClock {
     for sibling in siblings {
         clock.merge(&sibling.past);
     }
-    let mut dots: Vec<(Dot, u64)> = siblings.iter().map(|s| (s.dot, s.timestamp_ms)).collect();
+    let mut dots: SmallVec<[(Dot, u64); 4]> =
+        siblings.iter().map(|s| (s.dot, s.timestamp_ms)).collect();
     dots.sort_unstable();
     for (dot, timestamp_ms) in dots {
         if dot.counter <= clock.get(dot.actor).saturating_add(1) {
