@@ -8,11 +8,12 @@
 //! commit log's group commit covers it (an acker task waits for that). Requests for
 //! partitions another shard owns go to it in one batch per shard and pass over the
 //! buffer, with one task taking that batch's replies. Replies
-//! are encoded into one shared output buffer. The reader (once per pass), the acker and
-//! a forwarded batch's task send the buffer themselves when the writer task holds no
-//! bytes of its own, as far as the socket takes it at once; the writer task sends
-//! everything else in batches, waiting for the socket as long as the slow-client
-//! timeout allows;
+//! are encoded into one shared output buffer. The reader (once per pass, or, when the
+//! pass forwarded requests, the forwarded batch's task with the first replies it gets
+//! back), the acker and a forwarded batch's task send the buffer themselves when the
+//! writer task holds no bytes of its own, as far as the socket takes it at once; the
+//! writer task sends everything else in batches, waiting for the socket as long as the
+//! slow-client timeout allows;
 //! while that buffer is over its budget the reader stops reading, so a client that does
 //! not read its replies cannot make the server hold unbounded memory. A broken stream
 //! (bad length) gets an error frame and the connection closes; a bad request in a
@@ -332,10 +333,13 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 }
             }
         }
-        // what this pass read for other shards goes out, one message per shard
-        forwards.send(&shard, &output);
-        // the replies this pass answered at once go out together
-        output.flush();
+        // what this pass read for other shards goes out, one message per shard; the
+        // replies this pass answered at once go out together, now, or with the first
+        // forwarded replies when it forwarded any (their task flushes as they arrive):
+        // one send instead of two for a pipeline that spans both shards
+        if !forwards.send(&shard, &output) {
+            output.flush();
+        }
         if broken {
             break 'read;
         }
@@ -593,8 +597,10 @@ impl Forwards {
         }
     }
 
-    /// Starts a task per shard that has requests waiting, with those requests.
-    fn send(&mut self, shard: &Rc<Shard>, output: &Rc<Output>) {
+    /// Starts a task per shard that has requests waiting, with those requests; true if
+    /// it started any.
+    fn send(&mut self, shard: &Rc<Shard>, output: &Rc<Output>) -> bool {
+        let mut sent = false;
         for (owner, batch) in self.by_shard.iter_mut().enumerate() {
             if batch.requests.is_empty() {
                 continue;
@@ -603,7 +609,9 @@ impl Forwards {
             shard.count_forwarded(batch.requests.len());
             glommio::spawn_local(forward_batch(shard.clone(), output.clone(), owner, batch))
                 .detach();
+            sent = true;
         }
+        sent
     }
 }
 
