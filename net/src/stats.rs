@@ -43,8 +43,13 @@ pub fn latency_histogram() -> Histogram<u64> {
 /// Counts one latency of `took` in `h` (a [`latency_histogram`]): past its top, it
 /// counts as the top (60 s); under 1 ns, as 1 ns.
 pub fn record_latency(h: &mut Histogram<u64>, took: std::time::Duration) {
+    record_latencies(h, took, 1);
+}
+
+/// `count` requests that each took `took`.
+pub fn record_latencies(h: &mut Histogram<u64>, took: std::time::Duration, count: u64) {
     let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-    h.saturating_record(ns.max(1));
+    h.saturating_record_n(ns.max(1), count);
 }
 
 /// `h` in HdrHistogram's V2 serialization (what a STATS reply carries).

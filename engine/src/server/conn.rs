@@ -20,7 +20,7 @@
 //! well-framed stream gets an error frame and the connection goes on.
 
 use super::shard::{Now, Shard};
-use super::stats::{Latencies, Op};
+use super::stats::{Latencies, Op, OPS};
 use crate::notify::Notify;
 use crate::partition::Partition;
 use crate::storage::dma::DmaStorage;
@@ -290,6 +290,9 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         // take every whole frame already buffered
         let mut consumed = 0;
         let mut broken = false;
+        // when the pass took its first frame, and the requests it answered at once
+        let mut pass_started: Option<Instant> = None;
+        let mut answered = [0u32; OPS.len()];
         loop {
             if !output.can_dispatch(output_budget) {
                 // backpressure: the rest waits in `buf` until replies drain
@@ -304,7 +307,15 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     }
                     let frame = &buf[consumed..consumed + len];
                     consumed += len;
-                    dispatch(frame, &shard, &output, &mut forwards);
+                    let started = *pass_started.get_or_insert_with(Instant::now);
+                    dispatch(
+                        frame,
+                        started,
+                        &shard,
+                        &output,
+                        &mut forwards,
+                        &mut answered,
+                    );
                 }
                 Err(err) => {
                     let request_id = if buf.len() - consumed >= protocol::HEADER_BYTES {
@@ -332,6 +343,9 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     break;
                 }
             }
+        }
+        if let Some(started) = pass_started {
+            shard.latencies.borrow_mut().record_pass(&answered, started);
         }
         // what this pass read for other shards goes out, one message per shard; the
         // replies this pass answered at once go out together, now, or with the first
@@ -471,8 +485,17 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
     }
 }
 
-fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut Forwards) {
-    let started = Instant::now();
+/// Runs, holds, forwards or refuses one request frame; `started` is when the pass took
+/// its first frame, and a request answered at once is counted in `answered` (the pass
+/// records their latencies together).
+fn dispatch(
+    frame: &[u8],
+    started: Instant,
+    shard: &Rc<Shard>,
+    output: &Rc<Output>,
+    forwards: &mut Forwards,
+    answered: &mut [u32; OPS.len()],
+) {
     let header = protocol::header(frame);
     let (request_id, op) = (header.request_id, Op::of(header.opcode));
     // the reader flushes what its pass answered
@@ -500,7 +523,7 @@ fn dispatch(frame: &[u8], shard: &Rc<Shard>, output: &Rc<Output>, forwards: &mut
             Now::Answered => {
                 shard.stats.borrow_mut().requests += 1;
                 if let Some(op) = op {
-                    shard.latencies.borrow_mut().record(op, started);
+                    answered[op as usize] += 1;
                 }
                 return;
             }
