@@ -25,6 +25,7 @@ use crate::notify::Notify;
 use crate::partition::Partition;
 use crate::storage::dma::DmaStorage;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::FutureExt;
 use glommio::net::TcpStream;
 use ringkv_net::protocol::{self, encode, ErrorCode, FrameError};
 use std::cell::{Cell, RefCell};
@@ -250,13 +251,13 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 let sent = match futures_lite::future::poll_once(&mut write).await {
                     Some(sent) => sent,
                     None => {
-                        deadlines.arm_write(Instant::now() + deadline_per_batch);
+                        deadlines.write.arm(Instant::now() + deadline_per_batch);
                         let sent = futures_lite::future::or(write, async {
-                            deadlines.write_expired().await;
+                            deadlines.write.expired().await;
                             Err(std::io::ErrorKind::TimedOut.into())
                         })
                         .await;
-                        deadlines.disarm_write();
+                        deadlines.write.disarm();
                         sent
                     }
                 };
@@ -409,22 +410,27 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             Some(read) => Some(read),
             None => {
                 // nothing to read yet: idle connections wait long
-                deadlines.arm_read(overdue.unwrap_or_else(|| Instant::now() + config.idle_timeout));
-                let read = futures_lite::future::or(async { Some(read.await) }, async {
-                    // a deadline, shutdown or a failed writer end the read at once
-                    futures_lite::future::or(deadlines.read_expired(), async {
-                        futures_lite::future::or(shard.stop.wait(), async {
-                            while !output.broken.get() {
-                                output.broke.wait().await;
-                            }
-                        })
-                        .await
+                deadlines
+                    .read
+                    .arm(overdue.unwrap_or_else(|| Instant::now() + config.idle_timeout));
+                // a deadline, shutdown or a failed writer end the read at once
+                let writer_failed = async {
+                    while !output.broken.get() {
+                        output.broke.wait().await;
+                    }
+                };
+                let interrupted = deadlines
+                    .read
+                    .expired()
+                    .or(shard.stop.wait())
+                    .or(writer_failed);
+                let read = async { Some(read.await) }
+                    .or(async {
+                        interrupted.await;
+                        None
                     })
                     .await;
-                    None
-                })
-                .await;
-                deadlines.disarm_read();
+                deadlines.read.disarm();
                 read
             }
         };

@@ -20,71 +20,60 @@ const TICKS_PER_TIMEOUT: u32 = 4;
 const TICK_MIN: Duration = Duration::from_millis(1);
 const TICK_MAX: Duration = Duration::from_millis(250);
 
-/// One connection's deadlines.
+/// One connection's deadlines: its reader's and its writer's.
 #[derive(Default)]
 pub(crate) struct Deadlines {
-    read: Cell<Option<Instant>>,
-    write: Cell<Option<Instant>>,
-    read_expired: Cell<bool>,
-    write_expired: Cell<bool>,
-    /// Woken when either side expires.
-    expired: Notify,
+    /// The reader waiting for bytes.
+    pub read: Side,
+    /// The writer waiting for the socket to take its batch.
+    pub write: Side,
+}
+
+/// The deadline of one side's current wait, if it waits.
+#[derive(Default)]
+pub(crate) struct Side {
+    at: Cell<Option<Instant>>,
+    expired: Cell<bool>,
+    /// Woken when this side expires.
+    woken: Notify,
+}
+
+impl Side {
+    /// The side waits until `at` (an expiry of an earlier wait that its I/O won the
+    /// race against is forgotten).
+    pub fn arm(&self, at: Instant) {
+        self.expired.set(false);
+        self.at.set(Some(at));
+    }
+
+    pub fn disarm(&self) {
+        self.at.set(None);
+    }
+
+    /// Returns once the deadline has passed (never, if it does not).
+    pub async fn expired(&self) {
+        while !self.expired.get() {
+            self.woken.wait().await;
+        }
+    }
+
+    /// Expires the wait if its deadline is at or before `now`; true if it did.
+    fn expire_at(&self, now: Instant) -> bool {
+        if self.at.get().is_none_or(|at| at > now) {
+            return false;
+        }
+        self.at.set(None);
+        self.expired.set(true);
+        self.woken.notify_all();
+        true
+    }
 }
 
 impl Deadlines {
-    /// The reader waits for bytes until `at` (an expiry of an earlier wait that its
-    /// bytes won the race against is forgotten).
-    pub fn arm_read(&self, at: Instant) {
-        self.read_expired.set(false);
-        self.read.set(Some(at));
-    }
-
-    pub fn disarm_read(&self) {
-        self.read.set(None);
-    }
-
-    /// The writer waits for the socket to take its batch until `at` (an expiry of an
-    /// earlier wait that its write won the race against is forgotten).
-    pub fn arm_write(&self, at: Instant) {
-        self.write_expired.set(false);
-        self.write.set(Some(at));
-    }
-
-    pub fn disarm_write(&self) {
-        self.write.set(None);
-    }
-
-    /// Returns once the reader's deadline has passed (never, if it does not).
-    pub async fn read_expired(&self) {
-        while !self.read_expired.get() {
-            self.expired.wait().await;
-        }
-    }
-
-    /// Returns once the writer's deadline has passed (never, if it does not).
-    pub async fn write_expired(&self) {
-        while !self.write_expired.get() {
-            self.expired.wait().await;
-        }
-    }
-
     /// Expires each side whose deadline is at or before `now`; true if one did.
     fn expire_at(&self, now: Instant) -> bool {
-        let mut expired = false;
-        if self.read.get().is_some_and(|at| at <= now) {
-            self.read.set(None);
-            self.read_expired.set(true);
-            expired = true;
-        }
-        if self.write.get().is_some_and(|at| at <= now) {
-            self.write.set(None);
-            self.write_expired.set(true);
-            expired = true;
-        }
-        if expired {
-            self.expired.notify_all();
-        }
-        expired
+        // both sides, whatever the first says
+        self.read.expire_at(now) | self.write.expire_at(now)
     }
 }
 
@@ -172,22 +161,22 @@ mod tests {
         let t0 = Instant::now();
         // nothing armed: nothing expires, however late
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(3600)), 0);
-        conn.arm_read(t0 + Duration::from_secs(1));
-        conn.arm_write(t0 + Duration::from_secs(2));
+        conn.read.arm(t0 + Duration::from_secs(1));
+        conn.write.arm(t0 + Duration::from_secs(2));
         assert_eq!(sweeper.sweep(t0 + Duration::from_millis(999)), 0);
-        assert!(!conn.read_expired.get() && !conn.write_expired.get());
+        assert!(!conn.read.expired.get() && !conn.write.expired.get());
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(1)), 1);
-        assert!(conn.read_expired.get() && !conn.write_expired.get());
+        assert!(conn.read.expired.get() && !conn.write.expired.get());
         // a write that ended in time is not expired later
-        conn.disarm_write();
+        conn.write.disarm();
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(5)), 0);
-        assert!(!conn.write_expired.get());
+        assert!(!conn.write.expired.get());
         // a deadline moved later by a new wait is the one that counts
-        conn.arm_write(t0 + Duration::from_secs(10));
-        conn.arm_write(t0 + Duration::from_secs(20));
+        conn.write.arm(t0 + Duration::from_secs(10));
+        conn.write.arm(t0 + Duration::from_secs(20));
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(15)), 0);
         assert_eq!(sweeper.sweep(t0 + Duration::from_secs(20)), 1);
-        assert!(conn.write_expired.get());
+        assert!(conn.write.expired.get());
     }
 
     /// A wait whose I/O completed although its deadline had just been swept (the I/O
@@ -197,20 +186,20 @@ mod tests {
         let sweeper = Sweeper::new(&[Duration::from_secs(1)]);
         let conn = sweeper.watch();
         let t0 = Instant::now();
-        conn.arm_read(t0);
-        conn.arm_write(t0);
+        conn.read.arm(t0);
+        conn.write.arm(t0);
         assert_eq!(sweeper.sweep(t0), 1);
-        conn.disarm_read();
-        conn.disarm_write();
-        conn.arm_read(t0 + Duration::from_secs(300));
-        conn.arm_write(t0 + Duration::from_secs(10));
-        assert!(!conn.read_expired.get() && !conn.write_expired.get());
+        conn.read.disarm();
+        conn.write.disarm();
+        conn.read.arm(t0 + Duration::from_secs(300));
+        conn.write.arm(t0 + Duration::from_secs(10));
+        assert!(!conn.read.expired.get() && !conn.write.expired.get());
         use std::future::Future;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        assert!(std::pin::pin!(conn.read_expired())
+        assert!(std::pin::pin!(conn.read.expired())
             .poll(&mut cx)
             .is_pending());
-        assert!(std::pin::pin!(conn.write_expired())
+        assert!(std::pin::pin!(conn.write.expired())
             .poll(&mut cx)
             .is_pending());
     }
@@ -224,7 +213,7 @@ mod tests {
         assert_eq!(sweeper.watched(), 3);
         sweeper.sweep(Instant::now());
         assert_eq!(sweeper.watched(), 1);
-        kept.arm_read(Instant::now());
+        kept.read.arm(Instant::now());
         assert_eq!(sweeper.sweep(Instant::now()), 1);
     }
 
@@ -235,13 +224,13 @@ mod tests {
         use std::task::{Context, Poll, Waker};
         let sweeper = Sweeper::new(&[Duration::from_secs(1)]);
         let conn = sweeper.watch();
-        let mut read = pin!(conn.read_expired());
-        let mut write = pin!(conn.write_expired());
+        let mut read = pin!(conn.read.expired());
+        let mut write = pin!(conn.write.expired());
         let mut cx = Context::from_waker(Waker::noop());
         assert!(read.as_mut().poll(&mut cx).is_pending());
         assert!(write.as_mut().poll(&mut cx).is_pending());
         let t0 = Instant::now();
-        conn.arm_read(t0);
+        conn.read.arm(t0);
         sweeper.sweep(t0);
         assert_eq!(read.as_mut().poll(&mut cx), Poll::Ready(()));
         assert!(write.as_mut().poll(&mut cx).is_pending());
