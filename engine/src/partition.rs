@@ -340,12 +340,30 @@ pub struct Partition<S: Storage> {
     epoch_done: Notify,
     /// Reused buffers (no allocation per write in the steady state): the records an
     /// append encodes, and the version blob a coordinated write encodes.
-    append_scratch: Cell<Vec<u8>>,
-    version_scratch: Cell<Vec<u8>>,
+    append_scratch: Scratch,
+    pub(crate) version_scratch: Scratch,
 }
 
-/// A scratch buffer grown past this is dropped after use rather than kept.
-const SCRATCH_KEPT_BYTES_MAX: usize = 1 << 20;
+/// A reused byte buffer: taken empty, given back after use.
+#[derive(Default)]
+pub(crate) struct Scratch(Cell<Vec<u8>>);
+
+impl Scratch {
+    /// A buffer grown past this is dropped after use rather than kept.
+    const KEPT_BYTES_MAX: usize = 1 << 20;
+
+    pub(crate) fn take(&self) -> Vec<u8> {
+        let mut buf = self.0.take();
+        buf.clear();
+        buf
+    }
+
+    pub(crate) fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() <= Self::KEPT_BYTES_MAX {
+            self.0.set(buf);
+        }
+    }
+}
 
 impl<S: Storage> std::fmt::Debug for Partition<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -584,8 +602,8 @@ impl<S: Storage> Partition<S> {
             hints_busy: Cell::new(false),
             hints_done: Notify::default(),
             cache: RefCell::new(crate::cache::RecordCache::new(cache_bytes_max)),
-            append_scratch: Cell::default(),
-            version_scratch: Cell::default(),
+            append_scratch: Scratch::default(),
+            version_scratch: Scratch::default(),
         };
         match reopen_active {
             Some(slot) => partition.state.borrow_mut().active = slot,
@@ -823,7 +841,6 @@ impl<S: Storage> Partition<S> {
         let first_seq = state.next_seq;
         state.next_seq += ops.len() as u64;
         let mut buf = self.append_scratch.take();
-        buf.clear();
         buf.reserve(ops.iter().map(WriteOp::encoded_len).sum());
         let mut places = SmallVec::<[(usize, usize); 4]>::new();
         for (i, op) in ops.iter().enumerate() {
@@ -876,9 +893,7 @@ impl<S: Storage> Partition<S> {
         if roll {
             state.rolling = true;
         }
-        if buf.capacity() <= SCRATCH_KEPT_BYTES_MAX {
-            self.append_scratch.set(buf);
-        }
+        self.append_scratch.put(buf);
         Ok(Some(Appended {
             segment,
             end,
@@ -886,20 +901,6 @@ impl<S: Storage> Partition<S> {
             roll,
             logged,
         }))
-    }
-
-    /// The version scratch buffer, empty (give it back with
-    /// [`put_version_scratch`](Self::put_version_scratch)).
-    pub(crate) fn take_version_scratch(&self) -> Vec<u8> {
-        let mut buf = self.version_scratch.take();
-        buf.clear();
-        buf
-    }
-
-    pub(crate) fn put_version_scratch(&self, buf: Vec<u8>) {
-        if buf.capacity() <= SCRATCH_KEPT_BYTES_MAX {
-            self.version_scratch.set(buf);
-        }
     }
 
     /// [`append_now`](Self::append_now) for a caller that checked

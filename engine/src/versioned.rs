@@ -157,7 +157,7 @@ impl<S: Storage> Partition<S> {
             return Some(Err(e));
         }
         let replaces: Seqs = made.replaced.iter().map(|&i| stored[i]).collect();
-        let mut blob = self.take_version_scratch();
+        let mut blob = self.version_scratch.take();
         made.version.encode(&mut blob);
         let op = WriteOp {
             key,
@@ -166,12 +166,12 @@ impl<S: Storage> Partition<S> {
             replaces: &replaces,
         };
         if !self.append_owes_no_io(op.encoded_len()) {
-            self.put_version_scratch(blob);
+            self.version_scratch.put(blob);
             return None;
         }
         self.record_clock_truncation(made.truncated_entries);
         let appended = self.append_now_logged(&[op], now_ms);
-        self.put_version_scratch(blob);
+        self.version_scratch.put(blob);
         let position = match appended {
             Ok(position) => position,
             Err(e) => return Some(Err(e)),
