@@ -867,26 +867,18 @@ impl Shard {
         stats.forwarded += requests as u64;
     }
 
-    /// Executes one whole request frame and appends the reply frame to `out`. A frame
-    /// for another shard's partition is forwarded alone (the connection reader sends
-    /// those in batches itself, see [`Shard::forward_batch`]; this serves a caller
-    /// with a single frame).
+    /// Executes one whole request frame that this shard runs and appends the reply frame
+    /// to `out`: the connection reader forwards a frame for another shard's partition
+    /// itself ([`Shard::forward_target`], [`Shard::forward_batch`]), so it is not routed
+    /// (parsed) again here.
     pub(crate) async fn execute(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
         self.stats.borrow_mut().requests += 1;
-        let owner = self.route(frame);
-        match owner {
-            Some(owner) if owner != self.id => {
-                self.stats.borrow_mut().forwarded += 1;
-                let reply = self.forward(owner, frame).await;
-                out.borrow_mut().extend_from_slice(&reply);
-            }
-            // the reply is encoded straight into the connection's output buffer
-            _ => self.execute_local(frame, out).await,
-        }
+        self.execute_local(frame, out).await
     }
 
-    /// Forwards one request frame to shard `owner` (a batch of one) and returns the
-    /// reply frame, or an error reply when the owner is gone or too slow.
+    /// Forwards one request frame to shard `owner` (a batch of one; STATS gathers the
+    /// node's figures this way) and returns the reply frame, or an error reply when the
+    /// owner is gone or too slow.
     async fn forward(&self, owner: usize, frame: &[u8]) -> Vec<u8> {
         let mut reply = Vec::new();
         let forwarded = self
