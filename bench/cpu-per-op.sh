@@ -2,8 +2,10 @@
 # CPU time per request, of the server and of the load generator, for ringkv (one node,
 # `sync`, shard-aware load) and Redis (appendonly, appendfsync always) in one run:
 # each process's user and system time from /proc/PID/stat over the run, divided by
-# the requests it served. On a machine where the load generator shares the CPUs with
-# the server, this says where the time goes when the throughputs differ.
+# the requests it served; also the rescheduling interrupts (cross-CPU wakeups and
+# kicks) and the server's voluntary (it slept) and involuntary (it was preempted)
+# context switches per request. On a machine where the load generator shares the CPUs
+# with the server, this says where the time goes when the throughputs differ.
 #
 #   bench/cpu-per-op.sh [SHARDS] [PIPELINE] [WORKLOAD] [SECONDS]
 #   RINGKV_BIN=path/to/ringkv RINGKV_BENCH_BIN=path/to/ringkv-bench bench/cpu-per-op.sh ...
@@ -37,6 +39,8 @@ trap cleanup EXIT
 HZ=$(getconf CLK_TCK)
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# voluntary and involuntary context switches, summed over the process's threads
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 } END { print v + 0, n + 0 }'; }
 # rescheduling interrupts (cross-CPU wakeups and kicks), summed over the CPUs
 # (%.0f: mawk prints a bigger sum than 2^31 in exponent form)
 resched() { awk '$1 == "RES:" { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; printf "%.0f\n", n }' /proc/interrupts; }
@@ -48,30 +52,34 @@ measure() { # NAME SERVER_PID BENCH_ARGS...
   "$BENCH" run "$@" --duration "${SECONDS_RUN}s" --skip-load --no-progress \
     --json "$DIR/$name.json" >/dev/null &
   local load=$!
-  local s0 c0 s1 c1 r0 r1 window
+  local s0 c0 s1 c1 r0 r1 w0 w1 window
   # the run's first and last half seconds (connecting, the last replies) stay outside
   window=$(awk -v s="$SECONDS_RUN" 'BEGIN { print s - 1 }')
   sleep 0.5
   s0=$(ticks "$server")
   c0=$(ticks "$load")
   r0=$(resched)
+  w0=$(switches "$server")
   sleep "$window"
   s1=$(ticks "$server")
   c1=$(ticks "$load")
   r1=$(resched)
+  w1=$(switches "$server")
   wait "$load"
   python3 - "$DIR/$name.json" "$name" "$HZ" "$window" \
-    "$s0" "$s1" "$c0" "$c1" "$((r1 - r0))" <<'EOF'
+    "$s0" "$s1" "$c0" "$c1" "$((r1 - r0))" "$w0" "$w1" <<'EOF'
 import json, sys
 path, name, hz, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 s0, s1, c0, c1 = (list(map(int, a.split())) for a in sys.argv[5:9])
 resched = int(sys.argv[9])
+w0, w1 = (list(map(int, a.split())) for a in sys.argv[10:12])
 ops = json.load(open(path))["throughput_ops_s"]
 n = ops * secs
 us = lambda a, b, i: (b[i] - a[i]) / hz * 1e6 / n
 print(f"{name:<8} {ops:>10,.0f} ops/s   server µs/op user {us(s0, s1, 0):.2f} system "
       f"{us(s0, s1, 1):.2f}   load generator µs/op user {us(c0, c1, 0):.2f} system "
-      f"{us(c0, c1, 1):.2f}   rescheduling interrupts/op {resched / n:.2f}")
+      f"{us(c0, c1, 1):.2f}   rescheduling interrupts/op {resched / n:.2f}   server context "
+      f"switches/op voluntary {(w1[0] - w0[0]) / n:.2f} involuntary {(w1[1] - w0[1]) / n:.2f}")
 EOF
 }
 
