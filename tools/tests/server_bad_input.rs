@@ -531,6 +531,70 @@ fn bad_cluster_messages_get_errors_and_the_server_keeps_serving() {
     assert_eq!(good.get(b"kept").0, vec![b"1".to_vec()]);
 }
 
+/// A join request that claims the node's own id from another address, or names an
+/// address that is not IP:port, is refused and changes nothing. Before, the first
+/// rewrote the node's own address in its membership (found by sending mutated peer
+/// frames at a node: its ring ended up naming it at the fuzzer's address).
+#[test]
+fn a_join_request_for_this_nodes_id_or_a_bad_address_changes_nothing() {
+    use ringkv_net::peer::ClusterRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--node-id", "7"]);
+    let mut c = Raw::connect(server.addr);
+    let own = server.addr.to_string();
+    let refused = |c: &mut Raw, id: u64, addr: &[u8], says: &str| {
+        let mut f = Vec::new();
+        ClusterRequest::JoinRequest {
+            id,
+            shards: 2,
+            weight: 1,
+            addr,
+            zone: b"",
+        }
+        .encode(9, &mut f);
+        c.send_bytes(&f);
+        let reply = c.read_frame().expect("a reply");
+        assert_eq!(
+            error_code(&reply),
+            Some(ErrorCode::BadRequest as u16),
+            "{says}"
+        );
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains(says), "{text}");
+    };
+    refused(&mut c, 7, b"127.0.0.9:1", "is this node's own");
+    refused(&mut c, 8, b"not an address", "must be IP:port");
+    refused(&mut c, 8, b"", "must be IP:port");
+    // the node still names itself at its own address, alone
+    let mut f = Vec::new();
+    ClusterRequest::Status.encode(10, &mut f);
+    c.send_bytes(&f);
+    let status = String::from_utf8_lossy(&c.read_frame().expect("a reply")).to_string();
+    assert!(status.contains(&format!("\"addr\":\"{own}\"")), "{status}");
+    assert!(!status.contains("127.0.0.9"), "{status}");
+    assert_eq!(status.matches("\"id\":").count(), 1, "{status}");
+    // the same id at the node's own address is the node itself: its membership
+    let mut f = Vec::new();
+    ClusterRequest::JoinRequest {
+        id: 7,
+        shards: 2,
+        weight: 1,
+        addr: own.as_bytes(),
+        zone: b"",
+    }
+    .encode(11, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    assert_eq!(
+        error_code(&reply),
+        None,
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(c.ping());
+    assert!(server.stop().success());
+}
+
 /// Limits that make no sense are refused at start with the key's name, before the node
 /// touches its data directory; before, `segment_bytes_max = 100` passed the checks and
 /// panicked a shard thread when it opened its partitions.

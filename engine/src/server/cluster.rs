@@ -924,6 +924,21 @@ impl Shard {
                     .map_err(|_| (ErrorCode::BadRequest, "address is not UTF-8".to_string()))?;
                 let zone = std::str::from_utf8(zone)
                     .map_err(|_| (ErrorCode::BadRequest, "zone is not UTF-8".to_string()))?;
+                // the address goes into the membership every node links to
+                ringkv_net::peer::peer_addr(addr)
+                    .map_err(|e| (ErrorCode::BadRequest, format!("join request: {e}")))?;
+                // a node that claims this node's own id from elsewhere would have this
+                // node's address replaced by its own in every member's ring
+                let own = self.config.advertise.to_string();
+                if NodeId(id) == self.cluster.local && addr != own {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!(
+                            "node id {id} is this node's own (at {own}), claimed by a node \
+                             at {addr}: is a second node started with the same --node-id?"
+                        ),
+                    ));
+                }
                 reply_bytes = self
                     .admit(NodeId(id), shards, weight, addr, zone)
                     .await
