@@ -156,13 +156,23 @@ pub async fn record_hint<S: Storage>(
         .map(|_| ())
 }
 
-/// Up to `limit` pending hints, ordered by (target, partition, key). Removed hints
-/// (tombstones not yet compacted away) and foreign keys are skipped.
-pub fn pending_hints<S: Storage>(hints: &Partition<S>, limit: usize) -> Vec<Hint> {
+/// Up to `limit` pending hints for the targets `deliverable` accepts, ordered by
+/// (target, partition, key). Removed hints (tombstones not yet compacted away) and
+/// foreign keys are skipped. The targets are filtered before the limit applies: hints
+/// for a node that is down (or no longer a member) must not crowd out, sorted first,
+/// the hints of nodes that can take theirs.
+pub fn pending_hints<S: Storage>(
+    hints: &Partition<S>,
+    limit: usize,
+    mut deliverable: impl FnMut(NodeId) -> bool,
+) -> Vec<Hint> {
     let mut all: Vec<Hint> = Vec::new();
     hints.for_each_key(|k, locs| {
         if let (Some((target, partition, key)), Some(seq)) = (parse_hint_key(k), live_record(locs))
         {
+            if !deliverable(target) {
+                return;
+            }
             all.push(Hint {
                 target,
                 partition,
@@ -279,7 +289,7 @@ mod tests {
             drop(hints);
             disk.crash(42);
             let hints = open(&disk, "/hints", hints_config()).await;
-            let pending = pending_hints(&hints, 10);
+            let pending = pending_hints(&hints, 10, |_| true);
             assert_eq!(pending.len(), 2);
             assert_eq!(
                 (pending[0].target, pending[0].partition, &pending[0].key[..]),
@@ -289,7 +299,30 @@ mod tests {
                 (pending[1].target, pending[1].partition, &pending[1].key[..]),
                 (NodeId(2), 5, &b"k1"[..])
             );
-            assert_eq!(pending_hints(&hints, 1).len(), 1);
+            assert_eq!(pending_hints(&hints, 1, |_| true).len(), 1);
+        });
+    }
+
+    #[test]
+    fn hints_for_a_target_that_cannot_take_them_do_not_crowd_out_the_others() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            // node 1 is down with more hints than one round hands out; node 2 is up
+            for i in 0..50u32 {
+                record_hint(&hints, NodeId(1), i % 7, format!("k{i}").as_bytes(), 10)
+                    .await
+                    .unwrap();
+            }
+            record_hint(&hints, NodeId(2), 3, b"z", 11).await.unwrap();
+            let round = pending_hints(&hints, 10, |t| t != NodeId(1));
+            assert_eq!(round.len(), 1, "{round:?}");
+            assert_eq!((round[0].target, &round[0].key[..]), (NodeId(2), &b"z"[..]));
+            // every target wanted: the limit, in (target, partition, key) order
+            let all = pending_hints(&hints, 10, |_| true);
+            assert_eq!(all.len(), 10);
+            assert!(all.iter().all(|h| h.target == NodeId(1)));
+            assert_eq!(pending_hint_count(&hints), 51);
         });
     }
 
@@ -299,17 +332,17 @@ mod tests {
             let disk = MemDisk::new();
             let hints = open(&disk, "/hints", hints_config()).await;
             record_hint(&hints, NodeId(3), 1, b"k", 10).await.unwrap();
-            let first = pending_hints(&hints, 10).remove(0);
+            let first = pending_hints(&hints, 10, |_| true).remove(0);
             // a newer hinted write of the key arrives while the first delivery is in flight
             record_hint(&hints, NodeId(3), 1, b"k", 11).await.unwrap();
             assert!(!hint_delivered(&hints, &first, 12).await.unwrap());
             assert_eq!(pending_hint_count(&hints), 1);
-            let second = pending_hints(&hints, 10).remove(0);
+            let second = pending_hints(&hints, 10, |_| true).remove(0);
             assert!(second.seq > first.seq);
             assert!(hint_delivered(&hints, &second, 13).await.unwrap());
             assert!(!hint_delivered(&hints, &second, 14).await.unwrap(), "once");
             assert_eq!(pending_hint_count(&hints), 0);
-            assert!(pending_hints(&hints, 10).is_empty());
+            assert!(pending_hints(&hints, 10, |_| true).is_empty());
             // removal is durable, and a later hint of the same key is a fresh one
             drop(hints);
             disk.crash(7);
@@ -344,7 +377,7 @@ mod tests {
                     for _ in 0..delay {
                         YieldOnce(false).await;
                     }
-                    let hint = pending_hints(&hints, 1).remove(0);
+                    let hint = pending_hints(&hints, 1, |_| true).remove(0);
                     let sent = replica_get(&part, b"k").await.unwrap();
                     // the target's ack arrives after some more turns
                     for _ in 0..(delay % 3) {
@@ -375,7 +408,7 @@ mod tests {
                     .await
                     .unwrap();
             }
-            for hint in pending_hints(&hints, 1000) {
+            for hint in pending_hints(&hints, 1000, |_| true) {
                 assert!(hint_delivered(&hints, &hint, 20).await.unwrap());
             }
             let report = hints.compact(30).await.unwrap();

@@ -1131,10 +1131,8 @@ impl Node {
             return;
         };
         let now = w.now;
-        for hint in pending_hints(hints, 64) {
-            if !self.fd.is_reachable(hint.target) || hint.target == self.id {
-                continue;
-            }
+        let (fd, me) = (&self.fd, self.id);
+        for hint in pending_hints(hints, 64, |t| t != me && fd.is_reachable(t)) {
             if self.deliveries.values().any(|(h, _)| *h == hint) {
                 continue;
             }

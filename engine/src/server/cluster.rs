@@ -1478,15 +1478,16 @@ impl Shard {
         let Some(view) = self.cluster.view() else {
             return;
         };
-        let hints = replica::pending_hints(&self.cluster.hints, 4096);
+        let hints = {
+            let fd = self.cluster.fd.borrow();
+            let local = self.cluster.local;
+            replica::pending_hints(&self.cluster.hints, 4096, |target| {
+                target != local && view.is_member(target) && fd.is_reachable(target)
+            })
+        };
         let mut by_target: BTreeMap<NodeId, Vec<replica::Hint>> = BTreeMap::new();
         for hint in hints {
-            if hint.target != self.cluster.local
-                && view.is_member(hint.target)
-                && self.cluster.fd.borrow().is_reachable(hint.target)
-            {
-                by_target.entry(hint.target).or_default().push(hint);
-            }
+            by_target.entry(hint.target).or_default().push(hint);
         }
         for (_, hints) in by_target {
             // up to 64 hints in flight to one owner
