@@ -162,6 +162,8 @@ enum Answer {
 struct PutOp {
     deadline_ms: u64,
     targets: Vec<(NodeId, Answer)>,
+    /// Fallbacks taken for targets that failed ([`Coordinator::claim_fallback`]).
+    fallbacks_taken: Vec<NodeId>,
     acks: usize,
     w: usize,
     done: bool,
@@ -267,6 +269,7 @@ impl Coordinator {
         let put = PutOp {
             deadline_ms: now_ms.saturating_add(timeout_ms),
             targets: remote.iter().map(|t| (t.node, Answer::Waiting)).collect(),
+            fallbacks_taken: Vec::new(),
             acks: local_acks,
             w,
             done: false,
@@ -274,6 +277,35 @@ impl Coordinator {
         self.puts.insert(op, put);
         self.advance_put(now_ms, op);
         op
+    }
+
+    /// The send of put `op` to `failed` failed: picks the node to send it to instead,
+    /// with a hint naming the home node (sloppy quorum). `candidates` are the
+    /// partition's fallbacks that look reachable, in preference order. The pick is the
+    /// first that is neither this node, nor a target of the op, nor a fallback already
+    /// taken for another of its targets: its ack is reported for `failed`
+    /// ([`handle_put_ack`](Self::handle_put_ack)), so one node must never stand for two
+    /// targets, or W acks could come from fewer than W nodes. For an op that is over
+    /// (every target answered, or the deadline passed) the first candidate other than
+    /// `failed` and this node: its ack no longer counts.
+    pub fn claim_fallback(
+        &mut self,
+        op: OpId,
+        failed: NodeId,
+        candidates: impl IntoIterator<Item = NodeId>,
+    ) -> Option<NodeId> {
+        let local = self.local;
+        let mut candidates = candidates
+            .into_iter()
+            .filter(move |&n| n != failed && n != local);
+        let Some(put) = self.puts.get_mut(&op) else {
+            return candidates.next();
+        };
+        let chosen = candidates.find(|n| {
+            !put.targets.iter().any(|(t, _)| t == n) && !put.fallbacks_taken.contains(n)
+        })?;
+        put.fallbacks_taken.push(chosen);
+        Some(chosen)
     }
 
     /// A replica answered a put: `ok` if it stored (or already held) the version.
@@ -664,6 +696,56 @@ mod tests {
         c.handle_put_ack(8, op, C, true); // late
         c.tick(1000);
         assert!(drain(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_fallback_never_stands_for_two_targets_of_one_put() {
+        // N = W = 3 from A: C is down, so D stands in for it from the start; then the
+        // send to B fails. D must not be taken again (its two acks would make W = 3
+        // with two nodes holding the write): E is, and once E is taken too, nothing.
+        let mut c = Coordinator::new(A);
+        let v = vv(1, 1, &[], "x");
+        let d_for_c = Target {
+            node: D,
+            hint_for: Some(C),
+        };
+        let op = c.start_put(0, 7, b"k".to_vec(), v, &[home(B), d_for_c], 1, 3, 100);
+        drain(&mut c);
+        assert_eq!(c.claim_fallback(op, B, [A, B, D, E]), Some(E));
+        c.handle_put_ack(1, op, D, true);
+        c.handle_put_ack(2, op, B, true); // E's ack, reported for B
+        assert_eq!(
+            dones(&drain(&mut c)),
+            vec![CoordinatorOutput::PutDone {
+                op,
+                result: PutResult::Ok { acks: 3 }
+            }]
+        );
+        // another op: B and C both fail and only D is left to stand in
+        let op = c.start_put(
+            10,
+            7,
+            b"k".to_vec(),
+            vv(1, 2, &[], "y"),
+            &[home(B), home(C)],
+            1,
+            3,
+            100,
+        );
+        drain(&mut c);
+        assert_eq!(c.claim_fallback(op, B, [D]), Some(D));
+        assert_eq!(c.claim_fallback(op, C, [D]), None, "D stands for B already");
+        c.handle_put_ack(11, op, B, true);
+        c.handle_put_ack(11, op, C, false);
+        assert_eq!(
+            dones(&drain(&mut c)),
+            vec![CoordinatorOutput::PutDone {
+                op,
+                result: PutResult::NotConfirmed { acks: 2, w: 3 }
+            }]
+        );
+        // an op that is over: the first candidate, which no longer counts
+        assert_eq!(c.claim_fallback(op, C, [A, C, D]), Some(D));
     }
 
     #[test]

@@ -679,7 +679,13 @@ impl Shard {
                     if !ok {
                         // sloppy quorum: the replica failed, so the write goes to the
                         // next reachable fallback with a hint naming the home node
-                        if let Some(fallback) = shard.fallback_for(partition, to) {
+                        let candidates = shard.fallback_candidates(partition);
+                        let fallback = shard
+                            .cluster
+                            .coordinator
+                            .borrow_mut()
+                            .claim_fallback(op, to, candidates);
+                        if let Some(fallback) = fallback {
                             ok = shard
                                 .send_replica_put(fallback, partition, Some(home), &key, &version)
                                 .await;
@@ -759,14 +765,20 @@ impl Shard {
         }
     }
 
-    /// The first reachable fallback of `partition` other than this node and `failed`.
-    fn fallback_for(&self, partition: u32, failed: NodeId) -> Option<NodeId> {
-        let view = self.cluster.view()?;
-        let pref = view.preference.get(partition as usize)?;
+    /// The fallbacks of `partition` that look reachable, in preference order (the
+    /// coordinator picks one for a failed target: `Coordinator::claim_fallback`).
+    fn fallback_candidates(&self, partition: u32) -> Vec<NodeId> {
+        let Some(view) = self.cluster.view() else {
+            return Vec::new();
+        };
+        let Some(pref) = view.preference.get(partition as usize) else {
+            return Vec::new();
+        };
         pref.fallbacks
             .iter()
             .copied()
-            .find(|&id| id != failed && id != self.cluster.local && self.reachable(&view, id))
+            .filter(|&id| self.reachable(&view, id))
+            .collect()
     }
 
     async fn send_replica_put(
