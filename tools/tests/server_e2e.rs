@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Raw, Server};
+use common::{error_code, header_of, Raw, Server};
 use ringkv_net::protocol::{ErrorCode, Reply, Request};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -484,6 +484,51 @@ fn forwarded_batches_answer_each_request_once_whatever_the_owner_does() {
 /// large GETs and only then starts reading must still get every reply whole, by its
 /// own id, with its own value (2 shards on the shared port: some replies come from
 /// the other shard, some are answered at once).
+/// A pass over the buffer stops once the replies it made reach the output budget (two
+/// frames' worth); a bad frame right behind that point is answered as soon as the
+/// replies are sent, like any other. Before, a frame the reader could only answer
+/// with an error (here: protocol version 2) was left in the buffer while the reader
+/// waited for more bytes, and the client, waiting for its replies, got none for it or
+/// for the PING behind it until the slow-client timeout closed the connection.
+#[test]
+fn a_bad_frame_behind_a_full_pass_is_answered_without_more_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "frame_bytes_max = 65536\nvalue_bytes_max = 49152\n";
+    let mut server = Server::start_with_config(dir.path(), toml, &["--shards", "1"]);
+    let mut c = Raw::connect(server.addr);
+    let value = vec![b'v'; 48 * 1024];
+    c.put(b"budget", &value, b"");
+    // three GETs make about 147 KiB of replies: over the 128 KiB budget only with the
+    // third, so the pass stops right before the bad frame
+    let mut bytes = Vec::new();
+    for id in 1..=3u64 {
+        Request::Get {
+            r: 0,
+            key: b"budget",
+        }
+        .encode(id, &mut bytes);
+    }
+    let mut bad = Vec::new();
+    Request::Ping.encode(4, &mut bad);
+    bad[4] = 2; // protocol version 2
+    bytes.extend_from_slice(&bad);
+    Request::Ping.encode(5, &mut bytes);
+    c.send_bytes(&bytes);
+    for id in 1..=3u64 {
+        let f = c.read_frame().expect("a GET reply");
+        assert_eq!(header_of(&f).request_id, id);
+        assert!(matches!(Reply::parse(&f).unwrap().1, Reply::GetOk { .. }));
+    }
+    let f = c.read_frame().expect("an error for the bad frame");
+    assert_eq!(header_of(&f).request_id, 4);
+    assert_eq!(error_code(&f), Some(ErrorCode::UnsupportedVersion as u16));
+    let f = c.read_frame().expect("the PING behind it answered");
+    assert_eq!(header_of(&f).request_id, 5);
+    assert!(matches!(Reply::parse(&f).unwrap().1, Reply::Pong));
+    drop(c);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn replies_held_up_by_a_slow_reader_arrive_whole_and_by_their_ids() {
     let dir = tempfile::tempdir().unwrap();

@@ -359,11 +359,15 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             break 'read;
         }
         buf.drain(..consumed);
-        let waiting_frame_len = match protocol::check_frame(&buf, config.frame_bytes_max) {
+        let checked = protocol::check_frame(&buf, config.frame_bytes_max);
+        let waiting_frame_len = match checked {
             Ok(Some(len)) => Some(len),
             _ => None,
         };
-        let whole_frame_waiting = waiting_frame_len.is_some();
+        // a whole frame, or bytes the next pass answers with an error at once: either
+        // way nothing more needs to be read first (a bad frame left behind by a pass
+        // that stopped at its budget must not wait for bytes the client never sends)
+        let whole_frame_waiting = !matches!(checked, Ok(None));
         frame_started = match (buf.is_empty() || whole_frame_waiting, consumed > 0) {
             (true, _) => None,
             (false, true) => Some(Instant::now()),
