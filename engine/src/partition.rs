@@ -1794,11 +1794,13 @@ impl<S: Storage> Partition<S> {
     }
 
     /// Syncs everything and records a clean shutdown (the next open keeps the epoch).
-    /// Afterwards the partition refuses writes; reads still work.
+    /// Writes are refused from the moment it starts (a write accepted while its sync or
+    /// its hint files are under way would be covered by neither, though the runtime
+    /// deletes the commit log once every partition closed); reads still work.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.state.borrow_mut().closed = true;
         self.sync().await?;
         self.write_pending_hints().await?;
-        self.state.borrow_mut().closed = true;
         self.persist_epoch(None, true).await?;
         Ok(())
     }

@@ -616,3 +616,79 @@ fn crash_at_every_step_of_a_compaction_loses_nothing() {
         "{finished_runs} runs finished"
     );
 }
+
+/// A write that races `close` is either refused or made durable by it: `close` syncs
+/// "everything" and the node then deletes its commit log, so a write accepted after
+/// close's sync began and left in a segment buffer was acknowledged (through the log)
+/// and lost at the next crash. Every interleaving of the write with close's awaits.
+#[test]
+fn a_write_racing_close_is_refused_or_durable() {
+    for delay in 0..12 {
+        block_on(async {
+            let disk = MemDisk::new();
+            let config = config(Durability::None);
+            let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1_000)
+                .await
+                .unwrap();
+            p.write(
+                &[WriteOp {
+                    key: b"before",
+                    version: b"v",
+                    value: Some(b"1"),
+                    replaces: &[],
+                }],
+                1_001,
+            )
+            .await
+            .unwrap();
+            // segments rolled over: close also writes their hint files (more awaits)
+            for i in 0..30u32 {
+                let key = format!("fill-{i}");
+                p.write(
+                    &[WriteOp {
+                        key: key.as_bytes(),
+                        version: b"v",
+                        value: Some(&[1; 300]),
+                        replaces: &[],
+                    }],
+                    1_001,
+                )
+                .await
+                .unwrap();
+            }
+            disk.set_yielding(true);
+            let writer = async {
+                for _ in 0..delay {
+                    ringkv_engine::storage::mem::YieldOnce(false).await;
+                }
+                p.write(
+                    &[WriteOp {
+                        key: b"racing",
+                        version: b"v",
+                        value: Some(b"2"),
+                        replaces: &[],
+                    }],
+                    1_002,
+                )
+                .await
+                .is_ok()
+            };
+            let (closed, accepted) = futures_lite::future::zip(p.close(), writer).await;
+            closed.unwrap();
+            disk.set_yielding(false);
+            drop(p);
+            disk.crash(delay);
+            let (p, _) = Partition::open(disk.folder(FOLDER), config, 2_000)
+                .await
+                .unwrap();
+            assert_eq!(p.get(b"before").await.unwrap().len(), 1, "delay {delay}");
+            if accepted {
+                assert_eq!(
+                    p.get(b"racing").await.unwrap().len(),
+                    1,
+                    "delay {delay}: a write close accepted is gone after a crash"
+                );
+            }
+        });
+    }
+}
