@@ -1501,7 +1501,7 @@ impl Shard {
         for hint in hints {
             by_target.entry(hint.target).or_default().push(hint);
         }
-        for (_, hints) in by_target {
+        for (target, hints) in by_target {
             // up to 64 hints in flight to one owner
             for chunk in hints.chunks(64) {
                 let tasks: Vec<_> = chunk
@@ -1516,7 +1516,10 @@ impl Shard {
                 for task in tasks {
                     failed |= !task.await;
                 }
-                if failed {
+                // a hint that fails on its own (an error reply, a partition this shard
+                // no longer holds) must not hold back the owner's other hints round
+                // after round: stop only when the owner stopped answering
+                if failed && !self.cluster.fd.borrow().is_reachable(target) {
                     break;
                 }
             }
