@@ -749,11 +749,11 @@ impl Shard {
                 })
                 .detach();
             }
-            CoordinatorOutput::Silent { node } => {
-                self.cluster
-                    .fd
-                    .borrow_mut()
-                    .handle_unanswered(now_ms(), node);
+            CoordinatorOutput::Silent { .. } => {
+                // every replica request goes through `call_peer`, which tells the
+                // failure detector how it ended (its link call times out with the op);
+                // counting the op's silent targets as well made one slow request two
+                // misses, and two mark a peer unreachable here
             }
             done @ (CoordinatorOutput::PutDone { op, .. }
             | CoordinatorOutput::GetDone { op, .. }) => {
