@@ -527,3 +527,50 @@ fn a_hint_the_owner_refuses_does_not_hold_back_the_others() {
         );
     }
 }
+
+/// A member may come back at another address (a restart), but not while it still
+/// answers at its own: a second node started with a live member's id is refused, and
+/// the member keeps its address in every ring. Before, the seed replaced the member's
+/// address with the newcomer's, and the real member was cut off for good.
+#[test]
+fn a_second_node_with_a_live_members_id_is_refused() {
+    use ringkv_net::peer::{ClusterReply, ClusterRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.15.1:7379";
+    let n1 = Node::start(dir.path(), 15, 1, None, &[]);
+    let mut n2 = Node::start(dir.path(), 15, 2, Some(seed), &[]);
+    wait_agreement(&[&n1, &n2]);
+    let join_as_2 = |addr: &str| {
+        let mut c = common::Raw::connect(n1.addr.parse().unwrap());
+        let mut f = Vec::new();
+        ClusterRequest::JoinRequest {
+            id: 2,
+            shards: 2,
+            weight: 1,
+            addr: addr.as_bytes(),
+            zone: b"",
+        }
+        .encode(1, &mut f);
+        c.send_bytes(&f);
+        let reply = c.read_frame().expect("a reply");
+        match ClusterReply::parse(&reply) {
+            Ok((_, ClusterReply::JoinAccept(_))) => Ok(()),
+            _ => Err(String::from_utf8_lossy(&reply).to_string()),
+        }
+    };
+    let addr_of_2 = || {
+        status(&n1.addr).expect("status")["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == 2)
+            .map(|m| m["addr"].as_str().unwrap().to_string())
+    };
+    let err = join_as_2("127.0.15.9:7379").expect_err("node 2 is alive at its address");
+    assert!(err.contains("in use by the running node at"), "{err}");
+    assert_eq!(addr_of_2().as_deref(), Some(n2.addr.as_str()));
+    // node 2 gone: the same request is a restart at a new address
+    n2.kill();
+    join_as_2("127.0.15.9:7379").expect("a restart at another address");
+    assert_eq!(addr_of_2().as_deref(), Some("127.0.15.9:7379"));
+}

@@ -563,6 +563,7 @@ fn a_join_request_for_this_nodes_id_or_a_bad_address_changes_nothing() {
         assert!(text.contains(says), "{text}");
     };
     refused(&mut c, 7, b"127.0.0.9:1", "is this node's own");
+    refused(&mut c, 0, b"127.0.0.9:1", "node ids start at 1");
     refused(&mut c, 8, b"not an address", "must be IP:port");
     refused(&mut c, 8, b"", "must be IP:port");
     // the node still names itself at its own address, alone

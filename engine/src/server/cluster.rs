@@ -936,6 +936,9 @@ impl Shard {
                     .map_err(|_| (ErrorCode::BadRequest, "address is not UTF-8".to_string()))?;
                 let zone = std::str::from_utf8(zone)
                     .map_err(|_| (ErrorCode::BadRequest, "zone is not UTF-8".to_string()))?;
+                if id == 0 {
+                    return Err((ErrorCode::BadRequest, "node ids start at 1".to_string()));
+                }
                 // the address goes into the membership every node links to
                 ringkv_net::peer::peer_addr(addr)
                     .map_err(|e| (ErrorCode::BadRequest, format!("join request: {e}")))?;
@@ -1212,6 +1215,15 @@ impl Shard {
             if member.status != Status::Removed {
                 if member.addr == addr {
                     return Ok(current.encode());
+                }
+                // a restart at another address, or a second node started with the
+                // same id: only the first may take the member's place
+                if node_id_at(&member.addr).await == Some(id.0) {
+                    return Err(format!(
+                        "node id {id} is in use by the running node at {}: is a second \
+                         node started with the same --node-id?",
+                        member.addr
+                    ));
                 }
                 let mut next = current.clone();
                 next.set_addr(id, addr).map_err(|e| e.to_string())?;
@@ -1557,6 +1569,31 @@ impl Shard {
                 false
             }
         }
+    }
+}
+
+/// The node id of whatever answers a HELLO at `addr` within a second, if anything does.
+async fn node_id_at(addr: &str) -> Option<u64> {
+    let link = PeerLink::spawn(
+        addr,
+        LinkConfig {
+            connect_timeout: Duration::from_secs(1),
+            ..LinkConfig::default()
+        },
+    );
+    let reply = link
+        .call(Duration::from_secs(1), |rid, out| {
+            protocol::Request::Hello {
+                min_version: protocol::PROTOCOL_VERSION,
+                max_version: protocol::PROTOCOL_VERSION,
+            }
+            .encode(rid, out)
+        })
+        .await
+        .ok()?;
+    match Reply::parse(&reply) {
+        Ok((_, Reply::HelloOk(h))) => Some(h.node_id),
+        _ => None,
     }
 }
 
