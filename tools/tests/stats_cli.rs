@@ -209,6 +209,25 @@ fn the_metrics_endpoint_serves_the_node_stats_to_prometheus() {
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     let endless = http(&metrics, &vec![b'x'; 20 * 1024]);
     assert_eq!(endless, "");
+    // a head sent a byte a second is cut off once the whole head took 5 s, though no
+    // single read waits that long (it used to be held open for as long as it went on)
+    let mut slow = std::net::TcpStream::connect(&metrics).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let cut_off = (0..15).any(|_| {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let sent = std::io::Write::write_all(&mut slow, b"G").is_ok();
+        let mut byte = [0u8; 1];
+        let closed = match std::io::Read::read(&mut slow, &mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        !sent || closed
+    });
+    assert!(cut_off, "a trickled head held the connection for 15 s");
     let again = http(&metrics, b"GET /metrics HTTP/1.0\r\n\r\n");
     assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
     assert!(c.ping());

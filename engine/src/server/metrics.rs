@@ -14,7 +14,8 @@ use std::time::Duration;
 
 /// The longest request head read.
 pub(crate) const HEAD_BYTES_MAX: usize = 8 * 1024;
-/// Reading the head and writing the answer each get this long.
+/// Reading the whole head, and writing the whole answer, each get this long (a client
+/// that sends or reads a byte now and then does not hold a connection longer).
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapes served at once.
 pub(crate) const CONNECTIONS_MAX: usize = 8;
@@ -61,20 +62,24 @@ fn asked(head: &[u8]) -> Asked {
 }
 
 async fn answer(mut stream: TcpStream, shard: &Rc<Shard>) {
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
-    let _ = stream.set_write_timeout(Some(TIMEOUT));
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let what = loop {
-        match asked(&head) {
-            Asked::Incomplete if head.len() < HEAD_BYTES_MAX => {}
-            Asked::Incomplete => return,
-            done => break done,
+    let head = glommio::timer::timeout(TIMEOUT, async {
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match asked(&head) {
+                Asked::Incomplete if head.len() < HEAD_BYTES_MAX => {}
+                Asked::Incomplete => return Ok(None),
+                done => return Ok(Some(done)),
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
         }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
-        }
+    })
+    .await;
+    let Ok(Some(what)) = head else {
+        return;
     };
     let (status, body) = match what {
         Asked::Metrics => match shard.node_stats(0).await {
@@ -91,8 +96,11 @@ async fn answer(mut stream: TcpStream, shard: &Rc<Shard>) {
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.close().await;
+    let _ = glommio::timer::timeout(TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.close().await.map_err(glommio::GlommioError::IoError)
+    })
+    .await;
 }
 
 #[cfg(test)]
