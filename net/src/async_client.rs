@@ -852,8 +852,13 @@ async fn write_loop(
     shared: Arc<Shared>,
 ) {
     let mut batch: Vec<u8> = Vec::new();
-    // Runs until every sender (the client) is gone, or a write fails.
+    // Runs until every sender (the client) is gone, a write fails, or the connection
+    // closed: a request failed with `Closed` that is still queued is never sent (its
+    // caller may send it again elsewhere)
     while let Some(frame) = frames.recv().await {
+        if shared.lock().closed.is_some() {
+            break;
+        }
         batch.clear();
         batch.extend_from_slice(&frame);
         for _ in 1..WRITE_BATCH_FRAMES_MAX {
@@ -864,6 +869,9 @@ async fn write_loop(
                 Ok(more) => batch.extend_from_slice(&more),
                 Err(_) => break,
             }
+        }
+        if shared.lock().closed.is_some() {
+            break;
         }
         match timeout(write_timeout, write_half.write_all(&batch)).await {
             Ok(Ok(())) => {}

@@ -112,7 +112,9 @@ pub enum ClientError {
     /// The server sent something that is not protocol v1; the connection is closed.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The connection was closed, by the server or after an earlier error.
+    /// The connection was closed, by the server or after an earlier error. A request
+    /// that was already written when it closed may or may not have been applied (read
+    /// the key to tell); nothing is written after it closed.
     #[error("connection closed: {0}")]
     Closed(String),
     /// The request cannot be sent: a field or the whole frame is over its limit.
