@@ -61,7 +61,21 @@ pub(crate) fn parse_or_usage<T>(
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `std::env::args` panics on an argument that is not Unicode: say which instead
+    let args: Vec<String> = match std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect::<Result<_, _>>()
+    {
+        Ok(args) => args,
+        Err(bad) => {
+            eprintln!(
+                "ringkv: argument {} is not valid UTF-8 (keys and values are given as text)",
+                bad.to_string_lossy()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let Some(command) = args.first() else {
         eprint!("{USAGE}");
         return ExitCode::from(2);

@@ -307,3 +307,19 @@ fn cli_help_succeeds() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("usage"));
     }
 }
+
+/// An argument that is not UTF-8 is refused with a message and exit code 2; it used to
+/// panic (`std::env::args`), exit code 101.
+#[test]
+fn a_non_utf8_argument_is_refused_not_panicked_on() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .arg("get")
+        .arg(std::ffi::OsStr::from_bytes(b"key-\xff"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not valid UTF-8"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
