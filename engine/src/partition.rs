@@ -673,7 +673,7 @@ impl<S: Storage> Partition<S> {
         while self.epoch_busy.get() {
             self.epoch_done.wait().await;
         }
-        self.epoch_busy.set(true);
+        let turn = Turn::take(&self.epoch_busy, &self.epoch_done);
         let current = self.state.borrow().epoch;
         let result = async {
             let epoch = match bump_at_ms {
@@ -685,8 +685,7 @@ impl<S: Storage> Partition<S> {
             Ok(epoch)
         }
         .await;
-        self.epoch_busy.set(false);
-        self.epoch_done.notify_all();
+        drop(turn);
         let epoch = result.map_err(|e| self.fail_with(e))?;
         self.state.borrow_mut().epoch = epoch;
         Ok(epoch)
@@ -1306,11 +1305,8 @@ impl<S: Storage> Partition<S> {
         while self.hints_busy.get() {
             self.hints_done.wait().await;
         }
-        self.hints_busy.set(true);
-        let result = self.write_pending_hints_inner().await;
-        self.hints_busy.set(false);
-        self.hints_done.notify_all();
-        result
+        let _turn = Turn::take(&self.hints_busy, &self.hints_done);
+        self.write_pending_hints_inner().await
     }
 
     async fn write_pending_hints_inner(&self) -> Result<usize, StoreError> {
@@ -1817,6 +1813,28 @@ impl<S: Storage> Partition<S> {
 /// A segment's I/O turn (`io_busy`), given back when dropped: also when the future
 /// holding it is cancelled (the runtime drops background tasks at shutdown), which
 /// would otherwise leave the segment busy and `close` waiting for ever.
+/// A turn at one of the partition's one-at-a-time jobs (an `EPOCH` write, the hint
+/// files), given back when dropped: also when the task running it is cancelled, as
+/// background work is at shutdown. A flag left set would make `close` wait forever.
+struct Turn<'a> {
+    busy: &'a Cell<bool>,
+    done: &'a Notify,
+}
+
+impl<'a> Turn<'a> {
+    fn take(busy: &'a Cell<bool>, done: &'a Notify) -> Self {
+        busy.set(true);
+        Self { busy, done }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.busy.set(false);
+        self.done.notify_all();
+    }
+}
+
 struct IoTurn<'a, F> {
     segment: &'a Segment<F>,
 }

@@ -692,3 +692,58 @@ fn a_write_racing_close_is_refused_or_durable() {
         });
     }
 }
+
+/// Background work is cancelled at shutdown (its task dropped) wherever it waits. A
+/// hint-file writer cancelled mid-way left its one-at-a-time flag set, and `close`,
+/// which writes the pending hint files too, then waited for it forever.
+#[test]
+fn close_finishes_after_a_cancelled_hint_writer() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let config = config(Durability::None);
+        let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1_000)
+            .await
+            .unwrap();
+        // sealed segments whose hint files are still to write
+        for i in 0..30u32 {
+            let key = format!("fill-{i}");
+            p.write(
+                &[WriteOp {
+                    key: key.as_bytes(),
+                    version: b"v",
+                    value: Some(&[1; 300]),
+                    replaces: &[],
+                }],
+                1_001,
+            )
+            .await
+            .unwrap();
+        }
+        disk.set_yielding(true);
+        {
+            let mut writer = std::pin::pin!(p.write_pending_hints());
+            assert!(
+                futures_lite::future::poll_once(&mut writer).await.is_none(),
+                "the writer waits for a sync"
+            );
+        } // cancelled
+        let mut closed = None;
+        {
+            let mut close = std::pin::pin!(p.close());
+            for _ in 0..10_000 {
+                if let Some(r) = futures_lite::future::poll_once(&mut close).await {
+                    closed = Some(r);
+                    break;
+                }
+            }
+        }
+        closed.expect("close finished").unwrap();
+        disk.set_yielding(false);
+        drop(p);
+        let (p, report) = Partition::open(disk.folder(FOLDER), config, 2_000)
+            .await
+            .unwrap();
+        assert!(report.corruption.is_empty());
+        assert_eq!(p.get(b"fill-29").await.unwrap().len(), 1);
+    });
+}
