@@ -1069,6 +1069,22 @@ impl<S: Storage> Partition<S> {
         let segment = state.segment(slot).clone();
         let len = segment.file.len();
         if offset + bytes.len() as u64 <= len {
+            // The records are there, but the versions they supersede may be back: an
+            // earlier entry's record that an older segment had only in its unsynced
+            // tail when this one reached the disk is appended back by replay, after
+            // `open` applied this record (which then found nothing to supersede).
+            // Superseding again is idempotent: a record that names a seq is durable.
+            let mut at = 0usize;
+            while at < bytes.len() {
+                let Ok(r) = record::decode(&bytes[at..]) else {
+                    break;
+                };
+                at += r.total_bytes();
+                let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
+                for old in state.keydir.remove_seqs(r.key, &replaced) {
+                    state.mark_dead(&old);
+                }
+            }
             return ReplayOutcome::Present;
         }
         if offset != len {

@@ -747,3 +747,63 @@ fn close_finishes_after_a_cancelled_hint_writer() {
         assert_eq!(p.get(b"fill-29").await.unwrap().len(), 1);
     });
 }
+
+/// Commit-log replay brings back a record whose segment lost its unsynced tail. When a
+/// later record that superseded it sits in another segment that did reach the disk,
+/// `open` applied the later one first (finding nothing to supersede), so the record
+/// replayed back stood beside it as a live sibling: an overwritten or deleted value
+/// returned after a crash. The later record's entry, present in its segment, now
+/// supersedes it again. Here both sit in one segment, in the order `open` and replay
+/// applied them in that case.
+#[test]
+fn replay_does_not_bring_back_a_superseded_version() {
+    use ringkv_engine::record::RecordRef;
+    use ringkv_engine::partition::ReplayOutcome;
+    block_on(async {
+        let disk = MemDisk::new();
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::None), 1_000)
+            .await
+            .unwrap();
+        let segment = 1u64 << 24;
+        let header = 32u64;
+        let encode = |r: RecordRef<'_>| {
+            let mut out = Vec::new();
+            r.encode_into(&mut out);
+            out
+        };
+        let old = encode(RecordRef {
+            seq: 7,
+            timestamp_ms: 1_000,
+            key: b"k",
+            replaced: &[],
+            version: b"v",
+            value: Some(b"old"),
+            batch_continues: false,
+        });
+        let new = encode(RecordRef {
+            seq: 9,
+            timestamp_ms: 1_001,
+            key: b"k",
+            replaced: &[7],
+            version: b"v",
+            value: Some(b"new"),
+            batch_continues: false,
+        });
+        // what open found on disk: the newer record
+        assert_eq!(
+            p.replay(segment, header, &new),
+            ReplayOutcome::Applied { records: 1 }
+        );
+        // the entry of the older record, whose own segment lost it
+        let at = header + new.len() as u64;
+        assert_eq!(
+            p.replay(segment, at, &old),
+            ReplayOutcome::Applied { records: 1 }
+        );
+        // the newer record's entry comes later in the log: present
+        assert_eq!(p.replay(segment, header, &new), ReplayOutcome::Present);
+        let got = p.get(b"k").await.unwrap();
+        let values: Vec<_> = got.iter().map(|v| v.value.clone()).collect();
+        assert_eq!(values, vec![Some(b"new".to_vec())]);
+    });
+}
