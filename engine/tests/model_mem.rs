@@ -757,8 +757,8 @@ fn close_finishes_after_a_cancelled_hint_writer() {
 /// applied them in that case.
 #[test]
 fn replay_does_not_bring_back_a_superseded_version() {
-    use ringkv_engine::record::RecordRef;
     use ringkv_engine::partition::ReplayOutcome;
+    use ringkv_engine::record::RecordRef;
     block_on(async {
         let disk = MemDisk::new();
         let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::None), 1_000)
