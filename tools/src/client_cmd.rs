@@ -17,7 +17,8 @@ struct Args {
     addr: String,
     context: Option<Context>,
     json: bool,
-    quorum: u8,
+    r: Option<u8>,
+    w: Option<u8>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
@@ -26,7 +27,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         addr: "127.0.0.1:7379".into(),
         context: None,
         json: false,
-        quorum: 0,
+        r: None,
+        w: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -39,7 +41,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                     Some(Context::from_hex(hex).map_err(|e| anyhow::anyhow!("--context: {e}"))?)
             }
             "--json" => out.json = true,
-            "--r" | "--w" => out.quorum = value()?.parse().context("quorum 0..=255")?,
+            "--r" => out.r = Some(value()?.parse().context("--r: a quorum 0..=255")?),
+            "--w" => out.w = Some(value()?.parse().context("--w: a quorum 0..=255")?),
             s if s.starts_with("--") => bail!("unknown option {s}\n\n{USAGE}"),
             _ => out.positional.push(a.clone()),
         }
@@ -51,8 +54,45 @@ fn connect(addr: &str) -> anyhow::Result<Client> {
     Client::connect(addr, ClientConfig::default()).with_context(|| format!("cannot reach {addr}"))
 }
 
+/// Why `a` does not fit `command` (the arguments are checked before connecting).
+fn misfit(command: &str, a: &Args) -> Option<String> {
+    let (positional, r, w, context, json) = match command {
+        "ping" => (0, false, false, false, false),
+        "get" => (1, true, false, false, true),
+        "put" => (2, false, true, true, false),
+        "del" => (1, false, true, true, false),
+        _ => return Some(format!("unknown command {command}")),
+    };
+    let refused = [
+        (a.r.is_some() && !r, "--r"),
+        (a.w.is_some() && !w, "--w"),
+        (a.context.is_some() && !context, "--context"),
+        (a.json && !json, "--json"),
+    ];
+    if let Some((_, option)) = refused.iter().find(|(bad, _)| *bad) {
+        return Some(format!("{command} takes no {option}"));
+    }
+    (a.positional.len() != positional).then(|| {
+        format!(
+            "{command} takes {positional} argument{}, not {}",
+            if positional == 1 { "" } else { "s" },
+            a.positional.len()
+        )
+    })
+}
+
 pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
-    let a = parse(args)?;
+    let a = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ringkv {command}: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(why) = misfit(command, &a) {
+        eprintln!("ringkv {command}: {why}\n\n{USAGE}");
+        return Ok(ExitCode::from(2));
+    }
     let mut client = connect(&a.addr)?;
     match (command, a.positional.as_slice()) {
         ("ping", []) => {
@@ -69,7 +109,7 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
             );
         }
         ("get", [key]) => {
-            let v = client.get_with(key.as_bytes(), a.quorum)?;
+            let v = client.get_with(key.as_bytes(), a.r.unwrap_or(0))?;
             if a.json {
                 let values: Vec<String> = v
                     .values
@@ -98,7 +138,7 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
                 key.as_bytes(),
                 value.as_bytes(),
                 a.context.as_ref(),
-                a.quorum,
+                a.w.unwrap_or(0),
             )?;
             println!(
                 "OK ({} sibling{})",
@@ -108,7 +148,7 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
             println!("context: {}", out.context.to_hex());
         }
         ("del", [key]) => {
-            client.delete_with(key.as_bytes(), a.context.as_ref(), a.quorum)?;
+            client.delete_with(key.as_bytes(), a.context.as_ref(), a.w.unwrap_or(0))?;
             println!("OK");
         }
         _ => bail!("{USAGE}"),

@@ -323,3 +323,36 @@ fn a_non_utf8_argument_is_refused_not_panicked_on() {
     assert!(stderr.contains("is not valid UTF-8"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Arguments that do not fit the command are refused with the usage text and exit code
+/// 2 before any connection is tried: before, `ringkv get` with no key reported the
+/// address unreachable, and `put --r 3` was taken as a write quorum.
+#[test]
+fn cli_arguments_that_do_not_fit_are_refused_before_connecting() {
+    // nothing listens on port 1
+    for (args, says) in [
+        (
+            &["get", "--addr", "127.0.0.1:1"][..],
+            "get takes 1 argument, not 0",
+        ),
+        (
+            &["put", "k", "--addr", "127.0.0.1:1"],
+            "put takes 2 arguments, not 1",
+        ),
+        (&["put", "k", "v", "--r", "3"], "put takes no --r"),
+        (&["get", "k", "--w", "2"], "get takes no --w"),
+        (&["del", "k", "--json"], "del takes no --json"),
+        (&["get", "k", "--context", "00"], "get takes no --context"),
+        (&["ping", "k"], "ping takes 0 arguments, not 1"),
+        (&["get", "k", "--bogus"], "unknown option --bogus"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
+    }
+}
