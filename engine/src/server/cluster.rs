@@ -28,7 +28,7 @@ use crate::notify::Notify;
 use crate::version::{context_of, VClock, Version};
 use ringkv_net::link::{LinkConfig, LinkError, PeerLink};
 use ringkv_net::peer::{ClusterReply, ClusterRequest, WireVersion, FLAG_FORWARDED};
-use ringkv_net::protocol::{self, ErrorCode, Reply};
+use ringkv_net::protocol::{self, ErrorCode, HelloOk, Reply};
 use ringkv_ring::{
     FailureDetector, FailureDetectorConfig, Gossip, GossipConfig, GossipMessage, Membership,
     NodeId, Ring, Status,
@@ -1572,17 +1572,10 @@ impl Shard {
     }
 }
 
-/// The node id of whatever answers a HELLO at `addr` within a second, if anything does.
-async fn node_id_at(addr: &str) -> Option<u64> {
-    let link = PeerLink::spawn(
-        addr,
-        LinkConfig {
-            connect_timeout: Duration::from_secs(1),
-            ..LinkConfig::default()
-        },
-    );
+/// What a peer answers a HELLO with over `link`, if it answers within `timeout`.
+async fn hello(link: &PeerLink, timeout: Duration) -> Option<HelloOk> {
     let reply = link
-        .call(Duration::from_secs(1), |rid, out| {
+        .call(timeout, |rid, out| {
             protocol::Request::Hello {
                 min_version: protocol::PROTOCOL_VERSION,
                 max_version: protocol::PROTOCOL_VERSION,
@@ -1592,9 +1585,23 @@ async fn node_id_at(addr: &str) -> Option<u64> {
         .await
         .ok()?;
     match Reply::parse(&reply) {
-        Ok((_, Reply::HelloOk(h))) => Some(h.node_id),
+        Ok((_, Reply::HelloOk(h))) => Some(h),
         _ => None,
     }
+}
+
+/// The node id of whatever answers a HELLO at `addr` within a second, if anything does.
+async fn node_id_at(addr: &str) -> Option<u64> {
+    let link = PeerLink::spawn(
+        addr,
+        LinkConfig {
+            connect_timeout: Duration::from_secs(1),
+            ..LinkConfig::default()
+        },
+    );
+    hello(&link, Duration::from_secs(1))
+        .await
+        .map(|h| h.node_id)
 }
 
 /// Learns a peer's shards and shard ports from a HELLO on its client port.
@@ -1604,17 +1611,8 @@ async fn fetch_layout(
     id: NodeId,
     addr: String,
 ) {
-    let reply = link
-        .call(Duration::from_secs(2), |rid, out| {
-            protocol::Request::Hello {
-                min_version: protocol::PROTOCOL_VERSION,
-                max_version: protocol::PROTOCOL_VERSION,
-            }
-            .encode(rid, out)
-        })
-        .await;
-    match reply.as_deref().map(Reply::parse) {
-        Ok(Ok((_, Reply::HelloOk(h)))) => {
+    match hello(&link, Duration::from_secs(2)).await {
+        Some(h) => {
             layouts.borrow_mut().insert(
                 id,
                 Layout::Known {
@@ -1625,7 +1623,7 @@ async fn fetch_layout(
             );
         }
         // asked again on a later request
-        _ => {
+        None => {
             layouts.borrow_mut().remove(&id);
         }
     }
