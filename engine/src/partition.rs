@@ -7,7 +7,7 @@
 //! `.await`. Appends reach the keydir in log order at the moment they are buffered.
 
 use crate::keydir::{KeyDir, Loc, LOC_TOMBSTONE};
-use crate::notify::Notify;
+use crate::notify::{Notify, Turn};
 use crate::record::{self, Record, RecordRef};
 use crate::segment::{self, Scanned};
 use crate::storage::{Storage, StorageFile};
@@ -670,10 +670,7 @@ impl<S: Storage> Partition<S> {
     /// Writes the `EPOCH` file, one writer at a time (they share `EPOCH.tmp`): with
     /// `bump_at_ms`, a new epoch first. A failure fails the partition.
     async fn persist_epoch(&self, bump_at_ms: Option<u64>, clean: bool) -> Result<u32, StoreError> {
-        while self.epoch_busy.get() {
-            self.epoch_done.wait().await;
-        }
-        let turn = Turn::take(&self.epoch_busy, &self.epoch_done);
+        let turn = Turn::wait(&self.epoch_busy, &self.epoch_done).await;
         let current = self.state.borrow().epoch;
         let result = async {
             let epoch = match bump_at_ms {
@@ -1179,10 +1176,7 @@ impl<S: Storage> Partition<S> {
     /// Runs one flush (or sync) of a segment's buffered bytes, taking turns with
     /// other I/O on the same file. A failed sync fails the partition.
     async fn file_io(&self, segment: &Rc<Segment<S::File>>, sync: bool) -> Result<(), StoreError> {
-        while segment.io_busy.get() {
-            segment.io_done.wait().await;
-        }
-        let turn = IoTurn::take(segment);
+        let turn = Turn::wait(&segment.io_busy, &segment.io_done).await;
         let target = segment.file.len();
         let result = if sync {
             segment.file.sync().await
@@ -1318,10 +1312,7 @@ impl<S: Storage> Partition<S> {
     /// hints were written.
     pub async fn write_pending_hints(&self) -> Result<usize, StoreError> {
         // one writer at a time: hint files are written through a shared temp name
-        while self.hints_busy.get() {
-            self.hints_done.wait().await;
-        }
-        let _turn = Turn::take(&self.hints_busy, &self.hints_done);
+        let _turn = Turn::wait(&self.hints_busy, &self.hints_done).await;
         self.write_pending_hints_inner().await
     }
 
@@ -1829,46 +1820,6 @@ impl<S: Storage> Partition<S> {
 /// A segment's I/O turn (`io_busy`), given back when dropped: also when the future
 /// holding it is cancelled (the runtime drops background tasks at shutdown), which
 /// would otherwise leave the segment busy and `close` waiting for ever.
-/// A turn at one of the partition's one-at-a-time jobs (an `EPOCH` write, the hint
-/// files), given back when dropped: also when the task running it is cancelled, as
-/// background work is at shutdown. A flag left set would make `close` wait forever.
-struct Turn<'a> {
-    busy: &'a Cell<bool>,
-    done: &'a Notify,
-}
-
-impl<'a> Turn<'a> {
-    fn take(busy: &'a Cell<bool>, done: &'a Notify) -> Self {
-        busy.set(true);
-        Self { busy, done }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        self.busy.set(false);
-        self.done.notify_all();
-    }
-}
-
-struct IoTurn<'a, F> {
-    segment: &'a Segment<F>,
-}
-
-impl<'a, F> IoTurn<'a, F> {
-    fn take(segment: &'a Segment<F>) -> Self {
-        segment.io_busy.set(true);
-        Self { segment }
-    }
-}
-
-impl<F> Drop for IoTurn<'_, F> {
-    fn drop(&mut self) {
-        self.segment.io_busy.set(false);
-        self.segment.io_done.notify_all();
-    }
-}
-
 /// What [`Partition::replay`] did with one commit log entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayOutcome {

@@ -1125,12 +1125,8 @@ impl Shard {
         }
     }
 
-    async fn change_turn(&self) -> ChangeTurn<'_> {
-        while self.cluster.change_busy.get() {
-            self.cluster.change_done.wait().await;
-        }
-        self.cluster.change_busy.set(true);
-        ChangeTurn(&self.cluster)
+    async fn change_turn(&self) -> crate::notify::Turn<'_> {
+        crate::notify::Turn::wait(&self.cluster.change_busy, &self.cluster.change_done).await
     }
 
     /// Partitions whose N home nodes differ between two memberships.
@@ -1626,15 +1622,6 @@ async fn fetch_layout(
         None => {
             layouts.borrow_mut().remove(&id);
         }
-    }
-}
-
-struct ChangeTurn<'a>(&'a ClusterState);
-
-impl Drop for ChangeTurn<'_> {
-    fn drop(&mut self) {
-        self.0.change_busy.set(false);
-        self.0.change_done.notify_all();
     }
 }
 
