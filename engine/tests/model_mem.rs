@@ -31,6 +31,35 @@ fn config(durability: Durability) -> PartitionConfig {
     }
 }
 
+/// A blind write of `key` (it replaces no version).
+async fn put(
+    p: &Partition<ringkv_engine::storage::mem::MemStorage>,
+    key: &[u8],
+    value: &[u8],
+    now_ms: u64,
+) -> Result<Vec<u64>, ringkv_engine::StoreError> {
+    p.write(
+        &[WriteOp {
+            key,
+            version: b"v",
+            value: Some(value),
+            replaces: &[],
+        }],
+        now_ms,
+    )
+    .await
+}
+
+/// `count` blind writes of 300 bytes (`fill-0`, `fill-1`, ...): with the 4096-byte
+/// segments of [`config`], every 13 seal a segment.
+async fn fill(p: &Partition<ringkv_engine::storage::mem::MemStorage>, count: u32, now_ms: u64) {
+    for i in 0..count {
+        put(p, format!("fill-{i}").as_bytes(), &[1; 300], now_ms)
+            .await
+            .unwrap();
+    }
+}
+
 async fn read_state(
     p: &Partition<ringkv_engine::storage::mem::MemStorage>,
     keys: &[Vec<u8>],
@@ -318,20 +347,7 @@ fn tombstone_reaped_while_a_sibling_arrives_does_not_dangle() {
             )
             .await
             .unwrap();
-            for i in 0..20u32 {
-                let key = format!("fill-{i}");
-                p.write(
-                    &[WriteOp {
-                        key: key.as_bytes(),
-                        version: b"v",
-                        value: Some(&[1; 300]),
-                        replaces: &[],
-                    }],
-                    3,
-                )
-                .await
-                .unwrap();
-            }
+            fill(&p, 20, 3).await;
             disk.set_yielding(true);
             let compaction = p.compact(10_000);
             let writer = async {
@@ -630,48 +646,15 @@ fn a_write_racing_close_is_refused_or_durable() {
             let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1_000)
                 .await
                 .unwrap();
-            p.write(
-                &[WriteOp {
-                    key: b"before",
-                    version: b"v",
-                    value: Some(b"1"),
-                    replaces: &[],
-                }],
-                1_001,
-            )
-            .await
-            .unwrap();
+            put(&p, b"before", b"1", 1_001).await.unwrap();
             // segments rolled over: close also writes their hint files (more awaits)
-            for i in 0..30u32 {
-                let key = format!("fill-{i}");
-                p.write(
-                    &[WriteOp {
-                        key: key.as_bytes(),
-                        version: b"v",
-                        value: Some(&[1; 300]),
-                        replaces: &[],
-                    }],
-                    1_001,
-                )
-                .await
-                .unwrap();
-            }
+            fill(&p, 30, 1_001).await;
             disk.set_yielding(true);
             let writer = async {
                 for _ in 0..delay {
                     ringkv_engine::storage::mem::YieldOnce(false).await;
                 }
-                p.write(
-                    &[WriteOp {
-                        key: b"racing",
-                        version: b"v",
-                        value: Some(b"2"),
-                        replaces: &[],
-                    }],
-                    1_002,
-                )
-                .await
-                .is_ok()
+                put(&p, b"racing", b"2", 1_002).await.is_ok()
             };
             let (closed, accepted) = futures_lite::future::zip(p.close(), writer).await;
             closed.unwrap();
@@ -705,20 +688,7 @@ fn close_finishes_after_a_cancelled_hint_writer() {
             .await
             .unwrap();
         // sealed segments whose hint files are still to write
-        for i in 0..30u32 {
-            let key = format!("fill-{i}");
-            p.write(
-                &[WriteOp {
-                    key: key.as_bytes(),
-                    version: b"v",
-                    value: Some(&[1; 300]),
-                    replaces: &[],
-                }],
-                1_001,
-            )
-            .await
-            .unwrap();
-        }
+        fill(&p, 30, 1_001).await;
         disk.set_yielding(true);
         {
             let mut writer = std::pin::pin!(p.write_pending_hints());

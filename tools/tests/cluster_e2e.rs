@@ -534,25 +534,14 @@ fn a_hint_the_owner_refuses_does_not_hold_back_the_others() {
 /// address with the newcomer's, and the real member was cut off for good.
 #[test]
 fn a_second_node_with_a_live_members_id_is_refused() {
-    use ringkv_net::peer::{ClusterReply, ClusterRequest};
+    use ringkv_net::peer::ClusterReply;
     let dir = tempfile::tempdir().unwrap();
     let seed = "127.0.15.1:7379";
     let n1 = Node::start(dir.path(), 15, 1, None, &[]);
     let mut n2 = Node::start(dir.path(), 15, 2, Some(seed), &[]);
     wait_agreement(&[&n1, &n2]);
     let join_as_2 = |addr: &str| {
-        let mut c = common::Raw::connect(n1.addr.parse().unwrap());
-        let mut f = Vec::new();
-        ClusterRequest::JoinRequest {
-            id: 2,
-            shards: 2,
-            weight: 1,
-            addr: addr.as_bytes(),
-            zone: b"",
-        }
-        .encode(1, &mut f);
-        c.send_bytes(&f);
-        let reply = c.read_frame().expect("a reply");
+        let reply = common::Raw::connect(n1.addr.parse().unwrap()).join_request(2, addr.as_bytes());
         match ClusterReply::parse(&reply) {
             Ok((_, ClusterReply::JoinAccept(_))) => Ok(()),
             _ => Err(String::from_utf8_lossy(&reply).to_string()),

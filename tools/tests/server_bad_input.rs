@@ -543,17 +543,7 @@ fn a_join_request_for_this_nodes_id_or_a_bad_address_changes_nothing() {
     let mut c = Raw::connect(server.addr);
     let own = server.addr.to_string();
     let refused = |c: &mut Raw, id: u64, addr: &[u8], says: &str| {
-        let mut f = Vec::new();
-        ClusterRequest::JoinRequest {
-            id,
-            shards: 2,
-            weight: 1,
-            addr,
-            zone: b"",
-        }
-        .encode(9, &mut f);
-        c.send_bytes(&f);
-        let reply = c.read_frame().expect("a reply");
+        let reply = c.join_request(id, addr);
         assert_eq!(
             error_code(&reply),
             Some(ErrorCode::BadRequest as u16),
@@ -575,17 +565,7 @@ fn a_join_request_for_this_nodes_id_or_a_bad_address_changes_nothing() {
     assert!(!status.contains("127.0.0.9"), "{status}");
     assert_eq!(status.matches("\"id\":").count(), 1, "{status}");
     // the same id at the node's own address is the node itself: its membership
-    let mut f = Vec::new();
-    ClusterRequest::JoinRequest {
-        id: 7,
-        shards: 2,
-        weight: 1,
-        addr: own.as_bytes(),
-        zone: b"",
-    }
-    .encode(11, &mut f);
-    c.send_bytes(&f);
-    let reply = c.read_frame().expect("a reply");
+    let reply = c.join_request(7, own.as_bytes());
     assert_eq!(
         error_code(&reply),
         None,

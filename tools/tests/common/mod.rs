@@ -307,6 +307,23 @@ impl Raw {
         let (_, frame) = self.call(Request::Ping);
         matches!(Reply::parse(&frame).unwrap().1, Reply::Pong)
     }
+
+    /// Sends a JOIN_REQUEST as node `id` at `addr` (2 shards, weight 1, no zone), as a
+    /// joining node would, and returns the reply frame.
+    pub fn join_request(&mut self, id: u64, addr: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        ringkv_net::peer::ClusterRequest::JoinRequest {
+            id,
+            shards: 2,
+            weight: 1,
+            addr,
+            zone: b"",
+        }
+        .encode(self.next_id, &mut f);
+        self.next_id += 1;
+        self.send_bytes(&f);
+        self.read_frame().expect("a reply")
+    }
 }
 
 /// Appends a PUT frame without context (a blind write) to `out`.
