@@ -556,20 +556,38 @@ pub struct AsyncShardAwareClient {
 struct ShardAwareInner {
     main_addrs: Vec<SocketAddr>,
     config: ClientConfig,
-    main_hello: HelloOk,
-    main_peer: SocketAddr,
     main: tokio::sync::Mutex<AsyncClient>,
+    /// The node's shard layout as the main connection last saw it; replaced when a
+    /// reopened main connection describes another one.
+    layout: std::sync::RwLock<Arc<Layout>>,
+}
+
+/// How keys are routed: what a main connection's HELLO_OK said, and the shard
+/// connections opened by it.
+struct Layout {
+    hello: HelloOk,
+    peer: SocketAddr,
     routing: Option<Routing>,
     /// One per shard when routing; without a client, that shard is reached through
     /// `main`.
     shards: Vec<tokio::sync::Mutex<ShardSlot<AsyncClient>>>,
 }
 
+impl ShardAwareInner {
+    fn layout(&self) -> Arc<Layout> {
+        self.layout
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 impl fmt::Debug for AsyncShardAwareClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layout = self.inner.layout();
         f.debug_struct("AsyncShardAwareClient")
-            .field("main", &self.inner.main_peer)
-            .field("routing", &self.inner.routing)
+            .field("main", &layout.peer)
+            .field("routing", &layout.routing)
             .finish()
     }
 }
@@ -588,66 +606,79 @@ impl AsyncShardAwareClient {
     ) -> Result<Self, ClientError> {
         let main_addrs = resolve(addr).await?;
         let main = AsyncClient::connect_any(&main_addrs, &config).await?;
-        let main_hello = *main.hello();
-        let main_peer = main.peer_addr();
-        let routing = Routing::from_hello(&main_hello, config.shard_connections_max);
-        let mut shards = Vec::new();
-        if let Some(routing) = routing {
-            for s in 0..routing.shards() {
-                let client = connect_shard(&main_hello, main_peer, &config, s).await;
-                shards.push(tokio::sync::Mutex::new(ShardSlot::new(client)));
-            }
+        let mut layout = Layout::of(&main, &config);
+        // the first connection to every shard is opened now
+        for (s, slot) in layout.shards.iter_mut().enumerate() {
+            let client = connect_shard(&layout.hello, layout.peer, &config, s as u16).await;
+            *slot = tokio::sync::Mutex::new(ShardSlot::new(client));
         }
         Ok(AsyncShardAwareClient {
             inner: Arc::new(ShardAwareInner {
                 main_addrs,
                 config,
-                main_hello,
-                main_peer,
                 main: tokio::sync::Mutex::new(main),
-                routing,
-                shards,
+                layout: std::sync::RwLock::new(Arc::new(layout)),
             }),
         })
     }
 
-    /// The main connection's first HELLO_OK.
-    pub fn hello(&self) -> &HelloOk {
-        &self.inner.main_hello
+    /// The HELLO_OK of the main connection (the latest one, if it was reopened).
+    pub fn hello(&self) -> HelloOk {
+        self.inner.layout().hello
     }
 
     /// The shard a key belongs to on this node, when the node has shard ports.
     pub fn shard_for_key(&self, key: &[u8]) -> Option<u16> {
-        self.inner.routing.map(|r| r.shard_for_key(key))
+        self.inner.layout().routing.map(|r| r.shard_for_key(key))
     }
 
     /// Shard connections open now (0 without shard routing; a connection in use by a
     /// caller reopening it at this instant is not counted).
     pub fn shard_connection_count(&self) -> usize {
         self.inner
+            .layout()
             .shards
             .iter()
             .filter(|slot| slot.try_lock().is_ok_and(|c| c.client.is_some()))
             .count()
     }
 
-    fn route(&self, key: &[u8]) -> Route {
-        match self.shard_for_key(key) {
-            Some(s) => Route::Shard(s),
+    /// The layout to route by: a closed main connection is reopened first, since the
+    /// node may have come back with another shard count. A failure to reopen it is left
+    /// for the request's own connection to report.
+    async fn current_layout(&self) -> Arc<Layout> {
+        let inner = &*self.inner;
+        let mut main = inner.main.lock().await;
+        if main.is_closed() {
+            if let Ok(reopened) = AsyncClient::connect_any(&inner.main_addrs, &inner.config).await {
+                let old = inner.layout();
+                let fresh = Layout::of(&reopened, &inner.config);
+                if fresh.routing != old.routing || fresh.hello.node_id != old.hello.node_id {
+                    *inner.layout.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                }
+                *main = reopened;
+            }
+        }
+        drop(main);
+        inner.layout()
+    }
+
+    fn route(layout: &Layout, key: &[u8]) -> Route {
+        match layout.routing {
+            Some(routing) => Route::Shard(routing.shard_for_key(key)),
             None => Route::Main,
         }
     }
 
-    /// The connection for `route`, reopening it if it closed. While a shard connection
-    /// cannot be reopened (tried at most once a second), that shard's keys go through
-    /// the main connection.
-    async fn connection(&self, route: Route) -> Result<AsyncClient, ClientError> {
+    /// The connection for `route` in `layout`, reopening it if it closed. While a shard
+    /// connection cannot be reopened (tried at most once a second), that shard's keys go
+    /// through the main connection.
+    async fn connection(&self, layout: &Layout, route: Route) -> Result<AsyncClient, ClientError> {
         let inner = &*self.inner;
         if let Route::Shard(s) = route {
-            let mut slot = inner.shards[usize::from(s)].lock().await;
+            let mut slot = layout.shards[usize::from(s)].lock().await;
             if slot.should_reopen(AsyncClient::is_closed) {
-                let client =
-                    connect_shard(&inner.main_hello, inner.main_peer, &inner.config, s).await;
+                let client = connect_shard(&layout.hello, layout.peer, &inner.config, s).await;
                 slot.reopened(client);
             }
             if let Some(client) = &slot.client {
@@ -663,11 +694,13 @@ impl AsyncShardAwareClient {
 
     /// The connection that `key` goes through.
     async fn connection_for(&self, key: &[u8]) -> Result<AsyncClient, ClientError> {
-        self.connection(self.route(key)).await
+        let layout = self.current_layout().await;
+        self.connection(&layout, Self::route(&layout, key)).await
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
-        self.connection(Route::Main).await?.ping().await
+        let layout = self.current_layout().await;
+        self.connection(&layout, Route::Main).await?.ping().await
     }
 
     pub async fn get(&self, key: &[u8]) -> Result<Versions, ClientError> {
@@ -746,19 +779,23 @@ impl AsyncShardAwareClient {
         &self,
         requests: impl Iterator<Item = Request<'r>>,
     ) -> Vec<(Result<AsyncClient, String>, Request<'r>)> {
+        let layout = self.current_layout().await;
         let mut connections: Vec<(Route, Result<AsyncClient, String>)> = Vec::new();
         let mut routed = Vec::new();
         for request in requests {
             let route = match &request {
                 Request::Get { key, .. }
                 | Request::Put { key, .. }
-                | Request::Delete { key, .. } => self.route(key),
+                | Request::Delete { key, .. } => Self::route(&layout, key),
                 _ => Route::Main,
             };
             let connection = match connections.iter().find(|(r, _)| *r == route) {
                 Some((_, c)) => c.clone(),
                 None => {
-                    let c = self.connection(route).await.map_err(|e| e.to_string());
+                    let c = self
+                        .connection(&layout, route)
+                        .await
+                        .map_err(|e| e.to_string());
                     connections.push((route, c.clone()));
                     c
                 }
@@ -786,6 +823,24 @@ impl AsyncShardAwareClient {
                     .unwrap_or_else(|| Err(ClientError::Protocol("no result".into()))),
             })
             .collect()
+    }
+}
+
+impl Layout {
+    /// The layout `main`'s HELLO_OK describes, each shard connection to be opened on
+    /// first use.
+    fn of(main: &AsyncClient, config: &ClientConfig) -> Layout {
+        let hello = *main.hello();
+        let routing = Routing::from_hello(&hello, config.shard_connections_max);
+        let shards = (0..routing.map_or(0, |r| r.shards()))
+            .map(|_| tokio::sync::Mutex::new(ShardSlot::due_now()))
+            .collect();
+        Layout {
+            hello,
+            peer: main.peer_addr(),
+            routing,
+            shards,
+        }
     }
 }
 

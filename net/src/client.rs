@@ -692,8 +692,10 @@ impl Client {
         self.one(delete_request(key, context, w)).map(|_| ())
     }
 
-    /// Gets many keys with their requests pipelined. The outer error is a connection
-    /// failure; each inner result is that key's.
+    /// Gets many keys with their requests pipelined. The outer error means the
+    /// connection was already closed and nothing was sent; each inner result is that
+    /// key's, and a connection that fails during the batch fails only the keys it had
+    /// not answered yet.
     pub fn get_many<K: AsRef<[u8]>>(
         &mut self,
         keys: &[K],
@@ -711,8 +713,11 @@ impl Client {
             .collect())
     }
 
-    /// Puts many (key, value) pairs without context, pipelined. The outer error is a
-    /// connection failure; each inner result is that pair's.
+    /// Puts many (key, value) pairs without context, pipelined. The outer error means
+    /// the connection was already closed and nothing was sent; each inner result is that
+    /// pair's. If the connection fails during the batch, the puts it acknowledged keep
+    /// their `Ok`, the ones in flight fail with the error (they may or may not be
+    /// applied) and the ones never sent with [`ClientError::Closed`].
     pub fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &mut self,
         items: &[(K, V)],
@@ -774,6 +779,12 @@ impl Client {
     /// Writes `count` requests, at most [`Client::in_flight_window`] outstanding, and
     /// collects the replies, which may arrive in any order, by request id. A request over
     /// a limit fails alone without being sent.
+    ///
+    /// The outer error means the connection was closed before the batch, so nothing was
+    /// sent. If the connection fails during the batch, the replies already received are
+    /// kept: a caller must learn which writes were acknowledged. The requests still in
+    /// flight get the failure (the first of them the error itself) and the ones never
+    /// sent get [`ClientError::Closed`].
     fn exchange<'r>(
         &mut self,
         count: usize,
@@ -807,7 +818,9 @@ impl Client {
             }
             if !self.write_buf.is_empty() {
                 if let Err(e) = self.stream.write_all(&self.write_buf) {
-                    return Err(self.close(ClientError::from_io(e)));
+                    let e = self.close(ClientError::from_io(e));
+                    fail_unanswered(&mut results, &pending, e);
+                    break;
                 }
             }
             if pending.is_empty() {
@@ -815,7 +828,11 @@ impl Client {
             }
             let (request_id, reply) = match self.read_reply() {
                 Ok(got) => got,
-                Err(e) => return Err(self.close(e)),
+                Err(e) => {
+                    let e = self.close(e);
+                    fail_unanswered(&mut results, &pending, e);
+                    break;
+                }
             };
             match pending.remove(&request_id) {
                 Some(i) => results[i] = Some(Ok(reply)),
@@ -831,7 +848,9 @@ impl Client {
                             reply_name(&other)
                         )),
                     };
-                    return Err(self.close(e));
+                    let e = self.close(e);
+                    fail_unanswered(&mut results, &pending, e);
+                    break;
                 }
             }
         }
@@ -884,6 +903,39 @@ impl Client {
             self.broken = Some(reason);
             let _ = self.stream.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// After the connection failed with `e` during a batch: the requests in `pending` (sent,
+/// unanswered) share `e` (see [`spread_failure`]) and every request with no result yet
+/// (never sent) gets `Closed`.
+fn fail_unanswered(
+    results: &mut [Option<Result<OwnedReply, ClientError>>],
+    pending: &HashMap<u64, usize>,
+    e: ClientError,
+) {
+    let reason = e.to_string();
+    let mut sent: Vec<usize> = pending.values().copied().collect();
+    sent.sort_unstable();
+    let mut failure = spread_failure(e);
+    for i in sent {
+        results[i] = Some(Err(failure()));
+    }
+    for result in results.iter_mut().filter(|r| r.is_none()) {
+        *result = Some(Err(ClientError::Closed(reason.clone())));
+    }
+}
+
+/// Hands one failure to several requests: the first call returns `e` itself, the later
+/// ones its kind (a timeout stays a timeout, anything else is `Closed` with `e`'s text).
+fn spread_failure(e: ClientError) -> impl FnMut() -> ClientError {
+    let timed_out = matches!(e, ClientError::Timeout);
+    let reason = e.to_string();
+    let mut first = Some(e);
+    move || match first.take() {
+        Some(e) => e,
+        None if timed_out => ClientError::Timeout,
+        None => ClientError::Closed(reason.clone()),
     }
 }
 
@@ -1008,7 +1060,9 @@ impl Pipeline<'_> {
     }
 
     /// Sends every request (pipelined, within the in-flight window) and returns their
-    /// results in the order they were added. The outer error is a connection failure.
+    /// results in the order they were added. The outer error means the connection was
+    /// already closed and nothing was sent; a failure during the batch fails only the
+    /// requests not answered yet (see [`Client::put_many`]).
     pub fn execute(self) -> Result<Vec<Result<Response, ClientError>>, ClientError> {
         let requests = self.requests;
         self.client
@@ -1220,6 +1274,14 @@ impl<C> ShardSlot<C> {
         }
     }
 
+    /// No connection yet, to be opened on first use.
+    pub(crate) fn due_now() -> Self {
+        ShardSlot {
+            client: None,
+            retry_at: Instant::now(),
+        }
+    }
+
     /// Records the outcome of an attempt to (re)open the connection.
     pub(crate) fn reopened(&mut self, client: Option<C>) {
         self.client = client;
@@ -1344,10 +1406,36 @@ impl ShardAwareClient {
         self.shards.iter().filter(|c| c.client.is_some()).count()
     }
 
-    fn route(&self, key: &[u8]) -> Route {
+    /// The route for `key`, by the layout of the node as the main connection last saw
+    /// it: a broken main connection is reopened first, since the node may have come back
+    /// with another shard count.
+    fn route(&mut self, key: &[u8]) -> Route {
+        self.reopen_main_if_broken();
         match self.shard_for_key(key) {
             Some(s) => Route::Shard(s),
             None => Route::Main,
+        }
+    }
+
+    /// Reopens a broken main connection and, if its HELLO_OK describes another shard
+    /// layout or another node, routes by that from now on (every shard connection to be
+    /// opened afresh). A failure here is left for the request's own connection to report.
+    fn reopen_main_if_broken(&mut self) {
+        if !self.main.is_broken() {
+            return;
+        }
+        let config = self.main.config().clone();
+        let Ok(main) = Client::connect_any(&self.main_addrs, config.clone()) else {
+            return;
+        };
+        let routing = Routing::from_hello(main.hello(), config.shard_connections_max);
+        let same_node = main.hello().node_id == self.main.hello().node_id;
+        self.main = main;
+        if routing != self.routing || !same_node {
+            self.routing = routing;
+            self.shards = (0..routing.map_or(0, |r| r.shards()))
+                .map(|_| ShardSlot::due_now())
+                .collect();
         }
     }
 
@@ -1475,9 +1563,11 @@ impl ShardAwareClient {
                     }
                 }
                 Err(e) => {
-                    let reason = e.to_string();
+                    // nothing of this group was sent: its first key gets the error
+                    // itself, the others its kind (a timeout stays a timeout)
+                    let mut failure = spread_failure(e);
                     for i in indices {
-                        results[i] = Some(Err(ClientError::Closed(reason.clone())));
+                        results[i] = Some(Err(failure()));
                     }
                 }
             }

@@ -384,3 +384,56 @@ async fn shard_aware_client_opens_a_shard_that_comes_up_later() {
     );
     assert_eq!(main_seen.lock().unwrap().len(), 1);
 }
+
+/// A node that comes back with another shard count is routed by its new layout once the
+/// client has reconnected to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
+    let Some(node) = FakeNode::start_sharded(2) else {
+        eprintln!("no free run of ports for the shard listeners; skipped");
+        return;
+    };
+    let after = *AsyncClient::connect(node.addr, ClientConfig::default())
+        .await
+        .unwrap()
+        .hello();
+    let mut before = after;
+    before.shards = 1;
+    before.shard_port_base = free_port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        FakeConn::new(stream).accept_hello(&before);
+        // the node restarts with two shards
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = FakeConn::new(stream);
+        conn.accept_hello(&after);
+        conn.wait_for_close();
+    });
+    let client = AsyncShardAwareClient::connect(addr, ClientConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(client.hello().shards, 1);
+    // whether this one request sees the old connection closed depends on timing
+    let _ = client.get(b"first").await;
+    let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("user:{i}").into_bytes()).collect();
+    for key in &keys {
+        client.put(key, b"v", None).await.unwrap();
+    }
+    assert_eq!(client.hello().shards, 2);
+    assert_eq!(client.shard_connection_count(), 2);
+    {
+        let seen = node.seen.lock().unwrap();
+        let mut shards_used = std::collections::BTreeSet::new();
+        for (shard, key) in seen.iter() {
+            let want = ringkv_ring::partition_for_key(key, after.partitions) % 2;
+            assert_eq!(u32::from(*shard), want, "key {key:?}");
+            shards_used.insert(*shard);
+        }
+        assert!(seen.len() >= 20, "{} requests seen", seen.len());
+        assert_eq!(shards_used.len(), 2);
+    }
+    drop(client);
+    join(server).await;
+}

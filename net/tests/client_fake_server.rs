@@ -577,3 +577,118 @@ fn shard_aware_client_opens_a_shard_that_comes_up_later() {
     );
     assert_eq!(main_seen.lock().unwrap().len(), 1);
 }
+
+/// A connection that closes in the middle of a batch keeps the replies it already gave:
+/// a caller must learn which puts were acknowledged.
+#[test]
+fn a_batch_cut_short_keeps_the_acknowledged_puts() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(2));
+        let mut out = Vec::new();
+        for n in 1..=3u64 {
+            let (id, req) = conn.read_request().unwrap();
+            assert_eq!(req.key().unwrap(), format!("k{n}").as_bytes());
+            out.clear();
+            encode::put_ok(&mut out, id, &n.to_le_bytes(), 1);
+            conn.send(&out);
+        }
+        // the node goes away with requests 4 and 5 unanswered
+        conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        conn.wait_for_close();
+    });
+    let mut client = ringkv_net::client::Client::connect(addr, config()).unwrap();
+    let items: Vec<(Vec<u8>, Vec<u8>)> = (1..=6)
+        .map(|n| (format!("k{n}").into_bytes(), b"v".to_vec()))
+        .collect();
+    let results = client.put_many(&items).unwrap();
+    assert_eq!(results.len(), 6);
+    for (n, result) in results[..3].iter().enumerate() {
+        let outcome = result.as_ref().unwrap();
+        assert_eq!(outcome.context.as_bytes(), &(n as u64 + 1).to_le_bytes());
+    }
+    for result in &results[3..] {
+        let err = result.as_ref().unwrap_err();
+        assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
+    }
+    assert!(client.is_broken());
+    // a batch on the closed connection sends nothing
+    assert!(matches!(
+        client.put_many(&items[..1]),
+        Err(ClientError::Closed(_))
+    ));
+    drop(client);
+    server.join().unwrap();
+}
+
+/// A reply that never comes times out the requests still waiting, not the ones answered.
+#[test]
+fn a_timeout_inside_a_batch_fails_only_the_unanswered_keys() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let (id, _) = conn.read_request().unwrap();
+        let mut out = Vec::new();
+        encode::get_ok(&mut out, id, b"c", [&b"v"[..]].into_iter());
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let mut client = ringkv_net::client::Client::connect(addr, short_timeout_config()).unwrap();
+    let results = client.get_many(&[b"a", b"b", b"c"]).unwrap();
+    assert_eq!(results[0].as_ref().unwrap().values, vec![b"v".to_vec()]);
+    for result in &results[1..] {
+        let err = result.as_ref().unwrap_err();
+        assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    }
+    assert!(client.is_broken());
+    drop(client);
+    server.join().unwrap();
+}
+
+/// A node that comes back with another shard count is routed by its new layout once the
+/// client has reconnected to it.
+#[test]
+fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
+    let Some(node) = FakeNode::start_sharded(2) else {
+        eprintln!("no free run of ports for the shard listeners; skipped");
+        return;
+    };
+    let after = *ringkv_net::client::Client::connect(node.addr, config())
+        .unwrap()
+        .hello();
+    let mut before = after;
+    before.shards = 1;
+    before.shard_port_base = support::free_port();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        support::FakeConn::new(stream).accept_hello(&before);
+        // the node restarts with two shards
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = support::FakeConn::new(stream);
+        conn.accept_hello(&after);
+        conn.wait_for_close();
+    });
+    let mut client = ShardAwareClient::connect(addr, config()).unwrap();
+    assert_eq!(client.hello().shards, 1);
+    // the old connection is gone: this request fails and is not resent
+    assert!(client.get(b"first").is_err());
+    let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("user:{i}").into_bytes()).collect();
+    for key in &keys {
+        client.put(key, b"v", None).unwrap();
+    }
+    assert_eq!(client.hello().shards, 2);
+    assert_eq!(client.shard_connection_count(), 2);
+    let seen = node.seen.lock().unwrap();
+    let partitions = after.partitions;
+    let mut shards_used = std::collections::BTreeSet::new();
+    for (shard, key) in seen.iter() {
+        let want = ringkv_ring::partition_for_key(key, partitions) % 2;
+        assert_eq!(u32::from(*shard), want, "key {key:?}");
+        shards_used.insert(*shard);
+    }
+    assert_eq!(seen.len(), 20);
+    assert_eq!(shards_used.len(), 2);
+    drop(seen);
+    drop(client);
+    server.join().unwrap();
+}
