@@ -116,10 +116,15 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({ "values": values, "context": v.context.to_hex() })
-                );
+                let mut out =
+                    serde_json::json!({ "values": values, "context": v.context.to_hex() });
+                // A JSON string cannot hold bytes that are not UTF-8: then every sibling
+                // is also given exactly, in hex.
+                if v.values.iter().any(|b| std::str::from_utf8(b).is_err()) {
+                    let hex: Vec<String> = v.values.iter().map(|b| hex(b)).collect();
+                    out["values_hex"] = serde_json::json!(hex);
+                }
+                println!("{out}");
             } else if v.values.is_empty() {
                 println!("(not found)");
                 println!("context: {}", v.context.to_hex());
@@ -128,7 +133,10 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
                     if v.values.len() > 1 {
                         print!("sibling {}: ", i + 1);
                     }
-                    println!("{}", String::from_utf8_lossy(value));
+                    match std::str::from_utf8(value) {
+                        Ok(text) => println!("{text}"),
+                        Err(_) => println!("(binary, {} bytes) {}", value.len(), hex(value)),
+                    }
                 }
                 println!("context: {}", v.context.to_hex());
             }
@@ -154,4 +162,9 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
         _ => bail!("{USAGE}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

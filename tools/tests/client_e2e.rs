@@ -133,6 +133,26 @@ fn cli_put_get_del_with_context() {
     // a forged context is refused with a clear error
     let (ok, out) = ringkv(&["put", "user:42", "x", "--context", "00ff", "--addr", &addr]);
     assert!(!ok && out.to_lowercase().contains("context"), "{out}");
+    // values that are not UTF-8 (written by a library client) are also given exactly
+    let mut c = Client::connect(server.addr, ClientConfig::default()).unwrap();
+    c.put(b"bin", b"\xff\x00a", None).unwrap();
+    c.put(b"bin", b"\xfe\x00a", None).unwrap();
+    let (ok, out) = ringkv(&["get", "bin", "--json", "--addr", &addr]);
+    assert!(ok, "{out}");
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut exact: Vec<&str> = json["values_hex"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    exact.sort();
+    assert_eq!(exact, vec!["fe0061", "ff0061"]);
+    assert_eq!(json["values"].as_array().unwrap().len(), 2);
+    let (ok, out) = ringkv(&["get", "bin", "--addr", &addr]);
+    assert!(ok && out.contains("(binary, 3 bytes) ff0061"), "{out}");
+    let (_, out) = ringkv(&["get", "user:42", "--json", "--addr", &addr]);
+    assert!(!out.contains("values_hex"), "{out}");
     assert!(server.stop().success());
 }
 
