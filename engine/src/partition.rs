@@ -272,6 +272,9 @@ struct State<F> {
     /// `close` ran: writes are refused, reads still work.
     closed: bool,
     needs_repair: bool,
+    /// segment id -> byte ranges `open` found damaged (until replay is finished): a
+    /// commit log entry there is not present even though the segment is long enough.
+    damaged: BTreeMap<u64, Vec<(u64, u64)>>,
     rolling: bool,
     compacting: bool,
     epoch: u32,
@@ -438,6 +441,7 @@ impl<S: Storage> Partition<S> {
             failed: None,
             closed: false,
             needs_repair: false,
+            damaged: BTreeMap::new(),
             rolling: false,
             compacting: false,
             epoch: 0,
@@ -474,6 +478,7 @@ impl<S: Storage> Partition<S> {
             let mut sealed = !is_last || has_hint;
             let mut hinted = sealed;
             let mut seg_len = len;
+            let mut damaged = Vec::new();
             let entries = match entries {
                 Some(e) => e,
                 None => {
@@ -493,6 +498,7 @@ impl<S: Storage> Partition<S> {
                         ));
                         state.needs_repair = true;
                         sealed = true;
+                        damaged.push((0, len));
                     }
                     for bad in &scan.corrupt {
                         report.corruption.push(format!(
@@ -501,6 +507,7 @@ impl<S: Storage> Partition<S> {
                         ));
                         state.needs_repair = true;
                         sealed = true;
+                        damaged.push((bad.start, bad.end));
                     }
                     report.dropped_batch_records += scan.incomplete_batch_records;
                     let cut = len - scan.valid_end.min(len);
@@ -515,6 +522,7 @@ impl<S: Storage> Partition<S> {
                                     bad.start, bad.end, bad.error
                                 ));
                                 state.needs_repair = true;
+                                damaged.push((bad.start, bad.end));
                             }
                         } else {
                             // a tail whose seal never finished: torn or unsynced writes
@@ -550,6 +558,9 @@ impl<S: Storage> Partition<S> {
                 io_done: Notify::default(),
             };
             let slot = state.add_slot(segment);
+            if !damaged.is_empty() {
+                state.damaged.insert(id, damaged);
+            }
             for e in &entries {
                 let loc = Loc {
                     seq: e.header.seq,
@@ -1057,7 +1068,8 @@ impl<S: Storage> Partition<S> {
     /// Puts back one commit log entry: `bytes` (whole records of one batch) were
     /// appended to segment `segment` at `offset`. An entry already in the segment, or
     /// for a segment compaction has removed since (its records were durable by then),
-    /// is skipped; one starting at the segment's end is appended and applied.
+    /// is skipped; one starting at the segment's end is appended and applied, and so is
+    /// one where `open` found the segment damaged (at the end, as a good copy).
     pub fn replay(&self, segment_id: u64, offset: u64, bytes: &[u8]) -> ReplayOutcome {
         let mut state = self.state.borrow_mut();
         let Some(&slot) = state.order.get(&segment_id) else {
@@ -1065,7 +1077,18 @@ impl<S: Storage> Partition<S> {
         };
         let segment = state.segment(slot).clone();
         let len = segment.file.len();
-        if offset + bytes.len() as u64 <= len {
+        let end = offset + bytes.len() as u64;
+        let in_damage = state
+            .damaged
+            .get(&segment_id)
+            .is_some_and(|ranges| ranges.iter().any(|&(a, b)| offset < b && a < end));
+        if in_damage {
+            // The segment held this entry where `open` found damage: its records are
+            // lost there (or a batch of them cut), and this is their good copy. They go
+            // back at the segment's end, where the next `open` reads them too.
+            return self.append_replayed(&mut state, segment_id, slot, &segment, bytes);
+        }
+        if end <= len {
             // The records are there, but the versions they supersede may be back: an
             // earlier entry's record that an older segment had only in its unsynced
             // tail when this one reached the disk is appended back by replay, after
@@ -1091,6 +1114,20 @@ impl<S: Storage> Partition<S> {
             state.needs_repair = true;
             return ReplayOutcome::Mismatch { segment_len: len };
         }
+        self.append_replayed(&mut state, segment_id, slot, &segment, bytes)
+    }
+
+    /// Appends one commit log entry's records (`bytes`) at the end of `segment` and
+    /// applies them, for [`replay`](Self::replay).
+    fn append_replayed(
+        &self,
+        state: &mut State<S::File>,
+        segment_id: u64,
+        slot: u32,
+        segment: &Segment<S::File>,
+        bytes: &[u8],
+    ) -> ReplayOutcome {
+        let len = segment.file.len();
         if len + bytes.len() as u64 > u32::MAX as u64 {
             state.needs_repair = true;
             return ReplayOutcome::Mismatch { segment_len: len };
@@ -1127,7 +1164,6 @@ impl<S: Storage> Partition<S> {
             let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
             state.apply(r.key, loc, &replaced);
         }
-        drop(state);
         let mut replayed = self.replayed.borrow_mut();
         if !replayed.contains(&segment_id) {
             replayed.push(segment_id);
@@ -1157,6 +1193,7 @@ impl<S: Storage> Partition<S> {
 
     /// Syncs the segments [`replay`](Self::replay) appended to. Returns how many.
     pub async fn finish_replay(&self) -> Result<usize, StoreError> {
+        self.state.borrow_mut().damaged.clear();
         let ids = std::mem::take(&mut *self.replayed.borrow_mut());
         for id in &ids {
             let segment = {

@@ -777,3 +777,62 @@ fn replay_does_not_bring_back_a_superseded_version() {
         assert_eq!(values, vec![Some(b"new".to_vec())]);
     });
 }
+
+/// A commit log entry whose bytes sit where `open` found the segment damaged is not
+/// "present" just because the segment is long enough: its records are lost there, and
+/// the log (deleted after replay) held their only good copy. Replay puts them back at the
+/// segment's end, where the next `open` finds them too.
+#[test]
+fn replay_restores_an_entry_that_sits_in_a_damaged_range() {
+    use ringkv_engine::partition::ReplayOutcome;
+    use ringkv_engine::storage::{Storage, StorageFile};
+    block_on(async {
+        let disk = MemDisk::new();
+        let config = config(Durability::Sync);
+        let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1_000)
+            .await
+            .unwrap();
+        for key in [&b"a"[..], b"b", b"c"] {
+            put(&p, key, b"value", 1_001).await.unwrap();
+        }
+        drop(p); // a crash: the active segment stays unsealed, `open` scans it
+        let segment = 1u64 << 24;
+        let name = ringkv_engine::segment::segment_name(segment);
+        let bytes = {
+            let file = disk.folder(FOLDER).open(&name).await.unwrap();
+            file.read_at(0, file.len() as usize).await.unwrap()
+        };
+        let scan = ringkv_engine::segment::scan(&bytes, segment);
+        assert_eq!(scan.records.len(), 3);
+        let b = &scan.records[1];
+        let (b_at, b_len) = (b.offset, b.header.total_bytes() as u64);
+        let entry = bytes[b_at as usize..(b_at + b_len) as usize].to_vec();
+        // bit rot in b's value
+        assert!(disk.flip_byte(FOLDER, &name, b_at + b_len - 2, 0x10));
+        let (p, report) = Partition::open(disk.folder(FOLDER), config.clone(), 2_000)
+            .await
+            .unwrap();
+        assert!(!report.corruption.is_empty());
+        assert!(p.get(b"b").await.unwrap().is_empty());
+        // the log's entries for a and c are present, b's is put back
+        let a = &scan.records[0];
+        let a_entry = &bytes[a.offset as usize..b_at as usize];
+        assert_eq!(p.replay(segment, a.offset, a_entry), ReplayOutcome::Present);
+        assert_eq!(
+            p.replay(segment, b_at, &entry),
+            ReplayOutcome::Applied { records: 1 }
+        );
+        p.finish_replay().await.unwrap();
+        let got = p.get(b"b").await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].value.as_deref(), Some(&b"value"[..]));
+        drop(p);
+        // without the log, the next open reads b from the segment's end
+        let (p, _) = Partition::open(disk.folder(FOLDER), config, 3_000)
+            .await
+            .unwrap();
+        for key in [&b"a"[..], b"b", b"c"] {
+            assert_eq!(p.get(key).await.unwrap().len(), 1, "{key:?}");
+        }
+    });
+}
