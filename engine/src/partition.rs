@@ -1203,7 +1203,12 @@ impl<S: Storage> Partition<S> {
                     None => continue,
                 }
             };
-            if segment.durable_len.get() < segment.file.len() {
+            if segment.sealed.get() {
+                // as `seal` does: truncate syncs, and cuts the O_DIRECT padding that a
+                // plain sync would leave after the new tail (the hint describes the
+                // segment's real length, and padding would fail it on every open)
+                self.truncate_sealed(&segment).await?;
+            } else if segment.durable_len.get() < segment.file.len() {
                 self.file_io(&segment, true).await?;
             }
         }
@@ -1329,18 +1334,21 @@ impl<S: Storage> Partition<S> {
     async fn seal(&self, segment: &Rc<Segment<S::File>>) -> Result<(), StoreError> {
         let end = segment.file.len();
         self.make_durable(segment, end).await?;
-        while segment.io_busy.get() {
-            segment.io_done.wait().await;
-        }
-        segment.io_busy.set(true);
-        let truncated = segment.file.truncate(end).await;
-        segment.io_busy.set(false);
-        segment.io_done.notify_all();
-        truncated.map_err(|e| self.fail(e))?;
+        self.truncate_sealed(segment).await?;
         // the hint (a read and scan of the whole segment) is left to background work
         // (`write_pending_hints`), off the writer's path; until it exists, opening the
         // partition scans this segment instead
         segment.sealed.set(true);
+        Ok(())
+    }
+
+    /// Cuts a segment that takes no more appends to its length (the O_DIRECT padding
+    /// of its last block goes) and syncs it.
+    async fn truncate_sealed(&self, segment: &Rc<Segment<S::File>>) -> Result<(), StoreError> {
+        let _turn = Turn::wait(&segment.io_busy, &segment.io_done).await;
+        let end = segment.file.len();
+        segment.file.truncate(end).await.map_err(|e| self.fail(e))?;
+        segment.durable_len.set(segment.durable_len.get().max(end));
         Ok(())
     }
 
@@ -1854,9 +1862,6 @@ impl<S: Storage> Partition<S> {
     }
 }
 
-/// A segment's I/O turn (`io_busy`), given back when dropped: also when the future
-/// holding it is cancelled (the runtime drops background tasks at shutdown), which
-/// would otherwise leave the segment busy and `close` waiting for ever.
 /// What [`Partition::replay`] did with one commit log entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayOutcome {

@@ -736,3 +736,62 @@ fn concurrent_versioned_puts_to_one_hot_key_all_succeed() {
         );
     });
 }
+
+/// A sealed segment that commit-log replay appended to keeps a usable hint: replay's
+/// sync wrote the new tail padded to the O_DIRECT block, and the padding stayed, so the
+/// hint (written for the segment's real length) failed its length check on every open
+/// and the segment was scanned and reported instead.
+#[test]
+fn a_sealed_segment_replay_appended_to_keeps_its_hint_usable() {
+    use ringkv_engine::partition::ReplayOutcome;
+    use ringkv_engine::record::RecordRef;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, _) = open(&p2, small_segments(), 1).await;
+        for i in 0..200u32 {
+            let key = format!("k{i:03}");
+            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
+                .await
+                .unwrap();
+        }
+        // no close: the sealed segments have no hint files yet
+    });
+    let first = segment_files(&path).remove(0);
+    let first_len = std::fs::metadata(&first).unwrap().len();
+    let first_id = u64::from_str_radix(first.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+    let logged = PartitionConfig {
+        commit_log: true,
+        ..small_segments()
+    };
+    let p2 = path.clone();
+    run_local(move || async move {
+        let (p, report) = open(&p2, logged, 3).await;
+        assert!(report.corruption.is_empty(), "{report:?}");
+        // a write the commit log held and the segment had lost
+        let mut entry = Vec::new();
+        RecordRef {
+            seq: 1_000_000,
+            timestamp_ms: 3,
+            key: b"late",
+            replaced: &[],
+            version: b"v",
+            value: Some(b"from the log"),
+            batch_continues: false,
+        }
+        .encode_into(&mut entry);
+        assert_eq!(
+            p.replay(first_id, first_len, &entry),
+            ReplayOutcome::Applied { records: 1 }
+        );
+        p.finish_replay().await.unwrap();
+        p.close().await.unwrap();
+    });
+    run_local(move || async move {
+        let (p, report) = open(&path, small_segments(), 4).await;
+        assert!(report.corruption.is_empty(), "{report:?}");
+        assert_eq!(value_of(&p, b"late").await, Some(b"from the log".to_vec()));
+        assert_eq!(value_of(&p, b"k000").await, Some(vec![0; 100]));
+    });
+}
