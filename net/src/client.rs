@@ -1,7 +1,9 @@
 //! The blocking client: one TCP connection per [`Client`] with requests pipelined over it,
 //! a [`Pool`] of such connections, and a [`ShardAwareClient`] that sends each key straight
-//! to the shard that owns it. Everything here is `std::net`; the tokio client is
-//! `async_client` (feature `tokio`) and shares the reply buffer and the typed results.
+//! to the shard that owns it. Everything here is `std::net` (non-blocking sockets that a
+//! call waits on with `poll(2)`, so a pipeline reads replies while it writes); the tokio
+//! client is `async_client` (feature `tokio`) and shares the reply buffer and the typed
+//! results.
 //!
 //! A connection that saw an I/O error, a timeout or a malformed reply cannot be trusted
 //! to be in step with the server any more: it is closed and every later call on it returns
@@ -25,6 +27,11 @@ use crate::protocol::{
 /// Default largest reply frame a client accepts: a GET may carry several 4 MiB siblings.
 pub const REPLY_FRAME_BYTES_MAX_DEFAULT: usize = 64 << 20;
 
+/// Request bytes a pipelined batch encodes ahead of what the socket has taken: it goes
+/// on reading replies meanwhile, so a server that stops reading until its replies are
+/// read (backpressure) never waits on a client that is stuck writing.
+const WRITE_AHEAD_BYTES: usize = 256 * 1024;
+
 /// The smallest timeout handed to the socket (the OS refuses a zero timeout).
 const SOCKET_TIMEOUT_MIN: Duration = Duration::from_millis(1);
 
@@ -37,7 +44,8 @@ pub struct ClientConfig {
     /// Longest wait for the TCP connection to be set up (per address tried).
     pub connect_timeout: Duration,
     /// Longest wait for a request to be written, and for each reply to arrive.
-    /// In a pipeline, the wait restarts with every reply received.
+    /// In a pipeline, the wait restarts with every reply received and whenever the
+    /// socket takes more request bytes.
     pub request_timeout: Duration,
     /// Largest reply frame accepted; a larger one closes the connection.
     pub reply_frame_bytes_max: usize,
@@ -569,7 +577,8 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, socket_timeout(config.connect_timeout))
             .map_err(ClientError::from_io)?;
         stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(socket_timeout(config.request_timeout)))?;
+        // every read and write waits in `exchange`, which reads while it writes
+        stream.set_nonblocking(true)?;
         let mut client = Client {
             stream,
             peer: addr,
@@ -799,11 +808,26 @@ impl Client {
             (0..count).map(|_| None).collect();
         let mut pending: HashMap<u64, usize> = HashMap::with_capacity(window.min(count));
         let mut next = 0;
-        // Bounded: every pass either moves `next` forward or removes a pending request,
-        // so there are at most 2 * count passes.
-        while next < count || !pending.is_empty() {
-            self.write_buf.clear();
-            while next < count && pending.len() < window {
+        // bytes at the front of `write_buf` already written
+        let mut written = 0;
+        self.write_buf.clear();
+        let reply_frame_bytes_max = self.config.reply_frame_bytes_max;
+        // the wait restarts whenever a reply arrives or request bytes go out
+        let mut deadline = Instant::now() + self.config.request_timeout;
+        // Bounded: a pass that neither writes, reads nor settles a reply waits in `poll`
+        // until the socket is ready or the deadline has passed; every request is encoded
+        // once and settled once.
+        let outcome: Result<(), ClientError> = loop {
+            // encode what the window allows, keeping at most WRITE_AHEAD_BYTES unsent
+            // (and always one request, however large)
+            while next < count
+                && pending.len() < window
+                && self.write_buf.len() - written < WRITE_AHEAD_BYTES
+            {
+                if written == self.write_buf.len() {
+                    self.write_buf.clear();
+                    written = 0;
+                }
                 let request = request_at(next);
                 match check_request(&request, frame_bytes_max) {
                     Ok(_) => {
@@ -816,43 +840,74 @@ impl Client {
                 }
                 next += 1;
             }
-            if !self.write_buf.is_empty() {
-                if let Err(e) = self.stream.write_all(&self.write_buf) {
-                    let e = self.close(ClientError::from_io(e));
-                    fail_unanswered(&mut results, &pending, e);
-                    break;
+            match self.settle_buffered(&mut pending, &mut results, reply_frame_bytes_max) {
+                Ok(0) => {}
+                Ok(_) => deadline = Instant::now() + self.config.request_timeout,
+                Err(e) => break Err(e),
+            }
+            let unsent = written < self.write_buf.len();
+            if !unsent && pending.is_empty() {
+                if next < count {
+                    continue;
+                }
+                break Ok(());
+            }
+            let mut progress = false;
+            if unsent {
+                match self.stream.write(&self.write_buf[written..]) {
+                    Ok(0) => {
+                        break Err(ClientError::Closed(
+                            "the connection takes no more bytes".into(),
+                        ))
+                    }
+                    Ok(n) => {
+                        written += n;
+                        progress = true;
+                        deadline = Instant::now() + self.config.request_timeout;
+                    }
+                    Err(e) if would_wait(&e) => {}
+                    Err(e) => break Err(ClientError::from_io(e)),
                 }
             }
-            if pending.is_empty() {
+            if !pending.is_empty() {
+                match self.stream.read(self.replies.spare()) {
+                    Ok(0) => {
+                        let buffered_bytes = self.replies.buffered_bytes();
+                        break Err(ClientError::Closed(if buffered_bytes == 0 {
+                            "server closed the connection".into()
+                        } else {
+                            format!("server closed the connection inside a reply ({buffered_bytes} bytes buffered)")
+                        }));
+                    }
+                    Ok(n) => {
+                        self.replies.filled(n);
+                        progress = true;
+                    }
+                    Err(e) if would_wait(&e) => {}
+                    Err(e) => break Err(ClientError::from_io(e)),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // also when bytes trickle in: a reply must be whole within the wait
+                break Err(ClientError::Timeout);
+            }
+            if progress {
                 continue;
             }
-            let (request_id, reply) = match self.read_reply() {
-                Ok(got) => got,
-                Err(e) => {
-                    let e = self.close(e);
-                    fail_unanswered(&mut results, &pending, e);
-                    break;
-                }
-            };
-            match pending.remove(&request_id) {
-                Some(i) => results[i] = Some(Ok(reply)),
-                None => {
-                    // Not ours: a connection-level ERROR (the server gives up on the
-                    // connection) or a confused server. Either way we are out of step.
-                    let e = match reply {
-                        OwnedReply::Error { code, message } => {
-                            ClientError::from_server(code, message)
-                        }
-                        other => ClientError::Protocol(format!(
-                            "{} for unknown request id {request_id}",
-                            reply_name(&other)
-                        )),
-                    };
-                    let e = self.close(e);
-                    fail_unanswered(&mut results, &pending, e);
-                    break;
-                }
+            let want_write = written < self.write_buf.len();
+            if let Err(e) = wait_ready(
+                &self.stream,
+                !pending.is_empty(),
+                want_write,
+                deadline - now,
+            ) {
+                break Err(ClientError::from_io(e));
             }
+        };
+        if let Err(e) = outcome {
+            let e = self.close(e);
+            fail_unanswered(&mut results, &pending, e);
         }
         Ok(results
             .into_iter()
@@ -860,36 +915,37 @@ impl Client {
             .collect())
     }
 
-    /// Reads until a whole reply is buffered, waiting at most `request_timeout`.
-    fn read_reply(&mut self) -> Result<(u64, OwnedReply), ClientError> {
-        let deadline = Instant::now() + self.config.request_timeout;
-        let frame_bytes_max = self.config.reply_frame_bytes_max;
-        // Bounded: each read adds at least one byte to a frame of at most
-        // `frame_bytes_max` bytes, and the deadline ends the wait.
-        loop {
-            if let Some(got) = self.replies.next_reply(frame_bytes_max)? {
-                return Ok(got);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Timeout);
-            }
-            self.stream
-                .set_read_timeout(Some(socket_timeout(deadline - now)))?;
-            match self.stream.read(self.replies.spare()) {
-                Ok(0) => {
-                    let buffered_bytes = self.replies.buffered_bytes();
-                    return Err(ClientError::Closed(if buffered_bytes == 0 {
-                        "server closed the connection".into()
-                    } else {
-                        format!("server closed the connection inside a reply ({buffered_bytes} bytes buffered)")
-                    }));
+    /// Hands every whole reply buffered to its request (taking it out of `pending`);
+    /// returns how many. An error (a malformed reply, or one for no request of ours)
+    /// means the connection is out of step.
+    fn settle_buffered(
+        &mut self,
+        pending: &mut HashMap<u64, usize>,
+        results: &mut [Option<Result<OwnedReply, ClientError>>],
+        reply_frame_bytes_max: usize,
+    ) -> Result<usize, ClientError> {
+        let mut settled = 0;
+        // bounded by the bytes buffered: each pass consumes one whole frame
+        while let Some((request_id, reply)) = self.replies.next_reply(reply_frame_bytes_max)? {
+            match pending.remove(&request_id) {
+                Some(i) => results[i] = Some(Ok(reply)),
+                None => {
+                    // Not ours: a connection-level ERROR (the server gives up on the
+                    // connection) or a confused server.
+                    return Err(match reply {
+                        OwnedReply::Error { code, message } => {
+                            ClientError::from_server(code, message)
+                        }
+                        other => ClientError::Protocol(format!(
+                            "{} for unknown request id {request_id}",
+                            reply_name(&other)
+                        )),
+                    });
                 }
-                Ok(n) => self.replies.filled(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ClientError::from_io(e)),
             }
+            settled += 1;
         }
+        Ok(settled)
     }
 
     /// Closes the connection because of `e`, and returns `e`.
@@ -904,6 +960,48 @@ impl Client {
             let _ = self.stream.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Whether a non-blocking read or write found the socket not ready (or was interrupted):
+/// try again after [`wait_ready`].
+fn would_wait(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// Waits until `stream` can be read (`read`) or written (`write`), or `timeout` passes.
+/// An error or hang-up on the socket also ends the wait: the next read or write reports
+/// it.
+fn wait_ready(stream: &TcpStream, read: bool, write: bool, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut events = 0;
+    if read {
+        events |= libc::POLLIN;
+    }
+    if write {
+        events |= libc::POLLOUT;
+    }
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // round up, so that a wait of less than a millisecond does not spin
+    let millis = timeout
+        .as_micros()
+        .div_ceil(1000)
+        .clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: `fd` is one valid pollfd that lives across the call.
+    let ready = unsafe { libc::poll(&mut fd, 1, millis) };
+    if ready < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// After the connection failed with `e` during a batch: the requests in `pending` (sent,

@@ -376,3 +376,40 @@ fn cli_arguments_that_do_not_fit_are_refused_before_connecting() {
         assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
     }
 }
+
+/// A pipeline that both sends and receives big values: the client must keep reading
+/// replies while it writes, or the server, whose replies the client does not read,
+/// stops reading (backpressure) while the client blocks writing, and both wait until a
+/// timeout breaks the connection.
+#[test]
+fn a_pipeline_of_big_gets_and_puts_does_not_stall() {
+    const BIG: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "none"]);
+    let config = ClientConfig {
+        request_timeout: std::time::Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    let mut c = Client::connect(server.addr, config).unwrap();
+    let value = vec![7u8; BIG];
+    for k in 0..4 {
+        c.put(format!("big-{k}").as_bytes(), &value, None).unwrap();
+    }
+    let keys: Vec<String> = (0..64).map(|i| format!("big-{}", i % 4)).collect();
+    let new_keys: Vec<String> = (0..64).map(|i| format!("new-{i}")).collect();
+    let mut pipeline = c.pipeline();
+    for (key, new_key) in keys.iter().zip(&new_keys) {
+        pipeline.get(key.as_bytes());
+        pipeline.put(new_key.as_bytes(), &value, None);
+    }
+    let results = pipeline.execute().unwrap();
+    assert_eq!(results.len(), 128);
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(ringkv_net::client::Response::Get(v)) => assert_eq!(v.values, vec![value.clone()]),
+            Ok(ringkv_net::client::Response::Put(_)) => {}
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert!(server.stop().success());
+}
