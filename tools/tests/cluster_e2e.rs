@@ -483,14 +483,14 @@ fn join_and_leave_are_refused_when_they_would_move_data() {
 #[test]
 fn a_hint_the_owner_refuses_does_not_hold_back_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = "127.0.14.1:7379";
+    let seed = "127.0.16.1:7379";
     let small_keys = dir.path().join("small-keys.toml");
     std::fs::write(&small_keys, "key_bytes_max = 64\n").unwrap();
-    let n1 = Node::start(dir.path(), 14, 1, None, &[]);
-    let n2 = Node::start(dir.path(), 14, 2, Some(seed), &[]);
+    let n1 = Node::start(dir.path(), 16, 1, None, &[]);
+    let n2 = Node::start(dir.path(), 16, 2, Some(seed), &[]);
     let mut n3 = Node::start(
         dir.path(),
-        14,
+        16,
         3,
         Some(seed),
         &["--config", small_keys.to_str().unwrap()],
@@ -562,4 +562,35 @@ fn a_second_node_with_a_live_members_id_is_refused() {
     n2.kill();
     join_as_2("127.0.15.9:7379").expect("a restart at another address");
     assert_eq!(addr_of_2().as_deref(), Some("127.0.15.9:7379"));
+}
+
+/// A node that left the cluster may join it again: it used to be refused as "already
+/// in a cluster", since it still saw the members it had left.
+#[test]
+fn a_node_that_left_can_join_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(dir.path(), 17, 1, None, &["--shards", "1"]);
+    let c = Node::start(dir.path(), 17, 3, None, &["--shards", "1"]);
+    let (ok, text) = ringkv(&["join", &a.addr, "--addr", &c.addr]);
+    assert!(ok, "join of an empty node: {text}");
+    wait_agreement(&[&a, &c]);
+    // nothing stored: leaving moves no data
+    let (ok, text) = ringkv(&["leave", "--addr", &c.addr]);
+    assert!(ok, "leave: {text}");
+    wait_for("a to see c removed", Duration::from_secs(30), || {
+        status(&a.addr).is_some_and(|v| {
+            v["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "removed"))
+        })
+    });
+    let (ok, text) = ringkv(&["join", &a.addr, "--addr", &c.addr]);
+    assert!(ok, "join after leave: {text}");
+    wait_agreement(&[&a, &c]);
+    // and the cluster serves through both
+    a.client().put_with(b"k", b"v", None, 2).expect("put");
+    assert_eq!(
+        c.client().get_with(b"k", 2).expect("get").values,
+        vec![b"v".to_vec()]
+    );
 }

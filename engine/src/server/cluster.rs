@@ -1300,7 +1300,12 @@ impl Shard {
                 .members()
                 .filter(|m| m.id != self.cluster.local && !m.status.has_left())
                 .count();
-            if others > 0 {
+            // a node that left is in no cluster any more, whatever it still sees
+            let left = view
+                .membership
+                .member(self.cluster.local)
+                .is_some_and(|m| m.status.has_left());
+            if others > 0 && !left {
                 return Err(format!(
                     "this node is already in a cluster with {others} other members; leave it first"
                 ));
