@@ -594,3 +594,64 @@ fn a_node_that_left_can_join_again() {
         vec![b"v".to_vec()]
     );
 }
+
+/// Hints outlive a change of their holder's `--shards`. Fewer shards: the hint store of
+/// a shard the node no longer has was never opened again, so its hints were never
+/// counted or delivered; now a remaining shard takes it over. More shards: a hint for a
+/// partition now on another shard of the node was never delivered (its shard reads the
+/// key's versions there now).
+#[test]
+fn hints_survive_a_change_of_the_holders_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.18.1:7379";
+    let mut n1 = Node::start(dir.path(), 18, 1, None, &["--shards", "2"]);
+    let n2 = Node::start(dir.path(), 18, 2, Some(seed), &["--shards", "1"]);
+    let mut n3 = Node::start(dir.path(), 18, 3, Some(seed), &["--shards", "1"]);
+    wait_agreement(&[&n1, &n2, &n3]);
+    n3.kill();
+    // node 1 is a home of every key (N = 3 of 3 nodes): it coordinates, and hints
+    let mut c1 = n1.client();
+    for i in 0..40u32 {
+        put_retrying(&mut c1, format!("moved-{i}").as_bytes(), b"v", 2);
+    }
+    drop(c1);
+    wait_for(
+        "node 1 to hold a hint for every key",
+        Duration::from_secs(20),
+        || hints_pending(&n1) == 40,
+    );
+    let with_shards = |node: &mut Node, shards: &str| {
+        assert!(node.server.take().expect("running").stop().success());
+        let at = node.args.iter().rposition(|a| a == "--shards").unwrap();
+        node.args[at + 1] = shards.to_string();
+        node.restart();
+    };
+    // one shard: shard 0 takes over shard 1's hints
+    with_shards(&mut n1, "1");
+    wait_for(
+        "node 1 to count every hint with one shard",
+        Duration::from_secs(20),
+        || hints_pending(&n1) == 40,
+    );
+    // three shards: shard 0 holds hints for partitions of shards 1 and 2 (a restarted
+    // node counts its hints at its first delivery round: until then it reports none)
+    with_shards(&mut n1, "3");
+    wait_for(
+        "node 1 to count every hint with three shards",
+        Duration::from_secs(20),
+        || hints_pending(&n1) == 40,
+    );
+    n3.restart();
+    wait_agreement(&[&n1, &n2, &n3]);
+    wait_for("hints delivered", Duration::from_secs(60), || {
+        hints_pending(&n1) == 0
+    });
+    for i in 0..40u32 {
+        let key = format!("moved-{i}");
+        assert_eq!(
+            read_one(&n3, key.as_bytes(), 1),
+            vec![b"v".to_vec()],
+            "{key}"
+        );
+    }
+}

@@ -1540,13 +1540,20 @@ impl Shard {
     }
 
     async fn deliver_hint(&self, hint: &replica::Hint) -> bool {
-        let Some(p) = self.partitions.get(&hint.partition) else {
-            // not this shard's partition (the shard count changed): drop nothing
-            return false;
-        };
-        let versions = match replica::replica_get(p, &hint.key).await {
-            Ok(v) => v,
-            Err(_) => return false,
+        let versions = match self.partitions.get(&hint.partition) {
+            Some(p) => match replica::replica_get(p, &hint.key).await {
+                Ok(v) => v,
+                Err(_) => return false,
+            },
+            // the partition is another shard's since the shard count changed: this
+            // node's versions of the key come from there
+            None => match self
+                .send_replica_get(self.cluster.local, hint.partition, &hint.key)
+                .await
+            {
+                Some(v) => v,
+                None => return false,
+            },
         };
         for v in &versions {
             if !self

@@ -238,7 +238,7 @@ async fn start(
         commit_log: log.is_some(),
         ..PartitionConfig::default()
     };
-    let (hints, _) = Partition::open(hints_storage, hints_config, now_ms())
+    let (hints, _) = Partition::open(hints_storage, hints_config.clone(), now_ms())
         .await
         .map_err(|e| format!("hint store of shard {shard_id}: recovery failed: {e}"))?;
     hints.set_sync_group(sync_group.clone());
@@ -246,6 +246,14 @@ async fn start(
     let log = match log {
         Some((log, recovery)) => {
             replay_commit_log(shard_id, &log, recovery, &partitions, &hints).await?;
+            Some(log)
+        }
+        None => None,
+    };
+    // after replay (which appends at the segments' ends), before the log takes writes
+    adopt_orphan_hint_stores(&config, shard_id, &hints, &hints_config).await?;
+    let log = match log {
+        Some(log) => {
             if use_log {
                 for p in partitions.values().chain(std::iter::once(&hints)) {
                     p.set_commit_log(log.clone());
@@ -455,6 +463,68 @@ pub(crate) async fn accept_until_stopped(
             }
         }
     }
+}
+
+/// Takes over the hint stores of shards this start does not have (the node got fewer
+/// `--shards`; their commit logs were empty, or the node refused to start): shard `s`
+/// records the pending hints of shards `s + shards`, `s + 2 * shards`, ... in its own
+/// store, makes them durable, then removes the old store. Returns how many hints moved.
+async fn adopt_orphan_hint_stores(
+    config: &ServerConfig,
+    shard_id: usize,
+    hints: &Partition<DmaStorage>,
+    hints_config: &PartitionConfig,
+) -> Result<usize, String> {
+    let Ok(entries) = std::fs::read_dir(config.data_dir.join("hints")) else {
+        return Ok(0);
+    };
+    let mut moved = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(old) = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if old < config.shards || old % config.shards != shard_id {
+            continue;
+        }
+        let path = entry.path();
+        let what = |e: &dyn std::fmt::Display| format!("hint store {}: {e}", path.display());
+        let storage = DmaStorage::open(&path).await.map_err(|e| what(&e))?;
+        let old_config = PartitionConfig {
+            partition: u64::from(u32::MAX) + old as u64,
+            commit_log: false,
+            ..hints_config.clone()
+        };
+        let (store, _) = Partition::open(storage, old_config, now_ms())
+            .await
+            .map_err(|e| what(&e))?;
+        let pending = crate::cluster::replica::pending_hints(&store, usize::MAX, |_| true);
+        for hint in &pending {
+            crate::cluster::replica::record_hint(
+                hints,
+                hint.target,
+                hint.partition,
+                &hint.key,
+                now_ms(),
+            )
+            .await
+            .map_err(|e| what(&e))?;
+        }
+        hints.sync().await.map_err(|e| what(&e))?;
+        store.destroy().await.map_err(|e| what(&e))?;
+        let _ = std::fs::remove_dir(&path);
+        tracing::info!(
+            shard = shard_id,
+            from_shard = old,
+            hints = pending.len(),
+            "took over the hint store of a shard this start does not have"
+        );
+        moved += pending.len();
+    }
+    Ok(moved)
 }
 
 /// Puts back, at startup, the writes the commit log holds and the segments may have
