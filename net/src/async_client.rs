@@ -30,6 +30,7 @@ use tokio::time::timeout;
 use crate::client::{
     accept_hello, check_request, delete_request, put_request, settle, ClientConfig, ClientError,
     Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response, Routing, ShardSlot, Versions,
+    SHARD_RETRY_INTERVAL,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -556,10 +557,18 @@ pub struct AsyncShardAwareClient {
 struct ShardAwareInner {
     main_addrs: Vec<SocketAddr>,
     config: ClientConfig,
-    main: tokio::sync::Mutex<AsyncClient>,
-    /// The node's shard layout as the main connection last saw it; replaced when a
-    /// reopened main connection describes another one.
+    main: tokio::sync::Mutex<MainSlot>,
+    /// The node's shard layout as the main connection last saw it; replaced whenever
+    /// the main connection is reopened (with the same shard connections when the shard
+    /// layout did not change).
     layout: std::sync::RwLock<Arc<Layout>>,
+}
+
+/// The main connection, and when a request routed to a shard may next try to reopen it
+/// (a request that needs the main connection itself always tries).
+struct MainSlot {
+    client: AsyncClient,
+    retry_at: std::time::Instant,
 }
 
 /// How keys are routed: what a main connection's HELLO_OK said, and the shard
@@ -570,7 +579,7 @@ struct Layout {
     routing: Option<Routing>,
     /// One per shard when routing; without a client, that shard is reached through
     /// `main`.
-    shards: Vec<tokio::sync::Mutex<ShardSlot<AsyncClient>>>,
+    shards: Arc<Vec<tokio::sync::Mutex<ShardSlot<AsyncClient>>>>,
 }
 
 impl ShardAwareInner {
@@ -606,17 +615,22 @@ impl AsyncShardAwareClient {
     ) -> Result<Self, ClientError> {
         let main_addrs = resolve(addr).await?;
         let main = AsyncClient::connect_any(&main_addrs, &config).await?;
-        let mut layout = Layout::of(&main, &config);
+        let mut layout = Layout::of(&main, &config, None);
         // the first connection to every shard is opened now
-        for (s, slot) in layout.shards.iter_mut().enumerate() {
+        let mut shards = Vec::with_capacity(layout.shards.len());
+        for s in 0..layout.shards.len() {
             let client = connect_shard(&layout.hello, layout.peer, &config, s as u16).await;
-            *slot = tokio::sync::Mutex::new(ShardSlot::new(client));
+            shards.push(tokio::sync::Mutex::new(ShardSlot::new(client)));
         }
+        layout.shards = Arc::new(shards);
         Ok(AsyncShardAwareClient {
             inner: Arc::new(ShardAwareInner {
                 main_addrs,
                 config,
-                main: tokio::sync::Mutex::new(main),
+                main: tokio::sync::Mutex::new(MainSlot {
+                    client: main,
+                    retry_at: std::time::Instant::now(),
+                }),
                 layout: std::sync::RwLock::new(Arc::new(layout)),
             }),
         })
@@ -643,24 +657,38 @@ impl AsyncShardAwareClient {
             .count()
     }
 
-    /// The layout to route by: a closed main connection is reopened first, since the
-    /// node may have come back with another shard count. A failure to reopen it is left
-    /// for the request's own connection to report.
+    /// The layout to route by. A closed main connection is reopened first, since the
+    /// node may have come back with another shard layout, unless another task holds it
+    /// (reopening it or using it) or an attempt failed less than a second ago: a request
+    /// its shard connection can serve does not wait for the main connection.
     async fn current_layout(&self) -> Arc<Layout> {
         let inner = &*self.inner;
-        let mut main = inner.main.lock().await;
-        if main.is_closed() {
-            if let Ok(reopened) = AsyncClient::connect_any(&inner.main_addrs, &inner.config).await {
-                let old = inner.layout();
-                let fresh = Layout::of(&reopened, &inner.config);
-                if fresh.routing != old.routing || fresh.hello.node_id != old.hello.node_id {
-                    *inner.layout.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        if let Ok(mut main) = inner.main.try_lock() {
+            if main.client.is_closed() && std::time::Instant::now() >= main.retry_at {
+                if let Ok(reopened) =
+                    AsyncClient::connect_any(&inner.main_addrs, &inner.config).await
+                {
+                    self.adopt_main(&mut main, reopened);
+                } else {
+                    main.retry_at = std::time::Instant::now() + SHARD_RETRY_INTERVAL;
                 }
-                *main = reopened;
             }
         }
-        drop(main);
         inner.layout()
+    }
+
+    /// Makes `reopened` the main connection and routes by what its HELLO_OK says: the
+    /// same shard connections if the shard layout is the same, new ones otherwise.
+    fn adopt_main(&self, main: &mut MainSlot, reopened: AsyncClient) {
+        let inner = &*self.inner;
+        let old = inner.layout();
+        let same = Routing::same_layout(
+            (&old.hello, old.peer),
+            (reopened.hello(), reopened.peer_addr()),
+        );
+        let fresh = Layout::of(&reopened, &inner.config, same.then(|| old.shards.clone()));
+        *inner.layout.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        main.client = reopened;
     }
 
     fn route(layout: &Layout, key: &[u8]) -> Route {
@@ -686,10 +714,11 @@ impl AsyncShardAwareClient {
             }
         }
         let mut main = inner.main.lock().await;
-        if main.is_closed() {
-            *main = AsyncClient::connect_any(&inner.main_addrs, &inner.config).await?;
+        if main.client.is_closed() {
+            let reopened = AsyncClient::connect_any(&inner.main_addrs, &inner.config).await?;
+            self.adopt_main(&mut main, reopened);
         }
-        Ok(main.clone())
+        Ok(main.client.clone())
     }
 
     /// The connection that `key` goes through.
@@ -827,14 +856,22 @@ impl AsyncShardAwareClient {
 }
 
 impl Layout {
-    /// The layout `main`'s HELLO_OK describes, each shard connection to be opened on
-    /// first use.
-    fn of(main: &AsyncClient, config: &ClientConfig) -> Layout {
+    /// The layout `main`'s HELLO_OK describes, with `shards` (those of a layout that is
+    /// the same) or shard connections to be opened on first use.
+    fn of(
+        main: &AsyncClient,
+        config: &ClientConfig,
+        shards: Option<Arc<Vec<tokio::sync::Mutex<ShardSlot<AsyncClient>>>>>,
+    ) -> Layout {
         let hello = *main.hello();
         let routing = Routing::from_hello(&hello, config.shard_connections_max);
-        let shards = (0..routing.map_or(0, |r| r.shards()))
-            .map(|_| tokio::sync::Mutex::new(ShardSlot::due_now()))
-            .collect();
+        let shards = shards.unwrap_or_else(|| {
+            Arc::new(
+                (0..routing.map_or(0, |r| r.shards()))
+                    .map(|_| tokio::sync::Mutex::new(ShardSlot::due_now()))
+                    .collect(),
+            )
+        });
         Layout {
             hello,
             peer: main.peer_addr(),

@@ -824,8 +824,9 @@ impl Client {
                 && pending.len() < window
                 && self.write_buf.len() - written < WRITE_AHEAD_BYTES
             {
-                if written == self.write_buf.len() {
-                    self.write_buf.clear();
+                if written > 0 {
+                    // drop what the socket took, so the buffer stays bounded
+                    self.write_buf.drain(..written);
                     written = 0;
                 }
                 let request = request_at(next);
@@ -1024,17 +1025,21 @@ fn fail_unanswered(
     }
 }
 
+/// An error of the same kind as `e` for another request (a timeout stays a timeout,
+/// anything else is `Closed` with `e`'s text).
+fn echo(e: &ClientError) -> ClientError {
+    match e {
+        ClientError::Timeout => ClientError::Timeout,
+        other => ClientError::Closed(other.to_string()),
+    }
+}
+
 /// Hands one failure to several requests: the first call returns `e` itself, the later
 /// ones its kind (a timeout stays a timeout, anything else is `Closed` with `e`'s text).
 fn spread_failure(e: ClientError) -> impl FnMut() -> ClientError {
-    let timed_out = matches!(e, ClientError::Timeout);
-    let reason = e.to_string();
+    let again = echo(&e);
     let mut first = Some(e);
-    move || match first.take() {
-        Some(e) => e,
-        None if timed_out => ClientError::Timeout,
-        None => ClientError::Closed(reason.clone()),
-    }
+    move || first.take().unwrap_or_else(|| echo(&again))
 }
 
 fn unreachable_kind(response: Response) -> ClientError {
@@ -1429,6 +1434,17 @@ impl Routing {
             && shard.node_id == main.node_id
     }
 
+    /// Whether two HELLO_OKs (with the address each came from) describe the same node
+    /// with the same shard layout: same routing, shard ports and host.
+    pub(crate) fn same_layout(a: (&HelloOk, SocketAddr), b: (&HelloOk, SocketAddr)) -> bool {
+        let ((a, a_peer), (b, b_peer)) = (a, b);
+        a.node_id == b.node_id
+            && a.partitions == b.partitions
+            && a.shards == b.shards
+            && a.shard_port_base == b.shard_port_base
+            && a_peer.ip() == b_peer.ip()
+    }
+
     pub(crate) fn shard_for_key(&self, key: &[u8]) -> u16 {
         let partition = ringkv_ring::partition_for_key(key, self.partitions);
         ringkv_ring::shard_for_partition(partition, u32::from(self.shards)) as u16
@@ -1505,59 +1521,76 @@ impl ShardAwareClient {
     }
 
     /// The route for `key`, by the layout of the node as the main connection last saw
-    /// it: a broken main connection is reopened first, since the node may have come back
-    /// with another shard count.
-    fn route(&mut self, key: &[u8]) -> Route {
-        self.reopen_main_if_broken();
+    /// it (reopen a broken main connection first, with
+    /// [`reopen_main_if_broken`](Self::reopen_main_if_broken)).
+    fn route(&self, key: &[u8]) -> Route {
         match self.shard_for_key(key) {
             Some(s) => Route::Shard(s),
             None => Route::Main,
         }
     }
 
-    /// Reopens a broken main connection and, if its HELLO_OK describes another shard
-    /// layout or another node, routes by that from now on (every shard connection to be
-    /// opened afresh). A failure here is left for the request's own connection to report.
-    fn reopen_main_if_broken(&mut self) {
+    /// Reopens a broken main connection, since the node may have come back with another
+    /// shard layout: if its HELLO_OK describes another one, keys are routed by that from
+    /// now on (every shard connection to be opened afresh). Every call tries this once,
+    /// before routing; the error says why main is still broken.
+    fn reopen_main_if_broken(&mut self) -> Result<(), ClientError> {
         if !self.main.is_broken() {
-            return;
+            return Ok(());
         }
         let config = self.main.config().clone();
-        let Ok(main) = Client::connect_any(&self.main_addrs, config.clone()) else {
-            return;
-        };
-        let routing = Routing::from_hello(main.hello(), config.shard_connections_max);
-        let same_node = main.hello().node_id == self.main.hello().node_id;
+        let main = Client::connect_any(&self.main_addrs, config.clone())?;
+        let same = Routing::same_layout(
+            (self.main.hello(), self.main.peer_addr()),
+            (main.hello(), main.peer_addr()),
+        );
         self.main = main;
-        if routing != self.routing || !same_node {
-            self.routing = routing;
-            self.shards = (0..routing.map_or(0, |r| r.shards()))
+        if !same {
+            self.routing = Routing::from_hello(self.main.hello(), config.shard_connections_max);
+            self.shards = (0..self.routing.map_or(0, |r| r.shards()))
                 .map(|_| ShardSlot::due_now())
                 .collect();
         }
+        Ok(())
     }
 
-    /// The connection for `route`, reopening it if it broke. While a shard cannot be
-    /// reopened (tried at most once a second), its keys go through the main connection.
-    fn connection(&mut self, route: Route) -> Result<&mut Client, ClientError> {
+    /// The connection for `key` (none: the main connection), after one attempt to
+    /// reopen a broken main connection.
+    fn connection_for(&mut self, key: Option<&[u8]>) -> Result<&mut Client, ClientError> {
+        let reopened = self.reopen_main_if_broken();
+        let route = key.map_or(Route::Main, |k| self.route(k));
+        self.connection(route, reopened)
+    }
+
+    /// The connection for `route`, reopening a broken shard connection (tried at most
+    /// once a second); while it cannot be had, the shard's keys go through the main
+    /// connection, which `reopened` says whether [`reopen_main_if_broken`] could
+    /// restore.
+    ///
+    /// [`reopen_main_if_broken`]: Self::reopen_main_if_broken
+    fn connection(
+        &mut self,
+        route: Route,
+        reopened: Result<(), ClientError>,
+    ) -> Result<&mut Client, ClientError> {
         if let Route::Shard(s) = route {
             let s_index = usize::from(s);
-            if self.shards[s_index].should_reopen(Client::is_broken) {
-                let client = self.connect_shard(s);
-                self.shards[s_index].reopened(client);
-            }
-            if self.shards[s_index].client.is_some() {
-                return Ok(self.shards[s_index].client.as_mut().expect("checked"));
+            if s_index < self.shards.len() {
+                if self.shards[s_index].should_reopen(Client::is_broken) {
+                    let client = self.connect_shard(s);
+                    self.shards[s_index].reopened(client);
+                }
+                if self.shards[s_index].client.is_some() {
+                    return Ok(self.shards[s_index].client.as_mut().expect("checked"));
+                }
             }
         }
-        if self.main.is_broken() {
-            self.main = Client::connect_any(&self.main_addrs, self.main.config().clone())?;
-        }
+        reopened?;
         Ok(&mut self.main)
     }
 
     pub fn ping(&mut self) -> Result<(), ClientError> {
-        self.connection(Route::Main)?.ping()
+        self.connection_for(None)?.ping()
     }
 
     pub fn get(&mut self, key: &[u8]) -> Result<Versions, ClientError> {
@@ -1565,8 +1598,7 @@ impl ShardAwareClient {
     }
 
     pub fn get_with(&mut self, key: &[u8], r: u8) -> Result<Versions, ClientError> {
-        let route = self.route(key);
-        self.connection(route)?.get_with(key, r)
+        self.connection_for(Some(key))?.get_with(key, r)
     }
 
     pub fn put(
@@ -1585,8 +1617,8 @@ impl ShardAwareClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<PutOutcome, ClientError> {
-        let route = self.route(key);
-        self.connection(route)?.put_with(key, value, context, w)
+        self.connection_for(Some(key))?
+            .put_with(key, value, context, w)
     }
 
     pub fn delete(&mut self, key: &[u8], context: Option<&Context>) -> Result<(), ClientError> {
@@ -1599,8 +1631,7 @@ impl ShardAwareClient {
         context: Option<&Context>,
         w: u8,
     ) -> Result<(), ClientError> {
-        let route = self.route(key);
-        self.connection(route)?.delete_with(key, context, w)
+        self.connection_for(Some(key))?.delete_with(key, context, w)
     }
 
     /// Gets many keys: grouped by shard, each group pipelined on its connection. A
@@ -1640,6 +1671,9 @@ impl ShardAwareClient {
         key_at: impl Fn(usize) -> &'k [u8],
         mut run: impl FnMut(&mut Client, &[usize]) -> Result<Vec<Result<T, ClientError>>, ClientError>,
     ) -> Vec<Result<T, ClientError>> {
+        // one attempt to reopen main for the whole batch, then every key routed by
+        // the same layout
+        let reopened = self.reopen_main_if_broken().err();
         let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
         for i in 0..count {
             let route = self.route(key_at(i));
@@ -1650,7 +1684,11 @@ impl ShardAwareClient {
         }
         let mut results: Vec<Option<Result<T, ClientError>>> = (0..count).map(|_| None).collect();
         for (route, indices) in groups {
-            let group_results = match self.connection(route) {
+            let reopened = match &reopened {
+                None => Ok(()),
+                Some(e) => Err(echo(e)),
+            };
+            let group_results = match self.connection(route, reopened) {
                 Ok(client) => run(client, &indices),
                 Err(e) => Err(e),
             };

@@ -389,6 +389,20 @@ async fn shard_aware_client_opens_a_shard_that_comes_up_later() {
 /// client has reconnected to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
+    follows_a_new_layout(1).await;
+}
+
+/// The same with the same shard count on other shard ports: the client used to keep the
+/// first HELLO_OK, dialling the old ports for ever and sending every key through the
+/// main connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_aware_client_follows_new_shard_ports_after_reconnecting() {
+    follows_a_new_layout(2).await;
+}
+
+/// A client connects to a node announcing `shards_before` shards on ports nobody
+/// listens on; the node comes back with two shards on a fake node's shard ports.
+async fn follows_a_new_layout(shards_before: u16) {
     let Some(node) = FakeNode::start_sharded(2) else {
         eprintln!("no free run of ports for the shard listeners; skipped");
         return;
@@ -398,14 +412,14 @@ async fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
         .unwrap()
         .hello();
     let mut before = after;
-    before.shards = 1;
+    before.shards = shards_before;
     before.shard_port_base = free_port();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         FakeConn::new(stream).accept_hello(&before);
-        // the node restarts with two shards
+        // the node restarts on its new layout
         let (stream, _) = listener.accept().unwrap();
         let mut conn = FakeConn::new(stream);
         conn.accept_hello(&after);
@@ -414,7 +428,8 @@ async fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
     let client = AsyncShardAwareClient::connect(addr, ClientConfig::default())
         .await
         .unwrap();
-    assert_eq!(client.hello().shards, 1);
+    assert_eq!(client.hello().shards, shards_before);
+    assert_eq!(client.shard_connection_count(), 0);
     // whether this one request sees the old connection closed depends on timing
     let _ = client.get(b"first").await;
     let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("user:{i}").into_bytes()).collect();
@@ -422,6 +437,7 @@ async fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
         client.put(key, b"v", None).await.unwrap();
     }
     assert_eq!(client.hello().shards, 2);
+    assert_eq!(client.hello().shard_port_base, after.shard_port_base);
     assert_eq!(client.shard_connection_count(), 2);
     {
         let seen = node.seen.lock().unwrap();

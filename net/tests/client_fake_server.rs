@@ -666,12 +666,24 @@ fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
         let (stream, _) = listener.accept().unwrap();
         let mut conn = support::FakeConn::new(stream);
         conn.accept_hello(&after);
+        let (id, req) = conn.read_request().unwrap();
+        assert_eq!(req, Req::Ping);
+        let mut out = Vec::new();
+        encode::pong(&mut out, id);
+        conn.send(&out);
         conn.wait_for_close();
     });
     let mut client = ShardAwareClient::connect(addr, config()).unwrap();
     assert_eq!(client.hello().shards, 1);
     // the old connection is gone: this request fails and is not resent
     assert!(client.get(b"first").is_err());
+    // a request for the main connection reopens it, and routing follows the new layout
+    client.ping().unwrap();
+    let key = b"user:1";
+    assert_eq!(
+        client.shard_for_key(key),
+        Some((ringkv_ring::partition_for_key(key, after.partitions) % 2) as u16)
+    );
     let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("user:{i}").into_bytes()).collect();
     for key in &keys {
         client.put(key, b"v", None).unwrap();
@@ -689,6 +701,54 @@ fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
     assert_eq!(seen.len(), 20);
     assert_eq!(shards_used.len(), 2);
     drop(seen);
+    drop(client);
+    server.join().unwrap();
+}
+
+/// A batch routed while the main connection cannot be reopened fails its keys, and the
+/// next batch routes by the layout the reopened connection describes. The keys of one
+/// batch used to be routed one by one, each retrying the main connection: a key routed
+/// to a shard of the old layout, then a reopen that found no shard ports, indexed past
+/// the (now empty) shard list and panicked.
+#[test]
+fn a_batch_routes_all_its_keys_by_one_layout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut four = hello_ok(8);
+    four.shards = 4;
+    four.shard_port_base = support::free_port();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        support::FakeConn::new(stream).accept_hello(&four);
+        // the node is restarting: one connection refused at its HELLO
+        let (stream, _) = listener.accept().unwrap();
+        drop(stream);
+        // back, without shard ports
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = support::FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let (id, _) = conn.read_request().unwrap();
+            encode::get_ok(&mut out, id, b"", std::iter::empty());
+        }
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let mut client = ShardAwareClient::connect(addr, config()).unwrap();
+    assert!(
+        client.get(b"first").is_err(),
+        "the first connection is gone"
+    );
+    let keys = [&b"user:1"[..], b"user:2", b"user:3", b"user:4"];
+    for result in client.get_many(&keys) {
+        assert!(result.is_err(), "{result:?}");
+    }
+    let results = client.get_many(&keys[..2]);
+    for result in results {
+        assert!(result.unwrap().is_empty());
+    }
+    assert_eq!(client.shard_for_key(b"user:1"), None);
     drop(client);
     server.join().unwrap();
 }
