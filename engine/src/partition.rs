@@ -272,9 +272,15 @@ struct State<F> {
     /// `close` ran: writes are refused, reads still work.
     closed: bool,
     needs_repair: bool,
-    /// segment id -> byte ranges `open` found damaged (until replay is finished): a
-    /// commit log entry there is not present even though the segment is long enough.
+    /// segment id -> the byte spans of whole records `open` read from a segment it
+    /// found damaged (until replay is finished): a commit log entry for that segment is
+    /// present only inside one of them, however long the segment is.
     damaged: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Seqs of the records replay put into the active segment because their own place
+    /// was damaged, and of the records after them that supersede one of those: every
+    /// record that supersedes one must follow it there, since `open` applies segments
+    /// in id order and the active segment comes last.
+    moved: std::collections::HashSet<u64>,
     rolling: bool,
     compacting: bool,
     epoch: u32,
@@ -442,6 +448,7 @@ impl<S: Storage> Partition<S> {
             closed: false,
             needs_repair: false,
             damaged: BTreeMap::new(),
+            moved: Default::default(),
             rolling: false,
             compacting: false,
             epoch: 0,
@@ -478,7 +485,7 @@ impl<S: Storage> Partition<S> {
             let mut sealed = !is_last || has_hint;
             let mut hinted = sealed;
             let mut seg_len = len;
-            let mut damaged = Vec::new();
+            let mut damaged = false;
             let entries = match entries {
                 Some(e) => e,
                 None => {
@@ -498,7 +505,7 @@ impl<S: Storage> Partition<S> {
                         ));
                         state.needs_repair = true;
                         sealed = true;
-                        damaged.push((0, len));
+                        damaged = true;
                     }
                     for bad in &scan.corrupt {
                         report.corruption.push(format!(
@@ -507,7 +514,7 @@ impl<S: Storage> Partition<S> {
                         ));
                         state.needs_repair = true;
                         sealed = true;
-                        damaged.push((bad.start, bad.end));
+                        damaged = true;
                     }
                     report.dropped_batch_records += scan.incomplete_batch_records;
                     let cut = len - scan.valid_end.min(len);
@@ -522,7 +529,7 @@ impl<S: Storage> Partition<S> {
                                     bad.start, bad.end, bad.error
                                 ));
                                 state.needs_repair = true;
-                                damaged.push((bad.start, bad.end));
+                                damaged = true;
                             }
                         } else {
                             // a tail whose seal never finished: torn or unsynced writes
@@ -558,8 +565,17 @@ impl<S: Storage> Partition<S> {
                 io_done: Notify::default(),
             };
             let slot = state.add_slot(segment);
-            if !damaged.is_empty() {
-                state.damaged.insert(id, damaged);
+            if damaged && config.commit_log {
+                // what is known good: the records read, as merged spans
+                let mut spans: Vec<(u64, u64)> = Vec::new();
+                for e in &entries {
+                    let (start, end) = (e.offset, e.offset + e.header.total_bytes() as u64);
+                    match spans.last_mut() {
+                        Some(last) if last.1 == start => last.1 = end,
+                        _ => spans.push((start, end)),
+                    }
+                }
+                state.damaged.insert(id, spans);
             }
             for e in &entries {
                 let loc = Loc {
@@ -616,6 +632,14 @@ impl<S: Storage> Partition<S> {
             append_scratch: Scratch::default(),
             version_scratch: Scratch::default(),
         };
+        if partition.config.commit_log && !partition.state.borrow().damaged.is_empty() {
+            // replay puts the records lost in damaged segments into a segment no log
+            // entry names: a fresh active one (the last segment becomes a sealed one
+            // that replay may still extend at its end)
+            if let Some(slot) = reopen_active.take() {
+                partition.state.borrow().segment(slot).sealed.set(true);
+            }
+        }
         match reopen_active {
             Some(slot) => partition.state.borrow_mut().active = slot,
             None => {
@@ -1068,8 +1092,11 @@ impl<S: Storage> Partition<S> {
     /// Puts back one commit log entry: `bytes` (whole records of one batch) were
     /// appended to segment `segment` at `offset`. An entry already in the segment, or
     /// for a segment compaction has removed since (its records were durable by then),
-    /// is skipped; one starting at the segment's end is appended and applied, and so is
-    /// one where `open` found the segment damaged (at the end, as a good copy).
+    /// is skipped; one starting at the segment's end is appended and applied. In a
+    /// segment `open` found damaged, an entry is present only where `open` read whole
+    /// records; any other is put into the active segment (which no entry names) and
+    /// applied, and so, after it, is every later entry that supersedes one of those
+    /// records (see `State::moved`).
     pub fn replay(&self, segment_id: u64, offset: u64, bytes: &[u8]) -> ReplayOutcome {
         let mut state = self.state.borrow_mut();
         let Some(&slot) = state.order.get(&segment_id) else {
@@ -1078,32 +1105,41 @@ impl<S: Storage> Partition<S> {
         let segment = state.segment(slot).clone();
         let len = segment.file.len();
         let end = offset + bytes.len() as u64;
-        let in_damage = state
-            .damaged
-            .get(&segment_id)
-            .is_some_and(|ranges| ranges.iter().any(|&(a, b)| offset < b && a < end));
-        if in_damage {
-            // The segment held this entry where `open` found damage: its records are
-            // lost there (or a batch of them cut), and this is their good copy. They go
-            // back at the segment's end, where the next `open` reads them too.
-            return self.append_replayed(&mut state, segment_id, slot, &segment, bytes);
+        let present = match state.damaged.get(&segment_id) {
+            Some(spans) => spans.iter().any(|&(a, b)| a <= offset && end <= b),
+            None => end <= len,
+        };
+        if !present && state.damaged.contains_key(&segment_id) {
+            // lost in its own segment: the log's copy is the good one
+            let active = state.active;
+            let target = state.segment(active).clone();
+            return self.append_replayed(&mut state, active, &target, bytes, true);
         }
-        if end <= len {
+        if present {
             // The records are there, but the versions they supersede may be back: an
             // earlier entry's record that an older segment had only in its unsynced
             // tail when this one reached the disk is appended back by replay, after
             // `open` applied this record (which then found nothing to supersede).
             // Superseding again is idempotent: a record that names a seq is durable.
             let mut at = 0usize;
+            let mut follows_moved = false;
             while at < bytes.len() {
                 let Ok(r) = record::decode(&bytes[at..]) else {
                     break;
                 };
                 at += r.total_bytes();
                 let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
+                follows_moved |= replaced.iter().any(|s| state.moved.contains(s));
                 for old in state.keydir.remove_seqs(r.key, &replaced) {
                     state.mark_dead(&old);
                 }
+            }
+            if follows_moved {
+                // it supersedes a record now in the active segment: a copy goes there
+                // too, after it, or the next `open` would apply them the other way
+                let active = state.active;
+                let target = state.segment(active).clone();
+                let _ = self.append_replayed(&mut state, active, &target, bytes, true);
             }
             return ReplayOutcome::Present;
         }
@@ -1114,18 +1150,26 @@ impl<S: Storage> Partition<S> {
             state.needs_repair = true;
             return ReplayOutcome::Mismatch { segment_len: len };
         }
-        self.append_replayed(&mut state, segment_id, slot, &segment, bytes)
+        let follows_moved = !state.moved.is_empty() && supersedes_any(bytes, &state.moved);
+        let outcome = self.append_replayed(&mut state, slot, &segment, bytes, false);
+        if follows_moved && matches!(outcome, ReplayOutcome::Applied { .. }) {
+            let active = state.active;
+            let target = state.segment(active).clone();
+            let _ = self.append_replayed(&mut state, active, &target, bytes, true);
+        }
+        outcome
     }
 
-    /// Appends one commit log entry's records (`bytes`) at the end of `segment` and
-    /// applies them, for [`replay`](Self::replay).
+    /// Appends one commit log entry's records (`bytes`) at the end of the segment in
+    /// `slot` and applies them, for [`replay`](Self::replay); `moved`: they go to the
+    /// active segment rather than their own (their seqs join `State::moved`).
     fn append_replayed(
         &self,
         state: &mut State<S::File>,
-        segment_id: u64,
         slot: u32,
         segment: &Segment<S::File>,
         bytes: &[u8],
+        moved: bool,
     ) -> ReplayOutcome {
         let len = segment.file.len();
         if len + bytes.len() as u64 > u32::MAX as u64 {
@@ -1163,10 +1207,13 @@ impl<S: Storage> Partition<S> {
             state.next_seq = state.next_seq.max(r.header.seq.saturating_add(1));
             let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
             state.apply(r.key, loc, &replaced);
+            if moved {
+                state.moved.insert(r.header.seq);
+            }
         }
         let mut replayed = self.replayed.borrow_mut();
-        if !replayed.contains(&segment_id) {
-            replayed.push(segment_id);
+        if !replayed.contains(&segment.id) {
+            replayed.push(segment.id);
         }
         ReplayOutcome::Applied {
             records: records.len(),
@@ -1193,7 +1240,11 @@ impl<S: Storage> Partition<S> {
 
     /// Syncs the segments [`replay`](Self::replay) appended to. Returns how many.
     pub async fn finish_replay(&self) -> Result<usize, StoreError> {
-        self.state.borrow_mut().damaged.clear();
+        {
+            let mut state = self.state.borrow_mut();
+            state.damaged.clear();
+            state.moved.clear();
+        }
         let ids = std::mem::take(&mut *self.replayed.borrow_mut());
         for id in &ids {
             let segment = {
@@ -1860,6 +1911,22 @@ impl<S: Storage> Partition<S> {
         storage.destroy().await?;
         Ok(())
     }
+}
+
+/// Whether a record of the commit log entry `bytes` supersedes one of `seqs`.
+fn supersedes_any(bytes: &[u8], seqs: &std::collections::HashSet<u64>) -> bool {
+    let mut at = 0usize;
+    // each pass consumes one whole record
+    while at < bytes.len() {
+        let Ok(r) = record::decode(&bytes[at..]) else {
+            return false;
+        };
+        if r.replaced().any(|s| seqs.contains(&s)) {
+            return true;
+        }
+        at += r.total_bytes();
+    }
+    false
 }
 
 /// What [`Partition::replay`] did with one commit log entry.

@@ -795,3 +795,86 @@ fn a_sealed_segment_replay_appended_to_keeps_its_hint_usable() {
         assert_eq!(value_of(&p, b"k000").await, Some(vec![0; 100]));
     });
 }
+
+/// A commit log entry past the records `open` could read from a damaged segment is
+/// put back, even when it lies within the O_DIRECT padding of the segment's last block
+/// (a write the log acknowledged that never reached the segment): it used to count as
+/// present because the padded file was long enough, and was lost with the log.
+#[test]
+fn an_entry_in_the_padding_of_a_damaged_segment_is_put_back() {
+    use ringkv_engine::partition::ReplayOutcome;
+    use ringkv_engine::record::RecordRef;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let logged = PartitionConfig {
+        commit_log: true,
+        ..small_segments()
+    };
+    let (p2, config) = (path.clone(), logged.clone());
+    run_local(move || async move {
+        let (p, _) = open(&p2, config, 1).await;
+        for key in [&b"a"[..], b"b", b"c"] {
+            p.write(&[put(key, b"v", b"value", &[])], 2).await.unwrap();
+        }
+        p.sync().await.unwrap();
+        // no close: a crash
+    });
+    let segment_path = segment_files(&path).remove(0);
+    let mut bytes = std::fs::read(&segment_path).unwrap();
+    let segment =
+        u64::from_str_radix(segment_path.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+    let scan = ringkv_engine::segment::scan(&bytes, segment);
+    assert_eq!(scan.records.len(), 3);
+    let entry = |i: usize| {
+        let r = &scan.records[i];
+        let (at, n) = (r.offset as usize, r.header.total_bytes());
+        (r.offset, bytes[at..at + n].to_vec())
+    };
+    let mut entries: Vec<(u64, Vec<u8>)> = (0..3).map(entry).collect();
+    let c_end = entries[2].0 + entries[2].1.len() as u64;
+    assert!(
+        (bytes.len() as u64) > c_end,
+        "the file ends in padding ({} bytes, records to {c_end})",
+        bytes.len()
+    );
+    // a fourth write the log acknowledged, lost from the segment
+    let mut d = Vec::new();
+    RecordRef {
+        seq: scan.records[2].header.seq + 1,
+        timestamp_ms: 2,
+        key: b"d",
+        replaced: &[],
+        version: b"v",
+        value: Some(b"value"),
+        batch_continues: false,
+    }
+    .encode_into(&mut d);
+    entries.push((c_end, d));
+    // bit rot in b
+    let b_end = (entries[1].0 + entries[1].1.len() as u64) as usize;
+    bytes[b_end - 2] ^= 0x10;
+    std::fs::write(&segment_path, &bytes).unwrap();
+    let (p2, config) = (path.clone(), logged.clone());
+    run_local(move || async move {
+        let (p, report) = open(&p2, config, 3).await;
+        assert!(!report.corruption.is_empty(), "{report:?}");
+        for (offset, bytes) in &entries {
+            let outcome = p.replay(segment, *offset, bytes);
+            assert!(
+                matches!(
+                    outcome,
+                    ReplayOutcome::Present | ReplayOutcome::Applied { .. }
+                ),
+                "{outcome:?}"
+            );
+        }
+        p.finish_replay().await.unwrap();
+        p.close().await.unwrap();
+    });
+    run_local(move || async move {
+        let (p, _) = open(&path, logged, 4).await;
+        for key in [&b"a"[..], b"b", b"c", b"d"] {
+            assert_eq!(value_of(&p, key).await, Some(b"value".to_vec()), "{key:?}");
+        }
+    });
+}

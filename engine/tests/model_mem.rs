@@ -778,61 +778,217 @@ fn replay_does_not_bring_back_a_superseded_version() {
     });
 }
 
-/// A commit log entry whose bytes sit where `open` found the segment damaged is not
-/// "present" just because the segment is long enough: its records are lost there, and
-/// the log (deleted after replay) held their only good copy. Replay puts them back at the
-/// segment's end, where the next `open` finds them too.
-#[test]
-fn replay_restores_an_entry_that_sits_in_a_damaged_range() {
-    use ringkv_engine::partition::ReplayOutcome;
+/// A commit log entry: where its batch went in the segment, and its bytes.
+type LogEntry = (u64, Vec<u8>);
+
+/// Writes `writes` (key, value, superseding the key's earlier version or not) into a
+/// fresh partition of the commit-log kind, one batch each, and "crashes" (the active
+/// segment is left unsealed, so `open` scans it). Returns the segment's id and the
+/// commit log entries the writes made.
+fn damaged_replay_setup(disk: &MemDisk, writes: &[(&[u8], &[u8], bool)]) -> (u64, Vec<LogEntry>) {
     use ringkv_engine::storage::{Storage, StorageFile};
     block_on(async {
-        let disk = MemDisk::new();
-        let config = config(Durability::Sync);
-        let (p, _) = Partition::open(disk.folder(FOLDER), config.clone(), 1_000)
+        let (p, _) = Partition::open(disk.folder(FOLDER), logged_config(), 1_000)
             .await
             .unwrap();
-        for key in [&b"a"[..], b"b", b"c"] {
-            put(&p, key, b"value", 1_001).await.unwrap();
+        for (key, value, supersede) in writes {
+            let replaces: Vec<u64> = if *supersede {
+                p.get(key).await.unwrap().iter().map(|v| v.seq).collect()
+            } else {
+                Vec::new()
+            };
+            p.write(
+                &[WriteOp {
+                    key,
+                    version: b"v",
+                    value: Some(value),
+                    replaces: &replaces,
+                }],
+                1_001,
+            )
+            .await
+            .unwrap();
         }
-        drop(p); // a crash: the active segment stays unsealed, `open` scans it
-        let segment = 1u64 << 24;
-        let name = ringkv_engine::segment::segment_name(segment);
-        let bytes = {
-            let file = disk.folder(FOLDER).open(&name).await.unwrap();
-            file.read_at(0, file.len() as usize).await.unwrap()
-        };
-        let scan = ringkv_engine::segment::scan(&bytes, segment);
-        assert_eq!(scan.records.len(), 3);
-        let b = &scan.records[1];
-        let (b_at, b_len) = (b.offset, b.header.total_bytes() as u64);
-        let entry = bytes[b_at as usize..(b_at + b_len) as usize].to_vec();
-        // bit rot in b's value
-        assert!(disk.flip_byte(FOLDER, &name, b_at + b_len - 2, 0x10));
-        let (p, report) = Partition::open(disk.folder(FOLDER), config.clone(), 2_000)
-            .await
-            .unwrap();
-        assert!(!report.corruption.is_empty());
-        assert!(p.get(b"b").await.unwrap().is_empty());
-        // the log's entries for a and c are present, b's is put back
-        let a = &scan.records[0];
-        let a_entry = &bytes[a.offset as usize..b_at as usize];
-        assert_eq!(p.replay(segment, a.offset, a_entry), ReplayOutcome::Present);
-        assert_eq!(
-            p.replay(segment, b_at, &entry),
-            ReplayOutcome::Applied { records: 1 }
-        );
-        p.finish_replay().await.unwrap();
-        let got = p.get(b"b").await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].value.as_deref(), Some(&b"value"[..]));
+        p.sync().await.unwrap();
         drop(p);
-        // without the log, the next open reads b from the segment's end
-        let (p, _) = Partition::open(disk.folder(FOLDER), config, 3_000)
+        let segment = 1u64 << 24;
+        let file = disk
+            .folder(FOLDER)
+            .open(&ringkv_engine::segment::segment_name(segment))
             .await
             .unwrap();
-        for key in [&b"a"[..], b"b", b"c"] {
-            assert_eq!(p.get(key).await.unwrap().len(), 1, "{key:?}");
+        let bytes = file.read_at(0, file.len() as usize).await.unwrap();
+        let scan = ringkv_engine::segment::scan(&bytes, segment);
+        assert_eq!(scan.records.len(), writes.len());
+        let entries = scan
+            .records
+            .iter()
+            .map(|r| {
+                let (at, n) = (r.offset as usize, r.header.total_bytes());
+                (r.offset, bytes[at..at + n].to_vec())
+            })
+            .collect();
+        (segment, entries)
+    })
+}
+
+/// The config of a partition whose writes a commit log makes durable.
+fn logged_config() -> PartitionConfig {
+    PartitionConfig {
+        commit_log: true,
+        ..config(Durability::Sync)
+    }
+}
+
+/// Opens the partition after damage, replays `entries` (all of them, as a commit log
+/// holding every write since the last checkpoint would), checks `want`, and checks it
+/// again after one more open without the log (deleted after replay).
+fn replay_after_damage(
+    disk: &MemDisk,
+    segment: u64,
+    entries: &[LogEntry],
+    want: &[(&[u8], &[&[u8]])],
+) {
+    use ringkv_engine::partition::ReplayOutcome;
+    block_on(async {
+        let (p, report) = Partition::open(disk.folder(FOLDER), logged_config(), 2_000)
+            .await
+            .unwrap();
+        assert!(!report.corruption.is_empty(), "the damage is reported");
+        for (offset, bytes) in entries {
+            let outcome = p.replay(segment, *offset, bytes);
+            assert!(
+                matches!(
+                    outcome,
+                    ReplayOutcome::Present | ReplayOutcome::Applied { .. }
+                ),
+                "{outcome:?}"
+            );
+        }
+        p.finish_replay().await.unwrap();
+        for round in ["after replay", "after the next open"] {
+            if round == "after the next open" {
+                drop(p);
+                let (p2, _) = Partition::open(disk.folder(FOLDER), logged_config(), 3_000)
+                    .await
+                    .unwrap();
+                check(&p2, want, round).await;
+                return;
+            }
+            check(&p, want, round).await;
         }
     });
+
+    async fn check(
+        p: &Partition<ringkv_engine::storage::mem::MemStorage>,
+        want: &[(&[u8], &[&[u8]])],
+        round: &str,
+    ) {
+        for (key, values) in want {
+            let mut got: Vec<Vec<u8>> = p
+                .get(key)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|v| v.value)
+                .collect();
+            got.sort();
+            let want: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
+            assert_eq!(got, want, "{round}: {key:?}");
+        }
+    }
+}
+
+/// A commit log entry whose bytes sit where `open` found the segment damaged is not
+/// "present" just because the segment is long enough: its records are lost there, and
+/// the log (deleted after replay) held their only good copy. Replay puts them into the
+/// active segment, where the next `open` finds them too.
+#[test]
+fn replay_restores_an_entry_that_sits_in_a_damaged_range() {
+    let disk = MemDisk::new();
+    let writes: [(&[u8], &[u8], bool); 3] = [
+        (b"a", b"1", false),
+        (b"b", b"2", false),
+        (b"c", b"3", false),
+    ];
+    let (segment, entries) = damaged_replay_setup(&disk, &writes);
+    let name = ringkv_engine::segment::segment_name(segment);
+    // bit rot in b's value
+    let b_end = entries[1].0 + entries[1].1.len() as u64;
+    assert!(disk.flip_byte(FOLDER, &name, b_end - 2, 0x10));
+    replay_after_damage(
+        &disk,
+        segment,
+        &entries,
+        &[(b"a", &[b"1"]), (b"b", &[b"2"]), (b"c", &[b"3"])],
+    );
+}
+
+/// Two damaged records, the second in the segment's last bytes (a corrupt tail that a
+/// segment damaged inside keeps): both come back, and stay after the next open.
+#[test]
+fn replay_restores_entries_from_two_damaged_places() {
+    let disk = MemDisk::new();
+    let writes: [(&[u8], &[u8], bool); 4] = [
+        (b"a", b"1", false),
+        (b"b", b"2", false),
+        (b"c", b"3", false),
+        (b"d", b"4", false),
+    ];
+    let (segment, entries) = damaged_replay_setup(&disk, &writes);
+    let name = ringkv_engine::segment::segment_name(segment);
+    for i in [1, 3] {
+        let end = entries[i].0 + entries[i].1.len() as u64;
+        assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+    }
+    replay_after_damage(
+        &disk,
+        segment,
+        &entries,
+        &[
+            (b"a", &[b"1"]),
+            (b"b", &[b"2"]),
+            (b"c", &[b"3"]),
+            (b"d", &[b"4"]),
+        ],
+    );
+}
+
+/// A segment whose header is unreadable: every record of it comes back from the log.
+#[test]
+fn replay_restores_the_records_of_a_segment_with_a_damaged_header() {
+    let disk = MemDisk::new();
+    let writes: [(&[u8], &[u8], bool); 2] = [(b"a", b"1", false), (b"b", b"2", false)];
+    let (segment, entries) = damaged_replay_setup(&disk, &writes);
+    let name = ringkv_engine::segment::segment_name(segment);
+    assert!(disk.flip_byte(FOLDER, &name, 0, 0xff));
+    replay_after_damage(
+        &disk,
+        segment,
+        &entries,
+        &[(b"a", &[b"1"]), (b"b", &[b"2"])],
+    );
+}
+
+/// A record put back from the log supersedes nothing that came after it: when a later
+/// record replaced it, that one follows it into the active segment, so the next `open`
+/// (which applies the active segment last) does not bring the old value back beside it.
+#[test]
+fn a_version_put_back_from_the_log_stays_superseded() {
+    let disk = MemDisk::new();
+    let writes: [(&[u8], &[u8], bool); 3] = [
+        (b"k", b"old", false),
+        (b"x", b"1", false),
+        (b"k", b"new", true),
+    ];
+    let (segment, entries) = damaged_replay_setup(&disk, &writes);
+    let name = ringkv_engine::segment::segment_name(segment);
+    let end = entries[0].0 + entries[0].1.len() as u64;
+    assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+    replay_after_damage(
+        &disk,
+        segment,
+        &entries,
+        &[(b"k", &[b"new"]), (b"x", &[b"1"])],
+    );
 }
