@@ -457,6 +457,41 @@ fn a_client_that_never_reads_its_replies_is_cut_off() {
     assert!(server.stop().success());
 }
 
+/// A client that reads its replies steadily, if slowly, is not cut off: the slow-client
+/// timeout bounds each MiB of replies taken, not a whole batch. With a 16 MiB frame
+/// limit the server lets up to 32 MiB of replies wait for a client; read at 5 MiB/s,
+/// they used to have to go out as one batch within the 2 s timeout.
+#[test]
+fn a_client_that_reads_slowly_but_steadily_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_config(
+        dir.path(),
+        "slow_client_timeout_ms = 2000\nframe_bytes_max = 16777216\n",
+        &[],
+    );
+    let mut c = Raw::connect(server.addr);
+    let big = vec![b'x'; 1 << 20];
+    c.put(b"big", &big, b"");
+    const GETS: u64 = 30;
+    let mut out = Vec::new();
+    for id in 0..GETS {
+        Request::Get { r: 0, key: b"big" }.encode(1_000 + id, &mut out);
+    }
+    c.send_bytes(&out);
+    // the replies pile up on the server while nothing is read
+    std::thread::sleep(Duration::from_millis(500));
+    // then one reply (1 MiB) every 200 ms
+    for i in 0..GETS {
+        let frame = c
+            .read_frame()
+            .unwrap_or_else(|| panic!("cut off after {i} replies"));
+        assert!(frame.len() > 1 << 20, "reply {i} is the value");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.ping());
+    assert!(server.stop().success());
+}
+
 #[test]
 fn bad_cluster_messages_get_errors_and_the_server_keeps_serving() {
     use ringkv_net::peer::{opcode as peer_op, ClusterRequest, WireVersion};

@@ -129,6 +129,10 @@ impl Held {
 /// next dispatch).
 const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 
+/// Reply bytes the client must take within the slow-client timeout (for a batch of
+/// replies bigger than this, each such part of it in turn).
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
+
 /// Request bytes that requests running as tasks may hold per connection, in frame
 /// limits (each such request keeps a copy of its frame).
 const IN_FLIGHT_FRAMES_OF_BYTES: usize = 4;
@@ -244,23 +248,29 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 }
                 std::mem::swap(&mut *output.buf.borrow_mut(), &mut sending);
                 output.sending_bytes.set(sending.len());
-                // the whole batch must go out within the slow-client timeout, however
-                // slowly the client reads (a deadline only when the socket does not
-                // take it at once)
-                let mut write = std::pin::pin!(writer.write_all(&sending));
-                let sent = match futures_lite::future::poll_once(&mut write).await {
-                    Some(sent) => sent,
-                    None => {
-                        deadlines.write.arm(Instant::now() + deadline_per_batch);
-                        let sent = futures_lite::future::or(write, async {
-                            deadlines.write.expired().await;
-                            Err(std::io::ErrorKind::TimedOut.into())
-                        })
-                        .await;
-                        deadlines.write.disarm();
-                        sent
+                // each WRITE_CHUNK_BYTES of the batch must go out within the slow-client
+                // timeout (a deadline only when the socket does not take it at once): a
+                // client that keeps reading is never cut off, however big the batch
+                let mut sent = Ok(());
+                for chunk in sending.chunks(WRITE_CHUNK_BYTES) {
+                    let mut write = std::pin::pin!(writer.write_all(chunk));
+                    sent = match futures_lite::future::poll_once(&mut write).await {
+                        Some(sent) => sent,
+                        None => {
+                            deadlines.write.arm(Instant::now() + deadline_per_batch);
+                            let sent = futures_lite::future::or(write, async {
+                                deadlines.write.expired().await;
+                                Err(std::io::ErrorKind::TimedOut.into())
+                            })
+                            .await;
+                            deadlines.write.disarm();
+                            sent
+                        }
+                    };
+                    if sent.is_err() {
+                        break;
                     }
-                };
+                }
                 output.sending_bytes.set(0);
                 output.drained.notify_all();
                 if sent.is_err() {
