@@ -899,6 +899,14 @@ impl Shard {
         let slot = Rc::new(Slot::default());
         self.pending.borrow_mut().insert(token, slot.clone());
         self.in_flight.set(self.in_flight.get() + requests);
+        // given back when this ends, also by cancellation (a caller that drops this
+        // future, e.g. node_stats returning early or a timed-out metrics scrape):
+        // otherwise the slot stays pending and `in_flight` never drains at shutdown
+        let _forwarding = Forwarding {
+            shard: self,
+            token,
+            requests,
+        };
         let answered = glommio::timer::timeout(self.config.slow_client_timeout, async {
             let Some(senders) = &self.senders else {
                 return Ok(false);
@@ -920,9 +928,7 @@ impl Shard {
             }
         })
         .await;
-        self.pending.borrow_mut().remove(&token);
-        self.in_flight.set(self.in_flight.get() - requests);
-        self.in_flight_done.notify_all();
+        drop(_forwarding);
         match answered {
             Ok(true) => Ok(()),
             Ok(false) => Err((ErrorCode::Unavailable, "owning shard is gone")),
@@ -1332,8 +1338,12 @@ impl Shard {
                 )
             })
             .collect();
+        let mut answers = Vec::with_capacity(asked.len());
         for (other, answer) in asked {
-            let theirs = NodeStats::parse_reply(&answer.await)
+            answers.push((other, answer.await));
+        }
+        for (other, answer) in answers {
+            let theirs = NodeStats::parse_reply(&answer)
                 .map_err(|why| (ErrorCode::Unavailable, format!("shard {other}: {why}")))?;
             stats.merge(&theirs);
         }
@@ -1456,4 +1466,22 @@ pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {
         _ => ErrorCode::Internal,
     };
     (code, e.to_string())
+}
+
+/// A forwarded batch in progress ([`Shard::forward_batch`]): its pending slot and its
+/// requests' share of the shard's in-flight count, given back when dropped.
+struct Forwarding<'a> {
+    shard: &'a Shard,
+    token: u64,
+    requests: usize,
+}
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        self.shard.pending.borrow_mut().remove(&self.token);
+        self.shard
+            .in_flight
+            .set(self.shard.in_flight.get() - self.requests);
+        self.shard.in_flight_done.notify_all();
+    }
 }
