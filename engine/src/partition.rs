@@ -1139,7 +1139,11 @@ impl<S: Storage> Partition<S> {
                 // too, after it, or the next `open` would apply them the other way
                 let active = state.active;
                 let target = state.segment(active).clone();
-                let _ = self.append_replayed(&mut state, active, &target, bytes, true);
+                let copied = self.append_replayed(&mut state, active, &target, bytes, true);
+                if let ReplayOutcome::Mismatch { .. } = copied {
+                    // the superseded version may come back at the next open: say so
+                    return copied;
+                }
             }
             return ReplayOutcome::Present;
         }
@@ -1155,7 +1159,10 @@ impl<S: Storage> Partition<S> {
         if follows_moved && matches!(outcome, ReplayOutcome::Applied { .. }) {
             let active = state.active;
             let target = state.segment(active).clone();
-            let _ = self.append_replayed(&mut state, active, &target, bytes, true);
+            let copied = self.append_replayed(&mut state, active, &target, bytes, true);
+            if let ReplayOutcome::Mismatch { .. } = copied {
+                return copied;
+            }
         }
         outcome
     }

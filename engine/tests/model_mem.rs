@@ -992,3 +992,37 @@ fn a_version_put_back_from_the_log_stays_superseded() {
         &[(b"k", &[b"new"]), (b"x", &[b"1"])],
     );
 }
+
+/// Replay after damage can run again: a crash before `finish_replay` (the commit log is
+/// still there) leaves a fresh active segment with part of the copies, and the next
+/// start copies everything again into another one.
+#[test]
+fn replay_after_damage_runs_again_after_a_crash_in_it() {
+    let disk = MemDisk::new();
+    let writes: [(&[u8], &[u8], bool); 4] = [
+        (b"k", b"old", false),
+        (b"x", b"1", false),
+        (b"k", b"new", true),
+        (b"y", b"2", false),
+    ];
+    let (segment, entries) = damaged_replay_setup(&disk, &writes);
+    let name = ringkv_engine::segment::segment_name(segment);
+    let end = entries[0].0 + entries[0].1.len() as u64;
+    assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+    block_on(async {
+        let (p, _) = Partition::open(disk.folder(FOLDER), logged_config(), 2_000)
+            .await
+            .unwrap();
+        for (offset, bytes) in &entries[..2] {
+            p.replay(segment, *offset, bytes);
+        }
+        // a crash before finish_replay
+    });
+    disk.crash(7);
+    replay_after_damage(
+        &disk,
+        segment,
+        &entries,
+        &[(b"k", &[b"new"]), (b"x", &[b"1"]), (b"y", &[b"2"])],
+    );
+}
