@@ -385,18 +385,28 @@ impl Shard {
             )
             .await
             .map_err(super::store_error)?;
+        // The version is stored here from now on: a failure below must neither end the
+        // request with a plain error (the write may be read) nor skip the replicas. As
+        // the simulator does, a fallback copy whose hint could not be stored does not
+        // count toward W, and a missing hint for an uncovered home is only logged.
+        let mut local_counts = me.is_some();
         if let Some(Target {
             hint_for: Some(home),
             ..
         }) = me
         {
-            self.store_hint(home, partition, key).await?;
+            if let Err((_, why)) = self.store_hint(home, partition, key).await {
+                tracing::warn!(home = home.0, partition, error = %why, "cannot store a hint: this copy does not count toward W");
+                local_counts = false;
+            }
         }
         // a home replica that is down with no fallback left to stand in for it gets a
         // hint here: this node holds the key and hands it off when the owner is back
         let homes = &view.preference[partition as usize].replicas;
         for home in uncovered_homes(homes, n, &targets, self.cluster.local) {
-            self.store_hint(home, partition, key).await?;
+            if let Err((_, why)) = self.store_hint(home, partition, key).await {
+                tracing::warn!(home = home.0, partition, error = %why, "cannot store a hint for a home replica that is down");
+            }
         }
         let remote: Vec<Target> = targets
             .iter()
@@ -405,7 +415,7 @@ impl Shard {
             .collect();
         // a forwarded request this node coordinates without being a target (views
         // differ for a moment) stores locally but does not count as a replica
-        let local_acks = usize::from(me.is_some());
+        let local_acks = usize::from(local_counts);
         let done = if remote.is_empty() && w <= local_acks {
             // a cluster of one (or N = 1): the local write is the quorum
             CoordinatorOutput::PutDone {
