@@ -628,7 +628,21 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
         ),
         (
             "commit_log_bytes_max = 10",
-            "commit_log_bytes_max must be at least 4096",
+            "commit_log_bytes_max must be 1048576..=1073741824",
+        ),
+        (
+            "commit_log_bytes_max = 10000000000000",
+            "commit_log_bytes_max must be 1048576..=1073741824",
+        ),
+        (
+            "frame_bytes_max = 4294967296",
+            "frame_bytes_max must be at most 4294967295",
+        ),
+        ("weight = 0", "weight must be 1..=1000000"),
+        ("idle_timeout_ms = 0", "idle_timeout_ms must be at least 10"),
+        (
+            "slow_client_timeout_ms = 0",
+            "slow_client_timeout_ms must be at least 10",
         ),
         ("siblings_max = 0", "siblings_max must be at least 1"),
         (

@@ -172,6 +172,35 @@ impl ServerConfig {
         if self.frame_bytes_max < self.value_bytes_max + self.key_bytes_max + 4096 {
             return Err("frame_bytes_max must hold the largest value, key and context".into());
         }
+        // a frame's length field is 32 bits, and HELLO_OK announces the limit in one
+        if self.frame_bytes_max > u32::MAX as usize {
+            return Err(format!(
+                "frame_bytes_max must be at most 4294967295, not {}",
+                self.frame_bytes_max
+            ));
+        }
+        if self.weight == 0 || self.weight > ringkv_ring::membership::WEIGHT_MAX {
+            return Err(format!(
+                "weight must be 1..={}, not {}",
+                ringkv_ring::membership::WEIGHT_MAX,
+                self.weight
+            ));
+        }
+        if self.zone.len() > ringkv_ring::membership::ZONE_BYTES_MAX {
+            return Err(format!(
+                "zone must be at most {} bytes",
+                ringkv_ring::membership::ZONE_BYTES_MAX
+            ));
+        }
+        // a timeout of 0 would close every connection at once
+        for (name, value) in [
+            ("idle_timeout_ms", self.idle_timeout),
+            ("slow_client_timeout_ms", self.slow_client_timeout),
+        ] {
+            if value < Duration::from_millis(10) {
+                return Err(format!("{name} must be at least 10"));
+            }
+        }
         for seed in &self.seeds {
             ringkv_net::peer::peer_addr(seed).map_err(|e| format!("seed {e}"))?;
         }
@@ -182,8 +211,12 @@ impl ServerConfig {
                 self.segment_bytes_max
             ));
         }
-        if self.commit_log_bytes_max < 4096 {
-            return Err("commit_log_bytes_max must be at least 4096".into());
+        // each shard writes its log file out in full (zeros) before using it
+        if !(1 << 20..=1 << 30).contains(&self.commit_log_bytes_max) {
+            return Err(format!(
+                "commit_log_bytes_max must be 1048576..=1073741824 (1 MiB to 1 GiB), not {}",
+                self.commit_log_bytes_max
+            ));
         }
         for (name, value) in [
             (

@@ -183,7 +183,7 @@ async fn start(
         let storage = DmaStorage::open(&log_path)
             .await
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let (log, recovery) = CommitLog::open(storage, config.commit_log_bytes_max.max(1 << 20))
+        let (log, recovery) = CommitLog::open(storage, config.commit_log_bytes_max)
             .await
             .map_err(|e| format!("commit log {}: {e}", log_path.display()))?;
         Some((Rc::new(log), recovery))
