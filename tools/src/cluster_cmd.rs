@@ -44,7 +44,9 @@ pub fn admin_frame(
     request: &ClusterRequest<'_>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<u8>> {
-    let sock: std::net::SocketAddr = addr
+    // a host name as well as an IP, as `get`/`put` take
+    let sock: std::net::SocketAddr = crate::server_cmd::resolve(addr)
+        .with_context(|| format!("{addr} is not HOST:PORT"))?
         .parse()
         .with_context(|| format!("{addr} is not HOST:PORT"))?;
     let mut stream = TcpStream::connect_timeout(&sock, timeout)

@@ -110,6 +110,10 @@ fn stats_count_every_request_once_and_sum_the_shards() {
         assert_eq!(s["shards"], 1, "{s}");
     }
 
+    // a host name works as well as an IP (as for get and put)
+    let by_name = stats_json(&["--addr", &format!("localhost:{}", server.addr.port())]);
+    assert_eq!(by_name["shards"], 2, "{by_name}");
+
     // the .hgrm export holds every put
     let hgrm = dir.path().join("hgrm");
     stats_json(&["--addr", &addr, "--hgrm", hgrm.to_str().unwrap()]);
