@@ -222,8 +222,15 @@ impl Drop for Children {
 }
 
 /// Node `i` (from 1) of `ringkv dev` listens here; its shards on the ports after it.
-fn node_port(base_port: u16, i: usize) -> u16 {
-    base_port + 10 * (i as u16 - 1)
+/// `gap`: ports per node.
+fn node_port(base_port: u16, gap: u16, i: usize) -> u16 {
+    base_port + gap * (i as u16 - 1)
+}
+
+/// Ports per node of `ringkv dev`: 10, or for nodes of 10 shards or more the next
+/// multiple of 10 above the shard count (a node's shard ports follow its client port).
+fn ports_per_node(shards: usize) -> usize {
+    (shards + 1).div_ceil(10).max(1) * 10
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -254,7 +261,7 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
                 extra.extend(it.by_ref().cloned());
             }
             "--help" | "-h" => {
-                println!("{USAGE}\n\nStarts K nodes on 127.0.0.1 (node i listens on BASE+10*(i-1), its\nshards on the ports after it), data under DIR/node-i; arguments after --\ngo to every server. Ctrl-C stops them all.");
+                println!("{USAGE}\n\nStarts K nodes on 127.0.0.1 (node i listens on BASE+10*(i-1), its\nshards on the ports after it; with 10 shards or more a node takes the next\nmultiple of 10 ports above its shard count), data under DIR/node-i; arguments\nafter -- go to every server. Ctrl-C stops them all.");
                 return Ok(ExitCode::SUCCESS);
             }
             other => bail!("unknown option {other}\n\n{USAGE}"),
@@ -263,6 +270,21 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     if !(1..=32).contains(&nodes) {
         bail!("--nodes must be 1..=32");
     }
+    // the servers' default is one shard per core
+    let shards_per_node =
+        shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(1..=1024).contains(&shards_per_node) {
+        bail!("--shards must be 1..=1024");
+    }
+    let gap = ports_per_node(shards_per_node);
+    let last_port = base_port as usize + gap * nodes - 1;
+    if base_port < 1024 || last_port > u16::MAX as usize {
+        bail!(
+            "--base-port {base_port}: the {nodes} nodes need ports {base_port}..={last_port}, \
+             which must lie within 1024..=65535"
+        );
+    }
+    let gap = gap as u16;
     // SAFETY: installing a plain handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
@@ -272,7 +294,7 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     // readiness is asked of the nodes' addresses: one another process answers on
     // would pass for a node of this cluster
     for i in 1..=nodes {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node_port(base_port, i)));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node_port(base_port, gap, i)));
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
             bail!(
                 "{addr} (node {i}) is taken: something listens there (another `ringkv dev`?); \
@@ -284,7 +306,7 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     for i in 1..=nodes {
-        let port = node_port(base_port, i);
+        let port = node_port(base_port, gap, i);
         let addr = format!("127.0.0.1:{port}");
         let dir = data_dir.join(format!("node-{i}"));
         let mut cmd_args: Vec<String> = vec![

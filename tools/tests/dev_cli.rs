@@ -155,3 +155,24 @@ fn a_second_dev_on_the_same_ports_or_data_is_refused() {
     let status = first.interrupt();
     assert!(status.success(), "{status}");
 }
+
+/// Nodes of 10 shards or more get more than 10 ports each: node 1's tenth shard port
+/// used to be node 2's client port, so node 2 refused to start (on any machine with 10
+/// cores, with the default of a shard per core). Ports outside 1024..=65535 are refused.
+#[test]
+fn dev_spaces_nodes_of_many_shards_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let args = ["--nodes", "2", "--base-port", "7800", "--shards", "10"];
+    let (mut dev, addrs) = Dev::start(&args, &data);
+    assert_eq!(addrs, ["127.0.0.1:7800", "127.0.0.1:7820"]);
+    let mut c = Client::connect("127.0.0.1:7820", ClientConfig::default()).unwrap();
+    c.put(b"k", b"v", None).expect("node 2 serves");
+    let status = dev.interrupt();
+    assert!(status.success(), "{status}");
+    let stderr = failing_dev(
+        &["--nodes", "2", "--base-port", "65530", "--shards", "1"],
+        &dir.path().join("other"),
+    );
+    assert!(stderr.contains("must lie within 1024..=65535"), "{stderr}");
+}
