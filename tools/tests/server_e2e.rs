@@ -250,6 +250,56 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     assert!(server.stop().success());
 }
 
+/// A second node with its own client port but the shard ports (or the metrics address)
+/// of a running node is refused: SO_REUSEPORT let it share them, so a shard-aware
+/// client of either could write into the other's store.
+#[test]
+fn a_second_node_on_a_running_nodes_shard_ports_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = metrics.local_addr().unwrap().to_string();
+    drop(metrics);
+    let mut server = Server::start_with_shard_ports(
+        &dir.path().join("a"),
+        2,
+        &["--metrics-listen", &metrics_addr],
+    );
+    let hello = *ringkv_net::client::Client::connect(
+        server.addr,
+        ringkv_net::client::ClientConfig::default(),
+    )
+    .unwrap()
+    .hello();
+    let base = hello.shard_port_base.to_string();
+    for extra in [
+        ["--shard-port-base", base.as_str()],
+        ["--metrics-listen", metrics_addr.as_str()],
+    ] {
+        let data = dir.path().join("b");
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "server".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--shards".as_ref(),
+            "2".as_ref(),
+        ];
+        if extra[0] != "--shard-port-base" {
+            args.extend(["--shard-port-base", "0"].map(std::ffi::OsStr::new));
+        }
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let stderr = common::ringkv_fails(&args);
+        assert!(
+            stderr.contains("cannot listen on 127.0.0.1:"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    let mut c = Raw::connect(server.addr);
+    assert!(c.ping());
+    assert!(server.stop().success());
+}
+
 /// SIGINT while a pipeline of durable puts is in flight: puts get their replies (done,
 /// or an error such as `ShuttingDown` or `TooManyInFlight`: not done) until the
 /// connection closes, the node exits 0, and every put it acknowledged is there after

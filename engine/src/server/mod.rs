@@ -471,6 +471,26 @@ pub fn run(
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
     wait_until_port_is_free(config.listen)?;
+    // the shard ports are bound with SO_REUSEPORT too, and glommio binds the metrics
+    // listener that way: a node started beside another on the same shard ports (or
+    // metrics address) would share them with it, silently
+    if config.shard_port_base != 0 {
+        for s in 0..config.shards {
+            let mut own = config.listen;
+            own.set_port(config.shard_port_base + s as u16);
+            wait_until_port_is_free(own)?;
+        }
+    }
+    if let Some(metrics) = config.metrics_listen {
+        // any listener there (it would not answer a PING: it may speak HTTP)
+        if metrics.port() != 0
+            && std::net::TcpStream::connect_timeout(&metrics, Duration::from_millis(200)).is_ok()
+        {
+            return Err(format!(
+                "cannot listen on {metrics} (metrics): something is listening there"
+            ));
+        }
+    }
     let probe = shard::bind_reusing(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let listen = probe.local_addr().map_err(|e| e.to_string())?;
