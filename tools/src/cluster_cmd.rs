@@ -212,7 +212,12 @@ impl Children {
 impl Drop for Children {
     fn drop(&mut self) {
         for child in &mut self.0 {
-            // SAFETY: plain kill(2) on our own child's pid.
+            // one already reaped (it exited, say killed from outside) has no pid any
+            // more: the number may be another process's by now
+            if let Ok(Some(_)) = child.try_wait() {
+                continue;
+            }
+            // SAFETY: plain kill(2) on our own child's pid, not yet reaped.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
         for child in &mut self.0 {
