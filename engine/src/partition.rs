@@ -1111,10 +1111,11 @@ impl<S: Storage> Partition<S> {
         };
         if !present && state.damaged.contains_key(&segment_id) {
             // lost in its own segment: the log's copy is the good one
-            let active = state.active;
-            let target = state.segment(active).clone();
-            return self.append_replayed(&mut state, active, &target, bytes, true);
+            return self.move_to_active(&mut state, bytes);
         }
+        // an entry that supersedes a record now in the active segment goes there too,
+        // after it, or the next `open` would apply them the other way round
+        let follows_moved = !state.moved.is_empty() && supersedes_any(bytes, &state.moved);
         if present {
             // The records are there, but the versions they supersede may be back: an
             // earlier entry's record that an older segment had only in its unsynced
@@ -1122,30 +1123,17 @@ impl<S: Storage> Partition<S> {
             // `open` applied this record (which then found nothing to supersede).
             // Superseding again is idempotent: a record that names a seq is durable.
             let mut at = 0usize;
-            let mut follows_moved = false;
             while at < bytes.len() {
                 let Ok(r) = record::decode(&bytes[at..]) else {
                     break;
                 };
                 at += r.total_bytes();
                 let replaced: SmallVec<[u64; 4]> = r.replaced().collect();
-                follows_moved |= replaced.iter().any(|s| state.moved.contains(s));
                 for old in state.keydir.remove_seqs(r.key, &replaced) {
                     state.mark_dead(&old);
                 }
             }
-            if follows_moved {
-                // it supersedes a record now in the active segment: a copy goes there
-                // too, after it, or the next `open` would apply them the other way
-                let active = state.active;
-                let target = state.segment(active).clone();
-                let copied = self.append_replayed(&mut state, active, &target, bytes, true);
-                if let ReplayOutcome::Mismatch { .. } = copied {
-                    // the superseded version may come back at the next open: say so
-                    return copied;
-                }
-            }
-            return ReplayOutcome::Present;
+            return self.follow_moved(&mut state, bytes, follows_moved, ReplayOutcome::Present);
         }
         if offset != len {
             // a gap, or an entry the segment holds only part of: neither can come
@@ -1154,17 +1142,38 @@ impl<S: Storage> Partition<S> {
             state.needs_repair = true;
             return ReplayOutcome::Mismatch { segment_len: len };
         }
-        let follows_moved = !state.moved.is_empty() && supersedes_any(bytes, &state.moved);
         let outcome = self.append_replayed(&mut state, slot, &segment, bytes, false);
-        if follows_moved && matches!(outcome, ReplayOutcome::Applied { .. }) {
-            let active = state.active;
-            let target = state.segment(active).clone();
-            let copied = self.append_replayed(&mut state, active, &target, bytes, true);
-            if let ReplayOutcome::Mismatch { .. } = copied {
-                return copied;
-            }
+        if !matches!(outcome, ReplayOutcome::Applied { .. }) {
+            return outcome;
         }
-        outcome
+        self.follow_moved(&mut state, bytes, follows_moved, outcome)
+    }
+
+    /// Appends a commit log entry's records to the active segment (which no entry
+    /// names) and applies them; their seqs join `State::moved`.
+    fn move_to_active(&self, state: &mut State<S::File>, bytes: &[u8]) -> ReplayOutcome {
+        let active = state.active;
+        let target = state.segment(active).clone();
+        self.append_replayed(state, active, &target, bytes, true)
+    }
+
+    /// `outcome`, once the entry is also copied to the active segment if it `follows`
+    /// a moved record; a copy that cannot be made is reported instead (the superseded
+    /// version could come back at the next open).
+    fn follow_moved(
+        &self,
+        state: &mut State<S::File>,
+        bytes: &[u8],
+        follows: bool,
+        outcome: ReplayOutcome,
+    ) -> ReplayOutcome {
+        if !follows {
+            return outcome;
+        }
+        match self.move_to_active(state, bytes) {
+            mismatch @ ReplayOutcome::Mismatch { .. } => mismatch,
+            _ => outcome,
+        }
     }
 
     /// Appends one commit log entry's records (`bytes`) at the end of the segment in
