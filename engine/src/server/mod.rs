@@ -328,36 +328,41 @@ fn wait_until_port_is_free(listen: SocketAddr) -> Result<(), String> {
 /// A shard's commit log is replayed by that shard: one left by a shard this start
 /// does not have (the node crashed, then got fewer `--shards`) would never be.
 fn refuse_orphan_commit_logs(config: &ServerConfig) -> Result<(), String> {
-    let dir = config.data_dir.join("commitlog");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(shard) = name
-            .strip_prefix("shard-")
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if shard < config.shards {
-            continue;
-        }
-        if !log_folder_holds_entries(&entry.path()) {
+    for (shard, path) in orphan_shard_folders(&config.data_dir.join("commitlog"), config.shards) {
+        if !log_folder_holds_entries(&path) {
             // only empty (zero-filled) files: e.g. a start with more shards that
             // failed; nothing to replay, so the folder goes
-            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = std::fs::remove_dir_all(path);
             continue;
         }
         return Err(format!(
             "{} holds the commit log of shard {shard}, but this node starts {} shards: \
              start it once with the --shards it last ran with, so that the log is \
              replayed",
-            entry.path().display(),
+            path.display(),
             config.shards
         ));
     }
     Ok(())
+}
+
+/// The `shard-SSS` folders in `dir` (per-shard commit logs, hint stores) of shards a
+/// node of `shards` shards does not have: (shard, path).
+pub(crate) fn orphan_shard_folders(
+    dir: &std::path::Path,
+    shards: usize,
+) -> Vec<(usize, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let shard = name.strip_prefix("shard-")?.parse::<usize>().ok()?;
+            (shard >= shards).then(|| (shard, entry.path()))
+        })
+        .collect()
 }
 
 /// Whether any file of a commit log folder starts with an entry (a log is read from

@@ -475,22 +475,12 @@ async fn adopt_orphan_hint_stores(
     hints: &Partition<DmaStorage>,
     hints_config: &PartitionConfig,
 ) -> Result<usize, String> {
-    let Ok(entries) = std::fs::read_dir(config.data_dir.join("hints")) else {
-        return Ok(0);
-    };
     let mut moved = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(old) = name
-            .strip_prefix("shard-")
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if old < config.shards || old % config.shards != shard_id {
+    let orphans = super::orphan_shard_folders(&config.data_dir.join("hints"), config.shards);
+    for (old, path) in orphans {
+        if old % config.shards != shard_id {
             continue;
         }
-        let path = entry.path();
         let what = |e: &dyn std::fmt::Display| format!("hint store {}: {e}", path.display());
         let storage = DmaStorage::open(&path).await.map_err(|e| what(&e))?;
         let old_config = PartitionConfig {
