@@ -1,6 +1,9 @@
 //! The log on real files through glommio DMA: model test, torn tails, bit flips,
 //! compaction, group commit, partition removal and import, and the v1 fixture.
 
+#[allow(dead_code)] // only its replay helper is used here
+mod common;
+
 use ringkv_engine::runtime::run_local;
 use ringkv_engine::storage::dma::DmaStorage;
 use ringkv_engine::storage::mem::SplitMix;
@@ -802,7 +805,6 @@ fn a_sealed_segment_replay_appended_to_keeps_its_hint_usable() {
 /// present because the padded file was long enough, and was lost with the log.
 #[test]
 fn an_entry_in_the_padding_of_a_damaged_segment_is_put_back() {
-    use ringkv_engine::partition::ReplayOutcome;
     use ringkv_engine::record::RecordRef;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p");
@@ -858,16 +860,7 @@ fn an_entry_in_the_padding_of_a_damaged_segment_is_put_back() {
     run_local(move || async move {
         let (p, report) = open(&p2, config, 3).await;
         assert!(!report.corruption.is_empty(), "{report:?}");
-        for (offset, bytes) in &entries {
-            let outcome = p.replay(segment, *offset, bytes);
-            assert!(
-                matches!(
-                    outcome,
-                    ReplayOutcome::Present | ReplayOutcome::Applied { .. }
-                ),
-                "{outcome:?}"
-            );
-        }
+        common::replay_all(&p, segment, &entries);
         p.finish_replay().await.unwrap();
         p.close().await.unwrap();
     });

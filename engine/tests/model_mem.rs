@@ -832,6 +832,13 @@ fn damaged_replay_setup(disk: &MemDisk, writes: &[(&[u8], &[u8], bool)]) -> (u64
     })
 }
 
+/// Bit rot in the value of the record `entry` holds (its CRC then fails).
+fn rot(disk: &MemDisk, segment: u64, entry: &LogEntry) {
+    let name = ringkv_engine::segment::segment_name(segment);
+    let end = entry.0 + entry.1.len() as u64;
+    assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+}
+
 /// The config of a partition whose writes a commit log makes durable.
 fn logged_config() -> PartitionConfig {
     PartitionConfig {
@@ -849,22 +856,12 @@ fn replay_after_damage(
     entries: &[LogEntry],
     want: &[(&[u8], &[&[u8]])],
 ) {
-    use ringkv_engine::partition::ReplayOutcome;
     block_on(async {
         let (p, report) = Partition::open(disk.folder(FOLDER), logged_config(), 2_000)
             .await
             .unwrap();
         assert!(!report.corruption.is_empty(), "the damage is reported");
-        for (offset, bytes) in entries {
-            let outcome = p.replay(segment, *offset, bytes);
-            assert!(
-                matches!(
-                    outcome,
-                    ReplayOutcome::Present | ReplayOutcome::Applied { .. }
-                ),
-                "{outcome:?}"
-            );
-        }
+        common::replay_all(&p, segment, entries);
         p.finish_replay().await.unwrap();
         for round in ["after replay", "after the next open"] {
             if round == "after the next open" {
@@ -912,10 +909,8 @@ fn replay_restores_an_entry_that_sits_in_a_damaged_range() {
         (b"c", b"3", false),
     ];
     let (segment, entries) = damaged_replay_setup(&disk, &writes);
-    let name = ringkv_engine::segment::segment_name(segment);
     // bit rot in b's value
-    let b_end = entries[1].0 + entries[1].1.len() as u64;
-    assert!(disk.flip_byte(FOLDER, &name, b_end - 2, 0x10));
+    rot(&disk, segment, &entries[1]);
     replay_after_damage(
         &disk,
         segment,
@@ -936,11 +931,8 @@ fn replay_restores_entries_from_two_damaged_places() {
         (b"d", b"4", false),
     ];
     let (segment, entries) = damaged_replay_setup(&disk, &writes);
-    let name = ringkv_engine::segment::segment_name(segment);
-    for i in [1, 3] {
-        let end = entries[i].0 + entries[i].1.len() as u64;
-        assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
-    }
+    rot(&disk, segment, &entries[1]);
+    rot(&disk, segment, &entries[3]);
     replay_after_damage(
         &disk,
         segment,
@@ -982,9 +974,7 @@ fn a_version_put_back_from_the_log_stays_superseded() {
         (b"k", b"new", true),
     ];
     let (segment, entries) = damaged_replay_setup(&disk, &writes);
-    let name = ringkv_engine::segment::segment_name(segment);
-    let end = entries[0].0 + entries[0].1.len() as u64;
-    assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+    rot(&disk, segment, &entries[0]);
     replay_after_damage(
         &disk,
         segment,
@@ -1006,9 +996,7 @@ fn replay_after_damage_runs_again_after_a_crash_in_it() {
         (b"y", b"2", false),
     ];
     let (segment, entries) = damaged_replay_setup(&disk, &writes);
-    let name = ringkv_engine::segment::segment_name(segment);
-    let end = entries[0].0 + entries[0].1.len() as u64;
-    assert!(disk.flip_byte(FOLDER, &name, end - 2, 0x10));
+    rot(&disk, segment, &entries[0]);
     block_on(async {
         let (p, _) = Partition::open(disk.folder(FOLDER), logged_config(), 2_000)
             .await

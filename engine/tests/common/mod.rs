@@ -34,3 +34,25 @@ pub fn without_lone_tombstones<K: Ord + Clone>(model: &Model<K>) -> Model<K> {
 pub fn same<K: Ord + Clone>(a: &Model<K>, b: &Model<K>) -> bool {
     a == b || without_lone_tombstones(a) == without_lone_tombstones(b)
 }
+
+/// Hands `entries` (offset and bytes of each batch in `segment`) to `replay` in order,
+/// as a commit log holding every write since the last checkpoint would; each must be
+/// present or applied.
+#[allow(dead_code)] // not every test binary replays
+pub fn replay_all<S: ringkv_engine::storage::Storage>(
+    p: &ringkv_engine::Partition<S>,
+    segment: u64,
+    entries: &[(u64, Vec<u8>)],
+) {
+    use ringkv_engine::partition::ReplayOutcome;
+    for (offset, bytes) in entries {
+        let outcome = p.replay(segment, *offset, bytes);
+        assert!(
+            matches!(
+                outcome,
+                ReplayOutcome::Present | ReplayOutcome::Applied { .. }
+            ),
+            "{outcome:?}"
+        );
+    }
+}
