@@ -158,6 +158,22 @@ fn segment_files(path: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The id a segment file is named by.
+fn segment_id(path: &Path) -> u64 {
+    u64::from_str_radix(path.file_stem().unwrap().to_str().unwrap(), 16).unwrap()
+}
+
+/// 200 blind writes, `k000` to `k199`, the value of `kI` 100 bytes of `I`: with
+/// [`small_segments`], several sealed segments.
+async fn write_numbered(p: &Partition<DmaStorage>) {
+    for i in 0..200u32 {
+        let key = format!("k{i:03}");
+        p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
+            .await
+            .unwrap();
+    }
+}
+
 #[test]
 fn torn_tail_is_truncated_and_reported() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,12 +230,7 @@ fn bit_flip_in_sealed_segment_is_reported_never_served() {
     let p2 = path.clone();
     run_local(move || async move {
         let (p, _) = open(&p2, small_segments(), 1).await;
-        for i in 0..200u32 {
-            let key = format!("k{i:03}");
-            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
-                .await
-                .unwrap();
-        }
+        write_numbered(&p).await;
         p.close().await.unwrap();
     });
     let first = segment_files(&path).remove(0);
@@ -552,12 +563,7 @@ fn compaction_over_a_damaged_sealed_segment_reports_and_keeps_data() {
             ..small_segments()
         };
         let (p, _) = open(&p2, config, 1).await;
-        for i in 0..200u32 {
-            let key = format!("k{i:03}");
-            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
-                .await
-                .unwrap();
-        }
+        write_numbered(&p).await;
         // damage the first sealed segment while the partition is open
         let first = segment_files(&p2).remove(0);
         let mut bytes = std::fs::read(&first).unwrap();
@@ -753,17 +759,12 @@ fn a_sealed_segment_replay_appended_to_keeps_its_hint_usable() {
     let p2 = path.clone();
     run_local(move || async move {
         let (p, _) = open(&p2, small_segments(), 1).await;
-        for i in 0..200u32 {
-            let key = format!("k{i:03}");
-            p.write(&[put(key.as_bytes(), b"v", &[i as u8; 100], &[])], 2)
-                .await
-                .unwrap();
-        }
+        write_numbered(&p).await;
         // no close: the sealed segments have no hint files yet
     });
     let first = segment_files(&path).remove(0);
     let first_len = std::fs::metadata(&first).unwrap().len();
-    let first_id = u64::from_str_radix(first.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+    let first_id = segment_id(&first);
     let logged = PartitionConfig {
         commit_log: true,
         ..small_segments()
@@ -823,8 +824,7 @@ fn an_entry_in_the_padding_of_a_damaged_segment_is_put_back() {
     });
     let segment_path = segment_files(&path).remove(0);
     let mut bytes = std::fs::read(&segment_path).unwrap();
-    let segment =
-        u64::from_str_radix(segment_path.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+    let segment = segment_id(&segment_path);
     let scan = ringkv_engine::segment::scan(&bytes, segment);
     assert_eq!(scan.records.len(), 3);
     let entry = |i: usize| {
