@@ -277,8 +277,11 @@ impl Versions {
     }
 }
 
-/// What a put returns: the context of the new version and how many siblings the key has
-/// now (1 when the put superseded everything).
+/// What a put returns: a context covering every sibling the key has now, and how many
+/// there are (1 when the put superseded everything). With more than one sibling the
+/// context also covers concurrent values this client has not read: a put with it
+/// replaces them unseen, so `get` first when they must be reconciled (docs/protocol.md,
+/// PUT_OK).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PutOutcome {
     pub context: Context,

@@ -154,6 +154,12 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
                 if out.siblings == 1 { "" } else { "s" }
             );
             println!("context: {}", out.context.to_hex());
+            if out.siblings > 1 {
+                eprintln!(
+                    "the key holds concurrent values this put did not replace, and the \
+                     context covers them: `ringkv get {key}` shows them before you reuse it"
+                );
+            }
         }
         ("del", [key]) => {
             client.delete_with(key.as_bytes(), a.context.as_ref(), a.w.unwrap_or(0))?;
