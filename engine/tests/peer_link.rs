@@ -147,3 +147,28 @@ fn a_name_is_refused_not_looked_up() {
         other => panic!("a call to a name: {other:?}"),
     }
 }
+
+/// A peer that accepts each connection and closes it at once (as a node at its
+/// connection limit refuses one) is retried with backoff, as a failed connect is: the
+/// link used to reconnect in a loop, thousands of times a second.
+#[test]
+fn a_peer_that_accepts_and_closes_is_retried_with_backoff() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    run_local(move || async move {
+        let link = PeerLink::spawn(&addr, config(4));
+        glommio::timer::sleep(Duration::from_millis(600)).await;
+        drop(link);
+    });
+    // 50, 100, 200 ms of backoff fit in 600 ms: a handful of connects
+    let n = accepted.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&n), "{n} connections in 600 ms");
+}

@@ -93,6 +93,8 @@ struct Inner {
     last_error: RefCell<String>,
     closed: Cell<bool>,
     connects: Cell<u64>,
+    /// Frames read from the peer so far, over all connections.
+    frames_read: Cell<u64>,
 }
 
 /// A link to one peer; dropping it stops its task and fails its waiting requests.
@@ -116,6 +118,7 @@ impl PeerLink {
             last_error: RefCell::default(),
             closed: Cell::new(false),
             connects: Cell::new(0),
+            frames_read: Cell::new(0),
         });
         let task = glommio::spawn_local(connection_task(inner.clone()));
         PeerLink {
@@ -273,9 +276,9 @@ async fn connection_task(inner: Rc<Inner>) {
         };
         match connected {
             Ok(stream) => {
-                backoff = inner.config.backoff_min;
                 inner.connects.set(inner.connects.get() + 1);
                 inner.state.set(State::Connected);
+                let (started, frames) = (Instant::now(), inner.frames_read.get());
                 let reason = run_connection(&inner, stream, &addr).await;
                 *inner.last_error.borrow_mut() = reason.clone();
                 // requests on the lost connection may or may not have been served
@@ -286,6 +289,20 @@ async fn connection_task(inner: Rc<Inner>) {
                         reason,
                     },
                 );
+                // A peer that accepts and closes at once (one at its connection limit
+                // refuses that way) is retried with backoff like a failed connect, not
+                // in a loop of connects; calls meanwhile wait for the next connection.
+                let refused = inner.frames_read.get() == frames
+                    && started.elapsed() < Duration::from_secs(1)
+                    && !inner.closed.get()
+                    && *inner.addr.borrow() == addr;
+                if refused {
+                    inner.state.set(State::Connecting);
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(inner.config.backoff_max);
+                } else {
+                    backoff = inner.config.backoff_min;
+                }
             }
             Err(e) => {
                 *inner.last_error.borrow_mut() = format!("connect failed: {e}");
@@ -350,6 +367,7 @@ async fn run_connection(inner: &Rc<Inner>, stream: TcpStream, addr: &str) -> Str
                     Ok(Some(len)) => {
                         let frame = &buf[at..at + len];
                         let id = header(frame).request_id;
+                        inner.frames_read.set(inner.frames_read.get() + 1);
                         if let Some(slot) = inner.pending.borrow_mut().remove(&id) {
                             *slot.reply.borrow_mut() = Some(Ok(frame.to_vec()));
                             slot.done.notify_all();
