@@ -138,6 +138,12 @@ pub(crate) struct ClusterState {
     change_busy: Cell<bool>,
     change_done: Notify,
     hint_wake: Notify,
+    /// Shard 0: the number of its latest membership change; the other shards: the number
+    /// of the latest one they installed (an older one arriving later is ignored).
+    membership_seq: Cell<u64>,
+    /// Shard 0: its latest membership (encoded) and the shards whose bounded mesh queue
+    /// was full when it was sent; the 50 ms tick sends it to them again.
+    membership_unsent: RefCell<Option<(Vec<u8>, Vec<usize>)>>,
 }
 
 impl ClusterState {
@@ -162,6 +168,8 @@ impl ClusterState {
             hints,
             gossip: RefCell::new(None),
             change_busy: Cell::new(false),
+            membership_seq: Cell::new(0),
+            membership_unsent: RefCell::new(None),
             change_done: Notify::default(),
             hint_wake: Notify::default(),
         }
@@ -1036,20 +1044,57 @@ impl Shard {
         if let Err(e) = persist_membership(&self.config.data_dir, &membership) {
             tracing::error!(error = %e, "cannot persist the membership");
         }
-        if let Some(senders) = &self.senders {
-            let bytes = membership.encode();
-            for shard in 0..self.config.shards {
-                if shard != self.id {
-                    // the mesh queue is bounded; membership changes are rare
-                    let _ = senders.try_send_to(shard, ShardMsg::Membership(bytes.clone()));
-                }
-            }
+        if self.senders.is_some() {
+            self.cluster
+                .membership_seq
+                .set(self.cluster.membership_seq.get() + 1);
+            let others = (0..self.config.shards).filter(|&s| s != self.id).collect();
+            *self.cluster.membership_unsent.borrow_mut() = Some((membership.encode(), others));
+            self.send_membership();
         }
         tracing::info!(
             members = membership.len(),
             fingerprint = membership.fingerprint(),
             "membership changed"
         );
+        self.set_view(membership);
+    }
+
+    /// Shard 0: sends its latest membership to the shards that have not got it. The mesh
+    /// queues are bounded and shared with forwarded requests, so a full one is tried
+    /// again by the next tick rather than skipped: a shard left on an older membership
+    /// would place keys on an older ring until the next change.
+    pub(crate) fn send_membership(&self) {
+        let Some(senders) = &self.senders else {
+            return;
+        };
+        let mut unsent = self.cluster.membership_unsent.borrow_mut();
+        let Some((bytes, shards)) = unsent.as_mut() else {
+            return;
+        };
+        let seq = self.cluster.membership_seq.get();
+        shards.retain(|&shard| {
+            let message = ShardMsg::Membership {
+                seq,
+                bytes: bytes.clone(),
+            };
+            match senders.try_send_to(shard, message) {
+                Ok(()) => false,
+                Err(glommio::GlommioError::Closed(_)) => false,
+                Err(_) => true,
+            }
+        });
+        if shards.is_empty() {
+            *unsent = None;
+        }
+    }
+
+    /// Another shard: installs the membership shard 0 sent unless a newer one is in.
+    pub(crate) fn on_membership(&self, seq: u64, membership: Membership) {
+        if seq <= self.cluster.membership_seq.get() {
+            return;
+        }
+        self.cluster.membership_seq.set(seq);
         self.set_view(membership);
     }
 
@@ -1426,6 +1471,7 @@ impl Shard {
         tasks.push(glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(Duration::from_millis(50)).await;
+                shard.send_membership();
                 let now = now_ms();
                 shard.cluster.coordinator.borrow_mut().tick(now);
                 shard.pump();

@@ -43,8 +43,9 @@ pub(crate) enum ShardMsg {
         frames: Vec<u8>,
         returned: Vec<u8>,
     },
-    /// Shard 0 changed the membership (encoded); every other shard installs it.
-    Membership(Vec<u8>),
+    /// Shard 0 changed the membership (encoded; its `seq`-th change); every other shard
+    /// installs it.
+    Membership { seq: u64, bytes: Vec<u8> },
 }
 
 /// Counters a shard keeps (merged by the caller across shards).
@@ -749,8 +750,8 @@ impl Shard {
                     slot.arrived.notify_all();
                 }
             }
-            ShardMsg::Membership(bytes) => match ringkv_ring::Membership::decode(&bytes) {
-                Ok(membership) => self.set_view(membership),
+            ShardMsg::Membership { seq, bytes } => match ringkv_ring::Membership::decode(&bytes) {
+                Ok(membership) => self.on_membership(seq, membership),
                 Err(e) => tracing::error!(error = %e, "shard 0 sent a bad membership"),
             },
         }
