@@ -680,7 +680,8 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
 
 /// Siblings too large for one frame: a peer's REPLICA_GET of them gets `FrameTooLarge`
 /// (as a client's GET does), not a reply frame over the limit, which would make the
-/// asking node drop its whole link to this one.
+/// asking node drop its whole link to this one. And a peer request naming a partition
+/// that is not its key's is refused.
 #[test]
 fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
     use ringkv_net::peer::{ClusterReply, ClusterRequest};
@@ -724,8 +725,47 @@ fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
     .encode(8, &mut f);
     c.send_bytes(&f);
     let reply = c.read_frame().expect("a reply");
-    match ClusterReply::parse(&reply) {
-        Ok((_, ClusterReply::ReplicaGetOk(versions))) => assert_eq!(versions.len(), 1),
+    let blob = match ClusterReply::parse(&reply) {
+        Ok((_, ClusterReply::ReplicaGetOk(versions))) => {
+            assert_eq!(versions.len(), 1);
+            versions[0].version.to_vec()
+        }
         other => panic!("replica get of a small key: {other:?}"),
+    };
+    // a peer request that names a partition other than its key's is refused: the
+    // version would be stored where no read of the key looks
+    let elsewhere = (ringkv_ring::hash::partition_for_key(b"moved", 64) + 1) % 64;
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaPut {
+        partition: elsewhere,
+        hint_for: 0,
+        key: b"moved",
+        version: ringkv_net::peer::WireVersion {
+            version: &blob,
+            value: Some(b"v"),
+        },
+    }
+    .encode(9, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    assert_eq!(error_code(&reply), Some(ErrorCode::BadRequest as u16));
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaGet {
+        partition: elsewhere,
+        key: b"moved",
+    }
+    .encode(10, &mut f);
+    c.send_bytes(&f);
+    let reply = c.read_frame().expect("a reply");
+    assert_eq!(error_code(&reply), Some(ErrorCode::BadRequest as u16));
+    let mut f = Vec::new();
+    ClusterRequest::KeyCount {
+        partition: elsewhere,
+    }
+    .encode(11, &mut f);
+    c.send_bytes(&f);
+    match ClusterReply::parse(&c.read_frame().expect("a reply")) {
+        Ok((_, ClusterReply::KeyCountOk(keys))) => assert_eq!(keys, 0, "nothing stored there"),
+        other => panic!("key count: {other:?}"),
     }
 }

@@ -875,7 +875,7 @@ impl Shard {
                 version,
             } => {
                 self.check_key(key)?;
-                let p = self.local_partition(partition)?;
+                let p = self.key_partition(partition, key)?;
                 let v = wire_to_versioned(&version)
                     .ok_or_else(|| (ErrorCode::BadRequest, "undecodable version".to_string()))?;
                 let outcome = replica::replica_put(&p, key, &v, now_ms())
@@ -892,7 +892,7 @@ impl Shard {
             }
             ClusterRequest::ReplicaGet { partition, key } => {
                 self.check_key(key)?;
-                let p = self.local_partition(partition)?;
+                let p = self.key_partition(partition, key)?;
                 let versions = replica::replica_get(&p, key)
                     .await
                     .map_err(super::store_error)?;
@@ -1002,6 +1002,24 @@ impl Shard {
         };
         reply.encode(request_id, &mut out.borrow_mut());
         Ok(())
+    }
+
+    /// The local partition a peer request names, which must be the key's: a version
+    /// stored in another one could not be read by the key, and would count as a key
+    /// of that partition when a join or leave asks.
+    fn key_partition(
+        &self,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Rc<crate::Partition<crate::storage::dma::DmaStorage>>, Failure> {
+        let (owner, _) = self.owner_of(key);
+        if owner != partition {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("the key is in partition {owner}, not {partition}"),
+            ));
+        }
+        self.local_partition(partition)
     }
 
     fn local_partition(
