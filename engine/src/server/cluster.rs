@@ -18,7 +18,7 @@
 //! - Joins and leaves are accepted only when every partition whose home replicas change
 //!   holds no keys (moving data on a membership change is not implemented yet).
 
-use super::{now_ms, Shard, ShardMsg};
+use super::{mono_ms, now_ms, Shard, ShardMsg};
 use crate::cluster::coordinator::{
     choose_targets, uncovered_homes, CoordinatorOutput, GetResult, OpId, PutResult, Target,
     VersionedValue,
@@ -342,7 +342,7 @@ impl Shard {
             });
         };
         let reply = link.call(timeout, |id, out| request.encode(id, out)).await;
-        let now = now_ms();
+        let now = mono_ms();
         match &reply {
             Ok(_) => self.cluster.fd.borrow_mut().handle_answered(now, to),
             Err(LinkError::QueueFull(_)) => {}
@@ -439,7 +439,7 @@ impl Shard {
             let (op, slot) = {
                 let mut coordinator = self.cluster.coordinator.borrow_mut();
                 let op = coordinator.start_put(
-                    now_ms(),
+                    mono_ms(),
                     partition,
                     key.to_vec(),
                     version,
@@ -517,7 +517,7 @@ impl Shard {
         let (op, slot) = {
             let mut coordinator = self.cluster.coordinator.borrow_mut();
             let op = coordinator.start_get(
-                now_ms(),
+                mono_ms(),
                 partition,
                 key.to_vec(),
                 &remote,
@@ -618,7 +618,7 @@ impl Shard {
             .await;
         match reply {
             Ok(mut reply) => {
-                self.cluster.fd.borrow_mut().handle_answered(now_ms(), to);
+                self.cluster.fd.borrow_mut().handle_answered(mono_ms(), to);
                 ringkv_net::peer::set_request_id(&mut reply, request_id);
                 out.borrow_mut().extend_from_slice(&reply);
                 Ok(())
@@ -626,7 +626,10 @@ impl Shard {
             Err(e) => {
                 // a full link says nothing of the peer's health (as in `call_peer`)
                 if !matches!(e, LinkError::QueueFull(_)) {
-                    self.cluster.fd.borrow_mut().handle_unanswered(now_ms(), to);
+                    self.cluster
+                        .fd
+                        .borrow_mut()
+                        .handle_unanswered(mono_ms(), to);
                 }
                 // the coordinator may have written before the link failed
                 let code = match protocol::header(frame).opcode {
@@ -720,7 +723,7 @@ impl Shard {
                         .cluster
                         .coordinator
                         .borrow_mut()
-                        .handle_put_ack(now_ms(), op, to, ok);
+                        .handle_put_ack(mono_ms(), op, to, ok);
                     shard.pump();
                 })
                 .detach();
@@ -735,7 +738,7 @@ impl Shard {
                 glommio::spawn_local(async move {
                     let reply = shard.send_replica_get(to, partition, &key).await;
                     shard.cluster.coordinator.borrow_mut().handle_get_reply(
-                        now_ms(),
+                        mono_ms(),
                         op,
                         to,
                         reply,
@@ -1039,7 +1042,7 @@ impl Shard {
     /// Installs a membership on this shard: ring, failure-detector peers, links.
     pub(crate) fn set_view(&self, membership: Membership) {
         let view = View::new(membership, self.config.replicas);
-        let now = now_ms();
+        let now = mono_ms();
         {
             let mut fd = self.cluster.fd.borrow_mut();
             for member in view.membership.members() {
@@ -1137,7 +1140,7 @@ impl Shard {
             let Some(gossip) = gossip.as_mut() else {
                 return;
             };
-            gossip.handle_message(now_ms(), from, message);
+            gossip.handle_message(mono_ms(), from, message);
             gossip.poll_changed().then(|| gossip.membership().clone())
         };
         if let Some(membership) = changed {
@@ -1490,7 +1493,7 @@ impl Shard {
             loop {
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 shard.send_membership();
-                let now = now_ms();
+                let now = mono_ms();
                 shard.cluster.coordinator.borrow_mut().tick(now);
                 shard.pump();
                 let probes: Vec<_> = {
@@ -1562,7 +1565,7 @@ impl Shard {
             self.cluster
                 .fd
                 .borrow_mut()
-                .handle_probe_answered(now_ms(), peer, probe_id);
+                .handle_probe_answered(mono_ms(), peer, probe_id);
         }
     }
 

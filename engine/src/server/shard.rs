@@ -98,6 +98,19 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Milliseconds on a clock that never steps (since the process's first call, from 1):
+/// for deadlines, the failure detector and gossip rounds. The wall clock (`now_ms`) is
+/// for times stored with data; a step back of it would hold a probe "in flight" and a
+/// peer down for as long as the step, and a step forward expire every request at once.
+pub(crate) fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
 pub(crate) async fn shard_main(
     shard_id: usize,
     config: ServerConfig,
