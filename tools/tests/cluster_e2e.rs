@@ -655,3 +655,48 @@ fn hints_survive_a_change_of_the_holders_shard_count() {
         );
     }
 }
+
+/// A node that learned a peer's shard layout (its shard count and shard ports) sends
+/// replica requests straight to the owning shard's port. When the peer restarted with
+/// fewer shards, requests for the shards that were gone went to a closed port for good:
+/// puts with W = 3 through the other node were never confirmed. The layout is now
+/// learned again after such a failure.
+#[test]
+fn a_peer_restarted_with_fewer_shards_gets_its_replica_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = "127.0.19.1:7379";
+    let ports = ["--shard-port-base", "7380"];
+    let mut n1 = Node::start(
+        dir.path(),
+        19,
+        1,
+        None,
+        &[&ports[..], &["--shards", "2"]].concat(),
+    );
+    let n2 = Node::start(dir.path(), 19, 2, Some(seed), &["--shards", "1"]);
+    let n3 = Node::start(dir.path(), 19, 3, Some(seed), &["--shards", "1"]);
+    wait_agreement(&[&n1, &n2, &n3]);
+    // node 2 coordinates: it learns node 1's two shard ports and uses both
+    let mut c2 = n2.client();
+    for i in 0..20u32 {
+        put_retrying(&mut c2, format!("before-{i}").as_bytes(), b"v", 3);
+    }
+    assert!(n1.server.take().expect("running").stop().success());
+    let at = n1.args.iter().rposition(|a| a == "--shards").unwrap();
+    n1.args[at + 1] = "1".to_string();
+    n1.restart();
+    wait_agreement(&[&n1, &n2, &n3]);
+    let mut c2 = n2.client();
+    for i in 0..20u32 {
+        put_retrying(&mut c2, format!("after-{i}").as_bytes(), b"v", 3);
+    }
+    // a put retried after NotConfirmed may have landed twice: siblings of one value
+    for i in 0..20u32 {
+        let key = format!("after-{i}");
+        let values = read_one(&n1, key.as_bytes(), 1);
+        assert!(
+            !values.is_empty() && values.iter().all(|v| v == b"v"),
+            "{key}: {values:?}"
+        );
+    }
+}

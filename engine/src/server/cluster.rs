@@ -346,7 +346,17 @@ impl Shard {
         match &reply {
             Ok(_) => self.cluster.fd.borrow_mut().handle_answered(now, to),
             Err(LinkError::QueueFull(_)) => {}
-            Err(_) => self.cluster.fd.borrow_mut().handle_unanswered(now, to),
+            Err(e) => {
+                self.cluster.fd.borrow_mut().handle_unanswered(now, to);
+                // the node may have restarted with other shards or shard ports: learn
+                // its layout again (requests use its client port meanwhile)
+                if matches!(e, LinkError::Unreachable { .. }) && request.partition().is_some() {
+                    let mut layouts = self.cluster.layouts.borrow_mut();
+                    if matches!(layouts.get(&to), Some(Layout::Known { .. })) {
+                        layouts.remove(&to);
+                    }
+                }
+            }
         }
         reply
     }
