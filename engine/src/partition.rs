@@ -988,6 +988,34 @@ impl<S: Storage> Partition<S> {
         }
     }
 
+    /// Waits until everything appended so far is as durable as a write's reply waits
+    /// for in `sync` mode (at once in the other modes): for a reply that rests on
+    /// versions another write appended, which may still be waiting for its sync.
+    pub async fn durable_barrier(&self) -> Result<(), StoreError> {
+        if !matches!(self.config.durability, Durability::Sync) {
+            return Ok(());
+        }
+        let log = self.commit_log.borrow().clone();
+        if let Some(log) = log {
+            return self.wait_logged(log.appended()).await;
+        }
+        // the active segment, and the one a roll is sealing
+        let unsealed: Vec<_> = self
+            .state
+            .borrow()
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.sealed.get())
+            .cloned()
+            .collect();
+        for segment in unsealed {
+            let end = segment.file.len();
+            self.make_durable(&segment, end).await?;
+        }
+        Ok(())
+    }
+
     /// How far the commit log is durable (0 without one).
     pub fn logged_durable(&self) -> u64 {
         self.commit_log

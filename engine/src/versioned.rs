@@ -251,7 +251,14 @@ impl<S: Storage> Partition<S> {
         for _ in 0..WRITE_ATTEMPTS_MAX {
             let (stored, versions) = self.read_versions(key).await?;
             let replaced = match reconcile(version, &versions) {
-                Reconcile::Stale(reason) => return Ok(ApplyOutcome::Stale(reason)),
+                Reconcile::Stale(reason) => {
+                    // the version (or a newer one) is here, but possibly appended by a
+                    // write still waiting for its sync: the sender drops its hint or
+                    // counts this copy once told, so it must be durable first
+                    drop(turn.take());
+                    self.durable_barrier().await?;
+                    return Ok(ApplyOutcome::Stale(reason));
+                }
                 Reconcile::Apply { replaced } => replaced,
             };
             let written = self

@@ -445,3 +445,57 @@ fn forged_contexts_move_the_epoch_at_most_once_per_interval() {
         assert!(p.epoch() > moved);
     });
 }
+
+/// A replica answers a copy it already holds as stale (a duplicate) at once. When the
+/// earlier copy was appended by a write still waiting for its sync, that answer told
+/// the sender the version was stored (it then drops its hint, or counts the copy toward
+/// W) while a crash could still lose it. The answer now waits for that sync.
+#[test]
+fn a_duplicate_is_acknowledged_only_once_the_first_copy_is_durable() {
+    use futures_lite::future::poll_once;
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000).await;
+        let out = a
+            .coordinate_put(1, b"k", &VClock::new(), Some(b"v"), 1_001, CLOCK_MAX)
+            .await
+            .unwrap();
+        let b = replica(&disk, "b", 1_000).await;
+        disk.set_yielding(true);
+        let acknowledged_early = {
+            let mut first = std::pin::pin!(b.apply_version(b"k", &out.version, Some(b"v"), 1_002));
+            assert!(
+                poll_once(&mut first).await.is_none(),
+                "the first copy waits for its sync"
+            );
+            let mut second = std::pin::pin!(b.apply_version(b"k", &out.version, Some(b"v"), 1_003));
+            let mut early = false;
+            for _ in 0..1_000 {
+                if let Some(r) = poll_once(&mut second).await {
+                    assert!(matches!(r, Ok(ApplyOutcome::Stale(_))), "{r:?}");
+                    early = true;
+                    break;
+                }
+            }
+            if !early {
+                // once the first copy's sync runs, both are answered
+                let (first, second) = futures_lite::future::zip(first, second).await;
+                assert!(
+                    matches!(first, Ok(ApplyOutcome::Applied { .. })),
+                    "{first:?}"
+                );
+                assert!(matches!(second, Ok(ApplyOutcome::Stale(_))), "{second:?}");
+            }
+            early
+        };
+        assert!(
+            !acknowledged_early,
+            "a duplicate was acknowledged before the copy it duplicates was durable"
+        );
+        disk.set_yielding(false);
+        drop(b);
+        disk.crash(7);
+        let b = replica(&disk, "b", 2_000).await;
+        assert_eq!(values(&b, b"k").await, vec![Some(b"v".to_vec())]);
+    });
+}
