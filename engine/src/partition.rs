@@ -1657,6 +1657,20 @@ impl<S: Storage> Partition<S> {
             total += s.file.len();
             dead += s.dead_bytes.get();
         }
+        if total > 0 && self.config.tombstone_grace_ms == 0 {
+            // With no grace period (the hint store: a delivered hint leaves a tombstone)
+            // compaction drops every tombstone that is its key's only version, so they
+            // count as dead; without them a store of hints written and delivered once
+            // each stays under half dead and grows for good. (With a grace period they
+            // are dropped only once old enough: not counted.)
+            for (_, locs) in state.keydir.iter() {
+                if let [only] = locs {
+                    if only.is_tombstone() && state.segment(only.segment).sealed.get() {
+                        dead += only.len as u64;
+                    }
+                }
+            }
+        }
         total > 0 && dead as f64 >= min_dead_ratio * total as f64
     }
 

@@ -276,6 +276,37 @@ mod tests {
         });
     }
 
+    /// Each key hinted once and delivered once: the hint store holds only tombstones of
+    /// delivered hints, under half its bytes superseded, and compaction (which drops them
+    /// all) was never due, so the store grew with every key ever hinted.
+    #[test]
+    fn a_hint_store_of_delivered_hints_is_due_for_compaction() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            for i in 0..300u32 {
+                let key = format!("key-{i}");
+                record_hint(&hints, NodeId(2), 5, key.as_bytes(), 10)
+                    .await
+                    .unwrap();
+                let pending = pending_hints(&hints, usize::MAX, |_| true);
+                let hint = pending
+                    .iter()
+                    .find(|h| h.key == key.as_bytes())
+                    .expect("the hint is pending");
+                hint_delivered(&hints, hint, 11).await.unwrap();
+            }
+            assert!(pending_hints(&hints, usize::MAX, |_| true).is_empty());
+            let before = hints.stats();
+            assert!(before.segments > 3, "{before:?}");
+            assert!(hints.compaction_due(0.5), "{before:?}");
+            hints.compact(12).await.unwrap();
+            let after = hints.stats();
+            assert!(after.bytes * 4 < before.bytes, "{before:?} -> {after:?}");
+            assert!(!hints.compaction_due(0.5), "{after:?}");
+        });
+    }
+
     #[test]
     fn hints_survive_a_crash_after_sync_and_collapse_per_key() {
         block_on(async {
