@@ -999,21 +999,7 @@ impl<S: Storage> Partition<S> {
         if let Some(log) = log {
             return self.wait_logged(log.appended()).await;
         }
-        // the active segment, and the one a roll is sealing
-        let unsealed: Vec<_> = self
-            .state
-            .borrow()
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| !s.sealed.get())
-            .cloned()
-            .collect();
-        for segment in unsealed {
-            let end = segment.file.len();
-            self.make_durable(&segment, end).await?;
-        }
-        Ok(())
+        self.sync().await
     }
 
     /// How far the commit log is durable (0 without one).
@@ -1694,8 +1680,33 @@ impl<S: Storage> Partition<S> {
             state.compacting = true;
         }
         let result = self.compact_inner(now_ms).await;
+        if result.is_err() && self.state.borrow().failed.is_none() {
+            // failed before its output became visible (out of space, say): the output
+            // files would hold that space until the next open
+            self.remove_compaction_leftovers().await;
+        }
         self.state.borrow_mut().compacting = false;
         result
+    }
+
+    /// Removes the files of a compaction that failed before its renames: its output
+    /// segments (`*.seg.tmp`) and the hint files already written for them.
+    async fn remove_compaction_leftovers(&self) {
+        let Ok(names) = self.storage.list().await else {
+            return;
+        };
+        for name in &names {
+            let Some(stem) = name.strip_suffix(".tmp") else {
+                continue;
+            };
+            let Some((id, "seg")) = segment::parse_name(stem) else {
+                continue;
+            };
+            let _ = self.storage.remove(name).await;
+            if !names.contains(&segment::segment_name(id)) {
+                let _ = self.storage.remove(&segment::hint_name(id)).await;
+            }
+        }
     }
 
     async fn compact_inner(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {

@@ -84,9 +84,12 @@ pub fn background_queue() -> TaskQueueHandle {
 }
 
 /// Writes pending hint files of newly sealed segments and compacts `partition` in the
-/// low-priority `queue` whenever at least `min_dead_ratio` of its sealed bytes are dead, checking every `check_every`; stops when the
-/// partition is closed or failed, or after `rounds_max` checks. `compacted` is told
-/// how long each compaction that succeeded took.
+/// low-priority `queue` whenever at least `min_dead_ratio` of its sealed bytes are dead,
+/// checking every `check_every`; stops when the partition is closed or failed (that
+/// error is returned), or after `rounds_max` checks. A round that fails without failing
+/// the partition (a compaction out of space, a damaged sealed segment) is logged and
+/// tried again next time. `compacted` is told how long each compaction that succeeded
+/// took.
 pub fn spawn_compactor<S: Storage + 'static>(
     partition: Rc<Partition<S>>,
     queue: TaskQueueHandle,
@@ -99,29 +102,36 @@ pub fn spawn_compactor<S: Storage + 'static>(
     glommio::spawn_local_into(
         async move {
             let mut compactions = 0;
+            let mut failed_rounds = 0u32;
             for _ in 0..rounds_max {
                 if partition.failure().is_some() || partition.is_closed() {
                     break;
                 }
                 // the partition may close while a round runs: that ends the loop
-                match partition.write_pending_hints().await {
+                let round = async {
+                    partition.write_pending_hints().await?;
+                    if partition.compaction_due(min_dead_ratio) {
+                        let started = std::time::Instant::now();
+                        partition.compact(now_ms()).await?;
+                        compactions += 1;
+                        compacted(started.elapsed());
+                    }
+                    Ok::<(), StoreError>(())
+                };
+                let mut wait = check_every;
+                match round.await {
+                    Ok(()) => failed_rounds = 0,
                     Err(StoreError::Closed) => break,
-                    other => {
-                        other?;
+                    Err(e) if partition.failure().is_some() => return Err(e),
+                    Err(e) => {
+                        // a compaction reads every sealed segment: one that keeps
+                        // failing is retried less and less often (up to 1,024 checks)
+                        failed_rounds += 1;
+                        wait = check_every * (1u32 << failed_rounds.min(10));
+                        tracing::warn!(error = %e, retry_in = ?wait, "background compaction round failed");
                     }
                 }
-                if partition.compaction_due(min_dead_ratio) {
-                    let started = std::time::Instant::now();
-                    match partition.compact(now_ms()).await {
-                        Ok(_) => {
-                            compactions += 1;
-                            compacted(started.elapsed());
-                        }
-                        Err(StoreError::Closed) => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                glommio::timer::sleep(check_every).await;
+                glommio::timer::sleep(wait).await;
             }
             Ok(compactions)
         },

@@ -871,3 +871,69 @@ fn an_entry_in_the_padding_of_a_damaged_segment_is_put_back() {
         }
     });
 }
+
+/// A compaction that fails without failing the partition (its output could not be made
+/// durable: a full or failing disk) used to end the background compactor for good, and
+/// left its output files behind until the next open. Now the files go and the
+/// compactor tries again later, and compacts once the disk is back.
+#[test]
+fn a_failed_background_compaction_is_cleaned_up_and_tried_again() {
+    use ringkv_engine::storage::mem::MemDisk;
+    run_local(|| async {
+        let disk = MemDisk::new();
+        let config = PartitionConfig {
+            durability: Durability::Sync,
+            segment_bytes_max: 4096,
+            ..PartitionConfig::default()
+        };
+        let (p, _) = Partition::open(disk.folder("p"), config, 1).await.unwrap();
+        let p = Rc::new(p);
+        // more live data than one segment holds: the sealed ones keep live records
+        for round in 0..20u32 {
+            for i in 0..100u32 {
+                let key = format!("k{i}");
+                let old: Vec<u64> = p.versions(key.as_bytes()).iter().map(|l| l.seq).collect();
+                let value = round.to_le_bytes().repeat(10);
+                p.write(&[put(key.as_bytes(), b"v", &value, &old)], 10)
+                    .await
+                    .unwrap();
+            }
+        }
+        p.write_pending_hints().await.unwrap();
+        assert!(p.compaction_due(0.3));
+        // every write is durable: only the compactor's own syncs fail from here
+        disk.fail_syncs_after(0);
+        let compactor = ringkv_engine::runtime::spawn_compactor(
+            p.clone(),
+            ringkv_engine::runtime::background_queue(),
+            0.3,
+            std::time::Duration::from_millis(1),
+            1_000,
+            || 100,
+            |_| {},
+        );
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(p.failure().is_none(), "{:?}", p.failure());
+        assert!(p.compaction_due(0.3), "nothing compacted while syncs fail");
+        let names = ringkv_engine::storage::Storage::list(&disk.folder("p"))
+            .await
+            .unwrap();
+        assert!(
+            !names.iter().any(|n| n.ends_with(".tmp")),
+            "a failed compaction left {names:?}"
+        );
+        disk.fail_syncs_after(u64::MAX);
+        for _ in 0..500 {
+            if !p.compaction_due(0.3) {
+                break;
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(
+            !p.compaction_due(0.3),
+            "the compactor tried again and compacted"
+        );
+        p.close().await.unwrap();
+        assert!(compactor.await.unwrap() >= 1);
+    });
+}
