@@ -29,7 +29,10 @@ pub fn parse_name(name: &str) -> Option<(u64, &'static str)> {
     } else {
         return None;
     };
-    if stem.len() != 16 {
+    // exactly the names segment_name/hint_name write: from_str_radix alone takes a
+    // leading '+' and upper case, names that then open a different file (or the same
+    // segment twice)
+    if stem.len() != 16 || !stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     u64::from_str_radix(stem, 16).ok().map(|id| (id, kind))

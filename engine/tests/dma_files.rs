@@ -937,3 +937,29 @@ fn a_failed_background_compaction_is_cleaned_up_and_tried_again() {
         assert!(compactor.await.unwrap() >= 1);
     });
 }
+
+/// Files in a partition's folder whose names only look like segments (upper-case hex, a
+/// leading '+') are not segments: `open` read their ids, then opened the lower-case name
+/// of that id (not there: open failed) or the same segment twice.
+#[test]
+fn names_that_only_look_like_segments_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    run_local(move || async move {
+        let config = PartitionConfig::default();
+        let (p, _) = open(&path, config.clone(), 1).await;
+        p.write(&[put(b"k", b"v", b"kept", &[])], 2).await.unwrap();
+        p.close().await.unwrap();
+        drop(p);
+        for stray in [
+            "000000000100000A.seg",
+            "+000000001000000.seg",
+            "000000000100000A.hint",
+        ] {
+            std::fs::write(path.join(stray), b"not a segment").unwrap();
+        }
+        let (p, report) = open(&path, config, 3).await;
+        assert!(report.corruption.is_empty(), "{report:?}");
+        assert_eq!(value_of(&p, b"k").await, Some(b"kept".to_vec()));
+    });
+}
