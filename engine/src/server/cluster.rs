@@ -703,8 +703,19 @@ impl Shard {
             } => {
                 let shard = self.clone();
                 glommio::spawn_local(async move {
+                    // A home that does not answer gives way to a fallback after half the
+                    // request's time, leaving the other half for the fallback's copy: the
+                    // op ends at its deadline, so a home allowed the whole of it would
+                    // leave a stopped or partitioned node's fallback no time to count.
+                    let timeout = shard.config.request_timeout;
+                    let started = std::time::Instant::now();
+                    let first_timeout = if hint_for.is_none() {
+                        timeout / 2
+                    } else {
+                        timeout
+                    };
                     let mut ok = shard
-                        .send_replica_put(to, partition, hint_for, &key, &version)
+                        .send_replica_put(to, partition, hint_for, &key, &version, first_timeout)
                         .await;
                     let home = hint_for.unwrap_or(to);
                     if !ok {
@@ -717,8 +728,16 @@ impl Shard {
                             .borrow_mut()
                             .claim_fallback(op, to, candidates);
                         if let Some(fallback) = fallback {
+                            let left = timeout.saturating_sub(started.elapsed());
                             ok = shard
-                                .send_replica_put(fallback, partition, Some(home), &key, &version)
+                                .send_replica_put(
+                                    fallback,
+                                    partition,
+                                    Some(home),
+                                    &key,
+                                    &version,
+                                    left.max(Duration::from_millis(10)),
+                                )
                                 .await;
                         }
                     }
@@ -774,7 +793,16 @@ impl Shard {
                                 }
                             }
                         } else {
-                            shard.send_replica_put(to, partition, None, &key, v).await;
+                            shard
+                                .send_replica_put(
+                                    to,
+                                    partition,
+                                    None,
+                                    &key,
+                                    v,
+                                    shard.config.request_timeout,
+                                )
+                                .await;
                         }
                     }
                 })
@@ -819,6 +847,7 @@ impl Shard {
         hint_for: Option<NodeId>,
         key: &[u8],
         version: &VersionedValue,
+        timeout: Duration,
     ) -> bool {
         let blob = version.version.encode_to_vec();
         let request = ClusterRequest::ReplicaPut {
@@ -830,10 +859,7 @@ impl Shard {
                 value: version.value.as_deref(),
             },
         };
-        match self
-            .call_peer(to, &request, self.config.request_timeout)
-            .await
-        {
+        match self.call_peer(to, &request, timeout).await {
             Ok(frame) => matches!(
                 ClusterReply::parse(&frame),
                 Ok((_, ClusterReply::ReplicaPutOk { .. }))
@@ -1644,7 +1670,14 @@ impl Shard {
         };
         for v in &versions {
             if !self
-                .send_replica_put(hint.target, hint.partition, None, &hint.key, v)
+                .send_replica_put(
+                    hint.target,
+                    hint.partition,
+                    None,
+                    &hint.key,
+                    v,
+                    self.config.request_timeout,
+                )
                 .await
             {
                 return false;
