@@ -532,3 +532,37 @@ fn partial_replication_never_overwrites_an_unseen_sibling() {
     assert_eq!(a.siblings, vec![w4.clone()]);
     assert_eq!(b.siblings, vec![w4]);
 }
+
+/// A key whose history has more actors than a clock keeps: truncating the new
+/// version's past oldest-first cut the coordinator's own entry, so the new dot did not
+/// follow its past, no context could cover the version, and every read-modify-write
+/// through that coordinator left one more sibling (until the key refused writes).
+#[test]
+fn truncating_a_past_keeps_the_coordinators_own_entry() {
+    let (x, y, z) = (ActorId::new(1, 1), ActorId::new(2, 1), ActorId::new(3, 1));
+    let mut stored: Vec<Version> = Vec::new();
+    let mut put = |actor, t, stored: &mut Vec<Version>| {
+        let c = coordinate(actor, t, &context_of(stored), stored, 2).unwrap();
+        remove_indices(stored, &c.replaced);
+        stored.push(c.version);
+        stored.len()
+    };
+    put(x, 0, &mut stored);
+    put(y, 10, &mut stored);
+    put(z, 20, &mut stored);
+    // the past {X:1, Y:1, Z:1} is one entry too many: X:1 is the oldest
+    assert_eq!(put(x, 30, &mut stored), 1);
+    for t in 40..45 {
+        assert_eq!(
+            put(x, t, &mut stored),
+            1,
+            "read-modify-writes left siblings"
+        );
+    }
+    let mut clock = VClock::new();
+    clock.raise(x, 5, 1);
+    clock.raise(y, 1, 100);
+    clock.raise(z, 1, 200);
+    assert_eq!(clock.truncate_keeping(x, 2), 1);
+    assert_eq!((clock.get(x), clock.get(y), clock.get(z)), (5, 0, 1));
+}

@@ -325,6 +325,21 @@ impl VClock {
         removed
     }
 
+    /// [`truncate`](Self::truncate) that never removes `keep`'s entry (unless
+    /// `entries_max` is 0): the others make room for it.
+    pub fn truncate_keeping(&mut self, keep: ActorId, entries_max: usize) -> usize {
+        let Ok(i) = self.position(keep) else {
+            return self.truncate(entries_max);
+        };
+        if entries_max == 0 {
+            return self.truncate(0);
+        }
+        let kept = self.entries.remove(i);
+        let removed = self.truncate(entries_max - 1);
+        self.raise(kept.actor, kept.counter, kept.timestamp_ms);
+        removed
+    }
+
     /// Appends the binary encoding (see docs/format.md): u16 entry count, then per entry
     /// node u64, epoch u32, counter u64, timestamp_ms u64, all little-endian.
     ///

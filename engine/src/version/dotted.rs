@@ -208,7 +208,10 @@ pub fn coordinate(
         .checked_add(1)
         .ok_or(CoordinateError::CounterExhausted { actor })?;
     let mut past = context.clone();
-    let truncated_entries = past.truncate(clock_entries_max);
+    // The coordinator's own entry stays: without it the new dot would not follow its
+    // past, no context could ever cover the version, and each later write through this
+    // coordinator would leave one more sibling.
+    let truncated_entries = past.truncate_keeping(actor, clock_entries_max);
     let version = Version {
         dot: Dot { actor, counter },
         timestamp_ms: now_ms,
