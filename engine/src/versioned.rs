@@ -204,9 +204,11 @@ impl<S: Storage> Partition<S> {
                     e @ (CoordinateError::LocalDataBehindContext { .. }
                     | CoordinateError::CounterExhausted { .. }),
                 ) => {
-                    if matches!(e, CoordinateError::LocalDataBehindContext { .. }) {
-                        self.claim_context_epoch_move(now_ms)?;
-                    }
+                    // Both come from a context (or a replicated version) claiming more
+                    // of this actor than it made: a lost write, or a forgery (a counter
+                    // at u64::MAX is never reached honestly). Either way the moves are
+                    // rate-limited, or forged versions could burn epochs at will.
+                    self.claim_context_epoch_move(now_ms)?;
                     tracing::warn!(
                         partition = self.config().partition,
                         key = %String::from_utf8_lossy(key),

@@ -499,3 +499,45 @@ fn a_duplicate_is_acknowledged_only_once_the_first_copy_is_durable() {
         assert_eq!(values(&b, b"k").await, vec![Some(b"v".to_vec())]);
     });
 }
+
+/// A forged context can put a counter of u64::MAX for another node's current actor into
+/// a version that then replicates there; that node's next put to the key finds its
+/// counter exhausted and moves to a new epoch. Those moves were not rate-limited (only
+/// a context ahead of local data was), so forged versions could burn epochs at will.
+#[test]
+fn forged_exhausted_counters_move_the_epoch_at_most_once_per_interval() {
+    use ringkv_engine::partition::StoreError;
+    use ringkv_engine::version::ActorId;
+    block_on(async {
+        let disk = MemDisk::new();
+        let a = replica(&disk, "a", 1_000).await;
+        let b = replica(&disk, "b", 1_000).await;
+        let first = b.epoch();
+        let mut refused = 0;
+        for i in 0..3u64 {
+            let mut forged = VClock::new();
+            forged.raise(
+                ActorId {
+                    node: 2,
+                    epoch: b.epoch(),
+                },
+                u64::MAX,
+                u64::MAX,
+            );
+            a.coordinate_put(1, b"k", &forged, Some(b"x"), 2_000 + i, CLOCK_MAX)
+                .await
+                .unwrap();
+            exchange(&a, &b, b"k", 2_000 + i).await;
+            match b
+                .coordinate_put(2, b"k", &VClock::new(), Some(b"y"), 2_000 + i, CLOCK_MAX)
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::EpochMovesLimited { .. }) => refused += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(b.epoch() > first, "the first one moves the epoch");
+        assert_eq!(refused, 2, "the next ones within the interval are refused");
+    });
+}
