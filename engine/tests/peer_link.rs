@@ -148,9 +148,9 @@ fn a_name_is_refused_not_looked_up() {
     }
 }
 
-/// A peer that accepts each connection and closes it at once (as a node at its
-/// connection limit refuses one) is retried with backoff, as a failed connect is: the
-/// link used to reconnect in a loop, thousands of times a second.
+/// A peer that accepts each connection, sends an error and closes it at once (as a node
+/// at its connection limit refuses one) is retried with backoff, as a failed connect
+/// is: the link used to reconnect in a loop, thousands of times a second.
 #[test]
 fn a_peer_that_accepts_and_closes_is_retried_with_backoff() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -158,9 +158,19 @@ fn a_peer_that_accepts_and_closes_is_retried_with_backoff() {
     let accepted = Arc::new(AtomicUsize::new(0));
     let counted = accepted.clone();
     std::thread::spawn(move || {
+        let mut refusal = Vec::new();
+        encode::error(
+            &mut refusal,
+            0,
+            ringkv_net::protocol::ErrorCode::Unavailable,
+            "too many connections on this shard",
+        );
         for stream in listener.incoming() {
             counted.fetch_add(1, Ordering::SeqCst);
-            drop(stream);
+            // as conn::refuse does: an error frame with request id 0, then close
+            if let Ok(mut stream) = stream {
+                let _ = stream.write_all(&refusal);
+            }
         }
     });
     run_local(move || async move {

@@ -93,7 +93,7 @@ struct Inner {
     last_error: RefCell<String>,
     closed: Cell<bool>,
     connects: Cell<u64>,
-    /// Frames read from the peer so far, over all connections.
+    /// Replies to this link's requests read so far, over all connections.
     frames_read: Cell<u64>,
 }
 
@@ -297,8 +297,18 @@ async fn connection_task(inner: Rc<Inner>) {
                     && !inner.closed.get()
                     && *inner.addr.borrow() == addr;
                 if refused {
-                    inner.state.set(State::Connecting);
-                    glommio::timer::sleep(backoff).await;
+                    // as after a failed connect: calls fail fast meanwhile, and a new
+                    // address ends the wait
+                    inner.state.set(State::Down {
+                        retry_at: Instant::now() + backoff,
+                    });
+                    let _ = glommio::timer::timeout(backoff, async {
+                        while *inner.addr.borrow() == addr && !inner.closed.get() {
+                            inner.wake.wait().await;
+                        }
+                        Ok(())
+                    })
+                    .await;
                     backoff = (backoff * 2).min(inner.config.backoff_max);
                 } else {
                     backoff = inner.config.backoff_min;
@@ -367,8 +377,10 @@ async fn run_connection(inner: &Rc<Inner>, stream: TcpStream, addr: &str) -> Str
                     Ok(Some(len)) => {
                         let frame = &buf[at..at + len];
                         let id = header(frame).request_id;
-                        inner.frames_read.set(inner.frames_read.get() + 1);
                         if let Some(slot) = inner.pending.borrow_mut().remove(&id) {
+                            // only an answer counts: a peer at its connection limit
+                            // sends an error (request id 0) before it closes
+                            inner.frames_read.set(inner.frames_read.get() + 1);
                             *slot.reply.borrow_mut() = Some(Ok(frame.to_vec()));
                             slot.done.notify_all();
                             inner.freed.notify_all();
