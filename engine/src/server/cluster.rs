@@ -707,13 +707,15 @@ impl Shard {
                     // request's time, leaving the other half for the fallback's copy: the
                     // op ends at its deadline, so a home allowed the whole of it would
                     // leave a stopped or partitioned node's fallback no time to count.
+                    // With no fallback to give way to, the home has the whole time.
                     let timeout = shard.config.request_timeout;
                     let started = std::time::Instant::now();
-                    let first_timeout = if hint_for.is_none() {
-                        timeout / 2
-                    } else {
-                        timeout
-                    };
+                    let first_timeout =
+                        if hint_for.is_none() && !shard.fallback_candidates(partition).is_empty() {
+                            timeout / 2
+                        } else {
+                            timeout
+                        };
                     let mut ok = shard
                         .send_replica_put(to, partition, hint_for, &key, &version, first_timeout)
                         .await;
