@@ -1643,7 +1643,8 @@ impl<S: Storage> Partition<S> {
             total += s.file.len();
             dead += s.dead_bytes.get();
         }
-        if total > 0 && self.config.tombstone_grace_ms == 0 {
+        let due = |dead: u64| total > 0 && dead as f64 >= min_dead_ratio * total as f64;
+        if !due(dead) && self.config.tombstone_grace_ms == 0 {
             // With no grace period (the hint store: a delivered hint leaves a tombstone)
             // compaction drops every tombstone that is its key's only version, so they
             // count as dead; without them a store of hints written and delivered once
@@ -1657,7 +1658,7 @@ impl<S: Storage> Partition<S> {
                 }
             }
         }
-        total > 0 && dead as f64 >= min_dead_ratio * total as f64
+        due(dead)
     }
 
     /// Compacts every sealed segment into new ones holding only live versions,
@@ -1782,9 +1783,12 @@ impl<S: Storage> Partition<S> {
                             let live = locs
                                 .iter()
                                 .any(|l| l.seq == rec.header.seq && (l.segment, l.offset) == from);
+                            // no grace period: every sole tombstone goes (whatever the
+                            // clock says), as compaction_due counts them
                             let expired = rec.header.is_tombstone()
                                 && locs.len() == 1
-                                && now_ms.saturating_sub(rec.header.timestamp_ms) > grace;
+                                && (grace == 0
+                                    || now_ms.saturating_sub(rec.header.timestamp_ms) > grace);
                             (live, live && expired)
                         }
                         None => (false, false),
