@@ -348,9 +348,17 @@ impl Shard {
             Err(LinkError::QueueFull(_)) => {}
             Err(e) => {
                 self.cluster.fd.borrow_mut().handle_unanswered(now, to);
-                // the node may have restarted with other shards or shard ports: learn
-                // its layout again (requests use its client port meanwhile)
-                if matches!(e, LinkError::Unreachable { .. }) && request.partition().is_some() {
+                // nothing listens on a shard port it learned: the node may have
+                // restarted with other shards or shard ports, so learn its layout again
+                // (requests use its client port meanwhile)
+                let shard_link = !self
+                    .cluster
+                    .links
+                    .borrow()
+                    .get(&to)
+                    .is_some_and(|main| Rc::ptr_eq(main, &link));
+                let refused = matches!(e, LinkError::Unreachable { reason, .. } if reason.starts_with("connect failed"));
+                if shard_link && refused {
                     let mut layouts = self.cluster.layouts.borrow_mut();
                     if matches!(layouts.get(&to), Some(Layout::Known { .. })) {
                         layouts.remove(&to);
