@@ -389,7 +389,25 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    // a node that died just before the Ctrl-C, unseen by the loop
+    for (i, child) in children.0.iter_mut().enumerate() {
+        if !reported[i] {
+            if let Ok(Some(status)) = child.try_wait() {
+                reported[i] = true;
+                if status.code() != Some(0) {
+                    failed = true;
+                    eprintln!("node {} exited ({status})", i + 1);
+                }
+            }
+        }
+    }
     drop(children);
+    if failed {
+        // a node that failed while the cluster ran was reported above: say so in the
+        // exit status too, for scripts
+        println!("stopped (a node had exited with an error)");
+        return Ok(ExitCode::FAILURE);
+    }
     println!("stopped");
     Ok(ExitCode::SUCCESS)
 }

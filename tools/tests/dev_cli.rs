@@ -176,3 +176,34 @@ fn dev_spaces_nodes_of_many_shards_apart() {
     );
     assert!(stderr.contains("must lie within 1024..=65535"), "{stderr}");
 }
+
+/// The pid of the process whose command line holds `needle` (a dev node's
+/// `--listen ADDR`).
+fn pid_with_arg(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"--listen" && w[1] == needle.as_bytes())
+                .then_some(pid)
+        })
+}
+
+/// A node that died while the cluster ran is reported, and dev's exit status after
+/// Ctrl-C says so (it used to be 0 whenever Ctrl-C ended it).
+#[test]
+fn dev_exits_with_failure_when_a_node_died_before_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--nodes", "2", "--base-port", "7700", "--shards", "1"];
+    let (mut dev, addrs) = Dev::start(&args, &dir.path().join("dev"));
+    let pid = pid_with_arg(&addrs[1]).expect("node 2's process");
+    // SAFETY: SIGKILL to the node process dev started for this test.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // dev sees it in its loop, or at the latest when Ctrl-C ends the loop
+    let status = dev.interrupt();
+    assert_eq!(status.code(), Some(1), "{status}");
+}
