@@ -328,6 +328,9 @@ impl VClock {
     /// [`truncate`](Self::truncate) that never removes `keep`'s entry (unless
     /// `entries_max` is 0): the others make room for it.
     pub fn truncate_keeping(&mut self, keep: ActorId, entries_max: usize) -> usize {
+        if self.entries.len() <= entries_max {
+            return 0;
+        }
         let Ok(i) = self.position(keep) else {
             return self.truncate(entries_max);
         };
