@@ -308,6 +308,25 @@ impl Coordinator {
         Some(chosen)
     }
 
+    /// Whether [`claim_fallback`](Self::claim_fallback) would find a fallback for
+    /// `failed` among `candidates` now (nothing is claimed).
+    pub fn has_fallback(
+        &self,
+        op: OpId,
+        failed: NodeId,
+        candidates: impl IntoIterator<Item = NodeId>,
+    ) -> bool {
+        let Some(put) = self.puts.get(&op) else {
+            return false;
+        };
+        candidates.into_iter().any(|n| {
+            n != failed
+                && n != self.local
+                && !put.targets.iter().any(|(t, _)| *t == n)
+                && !put.fallbacks_taken.contains(&n)
+        })
+    }
+
     /// A replica answered a put: `ok` if it stored (or already held) the version.
     pub fn handle_put_ack(&mut self, now_ms: u64, op: OpId, from: NodeId, ok: bool) {
         let Some(put) = self.puts.get_mut(&op) else {
@@ -711,7 +730,12 @@ mod tests {
         };
         let op = c.start_put(0, 7, b"k".to_vec(), v, &[home(B), d_for_c], 1, 3, 100);
         drain(&mut c);
+        // has_fallback agrees with claim_fallback and claims nothing
+        assert!(!c.has_fallback(op, B, [A, B, D]), "only taken or excluded nodes");
+        assert!(c.has_fallback(op, B, [A, B, D, E]));
+        assert!(c.has_fallback(op, B, [A, B, D, E]));
         assert_eq!(c.claim_fallback(op, B, [A, B, D, E]), Some(E));
+        assert!(!c.has_fallback(op, B, [A, B, D, E]), "E is taken now");
         c.handle_put_ack(1, op, D, true);
         c.handle_put_ack(2, op, B, true); // E's ack, reported for B
         assert_eq!(

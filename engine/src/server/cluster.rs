@@ -718,12 +718,15 @@ impl Shard {
                     // With no fallback to give way to, the home has the whole time.
                     let timeout = shard.config.request_timeout;
                     let started = std::time::Instant::now();
-                    let first_timeout =
-                        if hint_for.is_none() && !shard.fallback_candidates(partition).is_empty() {
-                            timeout / 2
-                        } else {
-                            timeout
-                        };
+                    let can_give_way = hint_for.is_none() && {
+                        let candidates = shard.fallback_candidates(partition);
+                        shard
+                            .cluster
+                            .coordinator
+                            .borrow()
+                            .has_fallback(op, to, candidates)
+                    };
+                    let first_timeout = if can_give_way { timeout / 2 } else { timeout };
                     let mut ok = shard
                         .send_replica_put(to, partition, hint_for, &key, &version, first_timeout)
                         .await;
