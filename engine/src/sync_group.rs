@@ -63,10 +63,13 @@ impl SyncGroup {
                 return Err(io::Error::other("sync group lost track of its tickets"));
             };
             self.busy.set(true);
+            // a leader dropped during its sync (a cancelled background task) hands the
+            // lead back: another waiter runs a sync of its own
+            let leading = Leading(self);
             self.started.set(self.started.get() + 1);
             let number = self.started.get();
             let result = run().await;
-            self.busy.set(false);
+            drop(leading);
             if let Err(e) = &result {
                 self.failed.replace(Some(e.to_string()));
             }
@@ -75,5 +78,16 @@ impl SyncGroup {
             self.done.notify_all();
             result?;
         }
+    }
+}
+
+/// Clears `busy` and wakes the waiters when the leading call ends, also when it is
+/// dropped (cancelled) before its sync finished.
+struct Leading<'a>(&'a SyncGroup);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+        self.0.done.notify_all();
     }
 }

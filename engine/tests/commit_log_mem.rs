@@ -560,3 +560,35 @@ fn a_rotation_while_the_spare_file_is_made_keeps_every_write() {
         }
     });
 }
+
+/// A partition's sync that leads the shard's group sync (`syncfs`) and is dropped
+/// half-way (a background task cancelled at shutdown) left the group busy for good:
+/// every later sync of the shard waited for ever, so `close` hung.
+#[test]
+fn a_sync_group_leader_dropped_mid_sync_does_not_hang_close() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 1 << 20).await;
+        let group = Rc::new(ringkv_engine::sync_group::SyncGroup::new());
+        for p in &node.parts {
+            p.set_sync_group(group.clone());
+        }
+        let ops = [WriteOp {
+            key: b"a",
+            version: b"v",
+            value: Some(b"x"),
+            replaces: &[],
+        }];
+        node.parts[0].write(&ops, 2).await.unwrap();
+        disk.set_yielding(true);
+        {
+            let mut sync = Box::pin(node.parts[0].sync());
+            assert!(
+                futures_lite::future::poll_once(&mut sync).await.is_none(),
+                "the sync waits for the group's file-system sync"
+            );
+        } // dropped, as shutdown drops the background tasks
+        finishes(node.parts[0].close()).await.unwrap();
+        disk.set_yielding(false);
+    });
+}
