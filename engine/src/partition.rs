@@ -1387,9 +1387,16 @@ impl<S: Storage> Partition<S> {
 
     /// Seals the active segment and starts a new one.
     async fn roll(&self) -> Result<(), StoreError> {
-        let result = self.roll_inner().await;
-        self.state.borrow_mut().rolling = false;
-        result
+        // cleared also when the roll is dropped half-way (its writer cancelled), or the
+        // partition would never roll again
+        struct ClearRolling<'a, S: Storage>(&'a Partition<S>);
+        impl<S: Storage> Drop for ClearRolling<'_, S> {
+            fn drop(&mut self) {
+                self.0.state.borrow_mut().rolling = false;
+            }
+        }
+        let _clear = ClearRolling(self);
+        self.roll_inner().await
     }
 
     async fn roll_inner(&self) -> Result<(), StoreError> {
@@ -1402,13 +1409,22 @@ impl<S: Storage> Partition<S> {
             StoreError::Io(io) => self.fail(io),
             other => other,
         })?;
-        let old = {
+        // the old active segment, and any an earlier roll dropped half-way left
+        // unsealed (compaction takes sealed segments up to the first unsealed one)
+        let unsealed: Vec<_> = {
             let mut state = self.state.borrow_mut();
-            let old = state.segment(state.active).clone();
             state.active = new_slot;
-            old
+            state
+                .order
+                .values()
+                .map(|&slot| state.segment(slot).clone())
+                .filter(|seg| !seg.sealed.get() && seg.id != new_id)
+                .collect()
         };
-        self.seal(&old).await
+        for segment in unsealed {
+            self.seal(&segment).await?;
+        }
+        Ok(())
     }
 
     /// Syncs a no-longer-active segment, cuts its padding and writes its hint.

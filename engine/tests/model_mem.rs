@@ -1014,3 +1014,41 @@ fn replay_after_damage_runs_again_after_a_crash_in_it() {
         &[(b"k", &[b"new"]), (b"x", &[b"1"]), (b"y", &[b"2"])],
     );
 }
+
+/// A write that came due for a roll-over and was dropped half-way through it (its
+/// task cancelled) left the partition marked as rolling: it never rolled again, and
+/// its active segment grew past the segment size for good.
+#[test]
+fn a_roll_dropped_half_way_does_not_stop_later_rolls() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::None), 1_000)
+            .await
+            .unwrap();
+        disk.set_yielding(true);
+        // writes of 300 bytes until one comes due for a roll and waits inside it (for
+        // the sync that seals the full segment): it is dropped there
+        let mut dropped = false;
+        for i in 0..20u32 {
+            let key = format!("fill-{i}");
+            let mut write = Box::pin(put(&p, key.as_bytes(), &[2; 300], 1_002));
+            if futures_lite::future::poll_once(&mut write).await.is_none() {
+                dropped = true;
+                break;
+            }
+        }
+        assert!(dropped, "a write waited inside its roll");
+        disk.set_yielding(false);
+        let before = p.stats().segments;
+        for i in 0..40u32 {
+            put(&p, format!("after-{i}").as_bytes(), &[3; 300], 1_003)
+                .await
+                .unwrap();
+        }
+        assert!(
+            p.stats().segments >= before + 3,
+            "{} segments after 12 KB more, {before} before",
+            p.stats().segments
+        );
+    });
+}

@@ -731,7 +731,10 @@ mod tests {
         let op = c.start_put(0, 7, b"k".to_vec(), v, &[home(B), d_for_c], 1, 3, 100);
         drain(&mut c);
         // has_fallback agrees with claim_fallback and claims nothing
-        assert!(!c.has_fallback(op, B, [A, B, D]), "only taken or excluded nodes");
+        assert!(
+            !c.has_fallback(op, B, [A, B, D]),
+            "only taken or excluded nodes"
+        );
         assert!(c.has_fallback(op, B, [A, B, D, E]));
         assert!(c.has_fallback(op, B, [A, B, D, E]));
         assert_eq!(c.claim_fallback(op, B, [A, B, D, E]), Some(E));
