@@ -427,7 +427,12 @@ impl<S: Storage> CommitLog<S> {
             // file retired, so before this sync starts
             sync_partitions().await?;
             for g in &generations {
-                self.storage.remove(&file_name(*g)).await?;
+                // gone already: an earlier checkpoint removed it and then failed (its
+                // folder sync, say) before it could forget the file
+                match self.storage.remove(&file_name(*g)).await {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             }
             self.storage.sync_dir().await
         }
@@ -441,7 +446,7 @@ impl<S: Storage> CommitLog<S> {
     }
 
     /// Retires the current file at once (the next group commit starts a new one), so a
-    /// checkpoint after this covers every entry written so far; `close` uses it.
+    /// checkpoint after this covers every entry written so far.
     pub fn rotate_soon(&self) {
         self.state.borrow_mut().rotate_due = true;
     }

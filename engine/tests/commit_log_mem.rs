@@ -592,3 +592,38 @@ fn a_sync_group_leader_dropped_mid_sync_does_not_hang_close() {
         disk.set_yielding(false);
     });
 }
+
+/// A checkpoint that removed its retired files and then failed (its folder sync)
+/// kept them on its list, and every later checkpoint failed on the first one
+/// ("no file"): the log was never cut again and grew without bound.
+#[test]
+fn a_checkpoint_that_failed_after_its_removes_can_run_again() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 4096).await;
+        let value = [7u8; 700];
+        let mut i = 0;
+        while !node.log.checkpoint_due() {
+            let key = format!("k{i}");
+            let ops = [WriteOp {
+                key: key.as_bytes(),
+                version: b"v",
+                value: Some(&value[..]),
+                replaces: &[],
+            }];
+            node.parts[0].write(&ops, 2).await.unwrap();
+            i += 1;
+        }
+        // the partitions are durable: the checkpoint's own syncs have nothing to do,
+        // and only its folder sync meets the failing disk
+        sync_all(&node.parts).await.unwrap();
+        disk.fail_syncs_after(0);
+        assert!(node.log.checkpoint(|| sync_all(&node.parts)).await.is_err());
+        disk.fail_syncs_after(u64::MAX);
+        node.log
+            .checkpoint(|| sync_all(&node.parts))
+            .await
+            .expect("the next checkpoint");
+        assert!(!node.log.checkpoint_due());
+    });
+}
