@@ -148,37 +148,90 @@ fn a_name_is_refused_not_looked_up() {
     }
 }
 
-/// A peer that accepts each connection, sends an error and closes it at once (as a node
-/// at its connection limit refuses one) is retried with backoff, as a failed connect
-/// is: the link used to reconnect in a loop, thousands of times a second.
+/// A peer that accepts each connection and closes it at once, after an error frame
+/// (as a node at its connection limit refuses one) or without a word, is retried with
+/// backoff, as a failed connect is: the link used to reconnect in a loop, thousands of
+/// times a second.
 #[test]
 fn a_peer_that_accepts_and_closes_is_retried_with_backoff() {
+    for refuse_with_error in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut refusal = Vec::new();
+            encode::error(
+                &mut refusal,
+                0,
+                ringkv_net::protocol::ErrorCode::Unavailable,
+                "too many connections on this shard",
+            );
+            for stream in listener.incoming() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                // as conn::refuse does: an error frame with request id 0, then close
+                if let (Ok(mut stream), true) = (stream, refuse_with_error) {
+                    let _ = stream.write_all(&refusal);
+                }
+            }
+        });
+        run_local(move || async move {
+            let link = PeerLink::spawn(&addr, config(4));
+            glommio::timer::sleep(Duration::from_millis(600)).await;
+            drop(link);
+        });
+        // 50, 100, 200 ms of backoff fit in 600 ms: a handful of connects
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=8).contains(&n),
+            "{n} connections in 600 ms (error frame: {refuse_with_error})"
+        );
+    }
+}
+
+/// A healthy peer that closes idle connections quickly (a short idle timeout): the
+/// link's quiet connections end within a second with no reply read, like a refusal
+/// without the error frame. A call made meanwhile must still be served (the link
+/// connects again for it), not fail at once as towards a peer that is down.
+#[test]
+fn a_call_on_a_link_whose_peer_closes_idle_connections_is_served() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
     std::thread::spawn(move || {
-        let mut refusal = Vec::new();
-        encode::error(
-            &mut refusal,
-            0,
-            ringkv_net::protocol::ErrorCode::Unavailable,
-            "too many connections on this shard",
-        );
         for stream in listener.incoming() {
-            counted.fetch_add(1, Ordering::SeqCst);
-            // as conn::refuse does: an error frame with request id 0, then close
-            if let Ok(mut stream) = stream {
-                let _ = stream.write_all(&refusal);
-            }
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let (mut buf, mut chunk, mut out) = (Vec::new(), [0u8; 4096], Vec::new());
+                // answers PINGs; 100 ms without a request closes the connection
+                while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Ok(Some(len)) = check_frame(&buf, 1 << 20) {
+                        out.clear();
+                        encode::pong(&mut out, header(&buf[..len]).request_id);
+                        buf.drain(..len);
+                        if stream.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
         }
     });
-    run_local(move || async move {
+    let results = run_local(move || async move {
         let link = PeerLink::spawn(&addr, config(4));
-        glommio::timer::sleep(Duration::from_millis(600)).await;
-        drop(link);
+        let ping = |id, out: &mut Vec<u8>| Request::Ping.encode(id, out);
+        let mut results = Vec::new();
+        for _ in 0..4 {
+            // long enough for the peer to close the idle connection (after 100 ms)
+            glommio::timer::sleep(Duration::from_millis(400)).await;
+            results.push(link.call(Duration::from_secs(5), ping).await);
+        }
+        results
     });
-    // 50, 100, 200 ms of backoff fit in 600 ms: a handful of connects
-    let n = accepted.load(Ordering::SeqCst);
-    assert!((1..=8).contains(&n), "{n} connections in 600 ms");
+    for r in &results {
+        assert!(r.is_ok(), "{results:?}");
+    }
 }

@@ -95,6 +95,8 @@ struct Inner {
     connects: Cell<u64>,
     /// Replies to this link's requests read so far, over all connections.
     frames_read: Cell<u64>,
+    /// The peer sent an error with request id 0 (it refused the connection).
+    refusal_seen: Cell<bool>,
 }
 
 /// A link to one peer; dropping it stops its task and fails its waiting requests.
@@ -119,6 +121,7 @@ impl PeerLink {
             closed: Cell::new(false),
             connects: Cell::new(0),
             frames_read: Cell::new(0),
+            refusal_seen: Cell::new(false),
         });
         let task = glommio::spawn_local(connection_task(inner.clone()));
         PeerLink {
@@ -289,21 +292,33 @@ async fn connection_task(inner: Rc<Inner>) {
                         reason,
                     },
                 );
-                // A peer that accepts and closes at once (one at its connection limit
-                // refuses that way) is retried with backoff like a failed connect, not
-                // in a loop of connects; calls meanwhile wait for the next connection.
-                let refused = inner.frames_read.get() == frames
+                // A peer that accepts and closes at once is retried with backoff, not
+                // in a loop of connects. One that refused (a node at its connection
+                // limit sends an error with request id 0 first) is down for the
+                // backoff, as after a failed connect: calls fail fast. One that just
+                // closed without answering anything (possibly its idle timeout on a
+                // quiet link) is connected to again after the backoff or as soon as a
+                // call needs it, whichever comes first.
+                let refusal = inner.refusal_seen.replace(false);
+                let quick = inner.frames_read.get() == frames
                     && started.elapsed() < Duration::from_secs(1)
                     && !inner.closed.get()
                     && *inner.addr.borrow() == addr;
-                if refused {
-                    // as after a failed connect: calls fail fast meanwhile, and a new
-                    // address ends the wait
-                    inner.state.set(State::Down {
-                        retry_at: Instant::now() + backoff,
+                if quick {
+                    inner.state.set(if refusal {
+                        State::Down {
+                            retry_at: Instant::now() + backoff,
+                        }
+                    } else {
+                        State::Connecting
                     });
+                    let queued = inner.queue.borrow().len();
                     let _ = glommio::timer::timeout(backoff, async {
-                        while *inner.addr.borrow() == addr && !inner.closed.get() {
+                        // a new address, a close, or (unless refused) a call
+                        while *inner.addr.borrow() == addr
+                            && !inner.closed.get()
+                            && (refusal || inner.queue.borrow().len() == queued)
+                        {
                             inner.wake.wait().await;
                         }
                         Ok(())
@@ -376,7 +391,11 @@ async fn run_connection(inner: &Rc<Inner>, stream: TcpStream, addr: &str) -> Str
                 match check_frame(&buf[at..], inner.config.frame_bytes_max) {
                     Ok(Some(len)) => {
                         let frame = &buf[at..at + len];
-                        let id = header(frame).request_id;
+                        let frame_header = header(frame);
+                        let id = frame_header.request_id;
+                        if id == 0 && frame_header.opcode == crate::protocol::opcode::ERROR {
+                            inner.refusal_seen.set(true);
+                        }
                         if let Some(slot) = inner.pending.borrow_mut().remove(&id) {
                             // only an answer counts: a peer at its connection limit
                             // sends an error (request id 0) before it closes
