@@ -723,6 +723,16 @@ impl<S: Storage> Partition<S> {
         Ok(epoch)
     }
 
+    /// Whether a move to a new epoch is being written.
+    pub(crate) fn epoch_moving(&self) -> bool {
+        self.epoch_busy.get()
+    }
+
+    /// Waits until no move to a new epoch is being written.
+    pub(crate) async fn wait_epoch_move(&self) {
+        drop(Turn::wait(&self.epoch_busy, &self.epoch_done).await);
+    }
+
     /// Counts clock entries cut by truncation (reported in stats).
     pub fn record_clock_truncation(&self, entries: usize) {
         if entries > 0 {

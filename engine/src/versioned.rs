@@ -208,6 +208,12 @@ impl<S: Storage> Partition<S> {
                     // of this actor than it made: a lost write, or a forgery (a counter
                     // at u64::MAX is never reached honestly). Either way the moves are
                     // rate-limited, or forged versions could burn epochs at will.
+                    if self.epoch_moving() {
+                        // another write is moving it (for the same reason, after a loss
+                        // of local data): try again with the new actor, claiming nothing
+                        self.wait_epoch_move().await;
+                        continue;
+                    }
                     self.claim_context_epoch_move(now_ms)?;
                     tracing::warn!(
                         partition = self.config().partition,
