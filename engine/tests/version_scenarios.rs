@@ -541,7 +541,7 @@ fn partial_replication_never_overwrites_an_unseen_sibling() {
 fn truncating_a_past_keeps_the_coordinators_own_entry() {
     let (x, y, z) = (ActorId::new(1, 1), ActorId::new(2, 1), ActorId::new(3, 1));
     let mut stored: Vec<Version> = Vec::new();
-    let mut put = |actor, t, stored: &mut Vec<Version>| {
+    let put = |actor, t, stored: &mut Vec<Version>| {
         let c = coordinate(actor, t, &context_of(stored), stored, 2).unwrap();
         remove_indices(stored, &c.replaced);
         stored.push(c.version);
