@@ -235,3 +235,34 @@ fn a_call_on_a_link_whose_peer_closes_idle_connections_is_served() {
         assert!(r.is_ok(), "{results:?}");
     }
 }
+
+/// A peer that reads a request and closes without answering (it dropped us over
+/// something, or its refusal frame was lost to the reset) is retried with backoff
+/// even while calls keep coming: only an idle close may end the backoff early.
+#[test]
+fn a_peer_that_closes_on_requests_is_retried_with_backoff_under_calls() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut stream) = stream {
+                let mut chunk = [0u8; 64];
+                let _ = stream.read(&mut chunk);
+            }
+        }
+    });
+    run_local(move || async move {
+        let link = PeerLink::spawn(&addr, config(4));
+        let ping = |id, out: &mut Vec<u8>| Request::Ping.encode(id, out);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(600) {
+            let _ = link.call(Duration::from_millis(20), ping).await;
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let n = accepted.load(Ordering::SeqCst);
+    assert!((1..=10).contains(&n), "{n} connections in 600 ms of calls");
+}

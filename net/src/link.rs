@@ -283,6 +283,8 @@ async fn connection_task(inner: Rc<Inner>) {
                 inner.state.set(State::Connected);
                 let (started, frames) = (Instant::now(), inner.frames_read.get());
                 let reason = run_connection(&inner, stream, &addr).await;
+                // nothing of ours was outstanding when it ended (an idle close)
+                let idle = inner.pending.borrow().is_empty();
                 *inner.last_error.borrow_mut() = reason.clone();
                 // requests on the lost connection may or may not have been served
                 fail_all(
@@ -295,11 +297,13 @@ async fn connection_task(inner: Rc<Inner>) {
                 // A peer that accepts and closes at once is retried with backoff, not
                 // in a loop of connects. One that refused (a node at its connection
                 // limit sends an error with request id 0 first) is down for the
-                // backoff, as after a failed connect: calls fail fast. One that just
-                // closed without answering anything (possibly its idle timeout on a
-                // quiet link) is connected to again after the backoff or as soon as a
-                // call needs it, whichever comes first.
+                // backoff, as after a failed connect: calls fail fast. One that closed
+                // an idle connection (nothing of ours outstanding: its idle timeout on
+                // a quiet link, say) is connected to again after the backoff or as
+                // soon as a call needs it, whichever comes first; one that closed with
+                // requests outstanding and no answer waits the backoff out.
                 let refusal = inner.refusal_seen.replace(false);
+                let wait_out = refusal || !idle;
                 let quick = inner.frames_read.get() == frames
                     && started.elapsed() < Duration::from_secs(1)
                     && !inner.closed.get()
@@ -314,10 +318,10 @@ async fn connection_task(inner: Rc<Inner>) {
                     });
                     let queued = inner.queue.borrow().len();
                     let _ = glommio::timer::timeout(backoff, async {
-                        // a new address, a close, or (unless refused) a call
+                        // a new address, a close, or (after an idle close) a call
                         while *inner.addr.borrow() == addr
                             && !inner.closed.get()
-                            && (refusal || inner.queue.borrow().len() == queued)
+                            && (wait_out || inner.queue.borrow().len() == queued)
                         {
                             inner.wake.wait().await;
                         }
