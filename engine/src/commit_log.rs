@@ -461,7 +461,11 @@ impl<S: Storage> CommitLog<S> {
             (st.generation, std::mem::take(&mut st.retired), spare)
         };
         for g in retired.iter().chain([current].iter()).chain(spare.iter()) {
-            self.storage.remove(&file_name(*g)).await?;
+            // gone already: a checkpoint removed it and failed before forgetting it
+            match self.storage.remove(&file_name(*g)).await {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         self.storage.sync_dir().await
     }

@@ -598,6 +598,13 @@ fn a_sync_group_leader_dropped_mid_sync_does_not_hang_close() {
 /// ("no file"): the log was never cut again and grew without bound.
 #[test]
 fn a_checkpoint_that_failed_after_its_removes_can_run_again() {
+    for then_shut_down in [false, true] {
+        checkpoint_failed_after_its_removes(then_shut_down);
+    }
+}
+
+/// ... and the clean shutdown after it (which removes every log file) succeeds too.
+fn checkpoint_failed_after_its_removes(then_shut_down: bool) {
     block_on(async {
         let disk = MemDisk::new();
         let (node, _) = open_node(&disk, 1, 4096).await;
@@ -620,6 +627,16 @@ fn a_checkpoint_that_failed_after_its_removes_can_run_again() {
         disk.fail_syncs_after(0);
         assert!(node.log.checkpoint(|| sync_all(&node.parts)).await.is_err());
         disk.fail_syncs_after(u64::MAX);
+        if then_shut_down {
+            for p in &node.parts {
+                p.close().await.unwrap();
+            }
+            node.log
+                .remove_all()
+                .await
+                .expect("the log's files removed");
+            return;
+        }
         node.log
             .checkpoint(|| sync_all(&node.parts))
             .await
