@@ -209,8 +209,15 @@ impl Children {
     }
 }
 
-impl Drop for Children {
-    fn drop(&mut self) {
+impl Children {
+    /// Stops every node still running (SIGTERM: a clean shutdown) and waits for all;
+    /// each node's exit status, in order.
+    fn stop(&mut self) -> Vec<Option<std::process::ExitStatus>> {
+        self.terminate();
+        self.0.iter_mut().map(|child| child.wait().ok()).collect()
+    }
+
+    fn terminate(&mut self) {
         for child in &mut self.0 {
             // one already reaped (it exited, say killed from outside) has no pid any
             // more: the number may be another process's by now
@@ -220,9 +227,12 @@ impl Drop for Children {
             // SAFETY: plain kill(2) on our own child's pid, not yet reaped.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
-        for child in &mut self.0 {
-            let _ = child.wait();
-        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -389,19 +399,14 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
             });
         }
     }
-    // a node that died just before the Ctrl-C, unseen by the loop
-    for (i, child) in children.0.iter_mut().enumerate() {
-        if !reported[i] {
-            if let Ok(Some(status)) = child.try_wait() {
-                reported[i] = true;
-                if status.code() != Some(0) {
-                    failed = true;
-                    eprintln!("node {} exited ({status})", i + 1);
-                }
-            }
+    // a node that died unseen by the loop (just before the Ctrl-C, say) ends with a
+    // failure too; the others stop cleanly on SIGTERM (exit status 0)
+    for (i, status) in children.stop().into_iter().enumerate() {
+        if let Some(status) = status.filter(|s| !reported[i] && s.code() != Some(0)) {
+            failed = true;
+            eprintln!("node {} exited ({status})", i + 1);
         }
     }
-    drop(children);
     if failed {
         // a node that failed while the cluster ran was reported above: say so in the
         // exit status too, for scripts
