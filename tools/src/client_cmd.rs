@@ -10,7 +10,8 @@ pub const USAGE: &str = "usage: ringkv ping [--addr HOST:PORT]
        ringkv get KEY [--json] [--r R] [--addr HOST:PORT]
        ringkv put KEY VALUE [--context CTX] [--w W] [--addr HOST:PORT]
        ringkv del KEY [--context CTX] [--w W] [--addr HOST:PORT]
-(default address 127.0.0.1:7379; CTX is the hex context `get` prints)";
+(default address 127.0.0.1:7379; CTX is the hex context `get` prints; del without
+--context reads the key first and deletes the values it found)";
 
 struct Args {
     positional: Vec<String>,
@@ -162,7 +163,21 @@ pub fn run(command: &str, args: &[String]) -> anyhow::Result<ExitCode> {
             }
         }
         ("del", [key]) => {
-            client.delete_with(key.as_bytes(), a.context.as_ref(), a.w.unwrap_or(0))?;
+            // Without a context a tombstone supersedes nothing: it would stand beside
+            // the values as a sibling and a get would still show them. From the command
+            // line "delete KEY" means the values there now, so they are read first.
+            let context = match &a.context {
+                Some(context) => context.clone(),
+                None => {
+                    let v = client.get_with(key.as_bytes(), 0)?;
+                    if v.values.is_empty() {
+                        println!("(not found: nothing to delete)");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    v.context
+                }
+            };
+            client.delete_with(key.as_bytes(), Some(&context), a.w.unwrap_or(0))?;
             println!("OK");
         }
         _ => bail!("{USAGE}"),

@@ -130,6 +130,16 @@ fn cli_put_get_del_with_context() {
     let (_, out) = ringkv(&["get", "user:42", "--json", "--addr", &addr]);
     let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(json["values"], serde_json::json!([]));
+    // del without a context deletes what a read finds (a blind tombstone would stand
+    // beside the values as a sibling, and the key would still read back)
+    assert!(ringkv(&["put", "blind", "a", "--addr", &addr]).0);
+    assert!(ringkv(&["put", "blind", "b", "--addr", &addr]).0);
+    assert!(ringkv(&["del", "blind", "--addr", &addr]).0);
+    let (_, out) = ringkv(&["get", "blind", "--json", "--addr", &addr]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json["values"], serde_json::json!([]), "{out}");
+    let (ok, out) = ringkv(&["del", "blind", "--addr", &addr]);
+    assert!(ok && out.contains("nothing to delete"), "{out}");
     // a forged context is refused with a clear error
     let (ok, out) = ringkv(&["put", "user:42", "x", "--context", "00ff", "--addr", &addr]);
     assert!(!ok && out.to_lowercase().contains("context"), "{out}");
