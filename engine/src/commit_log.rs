@@ -427,12 +427,7 @@ impl<S: Storage> CommitLog<S> {
             // file retired, so before this sync starts
             sync_partitions().await?;
             for g in &generations {
-                // gone already: an earlier checkpoint removed it and then failed (its
-                // folder sync, say) before it could forget the file
-                match self.storage.remove(&file_name(*g)).await {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
+                self.remove_file(*g).await?;
             }
             self.storage.sync_dir().await
         }
@@ -461,13 +456,18 @@ impl<S: Storage> CommitLog<S> {
             (st.generation, std::mem::take(&mut st.retired), spare)
         };
         for g in retired.iter().chain([current].iter()).chain(spare.iter()) {
-            // gone already: a checkpoint removed it and failed before forgetting it
-            match self.storage.remove(&file_name(*g)).await {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            self.remove_file(*g).await?;
         }
         self.storage.sync_dir().await
+    }
+
+    /// Removes log file `generation`; one already gone counts as removed (a checkpoint
+    /// that removed it and then failed, on its folder sync say, still lists it).
+    async fn remove_file(&self, generation: u64) -> io::Result<()> {
+        match self.storage.remove(&file_name(generation)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// One file-system-wide sync (`syncfs`) through the log's folder.
