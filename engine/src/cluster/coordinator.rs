@@ -169,6 +169,13 @@ struct PutOp {
     done: bool,
 }
 
+impl PutOp {
+    /// Neither a target of this put nor a fallback already standing in for one of them.
+    fn free_to_stand_in(&self, n: NodeId) -> bool {
+        !self.targets.iter().any(|(t, _)| *t == n) && !self.fallbacks_taken.contains(&n)
+    }
+}
+
 #[derive(Debug)]
 struct GetOp {
     deadline_ms: u64,
@@ -301,9 +308,7 @@ impl Coordinator {
         let Some(put) = self.puts.get_mut(&op) else {
             return candidates.next();
         };
-        let chosen = candidates.find(|n| {
-            !put.targets.iter().any(|(t, _)| t == n) && !put.fallbacks_taken.contains(n)
-        })?;
+        let chosen = candidates.find(|&n| put.free_to_stand_in(n))?;
         put.fallbacks_taken.push(chosen);
         Some(chosen)
     }
@@ -319,12 +324,9 @@ impl Coordinator {
         let Some(put) = self.puts.get(&op) else {
             return false;
         };
-        candidates.into_iter().any(|n| {
-            n != failed
-                && n != self.local
-                && !put.targets.iter().any(|(t, _)| *t == n)
-                && !put.fallbacks_taken.contains(&n)
-        })
+        candidates
+            .into_iter()
+            .any(|n| n != failed && n != self.local && put.free_to_stand_in(n))
     }
 
     /// A replica answered a put: `ok` if it stored (or already held) the version.
