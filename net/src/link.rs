@@ -63,6 +63,17 @@ pub enum LinkError {
     Closed,
 }
 
+/// How the reason of a failed connect starts.
+const CONNECT_FAILED: &str = "connect failed";
+
+impl LinkError {
+    /// The peer could not be connected to at all (nothing listens there, or no answer
+    /// to the connect), as opposed to a connection that was lost.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, LinkError::Unreachable { reason, .. } if reason.starts_with(CONNECT_FAILED))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Connecting,
@@ -334,7 +345,7 @@ async fn connection_task(inner: Rc<Inner>) {
                 }
             }
             Err(e) => {
-                *inner.last_error.borrow_mut() = format!("connect failed: {e}");
+                *inner.last_error.borrow_mut() = format!("{CONNECT_FAILED}: {e}");
                 inner.state.set(State::Down {
                     retry_at: Instant::now() + backoff,
                 });
@@ -342,7 +353,7 @@ async fn connection_task(inner: Rc<Inner>) {
                     &inner,
                     LinkError::Unreachable {
                         addr: addr.clone(),
-                        reason: format!("connect failed: {e}"),
+                        reason: format!("{CONNECT_FAILED}: {e}"),
                     },
                 );
                 glommio::timer::sleep(backoff).await;

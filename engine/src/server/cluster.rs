@@ -357,8 +357,7 @@ impl Shard {
                     .borrow()
                     .get(&to)
                     .is_some_and(|main| Rc::ptr_eq(main, &link));
-                let refused = matches!(e, LinkError::Unreachable { reason, .. } if reason.starts_with("connect failed"));
-                if shard_link && refused {
+                if shard_link && e.is_connect_failure() {
                     let mut layouts = self.cluster.layouts.borrow_mut();
                     if matches!(layouts.get(&to), Some(Layout::Known { .. })) {
                         layouts.remove(&to);
