@@ -1778,13 +1778,8 @@ impl<S: Storage> Partition<S> {
             let scan = segment::scan(&bytes, seg.id);
             if scan.header_error.is_some() || !scan.corrupt.is_empty() || scan.torn_tail.is_some() {
                 // A sealed segment went bad after it was opened: its live records cannot
-                // all be copied. Keep everything as it is and report it.
-                for (id, _) in &outputs {
-                    let _ = self
-                        .storage
-                        .remove(&format!("{}.tmp", segment::segment_name(*id)))
-                        .await;
-                }
+                // all be copied. Keep everything as it is and report it (`compact`
+                // removes the output begun so far).
                 self.state.borrow_mut().needs_repair = true;
                 return Err(StoreError::Corrupt {
                     segment: seg.id,
