@@ -52,6 +52,14 @@ impl Node {
         self.server = Some(Server::start(&self.data_dir, &args));
     }
 
+    /// Stops the node cleanly and starts it again with `--shards shards`.
+    fn restart_with_shards(&mut self, shards: &str) {
+        assert!(self.server.take().expect("running").stop().success());
+        let at = self.args.iter().rposition(|a| a == "--shards").unwrap();
+        self.args[at + 1] = shards.to_string();
+        self.restart();
+    }
+
     fn kill(&mut self) {
         if let Some(mut s) = self.server.take() {
             s.kill();
@@ -85,6 +93,25 @@ impl Node {
         )
         .expect("connect")
     }
+}
+
+/// Nodes 1..=count of one shard each on 127.0.`block`.x, node 1 the seed, once they
+/// agree on the ring.
+fn one_shard_cluster(dir: &Path, block: u8, count: u64) -> Vec<Node> {
+    let seed = format!("127.0.{block}.1:7379");
+    let nodes: Vec<Node> = (1..=count)
+        .map(|id| {
+            Node::start(
+                dir,
+                block,
+                id,
+                (id > 1).then_some(seed.as_str()),
+                &["--shards", "1"],
+            )
+        })
+        .collect();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    nodes
 }
 
 fn status(addr: &str) -> Option<serde_json::Value> {
@@ -281,19 +308,7 @@ fn three_nodes_quorum_then_a_killed_node_gets_its_hints() {
 #[test]
 fn five_nodes_sloppy_quorum_accepts_writes_with_two_homes_down() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = "127.0.12.1:7379";
-    let mut nodes: Vec<Node> = (1..=5)
-        .map(|id| {
-            Node::start(
-                dir.path(),
-                12,
-                id,
-                (id > 1).then_some(seed),
-                &["--shards", "1"],
-            )
-        })
-        .collect();
-    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    let mut nodes = one_shard_cluster(dir.path(), 12, 5);
 
     // a key whose home replicas do not include node 1 (the node we write through)
     let key = (0..)
@@ -620,14 +635,8 @@ fn hints_survive_a_change_of_the_holders_shard_count() {
         Duration::from_secs(20),
         || hints_pending(&n1) == 40,
     );
-    let with_shards = |node: &mut Node, shards: &str| {
-        assert!(node.server.take().expect("running").stop().success());
-        let at = node.args.iter().rposition(|a| a == "--shards").unwrap();
-        node.args[at + 1] = shards.to_string();
-        node.restart();
-    };
     // one shard: shard 0 takes over shard 1's hints
-    with_shards(&mut n1, "1");
+    n1.restart_with_shards("1");
     wait_for(
         "node 1 to count every hint with one shard",
         Duration::from_secs(20),
@@ -635,7 +644,7 @@ fn hints_survive_a_change_of_the_holders_shard_count() {
     );
     // three shards: shard 0 holds hints for partitions of shards 1 and 2 (a restarted
     // node counts its hints at its first delivery round: until then it reports none)
-    with_shards(&mut n1, "3");
+    n1.restart_with_shards("3");
     wait_for(
         "node 1 to count every hint with three shards",
         Duration::from_secs(20),
@@ -681,10 +690,7 @@ fn a_peer_restarted_with_fewer_shards_gets_its_replica_requests() {
     for i in 0..20u32 {
         put_retrying(&mut c2, format!("before-{i}").as_bytes(), b"v", 3);
     }
-    assert!(n1.server.take().expect("running").stop().success());
-    let at = n1.args.iter().rposition(|a| a == "--shards").unwrap();
-    n1.args[at + 1] = "1".to_string();
-    n1.restart();
+    n1.restart_with_shards("1");
     wait_agreement(&[&n1, &n2, &n3]);
     let mut c2 = n2.client();
     for i in 0..20u32 {
@@ -711,19 +717,7 @@ fn a_peer_restarted_with_fewer_shards_gets_its_replica_requests() {
 #[test]
 fn a_stopped_home_replica_gives_way_to_a_fallback_in_time() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = "127.0.20.1:7379";
-    let nodes: Vec<Node> = (1..=4)
-        .map(|id| {
-            Node::start(
-                dir.path(),
-                20,
-                id,
-                (id > 1).then_some(seed),
-                &["--shards", "1"],
-            )
-        })
-        .collect();
-    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    let nodes = one_shard_cluster(dir.path(), 20, 4);
     // keys node 1 (the coordinator) and node 2 (to be stopped) are both homes of
     let keys: Vec<String> = (0..)
         .map(|i| format!("stopped-{i}"))
