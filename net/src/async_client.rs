@@ -9,23 +9,27 @@
 //!
 //! At most `in_flight_window` requests are outstanding; a request counts until its reply
 //! arrives, even if its caller timed out or went away, so the server's `in_flight_max` is
-//! never exceeded. A timeout fails only its own request. An I/O error or a malformed reply
-//! closes the connection and fails every outstanding request with
-//! [`ClientError::Closed`].
+//! never exceeded. A timeout fails only its own request, unless the server has gone
+//! silent: when a request times out and nothing at all has arrived for a request timeout,
+//! one PING goes out, and if nothing answers it within another request timeout the
+//! connection is closed (so [`AsyncPool`] and [`AsyncShardAwareClient`] open a new one
+//! instead of handing out a connection that never answers). An I/O error or a malformed
+//! reply closes the connection and fails every outstanding request with
+//! [`ClientError::Closed`]; nothing is written after the connection closed.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 
 use crate::client::{
     accept_hello, check_request, delete_request, put_request, settle, ClientConfig, ClientError,
@@ -42,23 +46,31 @@ const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 type ReplySender = oneshot::Sender<Result<OwnedReply, ClientError>>;
 type ReplyReceiver = oneshot::Receiver<Result<OwnedReply, ClientError>>;
 
-/// A request waiting for its reply; its window permit is released with it.
+/// A request waiting for its reply; its window permit is released with it (a liveness
+/// PING has none: it goes past the window).
 struct Waiter {
     reply: ReplySender,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
-#[derive(Default)]
 struct Pending {
     waiting: HashMap<u64, Waiter>,
     /// Why the connection is closed, once it is.
     closed: Option<String>,
+    /// When bytes last arrived from the server (the connect's HELLO_OK at first).
+    last_read: Instant,
+    /// A liveness PING is out (see [`AsyncClient::suspect_silence`]).
+    probing: bool,
 }
 
 /// What the caller side and the two tasks share.
 struct Shared {
     pending: Mutex<Pending>,
     window: Arc<Semaphore>,
+    /// `pending.closed` is set (read without the lock).
+    closed: AtomicBool,
+    /// Woken when the connection closes: the reader and the writer stop, mid-write too.
+    closing: Notify,
 }
 
 impl Shared {
@@ -66,6 +78,10 @@ impl Shared {
         // every change under the lock is a single insert, remove or assignment, so a
         // panic elsewhere cannot leave it half-done
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Closes the connection: every waiting request fails with `reason`, and so does
@@ -77,9 +93,11 @@ impl Shared {
                 return;
             }
             pending.closed = Some(reason.clone());
+            self.closed.store(true, Ordering::Release);
             std::mem::take(&mut pending.waiting)
         };
         self.window.close();
+        self.closing.notify_waiters();
         for (_, waiter) in waiting {
             let _ = waiter.reply.send(Err(ClientError::Closed(reason.clone())));
         }
@@ -176,7 +194,8 @@ impl AsyncClient {
             min_version: PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
         };
-        let hello_request_id = 0;
+        // not 0: the server sends connection-level errors with request id 0
+        let hello_request_id = 1;
         let mut frame = Vec::new();
         check_request(&hello_request, FRAME_BYTES_MAX_DEFAULT)?;
         hello_request.encode(hello_request_id, &mut frame);
@@ -193,8 +212,15 @@ impl AsyncClient {
         let hello = accept_hello(reply)?;
         let window_size = config.in_flight_max.min(hello.in_flight_max).max(1) as usize;
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                waiting: HashMap::new(),
+                closed: None,
+                last_read: Instant::now(),
+                probing: false,
+            }),
             window: Arc::new(Semaphore::new(window_size)),
+            closed: AtomicBool::new(false),
+            closing: Notify::new(),
         });
         let (read_half, write_half) = stream.into_split();
         let (frames, frames_rx) = mpsc::channel(window_size);
@@ -215,7 +241,7 @@ impl AsyncClient {
                 hello,
                 peer: addr,
                 config,
-                next_request_id: AtomicU64::new(1),
+                next_request_id: AtomicU64::new(hello_request_id + 1),
                 frames,
                 shared,
                 reader,
@@ -311,7 +337,66 @@ impl AsyncClient {
     async fn call(&self, request: Request<'_>) -> Result<Response, ClientError> {
         let expect = Expect::of(&request);
         let rx = self.submit(request).await?;
-        self.wait(rx, expect).await
+        self.wait(rx, expect, self.deadline()).await
+    }
+
+    /// When a request queued now times out.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.inner.config.request_timeout
+    }
+
+    /// Called when a request timed out: if nothing at all has arrived from the server
+    /// for a request timeout, sends one PING past the window (any reply to it, an
+    /// ERROR included, shows the server alive), and closes the connection when nothing
+    /// arrives for another request timeout. A server that is merely slow with some
+    /// requests keeps the connection; one that stopped (a frozen process, a host gone
+    /// without a FIN) loses it, so pools reopen it rather than keep handing it out.
+    fn suspect_silence(&self) {
+        let inner = &*self.inner;
+        let quiet = inner.config.request_timeout;
+        let request_id = inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let sent_at = {
+            let mut pending = inner.shared.lock();
+            if pending.closed.is_some() || pending.probing || pending.last_read.elapsed() < quiet {
+                return;
+            }
+            pending.probing = true;
+            pending.waiting.insert(
+                request_id,
+                Waiter {
+                    reply: tx,
+                    _permit: None,
+                },
+            );
+            Instant::now()
+        };
+        let mut frame = Vec::new();
+        Request::Ping.encode(request_id, &mut frame);
+        let shared = inner.shared.clone();
+        if inner.frames.try_send(frame).is_err() {
+            // the writer has a window of frames still to write: its own write timeout
+            // closes a connection whose server stopped reading
+            let mut pending = shared.lock();
+            pending.waiting.remove(&request_id);
+            pending.probing = false;
+            return;
+        }
+        tokio::spawn(async move {
+            let answered = timeout(quiet, rx).await.is_ok();
+            let silent = {
+                let mut pending = shared.lock();
+                pending.probing = false;
+                pending.waiting.remove(&request_id);
+                !answered && pending.last_read < sent_at
+            };
+            if silent {
+                shared.close(format!(
+                    "the server sent nothing for {:?}, not even a reply to a PING",
+                    sent_at.elapsed() + quiet
+                ));
+            }
+        });
     }
 
     /// Queues one request for the writer; the receiver gets its reply.
@@ -333,9 +418,11 @@ impl AsyncClient {
             let slot = inner.frames.reserve().await.map_err(|_| closed())?;
             Ok::<_, ClientError>((permit, slot))
         };
-        let (permit, slot) = timeout(inner.config.request_timeout, wait)
-            .await
-            .map_err(|_| ClientError::Timeout)??;
+        let Ok(waited) = timeout(inner.config.request_timeout, wait).await else {
+            self.suspect_silence();
+            return Err(ClientError::Timeout);
+        };
+        let (permit, slot) = waited?;
         let (tx, rx) = oneshot::channel();
         {
             // registered and queued with no await in between, so a caller that goes away
@@ -348,7 +435,7 @@ impl AsyncClient {
                 request_id,
                 Waiter {
                     reply: tx,
-                    _permit: permit,
+                    _permit: Some(permit),
                 },
             );
         }
@@ -356,13 +443,19 @@ impl AsyncClient {
         Ok(rx)
     }
 
+    /// Waits for the reply `rx` brings until `deadline` (counted from when the request
+    /// was queued).
     async fn wait(
         &self,
         rx: ReplyReceiver,
         expect: Option<Expect>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response, ClientError> {
-        let reply = match timeout(self.inner.config.request_timeout, rx).await {
-            Err(_) => return Err(ClientError::Timeout),
+        let reply = match timeout_at(deadline, rx).await {
+            Err(_) => {
+                self.suspect_silence();
+                return Err(ClientError::Timeout);
+            }
             Ok(Err(_)) => return Err(ClientError::Closed(self.closed_reason())),
             Ok(Ok(reply)) => reply?,
         };
@@ -429,20 +522,34 @@ async fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>, ClientErro
 }
 
 /// Queues every request on the connection paired with it before awaiting any reply, then
-/// collects the replies in request order. A request that could not be queued fails alone.
+/// collects the replies in request order. A request that could not be queued fails alone;
+/// once one times out waiting for room on its connection, the later ones for that
+/// connection fail at once (they are never sent). Each request's timeout counts from when
+/// it was queued, so a batch against a silent server ends about one request timeout after
+/// its last request was queued, not one per request.
 async fn batch_over<'r>(
     requests: impl Iterator<Item = (AsyncClient, Request<'r>)>,
 ) -> Vec<Result<Response, ClientError>> {
     let mut submitted = Vec::new();
+    let mut stalled: Vec<*const Inner> = Vec::new();
     for (client, request) in requests {
+        let connection = Arc::as_ptr(&client.inner);
+        if stalled.contains(&connection) {
+            submitted.push(Err(ClientError::Timeout));
+            continue;
+        }
         let expect = Expect::of(&request);
         let queued = client.submit(request).await;
-        submitted.push(queued.map(|rx| (client, rx, expect)));
+        if matches!(queued, Err(ClientError::Timeout)) {
+            stalled.push(connection);
+        }
+        let deadline = client.deadline();
+        submitted.push(queued.map(|rx| (client, rx, expect, deadline)));
     }
     let mut results = Vec::with_capacity(submitted.len());
     for s in submitted {
         results.push(match s {
-            Ok((client, rx, expect)) => client.wait(rx, expect).await,
+            Ok((client, rx, expect, deadline)) => client.wait(rx, expect, deadline).await,
             Err(e) => Err(e),
         });
     }
@@ -900,8 +1007,8 @@ async fn read_loop(
     reply_frame_bytes_max: usize,
     shared: Arc<Shared>,
 ) {
-    // Runs for the life of the connection: ends on EOF, an error, or when the client is
-    // dropped (the task is aborted).
+    // Runs for the life of the connection: ends on EOF, an error, the connection closing,
+    // or when the client is dropped (the task is aborted).
     let reason = 'connection: loop {
         // Bounded by the bytes buffered: each pass consumes one whole frame.
         loop {
@@ -927,9 +1034,24 @@ async fn read_loop(
                 Err(e) => break 'connection e.to_string(),
             }
         }
-        match read_half.read(replies.spare()).await {
+        let closing = shared.closing.notified();
+        tokio::pin!(closing);
+        // registered before the check: a close after it wakes `closing`
+        closing.as_mut().enable();
+        if shared.is_closed() {
+            return;
+        }
+        let read = tokio::select! {
+            read = read_half.read(replies.spare()) => read,
+            // closed by a caller (a malformed reply, a silent server) or the writer
+            _ = &mut closing => return,
+        };
+        match read {
             Ok(0) => break "server closed the connection".to_string(),
-            Ok(n) => replies.filled(n),
+            Ok(n) => {
+                replies.filled(n);
+                shared.lock().last_read = Instant::now();
+            }
             Err(e) => break ClientError::Io(e).to_string(),
         }
     };
@@ -946,10 +1068,26 @@ async fn write_loop(
     let mut batch: Vec<u8> = Vec::new();
     // Runs until every sender (the client) is gone, a write fails, or the connection
     // closed: a request failed with `Closed` that is still queued is never sent (its
-    // caller may send it again elsewhere)
-    while let Some(frame) = frames.recv().await {
-        if shared.lock().closed.is_some() {
+    // caller may send it again elsewhere), and a write under way when it closes stops.
+    // Ending shuts the socket's sending side, so the server sees the close.
+    loop {
+        let closing = shared.closing.notified();
+        tokio::pin!(closing);
+        // registered before the check: a close after it wakes `closing`
+        closing.as_mut().enable();
+        if shared.is_closed() {
             break;
+        }
+        let frame = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+            _ = &mut closing => break,
+        };
+        if batch.capacity() > 2 * WRITE_BATCH_BYTES_MAX {
+            // one big frame does not pin its buffer for the life of the connection
+            batch = Vec::new();
         }
         batch.clear();
         batch.extend_from_slice(&frame);
@@ -962,12 +1100,19 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if shared.lock().closed.is_some() {
+        if shared.is_closed() {
             break;
         }
-        match timeout(write_timeout, write_half.write_all(&batch)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let write = async {
+            tokio::select! {
+                written = write_half.write_all(&batch) => Some(written),
+                _ = &mut closing => None,
+            }
+        };
+        match timeout(write_timeout, write).await {
+            Ok(None) => break,
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => {
                 shared.close(ClientError::Io(e).to_string());
                 return;
             }

@@ -106,8 +106,10 @@ impl fmt::Display for ServerCode {
 pub enum ClientError {
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
-    /// The connect, a write or a reply took longer than configured. The connection is
-    /// closed; a write may or may not have been applied.
+    /// The connect, a write or a reply took longer than configured; a write may or may
+    /// not have been applied. The blocking client closes the connection; the async
+    /// client keeps it (the timeout fails only its request) unless the server has sent
+    /// nothing at all for a request timeout and does not answer a PING either.
     #[error("timed out")]
     Timeout,
     /// The server answered the request with an ERROR reply.
@@ -137,8 +139,9 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the error leaves the connection unusable (as opposed to failing only the
-    /// request: an ERROR reply, a request over a limit).
+    /// Whether the error leaves the blocking client's connection unusable (as opposed
+    /// to failing only the request: an ERROR reply, a request over a limit). The async
+    /// client keeps its connection after a `Timeout`; its `is_closed` tells.
     pub fn breaks_connection(&self) -> bool {
         matches!(
             self,

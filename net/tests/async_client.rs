@@ -119,24 +119,136 @@ async fn typed_api_against_a_key_value_node() {
     assert!(client.get(b"k").await.unwrap().is_empty());
 }
 
+/// A server that leaves one request unanswered but answers the rest: the timeout fails
+/// that request alone. (Nothing arrived for a request timeout, so the client checks with
+/// a PING, which this server answers: the connection stays.)
 #[tokio::test]
 async fn a_timeout_fails_only_its_request() {
     let (addr, server) = serve_one(|mut conn| {
         conn.accept_hello(&hello_ok(8));
         let (_ignored, _) = conn.read_request().unwrap();
-        let (id, _) = conn.read_request().unwrap();
-        let mut out = Vec::new();
-        encode::pong(&mut out, id);
-        conn.send(&out);
-        conn.wait_for_close();
+        let mut pings = 0;
+        while let Some((id, request)) = conn.read_request() {
+            assert_eq!(request, Req::Ping);
+            pings += 1;
+            let mut out = Vec::new();
+            encode::pong(&mut out, id);
+            conn.send(&out);
+        }
+        // the client's liveness check, then the test's own PING
+        assert_eq!(pings, 2);
     });
     let client = AsyncClient::connect(addr, short_timeout_config())
         .await
         .unwrap();
     let err = client.get(b"never answered").await.unwrap_err();
     assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    // the liveness check's answer arrives (bounded wait), and the connection stays
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!client.is_closed());
     client.ping().await.unwrap();
     assert!(!client.is_closed());
+    drop(client);
+    join(server).await;
+}
+
+/// A server that stops answering anything (a frozen process, a host gone without a FIN):
+/// after a request times out the client's PING goes unanswered too, the connection
+/// closes, and the pool opens a new one instead of handing out the silent one for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_loses_the_connection_and_the_pool_opens_another() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // first connection: reads every request and answers none
+        let (stream, _) = listener.accept().unwrap();
+        let mut silent = FakeConn::new(stream);
+        silent.accept_hello(&hello_ok(8));
+        let mut read = Vec::new();
+        while let Some((_, request)) = silent.read_request() {
+            read.push(request);
+        }
+        assert_eq!(
+            read[0],
+            Req::Get {
+                r: 0,
+                key: b"k".to_vec()
+            }
+        );
+        assert_eq!(read[1..], [Req::Ping], "one liveness PING");
+        // second: answers PINGs until the client goes
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        while let Some((id, _)) = conn.read_request() {
+            let mut out = Vec::new();
+            encode::pong(&mut out, id);
+            conn.send(&out);
+        }
+    });
+    let pool = AsyncPool::new(addr, short_timeout_config(), 1)
+        .await
+        .unwrap();
+    let first = pool.client().await.unwrap();
+    let err = first.get(b"k").await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    // the PING's own timeout passes (bounded wait)
+    for _ in 0..300 {
+        if first.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(first.is_closed(), "a silent connection must close");
+    let err = first.ping().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Closed(m) if m.contains("sent nothing")),
+        "{err:?}"
+    );
+    let second = pool.client().await.unwrap();
+    second.ping().await.unwrap();
+    drop((first, second, pool));
+    join(server).await;
+}
+
+/// A batch against a server that answers nothing: the requests that fit in the window
+/// are sent, the first one that finds no room times out, and the rest fail at once
+/// instead of each waiting a request timeout of its own. Measured on tokio's paused
+/// clock (virtual time, not the machine's).
+#[tokio::test]
+async fn a_batch_against_a_silent_server_ends_after_about_one_request_timeout() {
+    const WINDOW: u32 = 4;
+    const KEYS: usize = 100;
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(WINDOW));
+        let mut gets = 0;
+        while let Some((_, request)) = conn.read_request() {
+            if matches!(request, Req::Get { .. }) {
+                gets += 1;
+            }
+        }
+        assert_eq!(gets, WINDOW, "only the window's worth is sent");
+    });
+    let client = AsyncClient::connect(addr, short_timeout_config())
+        .await
+        .unwrap();
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let keys: Vec<Vec<u8>> = (0..KEYS).map(|i| format!("k{i}").into_bytes()).collect();
+    let results = client.get_many(&keys).await;
+    let took = started.elapsed();
+    tokio::time::resume();
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Err(ClientError::Timeout))));
+    // one request timeout for room in the window, the window's replies due by then;
+    // before, every key waited its own: 97 of them
+    assert!(
+        took < 3 * short_timeout_config().request_timeout,
+        "{took:?} of virtual time"
+    );
     drop(client);
     join(server).await;
 }
