@@ -97,7 +97,7 @@ impl FileConfig {
             c.request_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = self.gossip_period_ms {
-            c.gossip_period = Duration::from_millis(ms.max(1));
+            c.gossip_period = Duration::from_millis(ms);
         }
         if let Some(listen) = self.listen {
             c.listen = listen

@@ -653,6 +653,28 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
             "connections_per_shard_max = 0",
             "connections_per_shard_max must be at least 1",
         ),
+        (
+            "value_bytes_max = 0",
+            "value_bytes_max must be 1..=67108864",
+        ),
+        // past a record's value limit: every put of such a value failed with a
+        // self-contradictory message
+        (
+            "value_bytes_max = 70000000\nframe_bytes_max = 80000000",
+            "value_bytes_max must be 1..=67108864",
+        ),
+        // its hint's key would be over a record's key limit
+        ("key_bytes_max = 65535", "key_bytes_max must be 1..=65523"),
+        // every replica call timed out at once
+        (
+            "request_timeout_ms = 0",
+            "request_timeout_ms must be at least 10",
+        ),
+        // was quietly made 1 ms
+        (
+            "gossip_period_ms = 0",
+            "gossip_period_ms must be at least 10",
+        ),
     ] {
         let config = dir.path().join("ringkv.toml");
         std::fs::write(&config, toml).unwrap();

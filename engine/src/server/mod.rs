@@ -96,13 +96,15 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let partitions = 64;
         Self {
             node_id: 1,
             data_dir: PathBuf::from("ringkv-data"),
             listen: "127.0.0.1:7379".parse().expect("valid address"),
             shard_port_base: 7380,
-            shards: cores,
-            partitions: 64,
+            // one per core, but never more than partitions (each shard must own one)
+            shards: cores.min(partitions as usize),
+            partitions,
             durability: Durability::Sync,
             segment_bytes_max: 64 << 20,
             commit_log_bytes_max: 32 << 20,
@@ -154,8 +156,21 @@ impl ServerConfig {
         {
             return Err("shard ports run past 65535".into());
         }
-        if self.key_bytes_max == 0 || self.key_bytes_max > u16::MAX as usize {
-            return Err("key_bytes_max must be 1..=65535".into());
+        // a hint's key is the data key plus its target and partition, within a record's
+        // key limit
+        let key_bytes_limit = crate::record::KEY_BYTES_MAX - crate::cluster::HINT_KEY_OVERHEAD;
+        if self.key_bytes_max == 0 || self.key_bytes_max > key_bytes_limit {
+            return Err(format!(
+                "key_bytes_max must be 1..={key_bytes_limit}, not {}",
+                self.key_bytes_max
+            ));
+        }
+        if self.value_bytes_max == 0 || self.value_bytes_max > crate::record::VALUE_BYTES_MAX {
+            return Err(format!(
+                "value_bytes_max must be 1..={}, not {}",
+                crate::record::VALUE_BYTES_MAX,
+                self.value_bytes_max
+            ));
         }
         if self.replicas == 0 || self.read_quorum == 0 || self.write_quorum == 0 {
             return Err("replicas, read and write quorums must be at least 1".into());
@@ -192,13 +207,35 @@ impl ServerConfig {
                 ringkv_ring::membership::ZONE_BYTES_MAX
             ));
         }
-        // a timeout of 0 would close every connection at once
+        // a timeout of 0 would close every connection, or fail every replica call, at
+        // once; a gossip period of 0 would gossip in a busy loop
         for (name, value) in [
             ("idle_timeout_ms", self.idle_timeout),
             ("slow_client_timeout_ms", self.slow_client_timeout),
+            ("request_timeout_ms", self.request_timeout),
+            ("gossip_period_ms", self.gossip_period),
         ] {
             if value < Duration::from_millis(10) {
                 return Err(format!("{name} must be at least 10"));
+            }
+        }
+        // glommio listens with SO_REUSEPORT: a metrics listener on a client or shard port
+        // would quietly take a share of that port's connections
+        if let Some(metrics) = self.metrics_listen.filter(|a| a.port() != 0) {
+            let shard_ports = (self.shard_port_base != 0).then(|| {
+                self.shard_port_base as usize..self.shard_port_base as usize + self.shards
+            });
+            let same_host = |a: SocketAddr| {
+                a.ip() == metrics.ip() || a.ip().is_unspecified() || metrics.ip().is_unspecified()
+            };
+            let on_client_port = metrics.port() == self.listen.port() && same_host(self.listen);
+            let on_shard_port = shard_ports
+                .is_some_and(|ports| ports.contains(&(metrics.port() as usize)))
+                && same_host(self.listen);
+            if on_client_port || on_shard_port {
+                return Err(format!(
+                    "metrics_listen {metrics} is the client port or a shard port"
+                ));
             }
         }
         for seed in &self.seeds {
@@ -621,4 +658,44 @@ pub fn run(
         }
     }
     Ok(exits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerConfig;
+
+    #[test]
+    fn the_default_configuration_is_valid() {
+        let config = ServerConfig::default();
+        assert!(config.shards <= config.partitions as usize);
+        config.validate().unwrap();
+    }
+
+    /// glommio listens with SO_REUSEPORT, so a metrics listener on the client port or a
+    /// shard port would take a share of that port's connections without an error.
+    #[test]
+    fn a_metrics_listener_on_a_client_or_shard_port_is_refused() {
+        let base = ServerConfig {
+            listen: "127.0.0.1:7379".parse().unwrap(),
+            shard_port_base: 7380,
+            shards: 2,
+            ..ServerConfig::default()
+        };
+        for (metrics, refused) in [
+            ("127.0.0.1:7379", true),
+            ("0.0.0.0:7379", true),
+            ("127.0.0.1:7380", true),
+            ("127.0.0.1:7381", true),
+            ("127.0.0.1:7382", false),
+            ("127.0.0.2:7379", false),
+            ("127.0.0.1:0", false),
+        ] {
+            let config = ServerConfig {
+                metrics_listen: Some(metrics.parse().unwrap()),
+                ..base.clone()
+            };
+            let result = config.validate();
+            assert_eq!(result.is_err(), refused, "{metrics}: {result:?}");
+        }
+    }
 }
