@@ -48,6 +48,28 @@ fn raise_limit(resource: libc::__rlimit_resource_t, wanted: u64) -> u64 {
     }
 }
 
+/// The CPUs this process may run on, in order (its affinity mask: `taskset`, a
+/// container's cpuset); every CPU the machine reports if the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the
+    // zeroed set we own; CPU_ISSET reads it.
+    let allowed: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    };
+    if allowed.is_empty() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..cores).collect();
+    }
+    allowed
+}
+
 /// Runs `make()` to completion on a fresh glommio executor in its own thread.
 pub fn run_local<T, Fut>(make: impl FnOnce() -> Fut + Send + 'static) -> T
 where

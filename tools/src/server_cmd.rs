@@ -247,12 +247,25 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         sum(|s| s.connections_accepted),
         sum(|s| s.connections_refused),
     );
-    tracing::info!(requests, "ringkv node stopped cleanly");
     // the counterpart of the "listening" line: what the node served, for scripts and tests
     println!(
         "ringkv stopped: {requests} requests, {forwarded} forwarded to another shard, \
          {accepted} connections accepted, {refused} refused"
     );
+    let unclean: Vec<usize> = exits.iter().filter(|e| !e.clean).map(|e| e.shard).collect();
+    if !unclean.is_empty() {
+        // a supervisor or script must not take this for a clean stop
+        tracing::error!(
+            shards = ?unclean,
+            "ringkv node stopped, but closing its data failed (see the errors above)"
+        );
+        eprintln!(
+            "ringkv: closing the data of shard(s) {unclean:?} failed: writes not yet \
+             synced may be lost (in sync mode the next start replays the commit log)"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    tracing::info!(requests, "ringkv node stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -634,3 +634,108 @@ fn replies_held_up_by_a_slow_reader_arrive_whole_and_by_their_ids() {
     drop(c);
     assert!(server.stop().success());
 }
+
+/// A node whose CPUs are restricted (taskset, a container's cpuset) pins its shards to
+/// the CPUs it may use. Before, shard s was pinned to CPU `s mod cores`: a process that
+/// taskset confined to CPU 1 put its shard 0 on CPU 0, outside what the operator
+/// allowed; under a cpuset cgroup that pin fails, the executor does not start, and the
+/// other shards waited for it in the mesh for ten minutes.
+#[test]
+fn a_node_confined_to_some_cpus_pins_its_shards_to_those() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("one CPU: nothing to confine to; skipped");
+        return;
+    }
+    let only = cpus - 1;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv"));
+    command
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-port-base",
+            "0",
+        ])
+        .args(["--shards", "2", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: sched_setaffinity on the child between fork and exec, on a set we own;
+    // it allocates nothing
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(only, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let listening = lines
+        .by_ref()
+        .find_map(|line| line.strip_prefix("ringkv listening on ").map(String::from));
+    let Some(addr) = listening else {
+        let output = child.wait_with_output().unwrap();
+        panic!(
+            "the node did not start: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let mut c = Raw::connect(addr.parse().unwrap());
+    c.put(b"k", b"v", b"");
+    assert_eq!(c.get(b"k").0, vec![b"v".to_vec()]);
+    drop(c);
+    let mut shards = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !name.starts_with("ringkv-shard") {
+            continue;
+        }
+        shards += 1;
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(
+            allowed,
+            only.to_string(),
+            "{} runs on CPUs {allowed}",
+            name.trim()
+        );
+    }
+    assert!(shards >= 2, "{shards} shard threads found");
+    // SAFETY: a signal to our own child
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // its "stopped" line is read (the pipe stays open until the node exits)
+    assert!(lines.any(|line| line.starts_with("ringkv stopped: ")));
+    assert!(child.wait().unwrap().success());
+}
+
+/// A node whose data could not be closed at shutdown exits with status 1 and says so,
+/// rather than "stopped cleanly" and 0: in `none` or `interval` mode writes may be lost,
+/// and a supervisor or script must be able to tell.
+#[test]
+fn a_shutdown_that_cannot_close_the_data_exits_with_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "none"]);
+    let mut c = Raw::connect(server.addr);
+    c.put(b"k", b"v", b"");
+    drop(c);
+    // each partition's close writes its epoch file in its folder, now gone
+    std::fs::remove_dir_all(dir.path().join("partitions")).unwrap();
+    let status = server.interrupt();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}

@@ -293,8 +293,11 @@ impl Shutdown {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// Triggers this on SIGINT or SIGTERM (a background thread waits for them). Call
-    /// before any other thread starts, so every thread inherits the blocked mask.
+    /// Triggers this on SIGINT or SIGTERM (a background thread waits for them); a second
+    /// one exits the process at once with status 130, without closing the partitions
+    /// (what `sync` mode acknowledged is durable; the commit log is replayed at the next
+    /// start). Call before any other thread starts, so every thread inherits the blocked
+    /// mask.
     pub fn on_signals(&self) -> std::io::Result<()> {
         // SAFETY: plain libc signal-mask calls on a zeroed sigset_t we own.
         let set = unsafe {
@@ -315,6 +318,12 @@ impl Shutdown {
                 // SAFETY: sigwait on the set blocked above.
                 unsafe { libc::sigwait(&set, &mut signal) };
                 flag.trigger();
+                // a second signal while the node drains (or is still starting: recovery
+                // looks at the flag only once every shard is up) stops it at once
+                // SAFETY: as above.
+                unsafe { libc::sigwait(&set, &mut signal) };
+                eprintln!("ringkv: second signal: exiting without waiting for the shards");
+                std::process::exit(130);
             })?;
         Ok(())
     }
@@ -325,6 +334,10 @@ impl Shutdown {
 pub struct ShardExit {
     pub shard: usize,
     pub stats: ShardStats,
+    /// Every partition, the hint store and the commit log closed without an error (the
+    /// log says which failed). When not, writes not yet synced in `none` or `interval`
+    /// mode may be lost, and in `sync` mode the next start replays the commit log.
+    pub clean: bool,
 }
 
 /// SO_REUSEPORT would let this node share a port that a running node listens on, so a
@@ -481,6 +494,40 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
+/// Why a shard did not start.
+pub(crate) enum StartError {
+    /// glommio could not create its executor (pinning, io_uring, locked memory).
+    Executor { shard_id: usize, cpu: usize },
+    /// The shard's own start-up failed (recovery, listening), with the reason.
+    Shard(String),
+}
+
+/// Sends [`StartError::Executor`] when dropped armed: glommio drops a shard's closure
+/// without running it when the executor cannot be created, and the other shards would
+/// wait for it in the mesh for ever.
+struct StartGuard {
+    shard_id: usize,
+    cpu: usize,
+    ready_tx: Option<std::sync::mpsc::Sender<Result<(), StartError>>>,
+}
+
+impl StartGuard {
+    fn disarm(mut self) {
+        self.ready_tx = None;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.ready_tx.take() {
+            let _ = tx.send(Err(StartError::Executor {
+                shard_id: self.shard_id,
+                cpu: self.cpu,
+            }));
+        }
+    }
+}
+
 /// Runs the node until `shutdown` triggers. `ready` is called once every shard
 /// listens (with the client address actually bound).
 pub fn run(
@@ -594,10 +641,20 @@ pub fn run(
     };
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.shards, 1024);
     let counters = Arc::new(NodeCounters::new(config.shards));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
+    // the CPUs this process may run on (taskset, a container's cpuset): pinning to any
+    // other fails the executor's start
+    let cpus = crate::runtime::allowed_cpus();
     let mut handles = Vec::new();
     for shard_id in 0..config.shards {
+        let cpu = cpus[shard_id % cpus.len()];
+        // reports the shard as failed if glommio drops the closure without running it
+        // (its executor could not start); disarmed once it runs
+        let start_guard = StartGuard {
+            shard_id,
+            cpu,
+            ready_tx: Some(ready_tx.clone()),
+        };
         let (config, shutdown, mesh, ready_tx, membership, counters, lock) = (
             config.clone(),
             shutdown.clone(),
@@ -607,19 +664,21 @@ pub fn run(
             counters.clone(),
             lock.clone(),
         );
-        let builder =
-            glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(shard_id % cores))
-                // the blocking thread runs commit log syncs and syncfs: left unpinned
-                // so it does not queue behind its own busy shard for the core
-                .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
-                .name(&format!("ringkv-shard-{shard_id}"));
+        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+            // the blocking thread runs commit log syncs and syncfs: left unpinned
+            // so it does not queue behind its own busy shard for the core
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
+            .name(&format!("ringkv-shard-{shard_id}"));
         let handle = builder
-            .spawn(move || async move {
-                let _lock = lock;
-                shard::shard_main(
-                    shard_id, config, shutdown, mesh, membership, counters, ready_tx,
-                )
-                .await
+            .spawn(move || {
+                start_guard.disarm();
+                async move {
+                    let _lock = lock;
+                    shard::shard_main(
+                        shard_id, config, shutdown, mesh, membership, counters, ready_tx,
+                    )
+                    .await
+                }
             })
             .map_err(|e| format!("cannot start shard {shard_id}: {e}"))?;
         handles.push(handle);
@@ -633,7 +692,18 @@ pub fn run(
         let left = ready_deadline.saturating_duration_since(std::time::Instant::now());
         match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok(Err(StartError::Executor { shard_id, cpu })) => {
+                // glommio's own error is what the shard's thread ended with
+                let why = match handles.remove(shard_id).join() {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "unknown".into(),
+                };
+                failure = Some(format!(
+                    "shard {shard_id} could not start its executor on CPU {cpu}: {why}"
+                ));
+                break;
+            }
+            Ok(Err(StartError::Shard(e))) => {
                 failure = Some(e);
                 break;
             }

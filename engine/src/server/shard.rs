@@ -118,7 +118,7 @@ pub(crate) async fn shard_main(
     mesh: MeshBuilder<ShardMsg, Full>,
     membership: Option<Vec<u8>>,
     counters: std::sync::Arc<NodeCounters>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: std::sync::mpsc::Sender<Result<(), super::StartError>>,
 ) -> Result<ShardExit, String> {
     match start(shard_id, config, shutdown, mesh, membership, counters).await {
         Ok((shard, tasks)) => {
@@ -126,7 +126,7 @@ pub(crate) async fn shard_main(
             Ok(serve_until_shutdown(shard, tasks).await)
         }
         Err(e) => {
-            let _ = ready.send(Err(e.clone()));
+            let _ = ready.send(Err(super::StartError::Shard(e.clone())));
             Err(e)
         }
     }
@@ -698,18 +698,21 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
         tracing::error!(error = %e, "closing the hint store failed");
         all_closed = false;
     }
+    let mut clean = all_closed;
     if let Some(log) = &shard.commit_log {
         // every segment is synced: nothing is left to replay (if a close failed, the
         // log stays and the next start replays it)
         if all_closed {
             if let Err(e) = log.remove_all().await {
                 tracing::error!(error = %e, "removing the commit log failed");
+                clean = false;
             }
         }
     }
     ShardExit {
         shard: shard.id,
         stats: shard.stats.borrow().clone(),
+        clean,
     }
 }
 
