@@ -32,9 +32,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at};
 
 use crate::client::{
-    accept_hello, check_request, delete_request, put_request, settle, ClientConfig, ClientError,
-    Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response, Routing, ShardSlot, Versions,
-    SHARD_RETRY_INTERVAL,
+    accept_hello, check_request, deadline_after, delete_request, put_request, settle, ClientConfig,
+    ClientError, Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response, Routing,
+    ShardSlot, Versions, SHARD_RETRY_INTERVAL,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -342,7 +342,7 @@ impl AsyncClient {
 
     /// When a request queued now times out.
     fn deadline(&self) -> tokio::time::Instant {
-        tokio::time::Instant::now() + self.inner.config.request_timeout
+        tokio::time::Instant::from_std(deadline_after(self.inner.config.request_timeout))
     }
 
     /// Called when a request timed out: if nothing at all has arrived from the server

@@ -540,6 +540,14 @@ pub(crate) fn resolve(
     Ok(addrs)
 }
 
+/// `d` from now; a timeout too long for the clock (`Duration::MAX` for "no timeout")
+/// is a century.
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 fn socket_timeout(d: Duration) -> Duration {
     d.max(SOCKET_TIMEOUT_MIN)
 }
@@ -640,6 +648,38 @@ impl Client {
     /// Whether an earlier error closed the connection (every call now fails).
     pub fn is_broken(&self) -> bool {
         self.broken.is_some()
+    }
+
+    /// Whether the connection can take a request: not broken, and not closed by the
+    /// server while no request was outstanding (its idle timeout, a restart), which a
+    /// non-blocking peek finds without sending anything. A connection the server closed,
+    /// or that holds bytes no request asked for, is marked broken. Pools and the
+    /// shard-aware client check this before handing a connection out, so a request is
+    /// not sent on a connection already closed (it would fail with `Closed`, and a
+    /// write's caller could not know it never ran).
+    pub fn still_open(&mut self) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        // the socket is non-blocking: the peek returns at once
+        match self.stream.peek(&mut probe) {
+            Err(e) if would_wait(&e) => true,
+            Ok(0) => {
+                self.close_with("server closed the connection while it was idle".into());
+                false
+            }
+            Ok(_) => {
+                // a connection-level ERROR (shutdown) or a confused server: the stream
+                // is not where a new request expects it
+                self.close_with("server sent bytes no request asked for".into());
+                false
+            }
+            Err(e) => {
+                self.close_with(ClientError::from_io(e).to_string());
+                false
+            }
+        }
     }
 
     /// Requests written before their replies are read: the smaller of the client's and
@@ -781,10 +821,19 @@ impl Client {
                 (Ok(_), None) => Err(ClientError::Protocol("HELLO inside a batch".into())),
                 (Err(e), _) => Err(e),
             };
-            if let Err(e @ ClientError::Protocol(_)) = &result {
-                // a reply of the wrong kind: the server is not speaking our protocol
-                let reason = e.to_string();
-                self.close_with(reason);
+            match &result {
+                Err(e @ ClientError::Protocol(_)) => {
+                    // a reply of the wrong kind: the server is not speaking our protocol
+                    let reason = e.to_string();
+                    self.close_with(reason);
+                }
+                Err(e) if e.server_code() == Some(ServerCode::Known(ErrorCode::ShuttingDown)) => {
+                    // the server closes this connection once it has drained: a pool
+                    // must not hand it out again
+                    let reason = e.to_string();
+                    self.close_with(reason);
+                }
+                _ => {}
             }
             results.push(result);
         }
@@ -819,7 +868,7 @@ impl Client {
         self.write_buf.clear();
         let reply_frame_bytes_max = self.config.reply_frame_bytes_max;
         // the wait restarts whenever a reply arrives or request bytes go out
-        let mut deadline = Instant::now() + self.config.request_timeout;
+        let mut deadline = deadline_after(self.config.request_timeout);
         // Bounded: a pass that neither writes, reads nor settles a reply waits in `poll`
         // until the socket is ready or the deadline has passed; every request is encoded
         // once and settled once.
@@ -849,7 +898,7 @@ impl Client {
             }
             match self.settle_buffered(&mut pending, &mut results, reply_frame_bytes_max) {
                 Ok(0) => {}
-                Ok(_) => deadline = Instant::now() + self.config.request_timeout,
+                Ok(_) => deadline = deadline_after(self.config.request_timeout),
                 Err(e) => break Err(e),
             }
             let unsent = written < self.write_buf.len();
@@ -870,7 +919,7 @@ impl Client {
                     Ok(n) => {
                         written += n;
                         progress = true;
-                        deadline = Instant::now() + self.config.request_timeout;
+                        deadline = deadline_after(self.config.request_timeout);
                     }
                     Err(e) if would_wait(&e) => {}
                     Err(e) => break Err(ClientError::from_io(e)),
@@ -896,8 +945,16 @@ impl Client {
             }
             let now = Instant::now();
             if now >= deadline {
-                // also when bytes trickle in: a reply must be whole within the wait
-                break Err(ClientError::Timeout);
+                // also when bytes trickle in: a reply must be whole within the wait; but
+                // a reply this pass's read completed is taken first, not timed out
+                match self.settle_buffered(&mut pending, &mut results, reply_frame_bytes_max) {
+                    Ok(0) => break Err(ClientError::Timeout),
+                    Ok(_) => {
+                        deadline = deadline_after(self.config.request_timeout);
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
             }
             if progress {
                 continue;
@@ -1277,11 +1334,16 @@ impl Pool {
     /// An idle connection, a new one if fewer than `size` are open, or else the next one
     /// returned within `request_timeout` ([`ClientError::Timeout`] after that).
     pub fn connection(&self) -> Result<PooledClient<'_>, ClientError> {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = deadline_after(self.config.request_timeout);
         let mut state = self.lock();
         // Bounded by the deadline: every pass waits until it or returns.
         loop {
-            if let Some(client) = state.idle.pop() {
+            if let Some(mut client) = state.idle.pop() {
+                if !client.still_open() {
+                    // closed by the server while idle: dropped, its slot free
+                    state.open -= 1;
+                    continue;
+                }
                 return Ok(PooledClient {
                     pool: self,
                     client: Some(client),
@@ -1541,7 +1603,7 @@ impl ShardAwareClient {
     /// now on (every shard connection to be opened afresh). Every call tries this once,
     /// before routing; the error says why main is still broken.
     fn reopen_main_if_broken(&mut self) -> Result<(), ClientError> {
-        if !self.main.is_broken() {
+        if self.main.still_open() {
             return Ok(());
         }
         let config = self.main.config().clone();
@@ -1582,6 +1644,10 @@ impl ShardAwareClient {
         if let Route::Shard(s) = route {
             let s_index = usize::from(s);
             if s_index < self.shards.len() {
+                if let Some(client) = self.shards[s_index].client.as_mut() {
+                    // marks it broken if the server closed it while it sat idle
+                    client.still_open();
+                }
                 if self.shards[s_index].should_reopen(Client::is_broken) {
                     let client = self.connect_shard(s);
                     self.shards[s_index].reopened(client);

@@ -659,9 +659,11 @@ fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
     before.shard_port_base = support::free_port();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         support::FakeConn::new(stream).accept_hello(&before);
+        closed_tx.send(()).unwrap();
         // the node restarts with two shards
         let (stream, _) = listener.accept().unwrap();
         let mut conn = support::FakeConn::new(stream);
@@ -675,9 +677,11 @@ fn shard_aware_client_follows_a_new_shard_layout_after_reconnecting() {
     });
     let mut client = ShardAwareClient::connect(addr, config()).unwrap();
     assert_eq!(client.hello().shards, 1);
-    // the old connection is gone: this request fails and is not resent
-    assert!(client.get(b"first").is_err());
-    // a request for the main connection reopens it, and routing follows the new layout
+    // the old connection is gone (its close reaches this socket: bounded wait)
+    closed_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // the next request finds it closed and reopens it, and routing follows the new
+    // layout
     client.ping().unwrap();
     let key = b"user:1";
     assert_eq!(
@@ -717,9 +721,11 @@ fn a_batch_routes_all_its_keys_by_one_layout() {
     let mut four = hello_ok(8);
     four.shards = 4;
     four.shard_port_base = support::free_port();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         support::FakeConn::new(stream).accept_hello(&four);
+        closed_tx.send(()).unwrap();
         // the node is restarting: one connection refused at its HELLO
         let (stream, _) = listener.accept().unwrap();
         drop(stream);
@@ -736,10 +742,9 @@ fn a_batch_routes_all_its_keys_by_one_layout() {
         conn.wait_for_close();
     });
     let mut client = ShardAwareClient::connect(addr, config()).unwrap();
-    assert!(
-        client.get(b"first").is_err(),
-        "the first connection is gone"
-    );
+    // the first connection is gone (its close reaches this socket: bounded wait)
+    closed_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
     let keys = [&b"user:1"[..], b"user:2", b"user:3", b"user:4"];
     for result in client.get_many(&keys) {
         assert!(result.is_err(), "{result:?}");
@@ -751,4 +756,95 @@ fn a_batch_routes_all_its_keys_by_one_layout() {
     assert_eq!(client.shard_for_key(b"user:1"), None);
     drop(client);
     server.join().unwrap();
+}
+
+/// A pooled connection the server closed while it sat idle (the server's idle timeout,
+/// a restart) is found closed before it is handed out, and the pool opens another: the
+/// request does not fail. Before, the pool handed out the closed connection and the
+/// request failed with `Closed`.
+#[test]
+fn a_pooled_connection_the_server_closed_while_idle_is_replaced() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        // first connection: one PING answered, then closed by the server
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = support::FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        let (id, _) = conn.read_request().unwrap();
+        let mut out = Vec::new();
+        encode::pong(&mut out, id);
+        conn.send(&out);
+        drop(conn);
+        closed_tx.send(()).unwrap();
+        // second: serves PINGs until the client goes
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = support::FakeConn::new(stream);
+        conn.accept_hello(&hello_ok(8));
+        while let Some((id, _)) = conn.read_request() {
+            out.clear();
+            encode::pong(&mut out, id);
+            conn.send(&out);
+        }
+    });
+    let pool = Pool::new(addr, short_timeout_config(), 1).unwrap();
+    pool.connection().unwrap().ping().unwrap();
+    closed_rx.recv().unwrap();
+    // the FIN reaches this socket (bounded wait: loopback)
+    std::thread::sleep(Duration::from_millis(50));
+    pool.connection().unwrap().ping().unwrap();
+    assert_eq!(pool.open_count(), 1);
+    drop(pool);
+    server.join().unwrap();
+}
+
+/// ERROR `ShuttingDown` fails its request and closes the connection (the server closes
+/// it once drained), so a pool does not hand it out again.
+#[test]
+fn a_shutting_down_reply_closes_the_connection() {
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let (id, _) = conn.read_request().unwrap();
+        let mut out = Vec::new();
+        encode::error(
+            &mut out,
+            id,
+            ErrorCode::ShuttingDown,
+            "the node is shutting down",
+        );
+        conn.send(&out);
+        conn.wait_for_close();
+    });
+    let pool = Pool::new(addr, short_timeout_config(), 1).unwrap();
+    let mut c = pool.connection().unwrap();
+    let err = c.ping().unwrap_err();
+    assert_eq!(
+        err.server_code(),
+        Some(ServerCode::Known(ErrorCode::ShuttingDown))
+    );
+    assert!(c.is_broken());
+    drop(c);
+    assert_eq!(pool.open_count(), 0);
+    drop(pool);
+    server.join().unwrap();
+}
+
+/// `Duration::MAX` ("no timeout") as a timeout works; before, adding it to the clock
+/// panicked on every request and every pool checkout.
+#[test]
+fn timeouts_of_duration_max_mean_no_timeout() {
+    let node = FakeNode::start(8);
+    let config = ClientConfig {
+        request_timeout: Duration::MAX,
+        connect_timeout: Duration::MAX,
+        ..ClientConfig::default()
+    };
+    let pool = Pool::new(node.addr, config.clone(), 1).unwrap();
+    let mut c = pool.connection().unwrap();
+    c.put(b"k", b"v", None).unwrap();
+    assert_eq!(c.get(b"k").unwrap().values, vec![b"v".to_vec()]);
+    drop(c);
+    let mut shard_aware = ShardAwareClient::connect(node.addr, config).unwrap();
+    shard_aware.ping().unwrap();
 }
