@@ -880,6 +880,15 @@ impl<S: Storage> Partition<S> {
             return Ok(None);
         }
         let first_seq = state.next_seq;
+        if first_seq + ops.len() as u64 > record::SEQ_MAX + 1 {
+            // a record past SEQ_MAX is refused by every decode: it would be written,
+            // acknowledged and then unreadable (reachable only through a sequence number
+            // forged into the data that `open` read back)
+            return Err(StoreError::Failed(format!(
+                "sequence numbers exhausted (next {first_seq}, the last is {})",
+                record::SEQ_MAX
+            )));
+        }
         state.next_seq += ops.len() as u64;
         let mut buf = self.append_scratch.take();
         buf.reserve(ops.iter().map(WriteOp::encoded_len).sum());
@@ -1128,7 +1137,10 @@ impl<S: Storage> Partition<S> {
         };
         let segment = state.segment(slot).clone();
         let len = segment.file.len();
-        let end = offset + bytes.len() as u64;
+        let Some(end) = offset.checked_add(bytes.len() as u64) else {
+            // no segment reaches that far: an entry the log's checks let through
+            return ReplayOutcome::Mismatch { segment_len: len };
+        };
         let present = match state.damaged.get(&segment_id) {
             Some(spans) => spans.iter().any(|&(a, b)| a <= offset && end <= b),
             None => end <= len,

@@ -1052,3 +1052,41 @@ fn a_roll_dropped_half_way_does_not_stop_later_rolls() {
         );
     });
 }
+
+/// A record at the last sequence number (only reachable through data forged to look
+/// like records, read back after damage): the next write is refused with an error
+/// instead of being written past `SEQ_MAX`, acknowledged, and then refused by every
+/// read as corrupt (and dropped by the next open).
+#[test]
+fn a_write_past_the_last_sequence_number_is_refused_not_written_unreadable() {
+    use ringkv_engine::partition::ReplayOutcome;
+    use ringkv_engine::record::{RecordRef, SEQ_MAX};
+    block_on(async {
+        let disk = MemDisk::new();
+        let (p, _) = Partition::open(disk.folder(FOLDER), config(Durability::None), 1_000)
+            .await
+            .unwrap();
+        let mut last = Vec::new();
+        RecordRef {
+            seq: SEQ_MAX,
+            timestamp_ms: 1_000,
+            key: b"last",
+            replaced: &[],
+            version: b"v",
+            value: Some(b"x"),
+            batch_continues: false,
+        }
+        .encode_into(&mut last);
+        assert_eq!(
+            p.replay(1 << 24, 32, &last),
+            ReplayOutcome::Applied { records: 1 }
+        );
+        let err = put(&p, b"next", b"y", 1_001).await.unwrap_err();
+        assert!(
+            err.to_string().contains("sequence numbers exhausted"),
+            "{err}"
+        );
+        assert!(p.get(b"next").await.unwrap().is_empty());
+        assert_eq!(p.get(b"last").await.unwrap().len(), 1);
+    });
+}
