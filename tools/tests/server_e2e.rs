@@ -739,3 +739,42 @@ fn a_shutdown_that_cannot_close_the_data_exits_with_failure() {
     let status = server.interrupt();
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+/// A data directory belongs to the node that first used it: restarting it with another
+/// `--node-id` is refused. Before, the node started, found itself missing from the
+/// persisted membership, sent its requests to "node 1" (itself), and wrote versions as
+/// a second actor into node 1's data.
+#[test]
+fn a_data_directory_restarted_with_another_node_id_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let mut c = Raw::connect(server.addr);
+    c.put(b"k", b"v", b"");
+    drop(c);
+    assert!(server.stop().success());
+    let args: Vec<&std::ffi::OsStr> = ["server", "--data-dir"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([dir.path().as_os_str()])
+        .chain(
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-port-base",
+                "0",
+                "--node-id",
+                "2",
+            ]
+            .iter()
+            .map(std::ffi::OsStr::new),
+        )
+        .collect();
+    let stderr = common::ringkv_fails(&args);
+    assert!(stderr.contains("belongs to node 1, not 2"), "{stderr}");
+    // its own id still opens it, with its data
+    let mut server = Server::start(dir.path(), &["--node-id", "1"]);
+    let mut c = Raw::connect(server.addr);
+    assert_eq!(c.get(b"k").0, vec![b"v".to_vec()]);
+    drop(c);
+    assert!(server.stop().success());
+}

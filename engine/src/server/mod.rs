@@ -528,6 +528,47 @@ impl Drop for StartGuard {
     }
 }
 
+/// Records `node_id` as the owner of the data directory (`cluster/node-id`), or refuses
+/// when it belongs to another node: its versions were written by that node's actor, and
+/// a node restarted there with another id would write as a second actor beside the
+/// first (or as the same actor as a live node with that id), and would not find itself
+/// in the persisted membership.
+fn claim_for_node(data_dir: &std::path::Path, node_id: u64) -> Result<(), String> {
+    use std::io::Write;
+    let dir = data_dir.join("cluster");
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let owner: u64 = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("{}: not a node id: {text:?}", path.display()))?;
+            if owner != node_id {
+                return Err(format!(
+                    "the data directory {} belongs to node {owner}, not {node_id}: start it \
+                     with --node-id {owner}, or give node {node_id} a directory of its own",
+                    data_dir.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let tmp = dir.join("node-id.tmp");
+            let write = || -> std::io::Result<()> {
+                let mut file = std::fs::File::create(&tmp)?;
+                writeln!(file, "{node_id}")?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(&dir)?.sync_all()
+            };
+            write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// Runs the node until `shutdown` triggers. `ready` is called once every shard
 /// listens (with the client address actually bound).
 pub fn run(
@@ -556,6 +597,7 @@ pub fn run(
     // each shard holds a share of it: the lock lasts as long as the last shard (also
     // when this function returns early, leaving shards that cannot be joined)
     let lock = Arc::new(lock_data_dir(&config.data_dir)?);
+    claim_for_node(&config.data_dir, config.node_id)?;
     refuse_orphan_commit_logs(&config)?;
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
