@@ -343,11 +343,14 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
         }
         cmd_args.extend(extra.iter().cloned());
         println!("node {i}: {} {}", exe.display(), cmd_args.join(" "));
-        let child = Command::new(&exe)
-            .args(&cmd_args)
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start node {i}"))?;
+        // its own process group: a Ctrl-C at the terminal reaches dev alone, which
+        // stops each node with one SIGTERM (a node takes a second signal as "exit now")
+        let child = std::os::unix::process::CommandExt::process_group(
+            Command::new(&exe).args(&cmd_args).stdout(Stdio::null()),
+            0,
+        )
+        .spawn()
+        .with_context(|| format!("cannot start node {i}"))?;
         children.0.push(child);
         addrs.push(addr.clone());
         // the seed first: the others join through it
