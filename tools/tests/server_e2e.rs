@@ -333,7 +333,10 @@ fn sigint_answers_in_flight_puts_and_a_restart_keeps_the_acknowledged() {
     }
     println!("{} puts done, {refused} refused", done.len());
     assert!(done.len() as u64 + refused <= PUTS);
-    assert!(server.interrupt().success(), "a clean exit after SIGINT");
+    assert!(
+        server.wait_exit(libc::SIGINT).success(),
+        "a clean exit after SIGINT"
+    );
     let mut server = Server::start(dir.path(), &[]);
     let mut c = Raw::connect(server.addr);
     for i in done {

@@ -195,6 +195,12 @@ impl Server {
     fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.wait_exit(signal)
+    }
+
+    /// Waits (bounded) for the node to exit after a signal the caller sent it (a
+    /// second signal would make it exit at once, with 130).
+    pub fn wait_exit(&mut self, signal: i32) -> std::process::ExitStatus {
         for _ in 0..300 {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
