@@ -15,7 +15,8 @@
 //! connection is closed (so [`AsyncPool`] and [`AsyncShardAwareClient`] open a new one
 //! instead of handing out a connection that never answers). An I/O error or a malformed
 //! reply closes the connection and fails every outstanding request with
-//! [`ClientError::Closed`]; nothing is written after the connection closed.
+//! [`ClientError::Closed`]; nothing is written after the connection closed (a request
+//! made then fails with [`ClientError::NotSent`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -84,8 +85,8 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Closes the connection: every waiting request fails with `reason`, and so does
-    /// every later one.
+    /// Closes the connection: every waiting request fails with `reason` (`Closed`), and
+    /// every later one too (`NotSent`).
     fn close(&self, reason: String) {
         let waiting = {
             let mut pending = self.lock();
@@ -259,7 +260,7 @@ impl AsyncClient {
     }
 
     /// Whether the connection is closed (every call now fails with
-    /// [`ClientError::Closed`]).
+    /// [`ClientError::NotSent`]).
     pub fn is_closed(&self) -> bool {
         self.inner.shared.lock().closed.is_some()
     }
@@ -406,7 +407,8 @@ impl AsyncClient {
         let request_id = inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         request.encode(request_id, &mut frame);
-        let closed = || ClientError::Closed(self.closed_reason());
+        // never queued: nothing was written
+        let closed = || ClientError::NotSent(self.closed_reason());
         let wait = async {
             let permit = inner
                 .shared
@@ -429,7 +431,7 @@ impl AsyncClient {
             // cannot leave a request registered but never sent
             let mut pending = inner.shared.lock();
             if let Some(reason) = &pending.closed {
-                return Err(ClientError::Closed(reason.clone()));
+                return Err(ClientError::NotSent(reason.clone()));
             }
             pending.waiting.insert(
                 request_id,

@@ -7,7 +7,8 @@
 //!
 //! A connection that saw an I/O error, a timeout or a malformed reply cannot be trusted
 //! to be in step with the server any more: it is closed and every later call on it returns
-//! [`ClientError::Closed`]. An ERROR reply from the server only fails its own request.
+//! [`ClientError::NotSent`] (nothing is written). An ERROR reply from the server only
+//! fails its own request.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -127,6 +128,11 @@ pub enum ClientError {
     /// the key to tell); nothing is written after it closed.
     #[error("connection closed: {0}")]
     Closed(String),
+    /// The request was never written: the connection was already closed (the reason
+    /// given), or failed before the request's turn in a batch. It was not applied and
+    /// may be sent again, on another connection.
+    #[error("not sent, the connection is closed: {0}")]
+    NotSent(String),
     /// The request cannot be sent: a field or the whole frame is over its limit.
     #[error("{field} of {len_bytes} bytes exceeds the limit of {max_bytes} bytes")]
     TooLarge {
@@ -149,6 +155,7 @@ impl ClientError {
                 | ClientError::Timeout
                 | ClientError::Protocol(_)
                 | ClientError::Closed(_)
+                | ClientError::NotSent(_)
         )
     }
 
@@ -768,11 +775,12 @@ impl Client {
             .collect())
     }
 
-    /// Puts many (key, value) pairs without context, pipelined. The outer error means
-    /// the connection was already closed and nothing was sent; each inner result is that
-    /// pair's. If the connection fails during the batch, the puts it acknowledged keep
-    /// their `Ok`, the ones in flight fail with the error (they may or may not be
-    /// applied) and the ones never sent with [`ClientError::Closed`].
+    /// Puts many (key, value) pairs without context, pipelined. The outer error
+    /// ([`ClientError::NotSent`]) means the connection was already closed and nothing
+    /// was sent; each inner result is that pair's. If the connection fails during the
+    /// batch, the puts it acknowledged keep their `Ok`, the ones in flight fail with the
+    /// error (they may or may not be applied) and the ones never sent with
+    /// [`ClientError::NotSent`].
     pub fn put_many<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &mut self,
         items: &[(K, V)],
@@ -848,14 +856,14 @@ impl Client {
     /// sent. If the connection fails during the batch, the replies already received are
     /// kept: a caller must learn which writes were acknowledged. The requests still in
     /// flight get the failure (the first of them the error itself) and the ones never
-    /// sent get [`ClientError::Closed`].
+    /// sent get [`ClientError::NotSent`].
     fn exchange<'r>(
         &mut self,
         count: usize,
         request_at: impl Fn(usize) -> Request<'r>,
     ) -> Result<Vec<Result<OwnedReply, ClientError>>, ClientError> {
         if let Some(reason) = &self.broken {
-            return Err(ClientError::Closed(reason.clone()));
+            return Err(ClientError::NotSent(reason.clone()));
         }
         let window = self.in_flight_window();
         let frame_bytes_max = self.hello.frame_bytes_max as usize;
@@ -1070,7 +1078,7 @@ fn wait_ready(stream: &TcpStream, read: bool, write: bool, timeout: Duration) ->
 
 /// After the connection failed with `e` during a batch: the requests in `pending` (sent,
 /// unanswered) share `e` (see [`spread_failure`]) and every request with no result yet
-/// (never sent) gets `Closed`.
+/// (never sent) gets `NotSent`.
 fn fail_unanswered(
     results: &mut [Option<Result<OwnedReply, ClientError>>],
     pending: &HashMap<u64, usize>,
@@ -1084,7 +1092,7 @@ fn fail_unanswered(
         results[i] = Some(Err(failure()));
     }
     for result in results.iter_mut().filter(|r| r.is_none()) {
-        *result = Some(Err(ClientError::Closed(reason.clone())));
+        *result = Some(Err(ClientError::NotSent(reason.clone())));
     }
 }
 

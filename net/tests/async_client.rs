@@ -204,7 +204,7 @@ async fn a_silent_server_loses_the_connection_and_the_pool_opens_another() {
     assert!(first.is_closed(), "a silent connection must close");
     let err = first.ping().await.unwrap_err();
     assert!(
-        matches!(&err, ClientError::Closed(m) if m.contains("sent nothing")),
+        matches!(&err, ClientError::NotSent(m) if m.contains("sent nothing")),
         "{err:?}"
     );
     let second = pool.client().await.unwrap();
@@ -286,7 +286,7 @@ async fn a_malformed_reply_closes_the_connection_and_fails_everyone() {
     );
     assert!(client.is_closed());
     let err = client.ping().await.unwrap_err();
-    assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
+    assert!(matches!(err, ClientError::NotSent(_)), "{err:?}");
     drop(client);
     join(server).await;
 }
