@@ -44,13 +44,18 @@ pub fn admin_frame(
     request: &ClusterRequest<'_>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<u8>> {
-    // a host name as well as an IP, as `get`/`put` take
-    let sock: std::net::SocketAddr = crate::server_cmd::resolve(addr)
-        .with_context(|| format!("{addr} is not HOST:PORT"))?
-        .parse()
-        .with_context(|| format!("{addr} is not HOST:PORT"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, timeout)
-        .with_context(|| format!("cannot reach {addr}"))?;
+    // a host name as well as an IP, as `get`/`put` take; every address the name has
+    // is tried in turn (`localhost` may be ::1 first, with the node on 127.0.0.1)
+    let socks =
+        crate::server_cmd::resolve_all(addr).with_context(|| format!("{addr} is not HOST:PORT"))?;
+    let mut connected = Err(std::io::Error::other("no address"));
+    for sock in &socks {
+        connected = TcpStream::connect_timeout(sock, timeout);
+        if connected.is_ok() {
+            break;
+        }
+    }
+    let mut stream = connected.with_context(|| format!("cannot reach {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut frame = Vec::new();
@@ -144,8 +149,14 @@ pub fn join(args: &[String]) -> anyhow::Result<ExitCode> {
     let [seed] = rest.as_slice() else {
         bail!("{USAGE}");
     };
-    // the node takes IP:port only: a name is looked up here
-    let seed = crate::server_cmd::resolve(seed)?;
+    // the node takes IP:port only: a name is looked up here, and of its addresses the
+    // first that accepts a connection is sent (`localhost` may be ::1 first)
+    let seeds = crate::server_cmd::resolve_all(seed)?;
+    let seed = seeds
+        .iter()
+        .find(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).is_ok())
+        .unwrap_or(&seeds[0])
+        .to_string();
     let text = admin_call(
         &addr,
         &ClusterRequest::Join {

@@ -184,28 +184,37 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             other => bail!("unknown option {other}\n\n{USAGE}"),
         }
     }
-    config.seeds = config
-        .seeds
-        .iter()
-        .map(|seed| resolve(seed))
-        .collect::<anyhow::Result<_>>()?;
+    // a name stands for every address it has (`localhost`: ::1 and 127.0.0.1), each a
+    // seed tried in turn
+    let mut seeds: Vec<String> = Vec::new();
+    for seed in &config.seeds {
+        for addr in resolve_all(seed)? {
+            let addr = addr.to_string();
+            if !seeds.contains(&addr) {
+                seeds.push(addr);
+            }
+        }
+    }
+    config.seeds = seeds;
     config.validate().map_err(anyhow::Error::msg)?;
     Ok(Some(config))
 }
 
-/// `host:port` as `IP:port`, looked up here (once, at start): the node itself connects
-/// to addresses only, never to names.
-pub(crate) fn resolve(host_port: &str) -> anyhow::Result<String> {
+/// Every address `host:port` names, in the resolver's order (at least one), looked up
+/// here (once, at start): the node itself connects to addresses only, never to names.
+pub(crate) fn resolve_all(host_port: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs;
-    if host_port.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(host_port.to_string());
+    if let Ok(addr) = host_port.parse::<std::net::SocketAddr>() {
+        return Ok(vec![addr]);
     }
-    let found = host_port
+    let found: Vec<_> = host_port
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {host_port}"))?
-        .next()
-        .with_context(|| format!("{host_port} resolves to no address"))?;
-    Ok(found.to_string())
+        .collect();
+    if found.is_empty() {
+        anyhow::bail!("{host_port} resolves to no address");
+    }
+    Ok(found)
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
@@ -277,11 +286,16 @@ mod tests {
     fn seeds_given_by_name_are_looked_up_once_at_start() {
         let args = ["--seeds", "localhost:7400,127.0.0.1:7410"].map(String::from);
         let config = config_from_args(&args).unwrap().expect("a config");
-        assert!(
-            ["127.0.0.1:7400", "[::1]:7400"].contains(&config.seeds[0].as_str()),
-            "{:?}",
-            config.seeds
-        );
-        assert_eq!(config.seeds[1], "127.0.0.1:7410");
+        // every address of the name, each once, then the next seed
+        let (last, named) = config.seeds.split_last().expect("seeds");
+        assert_eq!(last, "127.0.0.1:7410");
+        assert!(!named.is_empty());
+        for seed in named {
+            assert!(
+                ["127.0.0.1:7400", "[::1]:7400"].contains(&seed.as_str()),
+                "{:?}",
+                config.seeds
+            );
+        }
     }
 }
