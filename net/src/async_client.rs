@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at};
 
 use crate::client::{
-    accept_hello, check_request, deadline_after, delete_request, put_request, settle, ClientConfig,
-    ClientError, Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response, Routing,
-    ShardSlot, Versions, SHARD_RETRY_INTERVAL,
+    accept_hello, check_request, deadline_after, delete_request, put_request, settle, shard_config,
+    ClientConfig, ClientError, Context, Expect, OwnedReply, PutOutcome, ReplyBuffer, Response,
+    Routing, ShardSlot, Versions, SHARD_RETRY_INTERVAL,
 };
 use crate::protocol::{HelloOk, Request, FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION};
 
@@ -813,13 +813,27 @@ impl AsyncShardAwareClient {
     async fn connection(&self, layout: &Layout, route: Route) -> Result<AsyncClient, ClientError> {
         let inner = &*self.inner;
         if let Route::Shard(s) = route {
-            let mut slot = layout.shards[usize::from(s)].lock().await;
-            if slot.should_reopen(AsyncClient::is_closed) {
+            let shard = &layout.shards[usize::from(s)];
+            let attempt = {
+                let mut slot = shard.lock().await;
+                if slot.should_reopen(AsyncClient::is_closed) {
+                    // the slot is not held across the connect: other requests for this
+                    // shard go through the main connection meanwhile
+                    slot.attempting();
+                    true
+                } else if let Some(client) = &slot.client {
+                    return Ok(client.clone());
+                } else {
+                    false
+                }
+            };
+            if attempt {
                 let client = connect_shard(&layout.hello, layout.peer, &inner.config, s).await;
+                let mut slot = shard.lock().await;
                 slot.reopened(client);
-            }
-            if let Some(client) = &slot.client {
-                return Ok(client.clone());
+                if let Some(client) = &slot.client {
+                    return Ok(client.clone());
+                }
             }
         }
         let mut main = inner.main.lock().await;
@@ -998,7 +1012,9 @@ async fn connect_shard(
     s: u16,
 ) -> Option<AsyncClient> {
     let addr = Routing::shard_addr(main, main_peer, s)?;
-    let client = AsyncClient::connect_addr(addr, config.clone()).await.ok()?;
+    let client = AsyncClient::connect_addr(addr, shard_config(config))
+        .await
+        .ok()?;
     Routing::is_shard_of(main, client.hello(), s).then_some(client)
 }
 

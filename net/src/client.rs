@@ -1425,8 +1425,25 @@ impl Drop for PooledClient<'_> {
 }
 
 /// How long a client waits before trying again to open a shard connection that could
-/// not be opened; meanwhile that shard's keys go through the main connection.
+/// not be opened; meanwhile that shard's keys go through the main connection. Each
+/// failure in a row doubles the wait, up to [`SHARD_RETRY_INTERVAL_MAX`].
 pub(crate) const SHARD_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const SHARD_RETRY_INTERVAL_MAX: Duration = Duration::from_secs(60);
+
+/// The longest a shard connection's connect and HELLO may take (less when the client's
+/// own timeouts are shorter). A shard port that drops packets (a firewall that lets
+/// only the client port through) then costs the request that tries it this long, at
+/// most once per retry interval, instead of the full connect timeout.
+pub(crate) const SHARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `config` with its connect and request timeouts capped for opening a shard
+/// connection (see [`SHARD_CONNECT_TIMEOUT`]); the connection keeps it.
+pub(crate) fn shard_config(config: &ClientConfig) -> ClientConfig {
+    ClientConfig {
+        connect_timeout: config.connect_timeout.min(SHARD_CONNECT_TIMEOUT),
+        ..config.clone()
+    }
+}
 
 /// A shard-aware client's connection to one shard: open, or when to try again.
 #[derive(Debug)]
@@ -1434,14 +1451,15 @@ pub(crate) struct ShardSlot<C> {
     pub(crate) client: Option<C>,
     /// With no client: no new attempt before this.
     pub(crate) retry_at: Instant,
+    /// Attempts that failed in a row.
+    failures: u32,
 }
 
 impl<C> ShardSlot<C> {
     pub(crate) fn new(client: Option<C>) -> Self {
-        ShardSlot {
-            client,
-            retry_at: Instant::now() + SHARD_RETRY_INTERVAL,
-        }
+        let mut slot = Self::due_now();
+        slot.reopened(client);
+        slot
     }
 
     /// Whether to try to open the connection now: it is missing or `broken`, and any
@@ -1458,13 +1476,33 @@ impl<C> ShardSlot<C> {
         ShardSlot {
             client: None,
             retry_at: Instant::now(),
+            failures: 0,
         }
+    }
+
+    /// An attempt to (re)open the connection starts: the old one (closed) goes, and no
+    /// other attempt starts before this one's outcome or the next retry time (callers
+    /// meanwhile use the main connection).
+    pub(crate) fn attempting(&mut self) {
+        self.client = None;
+        self.retry_at = Instant::now() + self.retry_interval(self.failures + 1);
     }
 
     /// Records the outcome of an attempt to (re)open the connection.
     pub(crate) fn reopened(&mut self, client: Option<C>) {
+        self.failures = if client.is_some() {
+            0
+        } else {
+            self.failures.saturating_add(1)
+        };
         self.client = client;
-        self.retry_at = Instant::now() + SHARD_RETRY_INTERVAL;
+        self.retry_at = Instant::now() + self.retry_interval(self.failures);
+    }
+
+    /// The wait before the next attempt after `failures` in a row.
+    fn retry_interval(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(6);
+        (SHARD_RETRY_INTERVAL * (1 << doublings)).min(SHARD_RETRY_INTERVAL_MAX)
     }
 }
 
@@ -1577,7 +1615,7 @@ impl ShardAwareClient {
     fn connect_shard(&self, s: u16) -> Option<Client> {
         let main_hello = self.main.hello();
         let addr = Routing::shard_addr(main_hello, self.main.peer_addr(), s)?;
-        let client = Client::connect_addr(addr, self.main.config().clone()).ok()?;
+        let client = Client::connect_addr(addr, shard_config(self.main.config())).ok()?;
         Routing::is_shard_of(main_hello, client.hello(), s).then_some(client)
     }
 
@@ -1798,6 +1836,30 @@ impl ShardAwareClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard that cannot be reached is tried again after 1 s, then 2, 4, ... up to a
+    /// minute; one success resets the wait. Before, every second: on a shard port that
+    /// drops packets each attempt held a request for the whole connect timeout.
+    #[test]
+    fn shard_reconnects_back_off_while_they_fail() {
+        let mut slot: ShardSlot<()> = ShardSlot::due_now();
+        assert!(slot.should_reopen(|_| false));
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            slot.attempting();
+            slot.reopened(None);
+            let wait = slot.retry_at.duration_since(Instant::now());
+            waits.push((wait + Duration::from_millis(500)).as_secs());
+            assert!(!slot.should_reopen(|_| false));
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        slot.reopened(Some(()));
+        slot.client = None;
+        slot.reopened(None);
+        let wait = slot.retry_at.duration_since(Instant::now());
+        assert_eq!((wait + Duration::from_millis(500)).as_secs(), 1);
+        assert!(shard_config(&ClientConfig::default()).connect_timeout <= SHARD_CONNECT_TIMEOUT);
+    }
 
     #[test]
     fn context_hex_round_trips_and_rejects_garbage() {

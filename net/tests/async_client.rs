@@ -565,3 +565,56 @@ async fn follows_a_new_layout(shards_before: u16) {
     drop(client);
     join(server).await;
 }
+
+/// While one request is opening a shard connection that is slow to answer (a shard
+/// port behind a firewall that drops packets, a host under load), the shard's other
+/// requests go through the main connection instead of queueing behind that attempt.
+/// Before, the shard's slot was held across the connect and its HELLO: every request
+/// for the shard waited the whole connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_shard_connect_does_not_hold_up_that_shards_other_requests() {
+    let shard_port = free_port();
+    let (addr, _, seen) = node_announcing_shard_port(shard_port);
+    let config = ClientConfig {
+        request_timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    };
+    // nothing listens on the shard port yet: the first attempt fails at once
+    let client = AsyncShardAwareClient::connect(addr, config).await.unwrap();
+    assert_eq!(client.shard_connection_count(), 0);
+    // now a listener that accepts and never answers the HELLO, until released
+    let listener = std::net::TcpListener::bind(("127.0.0.1", shard_port)).unwrap();
+    let (accepted_tx, accepted_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let shard = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        accepted_tx.send(()).unwrap();
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+        drop(stream);
+    });
+    // the failed attempt's retry interval passes
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let attempt = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get(b"first").await })
+    };
+    tokio::task::spawn_blocking(move || accepted_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // the attempt waits for its HELLO; this request must not wait with it (bounded:
+    // the attempt alone would take the 30 s request timeout)
+    let other = tokio::time::timeout(Duration::from_secs(10), client.get(b"second")).await;
+    release_tx.send(()).unwrap();
+    assert!(other
+        .expect("served while the shard connect was pending")
+        .unwrap()
+        .is_empty());
+    // the attempt fails (the shard closed) and its request goes through main too
+    assert!(attempt.await.unwrap().unwrap().is_empty());
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "both through the main connection"
+    );
+    shard.join().unwrap();
+}
