@@ -7,9 +7,10 @@
 //! per write when they pile up); a reader task matches each reply to its caller by request
 //! id through a map of oneshot channels, so replies may come back in any order.
 //!
-//! At most `in_flight_window` requests are outstanding; a request counts until its reply
-//! arrives, even if its caller timed out or went away, so the server's `in_flight_max` is
-//! never exceeded. A timeout fails only its own request, unless the server has gone
+//! At most `in_flight_window` requests are outstanding (the server's `in_flight_max` less
+//! one, kept for the liveness PING below); a request counts until its reply arrives, even
+//! if its caller timed out or went away, so the server's `in_flight_max` is never
+//! exceeded. A timeout fails only its own request, unless the server has gone
 //! silent: when a request times out and nothing at all has arrived for a request timeout,
 //! one PING goes out, and if nothing answers it within another request timeout the
 //! connection is closed (so [`AsyncPool`] and [`AsyncShardAwareClient`] open a new one
@@ -211,7 +212,12 @@ impl AsyncClient {
             )));
         }
         let hello = accept_hello(reply)?;
-        let window_size = config.in_flight_max.min(hello.in_flight_max).max(1) as usize;
+        // one of the server's in-flight slots is kept for the liveness PING (see
+        // `suspect_silence`), so that it never pushes a request over the server's limit
+        let window_size = config
+            .in_flight_max
+            .min(hello.in_flight_max.saturating_sub(1))
+            .max(1) as usize;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 waiting: HashMap::new(),
@@ -359,7 +365,12 @@ impl AsyncClient {
         let (tx, rx) = oneshot::channel();
         let sent_at = {
             let mut pending = inner.shared.lock();
-            if pending.closed.is_some() || pending.probing || pending.last_read.elapsed() < quiet {
+            // a server that allows one request in flight has no slot for the PING
+            if pending.closed.is_some()
+                || pending.probing
+                || pending.last_read.elapsed() < quiet
+                || inner.hello.in_flight_max <= 1
+            {
                 return;
             }
             pending.probing = true;
@@ -388,7 +399,9 @@ impl AsyncClient {
             let silent = {
                 let mut pending = shared.lock();
                 pending.probing = false;
-                pending.waiting.remove(&request_id);
+                // the waiter stays otherwise: its PONG may still come (the server answers
+                // PING in a task; a busy shard can take longer), and a reply that no
+                // waiter expects would close the connection
                 !answered && pending.last_read < sent_at
             };
             if silent {

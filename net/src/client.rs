@@ -1695,6 +1695,7 @@ impl ShardAwareClient {
                     client.still_open();
                 }
                 if self.shards[s_index].should_reopen(Client::is_broken) {
+                    self.shards[s_index].attempting();
                     let client = self.connect_shard(s);
                     self.shards[s_index].reopened(client);
                 }

@@ -35,7 +35,8 @@ async fn many_tasks_share_one_connection_and_get_their_own_replies() {
     const WINDOW: usize = 4;
     const TASKS: usize = 30;
     let (addr, server) = serve_one(|mut conn| {
-        conn.accept_hello(&hello_ok(WINDOW as u32));
+        // one slot more than the window: the client keeps one for its liveness PING
+        conn.accept_hello(&hello_ok(WINDOW as u32 + 1));
         let mut answered = 0;
         let mut ids = std::collections::HashSet::new();
         // bounded: each pass answers at least one request
@@ -222,7 +223,8 @@ async fn a_batch_against_a_silent_server_ends_after_about_one_request_timeout() 
     const WINDOW: u32 = 4;
     const KEYS: usize = 100;
     let (addr, server) = serve_one(|mut conn| {
-        conn.accept_hello(&hello_ok(WINDOW));
+        // one slot more than the window: the client keeps one for its liveness PING
+        conn.accept_hello(&hello_ok(WINDOW + 1));
         let mut gets = 0;
         while let Some((_, request)) = conn.read_request() {
             if matches!(request, Req::Get { .. }) {
@@ -617,4 +619,49 @@ async fn a_slow_shard_connect_does_not_hold_up_that_shards_other_requests() {
         "both through the main connection"
     );
     shard.join().unwrap();
+}
+
+/// A server that is alive but slow to answer the liveness PING: a reply to another
+/// request arrives meanwhile, so the connection stays, and the PONG that comes after
+/// the PING's own timeout is taken, not treated as a reply nobody asked for. Before,
+/// that late PONG closed a healthy connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_to_the_liveness_ping_keeps_the_connection() {
+    const T: Duration = Duration::from_millis(500);
+    let (addr, server) = serve_one(|mut conn| {
+        conn.accept_hello(&hello_ok(8));
+        let (_a, _) = conn.read_request().unwrap();
+        let (b, _) = conn.read_request().unwrap();
+        // both time out at T; the client's PING follows
+        let (ping, request) = conn.read_request().unwrap();
+        assert_eq!(request, Req::Ping);
+        std::thread::sleep(T / 2);
+        let mut out = Vec::new();
+        encode::get_ok(&mut out, b, b"", std::iter::empty());
+        conn.send(&out);
+        // after the PING's own timeout
+        std::thread::sleep(T + T / 2);
+        out.clear();
+        encode::pong(&mut out, ping);
+        conn.send(&out);
+        while let Some((id, _)) = conn.read_request() {
+            out.clear();
+            encode::pong(&mut out, id);
+            conn.send(&out);
+        }
+    });
+    let config = ClientConfig {
+        request_timeout: T,
+        ..ClientConfig::default()
+    };
+    let client = AsyncClient::connect(addr, config).await.unwrap();
+    let (a, b) = tokio::join!(client.get(b"a"), client.get(b"b"));
+    assert!(matches!(a, Err(ClientError::Timeout)), "{a:?}");
+    assert!(matches!(b, Err(ClientError::Timeout)), "{b:?}");
+    // past the late PONG (bounded wait)
+    tokio::time::sleep(3 * T).await;
+    assert!(!client.is_closed(), "a healthy connection was closed");
+    client.ping().await.unwrap();
+    drop(client);
+    join(server).await;
 }
