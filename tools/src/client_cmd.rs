@@ -11,7 +11,8 @@ pub const USAGE: &str = "usage: ringkv ping [--addr HOST:PORT]
        ringkv put KEY VALUE [--context CTX] [--w W] [--addr HOST:PORT]
        ringkv del KEY [--context CTX] [--w W] [--addr HOST:PORT]
 (default address 127.0.0.1:7379; CTX is the hex context `get` prints; del without
---context reads the key first and deletes the values it found)";
+--context reads the key first and deletes the values it found; after `--` every
+argument is a key or a value, even one that starts with `--`)";
 
 struct Args {
     positional: Vec<String>,
@@ -35,6 +36,11 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
+            // the rest are keys and values, even those that start with "--"
+            "--" => {
+                out.positional.extend(it.cloned());
+                break;
+            }
             "--addr" => out.addr = value()?.clone(),
             "--context" => {
                 let hex = value()?;

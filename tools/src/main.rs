@@ -39,7 +39,10 @@ commands:
 ";
 
 fn wants_help(args: &[String]) -> bool {
-    args.iter().any(|arg| arg == "--help" || arg == "-h")
+    // after "--" every argument is a key or a value
+    args.iter()
+        .take_while(|arg| *arg != "--")
+        .any(|arg| arg == "--help" || arg == "-h")
 }
 
 /// The opening of a subcommand: `--help` prints `usage` and succeeds; arguments that do

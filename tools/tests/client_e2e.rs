@@ -423,3 +423,19 @@ fn a_pipeline_of_big_gets_and_puts_does_not_stall() {
     }
     assert!(server.stop().success());
 }
+
+/// Keys and values that start with `--` are given after `--`; before, `put k --x` was
+/// "unknown option --x" and such a value could not be written from the CLI at all.
+#[test]
+fn cli_takes_keys_and_values_that_look_like_options_after_a_double_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let addr = server.addr.to_string();
+    let (ok, out) = ringkv(&["put", "--addr", &addr, "--", "--key", "--help"]);
+    assert!(ok, "{out}");
+    let (ok, out) = ringkv(&["get", "--json", "--addr", &addr, "--", "--key"]);
+    assert!(ok, "{out}");
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json["values"], serde_json::json!(["--help"]));
+    assert!(server.stop().success());
+}
