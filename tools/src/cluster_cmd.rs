@@ -222,10 +222,53 @@ impl Children {
 
 impl Children {
     /// Stops every node still running (SIGTERM: a clean shutdown) and waits for all;
-    /// each node's exit status, in order.
+    /// each node's exit status, in order. A second Ctrl-C meanwhile sends the nodes
+    /// still running another SIGTERM (they exit at once, status 130); a third, SIGKILL.
     fn stop(&mut self) -> Vec<Option<std::process::ExitStatus>> {
         self.terminate();
-        self.0.iter_mut().map(|child| child.wait().ok()).collect()
+        let mut escalated = 0;
+        let mut statuses: Vec<Option<std::process::ExitStatus>> = vec![None; self.0.len()];
+        // bounded by the nodes' own drain (each stops within its drain timeout) and by
+        // the operator's signals
+        loop {
+            for (child, status) in self.0.iter_mut().zip(&mut statuses) {
+                if status.is_none() {
+                    match child.try_wait() {
+                        Ok(Some(s)) => *status = Some(s),
+                        Ok(None) => {}
+                        // not ours to wait for any more: nothing to report
+                        Err(_) => *status = Some(std::process::ExitStatus::default()),
+                    }
+                }
+            }
+            if statuses.iter().all(Option::is_some) {
+                return statuses;
+            }
+            let more = signals();
+            if more >= 2 && escalated < more {
+                escalated = more;
+                let signal = if more == 2 {
+                    libc::SIGTERM
+                } else {
+                    libc::SIGKILL
+                };
+                eprintln!(
+                    "forcing the nodes to stop ({})",
+                    if more == 2 {
+                        "SIGTERM again"
+                    } else {
+                        "SIGKILL"
+                    }
+                );
+                for (child, status) in self.0.iter_mut().zip(&statuses) {
+                    if status.is_none() {
+                        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+                        unsafe { libc::kill(child.id() as i32, signal) };
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn terminate(&mut self) {
@@ -259,14 +302,19 @@ fn ports_per_node(shards: usize) -> usize {
     (shards + 1).div_ceil(10).max(1) * 10
 }
 
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// SIGINT, SIGTERM and SIGHUP received so far.
+static SIGNALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn signals() -> usize {
+    SIGNALS.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 fn stopping() -> bool {
-    STOP.load(std::sync::atomic::Ordering::SeqCst)
+    signals() > 0
 }
 
 extern "C" fn on_stop(_: libc::c_int) {
-    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
 pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
@@ -311,10 +359,12 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
         );
     }
     let gap = gap as u16;
-    // SAFETY: installing a plain handler that only stores to an atomic.
+    // SAFETY: installing a plain handler that only adds to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        // the terminal closing: stop the nodes too (they are not in its process group)
+        libc::signal(libc::SIGHUP, on_stop as *const () as libc::sighandler_t);
     }
     let exe = std::env::current_exe().context("cannot find the ringkv binary")?;
     // readiness is asked of the nodes' addresses: one another process answers on
@@ -355,13 +405,22 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
         cmd_args.extend(extra.iter().cloned());
         println!("node {i}: {} {}", exe.display(), cmd_args.join(" "));
         // its own process group: a Ctrl-C at the terminal reaches dev alone, which
-        // stops each node with one SIGTERM (a node takes a second signal as "exit now")
-        let child = std::os::unix::process::CommandExt::process_group(
-            Command::new(&exe).args(&cmd_args).stdout(Stdio::null()),
-            0,
-        )
-        .spawn()
-        .with_context(|| format!("cannot start node {i}"))?;
+        // stops each node with one SIGTERM (a node takes a second signal as "exit now");
+        // and a SIGTERM when dev dies, however it dies (SIGKILL included)
+        let mut command = Command::new(&exe);
+        command.args(&cmd_args).stdout(Stdio::null());
+        // SAFETY: prctl between fork and exec, on the child alone; it allocates nothing
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = std::os::unix::process::CommandExt::process_group(&mut command, 0)
+            .spawn()
+            .with_context(|| format!("cannot start node {i}"))?;
         children.0.push(child);
         addrs.push(addr.clone());
         // the seed first: the others join through it
@@ -402,8 +461,8 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        // a Ctrl-C in the terminal reaches the nodes too: they may all be gone
-        // before the loop sees it, which is a clean stop
+        // all gone by themselves (killed from outside, say) and no Ctrl-C: nothing left
+        // to serve
         if reported.iter().all(|&r| r) && !stopping() {
             eprintln!("every node has exited");
             return Ok(if failed {

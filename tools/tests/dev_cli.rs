@@ -9,9 +9,10 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `ringkv dev` in a process group of its own with its nodes: interrupted
-/// as a terminal's Ctrl-C does (SIGINT to the whole group), and so when dropped (then
-/// killed after 30 s), so a failing test leaves no cluster on its ports.
+/// A running `ringkv dev` in a process group of its own: interrupted as a terminal's
+/// Ctrl-C does (SIGINT to the group; dev's nodes are in groups of their own, and dev
+/// stops them), and so when dropped (then killed after 30 s, and its nodes stop when
+/// it dies), so a failing test leaves no cluster on its ports.
 struct Dev(Child);
 
 impl Dev {
@@ -48,7 +49,7 @@ impl Dev {
         (dev, addrs)
     }
 
-    /// SIGINT to dev and its nodes at once, as a terminal sends it.
+    /// SIGINT to dev's process group, as a terminal sends it.
     fn ctrl_c(&self) {
         // SAFETY: kill(2) on the process group our own child leads.
         unsafe { libc::kill(-(self.0.id() as i32), libc::SIGINT) };
@@ -206,4 +207,23 @@ fn dev_exits_with_failure_when_a_node_died_before_ctrl_c() {
     // dev sees it in its loop, or at the latest in the statuses it collects at stop
     let status = dev.interrupt();
     assert_eq!(status.code(), Some(1), "{status}");
+}
+
+/// dev killed outright (SIGKILL: no chance to stop its nodes) takes its nodes with it:
+/// each gets a SIGTERM when its parent dies, and stops cleanly. Before, they ran on,
+/// holding their ports and data directories, with nothing left to stop them.
+#[test]
+fn a_dev_killed_outright_stops_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--nodes", "1", "--base-port", "7740", "--shards", "1"];
+    let (mut dev, addrs) = Dev::start(&args, &dir.path().join("dev"));
+    assert_eq!(addrs, ["127.0.0.1:7740"]);
+    dev.0.kill().unwrap();
+    dev.0.wait().unwrap();
+    // bounded: a node stops within its drain timeout
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect("127.0.0.1:7740").is_ok() {
+        assert!(Instant::now() < deadline, "the node outlived dev by 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -680,7 +680,16 @@ fn a_node_confined_to_some_cpus_pins_its_shards_to_those() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    // killed if the test fails before it stops the node
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut node = Node(command.spawn().unwrap());
+    let child = &mut node.0;
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap())
         .lines()
         .map_while(Result::ok);
@@ -688,11 +697,9 @@ fn a_node_confined_to_some_cpus_pins_its_shards_to_those() {
         .by_ref()
         .find_map(|line| line.strip_prefix("ringkv listening on ").map(String::from));
     let Some(addr) = listening else {
-        let output = child.wait_with_output().unwrap();
-        panic!(
-            "the node did not start: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr);
+        panic!("the node did not start: {stderr}");
     };
     let mut c = Raw::connect(addr.parse().unwrap());
     c.put(b"k", b"v", b"");
