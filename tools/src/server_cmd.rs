@@ -18,7 +18,8 @@ pub const USAGE: &str =
                      [--hinted-handoff on|off] [--metrics-listen HOST:PORT]
 
 Starts one node. With no options: data in ./ringkv-data, clients on 127.0.0.1:7379,
-shard s also on port 7380+s, one shard per core, 64 partitions, sync durability.
+shard s also on port 7380+s, one shard per core (at most one per partition), 64
+partitions, sync durability.
 Without --seeds and without a persisted membership the node starts a cluster of its
 own; with --seeds it joins the cluster of the first seed that admits it. A restarted
 node rejoins with its persisted membership (data-dir/cluster/membership).
@@ -128,11 +129,14 @@ impl FileConfig {
 
 pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>> {
     let mut config = ServerConfig::default();
+    // set by the file or a flag; otherwise one per core, up to the partition count
+    let mut shards_given = false;
     // the file first, then flags on top
     if let Some(i) = args.iter().position(|a| a == "--config") {
         let path = args.get(i + 1).context("--config needs a file")?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
         let file: FileConfig = toml::from_str(&text).with_context(|| format!("in {path}"))?;
+        shards_given = file.shards.is_some();
         file.apply(&mut config)?;
     }
     let mut it = args.iter();
@@ -145,7 +149,10 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             "--data-dir" => config.data_dir = PathBuf::from(value()?),
             "--listen" => config.listen = value()?.parse().context("--listen HOST:PORT")?,
             "--shard-port-base" => config.shard_port_base = value()?.parse()?,
-            "--shards" => config.shards = value()?.parse()?,
+            "--shards" => {
+                config.shards = value()?.parse()?;
+                shards_given = true;
+            }
             "--node-id" => config.node_id = value()?.parse()?,
             "--partitions" => config.partitions = value()?.parse()?,
             "--durability" => {
@@ -183,6 +190,10 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             "--help" | "-h" => return Ok(None),
             other => bail!("unknown option {other}\n\n{USAGE}"),
         }
+    }
+    if !shards_given {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        config.shards = cores.min(config.partitions as usize).max(1);
     }
     // a name stands for every address it has (`localhost`: ::1 and 127.0.0.1), each a
     // seed tried in turn
@@ -281,6 +292,19 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::config_from_args;
+
+    /// The default shard count (one per core) is capped by the partition count given,
+    /// not only by the default 64: `--partitions 1` on a machine of two cores or more
+    /// was refused with "fewer partitions than shards". An explicit count is checked.
+    #[test]
+    fn the_default_shard_count_fits_the_partitions_given() {
+        let args = ["--partitions", "1"].map(String::from);
+        let config = config_from_args(&args).unwrap().expect("a config");
+        assert_eq!(config.shards, 1);
+        let args = ["--partitions", "1", "--shards", "2"].map(String::from);
+        let err = config_from_args(&args).unwrap_err().to_string();
+        assert!(err.contains("fewer partitions than shards"), "{err}");
+    }
 
     #[test]
     fn seeds_given_by_name_are_looked_up_once_at_start() {

@@ -757,6 +757,27 @@ fn a_shutdown_that_cannot_close_the_data_exits_with_failure() {
 #[test]
 fn a_data_directory_restarted_with_another_node_id_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    // a first start that fails (its port is another node's) claims nothing
+    let other = tempfile::tempdir().unwrap();
+    let mut taken = Server::start(other.path(), &[]);
+    let taken_addr = taken.addr.to_string();
+    let rest = [
+        "--listen",
+        taken_addr.as_str(),
+        "--shard-port-base",
+        "0",
+        "--node-id",
+        "7",
+    ];
+    let args: Vec<&std::ffi::OsStr> = ["server", "--data-dir"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([dir.path().as_os_str()])
+        .chain(rest.iter().map(std::ffi::OsStr::new))
+        .collect();
+    let stderr = common::ringkv_fails(&args);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(taken.stop().success());
     let mut server = Server::start(dir.path(), &[]);
     let mut c = Raw::connect(server.addr);
     c.put(b"k", b"v", b"");

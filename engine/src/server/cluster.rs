@@ -192,8 +192,14 @@ pub(crate) fn load_membership(data_dir: &Path) -> Result<Option<Membership>, Str
     }
 }
 
-/// Writes the membership durably (temporary file, fsync, rename, fsync the folder).
-pub(crate) fn persist_membership(data_dir: &Path, membership: &Membership) -> Result<(), String> {
+/// Writes the membership durably (temporary file, fsync, rename, fsync the folder); once
+/// it has this node (`node_id`) as a member, the directory is recorded as this node's
+/// (`cluster/node-id`).
+pub(crate) fn persist_membership(
+    data_dir: &Path,
+    membership: &Membership,
+    node_id: u64,
+) -> Result<(), String> {
     use std::io::Write;
     let dir = data_dir.join("cluster");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -206,7 +212,11 @@ pub(crate) fn persist_membership(data_dir: &Path, membership: &Membership) -> Re
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&dir)?.sync_all()
     };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    if membership.member(ringkv_ring::NodeId(node_id)).is_some() {
+        crate::server::record_node_id(data_dir, node_id)?;
+    }
+    Ok(())
 }
 
 fn error_of(frame: &[u8]) -> Option<(u16, String)> {
@@ -1110,7 +1120,8 @@ impl Shard {
 
     /// Shard 0: a local change or gossip changed the membership.
     fn membership_changed(&self, membership: Membership) {
-        if let Err(e) = persist_membership(&self.config.data_dir, &membership) {
+        if let Err(e) = persist_membership(&self.config.data_dir, &membership, self.config.node_id)
+        {
             tracing::error!(error = %e, "cannot persist the membership");
         }
         if self.senders.is_some() {

@@ -323,7 +323,10 @@ impl Shutdown {
                 // SAFETY: as above.
                 unsafe { libc::sigwait(&set, &mut signal) };
                 eprintln!("ringkv: second signal: exiting without waiting for the shards");
-                std::process::exit(130);
+                // _exit, not exit: no atexit handlers run beside a main thread that may be
+                // returning (and calling exit) at this moment
+                // SAFETY: _exit ends the process; it takes no pointers
+                unsafe { libc::_exit(130) };
             })?;
         Ok(())
     }
@@ -528,15 +531,13 @@ impl Drop for StartGuard {
     }
 }
 
-/// Records `node_id` as the owner of the data directory (`cluster/node-id`), or refuses
-/// when it belongs to another node: its versions were written by that node's actor, and
-/// a node restarted there with another id would write as a second actor beside the
-/// first (or as the same actor as a live node with that id), and would not find itself
-/// in the persisted membership.
-fn claim_for_node(data_dir: &std::path::Path, node_id: u64) -> Result<(), String> {
-    use std::io::Write;
-    let dir = data_dir.join("cluster");
-    let path = dir.join("node-id");
+/// Refuses a data directory that belongs to another node (`cluster/node-id`, written
+/// once the node is first persisted as a member: see [`record_node_id`]): its versions
+/// were written by that node's actor, and a node restarted there with another id would
+/// write as a second actor beside the first (or as the same actor as a live node with
+/// that id), and would not find itself in the persisted membership.
+fn check_node_id(data_dir: &std::path::Path, node_id: u64) -> Result<(), String> {
+    let path = data_dir.join("cluster").join("node-id");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let owner: u64 = text
@@ -552,21 +553,31 @@ fn claim_for_node(data_dir: &std::path::Path, node_id: u64) -> Result<(), String
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let tmp = dir.join("node-id.tmp");
-            let write = || -> std::io::Result<()> {
-                let mut file = std::fs::File::create(&tmp)?;
-                writeln!(file, "{node_id}")?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(&dir)?.sync_all()
-            };
-            write().map_err(|e| format!("cannot write {}: {e}", path.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// Writes `cluster/node-id` (temporary file, fsync, rename, folder fsync) unless it
+/// exists: called when the membership is persisted with `node_id` in it, so a start that
+/// fails (a port taken, a seed that refuses the id) claims nothing.
+pub(crate) fn record_node_id(data_dir: &std::path::Path, node_id: u64) -> Result<(), String> {
+    use std::io::Write;
+    let dir = data_dir.join("cluster");
+    let path = dir.join("node-id");
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join("node-id.tmp");
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let mut file = std::fs::File::create(&tmp)?;
+        writeln!(file, "{node_id}")?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Runs the node until `shutdown` triggers. `ready` is called once every shard
@@ -597,7 +608,7 @@ pub fn run(
     // each shard holds a share of it: the lock lasts as long as the last shard (also
     // when this function returns early, leaving shards that cannot be joined)
     let lock = Arc::new(lock_data_dir(&config.data_dir)?);
-    claim_for_node(&config.data_dir, config.node_id)?;
+    check_node_id(&config.data_dir, config.node_id)?;
     refuse_orphan_commit_logs(&config)?;
     // bind the client port once here to learn the address (port 0 picks one), then
     // every shard binds the same address with SO_REUSEPORT
@@ -658,7 +669,7 @@ pub fn run(
             let advertised = advertise.to_string();
             if m.member(id).is_some_and(|me| me.addr != advertised) {
                 m.set_addr(id, &advertised).map_err(|e| e.to_string())?;
-                crate::server::shard::persist_membership(&config.data_dir, &m)?;
+                crate::server::shard::persist_membership(&config.data_dir, &m, config.node_id)?;
             }
             Some(m.encode())
         }
@@ -676,7 +687,7 @@ pub fn run(
             .map_err(|e| e.to_string())?;
             m.set_status(id, ringkv_ring::Status::Valid)
                 .map_err(|e| e.to_string())?;
-            crate::server::shard::persist_membership(&config.data_dir, &m)?;
+            crate::server::shard::persist_membership(&config.data_dir, &m, config.node_id)?;
             Some(m.encode())
         }
         None => None,
