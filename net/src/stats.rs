@@ -71,6 +71,10 @@ pub fn decode_histogram(bytes: &[u8]) -> Result<Histogram<u64>, String> {
             .ok_or_else(|| "histogram header truncated".to_string())?;
         Ok(b.iter().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
     };
+    // the whole header, before any field is read or the payload sliced off
+    if bytes.len() < V2_HEADER_BYTES {
+        return Err("histogram header truncated".into());
+    }
     // V2, uncompressed: a compressed one would hide its real header
     if field(0, 4)? != V2_COOKIE {
         return Err("not an uncompressed V2 histogram".into());
@@ -391,6 +395,26 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A histogram of 32 to 39 bytes with a valid-looking header and a payload length
+    /// of 0 sliced its payload off past its end: a panic in `ringkv stats` (and in the
+    /// fuzz target, which decodes every STATS_OK) on a reply from a bad node.
+    #[test]
+    fn a_histogram_shorter_than_its_header_is_refused_not_panicked_on() {
+        let mut header = Vec::new();
+        header.extend_from_slice(&V2_COOKIE.to_be_bytes()[4..]);
+        header.extend_from_slice(&0u32.to_be_bytes());
+        header.extend_from_slice(&0u32.to_be_bytes());
+        header.extend_from_slice(&u32::from(LATENCY_SIGFIGS).to_be_bytes());
+        header.extend_from_slice(&1u64.to_be_bytes());
+        header.extend_from_slice(&LATENCY_MAX_NS.to_be_bytes());
+        assert_eq!(header.len(), 32);
+        for len in 0..V2_HEADER_BYTES {
+            let mut bytes = header.clone();
+            bytes.resize(len, 0);
+            assert!(decode_histogram(&bytes).is_err(), "{len} bytes");
+        }
+    }
 
     #[test]
     fn a_histogram_round_trips_and_merges() {

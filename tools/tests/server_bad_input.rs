@@ -675,6 +675,11 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
             "gossip_period_ms = 0",
             "gossip_period_ms must be at least 10",
         ),
+        // HELLO_OK announced it cut to 32 bits (here: 0)
+        (
+            "in_flight_per_connection_max = 4294967296",
+            "in_flight_per_connection_max must be at most 4294967295",
+        ),
     ] {
         let config = dir.path().join("ringkv.toml");
         std::fs::write(&config, toml).unwrap();

@@ -1736,7 +1736,8 @@ async fn hello(link: &PeerLink, timeout: Duration) -> Option<HelloOk> {
         .await
         .ok()?;
     match Reply::parse(&reply) {
-        Ok((_, Reply::HelloOk(h))) => Some(h),
+        // its shard layout is read by v1's rules: another version's is not trusted
+        Ok((_, Reply::HelloOk(h))) if h.version == protocol::PROTOCOL_VERSION => Some(h),
         _ => None,
     }
 }

@@ -268,6 +268,13 @@ impl ServerConfig {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        // HELLO_OK announces it in 32 bits
+        if self.in_flight_per_connection_max > u32::MAX as usize {
+            return Err(format!(
+                "in_flight_per_connection_max must be at most 4294967295, not {}",
+                self.in_flight_per_connection_max
+            ));
+        }
         if !(self.compaction_dead_ratio > 0.0 && self.compaction_dead_ratio <= 1.0) {
             return Err(format!(
                 "compaction_dead_ratio must be in (0, 1], not {}",

@@ -10,7 +10,18 @@ use ringkv_net::protocol::{check_frame, Request, FRAME_BYTES_MAX_DEFAULT};
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     // bounded: each pass consumes one whole frame of at least 16 bytes
-    while let Ok(Some(len)) = check_frame(rest, FRAME_BYTES_MAX_DEFAULT) {
+    loop {
+        let len = match check_frame(rest, FRAME_BYTES_MAX_DEFAULT) {
+            Ok(Some(len)) => len,
+            // the server skips a whole frame of another version and goes on (conn.rs):
+            // so does this, so that what follows such a frame is fuzzed too
+            Err(e) if e.resynchronisable() => {
+                let len = ringkv_net::protocol::header(rest).frame_len as usize;
+                rest = &rest[len..];
+                continue;
+            }
+            _ => break,
+        };
         let frame = &rest[..len];
         if let Ok((header, request)) = Request::parse(frame) {
             let mut again = Vec::new();
