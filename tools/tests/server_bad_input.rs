@@ -457,6 +457,47 @@ fn a_client_that_never_reads_its_replies_is_cut_off() {
     assert!(server.stop().success());
 }
 
+/// The peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_resident_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib * 1024
+}
+
+/// Gets of a value too big for the record cache run as tasks. Each was charged 64 KiB
+/// of reply before it ran, so about 130 started at once and one connection that sent
+/// 300 gets of a 4 MiB value, reading nothing, made the node hold over half a GB. A get
+/// of a key on the shard is now charged what the keydir says its records hold.
+#[test]
+fn pipelined_gets_of_a_big_value_hold_a_bounded_amount_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--shards", "1", "--durability", "none"]);
+    let mut c = Raw::connect(server.addr);
+    c.put(b"big", &vec![b'x'; 4 << 20], b"");
+    let before = peak_resident_bytes(server.child.id());
+    let mut hog = Raw::connect(server.addr);
+    let mut gets = Vec::new();
+    for id in 0..300u64 {
+        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
+    }
+    std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+    // the gets the node lets run, run (bounded wait)
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    assert!(
+        grown < 160 << 20,
+        "one connection's unread gets grew the node by {} MiB",
+        grown >> 20
+    );
+    drop(hog);
+    assert!(c.ping());
+    assert!(server.stop().success());
+}
+
 /// A client that reads its replies steadily, if slowly, is not cut off: the slow-client
 /// timeout bounds each MiB of replies taken, not a whole batch. With a 16 MiB frame
 /// limit the server lets up to 32 MiB of replies wait for a client; read at 5 MiB/s,

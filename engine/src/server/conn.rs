@@ -27,7 +27,7 @@ use crate::storage::dma::DmaStorage;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use futures_lite::FutureExt;
 use glommio::net::TcpStream;
-use ringkv_net::protocol::{self, encode, ErrorCode, FrameError};
+use ringkv_net::protocol::{self, encode, ErrorCode, FrameError, Request};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -52,6 +52,9 @@ struct Output {
     broke: Notify,
     in_flight: Cell<usize>,
     in_flight_bytes: Cell<usize>,
+    /// The reply bytes the requests running as tasks (or forwarded) are expected to
+    /// add (see [`Output::can_dispatch`]).
+    running_reply_bytes: Cell<usize>,
     in_flight_done: Notify,
     /// Replies to writes done in the reader's step, waiting for durability.
     held: RefCell<Held>,
@@ -124,9 +127,10 @@ impl Held {
     }
 }
 
-/// Output bytes each running request is assumed to add when deciding whether more
-/// requests may start (replies are usually far smaller; a bigger one only delays the
-/// next dispatch).
+/// Output bytes a running request is assumed to add when deciding whether more
+/// requests may start, unless it is a get of a key on this shard, which is charged
+/// what the keydir says its records hold ([`Shard::stored_value_records`]): replies
+/// are usually far smaller, and a bigger one only delays the next dispatch.
 const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 
 /// Reply bytes the client must take within the slow-client timeout (for a batch of
@@ -179,8 +183,26 @@ impl Output {
     /// `held.bytes`). This is backpressure for a client that does not read its replies;
     /// the in-flight limit is enforced per request, with an error (see `dispatch`).
     fn can_dispatch(&self, budget: usize) -> bool {
-        let running = self.in_flight.get() - self.held.borrow().replies.len();
-        self.pending_bytes() + running * REPLY_BYTES_ESTIMATE <= budget
+        self.pending_bytes() + self.running_reply_bytes.get() <= budget
+    }
+
+    /// Counts a request that starts running as a task or forwarded: its frame's bytes
+    /// and the reply bytes it is expected to add.
+    fn start_running(&self, frame_len: usize, reply_bytes: usize) {
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.in_flight_bytes
+            .set(self.in_flight_bytes.get() + frame_len);
+        self.running_reply_bytes
+            .set(self.running_reply_bytes.get() + reply_bytes);
+    }
+
+    /// The counterpart of [`Output::start_running`], once its reply is in `buf`.
+    fn end_running(&self, frame_len: usize, reply_bytes: usize) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.in_flight_bytes
+            .set(self.in_flight_bytes.get() - frame_len);
+        self.running_reply_bytes
+            .set(self.running_reply_bytes.get() - reply_bytes);
     }
 
     /// Whether a request frame of `len` bytes may start now: the frames of requests
@@ -223,6 +245,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         broke: Notify::default(),
         in_flight: Cell::new(0),
         in_flight_bytes: Cell::new(0),
+        running_reply_bytes: Cell::new(0),
         in_flight_done: Notify::default(),
         held: RefCell::default(),
         held_ready: Notify::default(),
@@ -567,11 +590,8 @@ fn dispatch(
             }
         }
     }
-    output.in_flight.set(output.in_flight.get() + 1);
-    output
-        .in_flight_bytes
-        .set(output.in_flight_bytes.get() + frame.len());
     if let Some(owner) = shard.forward_target(frame) {
+        output.start_running(frame.len(), REPLY_BYTES_ESTIMATE);
         let batch = &mut forwards.by_shard[owner];
         if batch.frames.capacity() == 0 {
             // room for the replies too: the owner writes them into this buffer when
@@ -588,6 +608,16 @@ fn dispatch(
         });
         return;
     }
+    // a get of a key on this shard: what its records hold (its values, and a little
+    // more), so that gets of big values do not all start at once
+    let reply_bytes = match op {
+        Some(Op::Get) => Request::parse(frame)
+            .ok()
+            .and_then(|(_, request)| shard.stored_value_records(request.key()?))
+            .map_or(REPLY_BYTES_ESTIMATE, |(_, bytes)| bytes + 1024),
+        _ => REPLY_BYTES_ESTIMATE,
+    };
+    output.start_running(frame.len(), reply_bytes);
     let frame = frame.to_vec();
     let (shard, output) = (shard.clone(), output.clone());
     glommio::spawn_local(async move {
@@ -595,10 +625,7 @@ fn dispatch(
         if let Some(op) = op {
             shard.latencies.borrow_mut().record(op, started);
         }
-        output.in_flight.set(output.in_flight.get() - 1);
-        output
-            .in_flight_bytes
-            .set(output.in_flight_bytes.get() - frame.len());
+        output.end_running(frame.len(), reply_bytes);
         // not flushed here: replies of tasks that end in the same turn go out together
         output.ready.notify_all();
         output.in_flight_done.notify_all();
@@ -675,10 +702,7 @@ async fn forward_batch(shard: Rc<Shard>, output: Rc<Output>, owner: usize, batch
         if let Some(op) = request.op {
             latencies.record(op, request.started);
         }
-        output.in_flight.set(output.in_flight.get() - 1);
-        output
-            .in_flight_bytes
-            .set(output.in_flight_bytes.get() - request.len);
+        output.end_running(request.len, REPLY_BYTES_ESTIMATE);
     };
     let result = shard
         .forward_batch(owner, frames, count, |replies| {

@@ -9,6 +9,7 @@ use super::{conn, ServerConfig, ShardExit, Shutdown};
 use crate::commit_log::{CommitLog, LogRecovery};
 use crate::notify::Notify;
 use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
+use crate::record;
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
 use crate::version::{context_of, Context, VClock, Version};
@@ -1039,6 +1040,16 @@ impl Shard {
             }
             Request::Ping => encode::pong(&mut out.borrow_mut(), request_id),
             Request::Get { r, key } => {
+                // siblings far over the frame limit are refused before they are read
+                // (100 siblings of 4 MiB would be read whole, 400 MB, for an error)
+                if let Some((count, record_bytes)) = self.stored_value_records(key) {
+                    let overhead = count
+                        * (record::RECORD_HEADER_BYTES
+                            + key.len()
+                            + record::REPLACED_COUNT_MAX * 8
+                            + record::VERSION_BYTES_MAX);
+                    self.check_versions_fit(count, record_bytes.saturating_sub(overhead))?;
+                }
                 let (versions, context) = self.cluster_get(key, r).await?;
                 let values: SmallVec<[&[u8]; 2]> =
                     versions.iter().filter_map(|s| s.value.as_deref()).collect();
@@ -1420,6 +1431,18 @@ impl Shard {
             ));
         }
         Ok(())
+    }
+
+    /// The live (not tombstone) versions this node's replica holds for `key`, and the
+    /// bytes of their records, from the keydir alone (no read): `None` when the key's
+    /// partition is not on this shard. The records hold the values, so their bytes bound
+    /// what a get of the key reads here.
+    pub(crate) fn stored_value_records(&self, key: &[u8]) -> Option<(usize, usize)> {
+        let (p, _) = self.owner_of(key);
+        let partition = self.partitions.get(&p)?;
+        let versions = partition.versions(key);
+        let live = versions.iter().filter(|l| !l.is_tombstone());
+        Some(live.fold((0, 0), |(n, bytes), l| (n + 1, bytes + l.len as usize)))
     }
 
     fn partition_for(&self, key: &[u8]) -> Result<&Rc<Partition<DmaStorage>>, (ErrorCode, String)> {
