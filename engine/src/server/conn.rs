@@ -35,6 +35,11 @@ use std::time::{Duration, Instant};
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// The most room a connection's read buffer and reply batches keep between uses: after
+/// a big frame or batch they shrink back (4,096 idle connections that each once sent
+/// a 4 MiB frame would otherwise keep 16-32 GiB).
+const BUFFER_KEPT_BYTES: usize = 1 << 20;
+
 struct Output {
     /// The connection's socket (for [`Output::flush`]).
     fd: std::os::fd::RawFd,
@@ -304,7 +309,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                     break;
                 }
                 sending.clear();
-                if sending.capacity() > 4 << 20 {
+                if sending.capacity() > BUFFER_KEPT_BYTES {
                     sending = Vec::with_capacity(64 * 1024);
                 }
             }
@@ -392,6 +397,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             break 'read;
         }
         buf.drain(..consumed);
+        if buf.capacity() > BUFFER_KEPT_BYTES && buf.len() <= READ_CHUNK_BYTES {
+            // one big frame does not keep its room for the life of the connection
+            buf.shrink_to(READ_CHUNK_BYTES);
+        }
         let checked = protocol::check_frame(&buf, config.frame_bytes_max);
         let waiting_frame_len = match checked {
             Ok(Some(len)) => Some(len),
