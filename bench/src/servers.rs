@@ -13,6 +13,24 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The first of `count` consecutive ports that are all free now. A port the kernel
+/// handed out is free, but the ones after it may be in use, or held in TIME_WAIT by a
+/// connection that had it as its ephemeral port (a listener cannot bind it then).
+pub fn free_port_run(count: usize) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let base = free_port()?;
+        if usize::from(base) + count > usize::from(u16::MAX) {
+            continue;
+        }
+        let all_free =
+            (0..count as u16).all(|s| TcpListener::bind(("127.0.0.1", base + s)).is_ok());
+        if all_free {
+            return Ok(base);
+        }
+    }
+    bail!("no run of {count} free ports found in 100 tries")
+}
+
 /// Whether `program` is on PATH.
 pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -137,8 +155,7 @@ pub fn start_echo_process(binary: &Path, dir: &Path) -> anyhow::Result<Server> {
 /// ports, `sync` durability.
 pub fn start_ringkv_process(binary: &Path, dir: &Path, shards: usize) -> anyhow::Result<Server> {
     let port = free_port()?;
-    // shard ports: a run of free ports is not guaranteed; pick a high base near it
-    let shard_base = free_port()?;
+    let shard_base = free_port_run(shards)?;
     let mut c = Command::new(binary);
     c.arg("server")
         .arg("--data-dir")
