@@ -241,7 +241,9 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let (mut reader, mut writer) = futures_lite::io::split(stream);
     let output = Rc::new(Output {
         fd,
-        buf: RefCell::new(Vec::with_capacity(64 * 1024)),
+        // the output buffers and the read buffer take room on first use: an idle
+        // connection holds only its read chunk
+        buf: RefCell::new(Vec::new()),
         sending_bytes: Cell::new(0),
         ready: Notify::default(),
         drained: Notify::default(),
@@ -265,7 +267,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         let deadlines = deadlines.clone();
         let deadline_per_batch = config.slow_client_timeout;
         glommio::spawn_local(async move {
-            let mut sending = Vec::with_capacity(64 * 1024);
+            let mut sending = Vec::new();
             loop {
                 if output.buf.borrow().is_empty() {
                     if output.closed.get() && output.in_flight.get() == 0 {
@@ -310,7 +312,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 }
                 sending.clear();
                 if sending.capacity() > BUFFER_KEPT_BYTES {
-                    sending = Vec::with_capacity(64 * 1024);
+                    sending = Vec::new();
                 }
             }
             let _ = writer.flush().await;
@@ -320,7 +322,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
 
     let acker_task = glommio::spawn_local(ack_held(output.clone(), shard.clone()));
 
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     // when the first byte of the frame now being received arrived
     let mut frame_started: Option<Instant> = None;
