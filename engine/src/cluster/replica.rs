@@ -166,25 +166,59 @@ pub fn pending_hints<S: Storage>(
     limit: usize,
     mut deliverable: impl FnMut(NodeId) -> bool,
 ) -> Vec<Hint> {
-    let mut all: Vec<Hint> = Vec::new();
+    /// A hint ordered by (target, partition, key): the heap's greatest is the one to
+    /// drop when a smaller one comes.
+    struct InOrder(Hint);
+    impl InOrder {
+        fn order(&self) -> (NodeId, u32, &[u8]) {
+            (self.0.target, self.0.partition, &self.0.key)
+        }
+    }
+    impl PartialEq for InOrder {
+        fn eq(&self, other: &Self) -> bool {
+            self.order() == other.order()
+        }
+    }
+    impl Eq for InOrder {}
+    impl PartialOrd for InOrder {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for InOrder {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            self.order().cmp(&other.order())
+        }
+    }
+    if limit == 0 {
+        return Vec::new();
+    }
+    // the `limit` first in order, kept in a heap: a store of millions of hints (a long
+    // outage) costs one pass and `limit` copied keys, not a copy and a sort of them all
+    let mut first: std::collections::BinaryHeap<InOrder> = std::collections::BinaryHeap::new();
     hints.for_each_key(|k, locs| {
         if let (Some((target, partition, key)), Some(seq)) = (parse_hint_key(k), live_record(locs))
         {
             if !deliverable(target) {
                 return;
             }
-            all.push(Hint {
+            if first.len() == limit {
+                let last = first.peek().expect("limit > 0");
+                if (target, partition, key) >= last.order() {
+                    return;
+                }
+                first.pop();
+            }
+            first.push(InOrder(Hint {
                 target,
                 partition,
                 key: key.to_vec(),
                 seq,
-            });
+            }));
         }
     });
     // the keydir iterates in hash order; hand hints out in a fixed order
-    all.sort_by(|a, b| (a.target, a.partition, &a.key).cmp(&(b.target, b.partition, &b.key)));
-    all.truncate(limit);
-    all
+    first.into_sorted_vec().into_iter().map(|h| h.0).collect()
 }
 
 /// How many hints are pending.
@@ -334,6 +368,53 @@ mod tests {
                 (NodeId(2), 5, &b"k1"[..])
             );
             assert_eq!(pending_hints(&hints, 1, |_| true).len(), 1);
+        });
+    }
+
+    /// The first `limit` hints in order are the first `limit` of all of them, whatever
+    /// order the keydir holds them in (the selection keeps a bounded heap).
+    #[test]
+    fn a_limited_round_hands_out_the_first_hints_in_order() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let hints = open(&disk, "/hints", hints_config()).await;
+            for i in 0..300u32 {
+                let key = format!("k{}", (i * 7919) % 1000);
+                record_hint(
+                    &hints,
+                    NodeId(u64::from(i % 3) + 1),
+                    i % 5,
+                    key.as_bytes(),
+                    10,
+                )
+                .await
+                .unwrap();
+            }
+            let order = |h: &Hint| (h.target, h.partition, h.key.clone());
+            let all: Vec<_> = pending_hints(&hints, usize::MAX, |_| true)
+                .iter()
+                .map(order)
+                .collect();
+            assert_eq!(all.len(), 300);
+            assert!(all.windows(2).all(|w| w[0] < w[1]), "in order");
+            for limit in [0, 1, 7, 64, 299, 300, 1000] {
+                let some: Vec<_> = pending_hints(&hints, limit, |_| true)
+                    .iter()
+                    .map(order)
+                    .collect();
+                assert_eq!(some[..], all[..limit.min(300)], "limit {limit}");
+            }
+            let some: Vec<_> = pending_hints(&hints, 20, |t| t != NodeId(1))
+                .iter()
+                .map(order)
+                .collect();
+            let want: Vec<_> = all
+                .iter()
+                .filter(|h| h.0 != NodeId(1))
+                .take(20)
+                .cloned()
+                .collect();
+            assert_eq!(some, want);
         });
     }
 
