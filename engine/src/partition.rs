@@ -540,6 +540,12 @@ impl<S: Storage> Partition<S> {
                             file.truncate(scan.valid_end).await?;
                             seg_len = scan.valid_end;
                         }
+                    } else if header_ok && !has_hint {
+                        // nothing to cut, but bytes a crashed process wrote may still be
+                        // only in the page cache: they are trusted from here on (a hint
+                        // may describe them, `close` skips what it thinks is durable and
+                        // writes a clean EPOCH), so they are made durable first
+                        file.sync().await?;
                     }
                     if header_ok && sealed && scan.corrupt.is_empty() && seg_len == scan.valid_end {
                         if config.commit_log {
