@@ -1538,6 +1538,31 @@ impl<S: Storage> Partition<S> {
         Ok(out)
     }
 
+    /// [`Partition::get`] one version at a time: each is read and handed to `each`,
+    /// then dropped before the next is read, so a caller that keeps only part of each
+    /// (the version, not the value) holds one value at a time, not all of them.
+    pub(crate) async fn for_each_version(
+        &self,
+        key: &[u8],
+        mut each: impl FnMut(StoredVersion) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        type Place<F> = (Loc, Rc<Segment<F>>);
+        let places: SmallVec<[Place<S::File>; 2]> = {
+            let state = self.state.borrow();
+            match state.keydir.get(key) {
+                None => return Ok(()),
+                Some(locs) => locs
+                    .iter()
+                    .map(|l| (*l, state.segment(l.segment).clone()))
+                    .collect(),
+            }
+        };
+        for (loc, segment) in places {
+            each(self.read_version(key, &loc, &segment).await?)?;
+        }
+        Ok(())
+    }
+
     /// The keydir entry of `key`: seqs and places of its live versions.
     pub fn versions(&self, key: &[u8]) -> SmallVec<[Loc; 2]> {
         self.state

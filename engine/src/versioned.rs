@@ -95,12 +95,17 @@ impl<S: Storage> Partition<S> {
         if let Some(read) = self.read_versions_cached(key) {
             return read;
         }
-        self.get(key)
-            .await?
-            .iter()
-            .map(|s| decode_version(s.seq, &s.version))
-            .collect::<Result<Vec<_>, _>>()
-            .map(|pairs| pairs.into_iter().unzip())
+        // one value in memory at a time: 100 siblings of 4 MiB were all held at once,
+        // 400 MB, to learn their versions
+        let (mut seqs, mut versions) = (Seqs::new(), Vec::new());
+        self.for_each_version(key, |s| {
+            let (seq, version) = decode_version(s.seq, &s.version)?;
+            seqs.push(seq);
+            versions.push(version);
+            Ok(())
+        })
+        .await?;
+        Ok((seqs, versions))
     }
 
     /// [`read_versions`](Self::read_versions) from the record cache alone: `None` when
