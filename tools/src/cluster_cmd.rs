@@ -302,6 +302,20 @@ fn ports_per_node(shards: usize) -> usize {
     (shards + 1).div_ceil(10).max(1) * 10
 }
 
+/// `arg` as a POSIX shell reads it back: as it is when it holds only characters no
+/// shell treats specially, else in single quotes (a quote inside as `'\''`).
+fn shell_quoted(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:,=+@%".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
 /// SIGINT, SIGTERM and SIGHUP received so far.
 static SIGNALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -384,7 +398,9 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     for i in 1..=nodes {
         let port = node_port(base_port, gap, i);
         let addr = format!("127.0.0.1:{port}");
-        let dir = data_dir.join(format!("node-{i}"));
+        // absolute: the printed restart line works from any directory
+        let dir = std::path::absolute(data_dir.join(format!("node-{i}")))
+            .context("cannot resolve --data-dir")?;
         let mut cmd_args: Vec<String> = vec![
             "server".into(),
             "--node-id".into(),
@@ -403,7 +419,12 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
             cmd_args.extend(["--seeds".into(), seed.clone()]);
         }
         cmd_args.extend(extra.iter().cloned());
-        println!("node {i}: {} {}", exe.display(), cmd_args.join(" "));
+        // a line to paste into a shell: each argument quoted when it needs it
+        let line: Vec<String> = std::iter::once(exe.display().to_string())
+            .chain(cmd_args.iter().cloned())
+            .map(|a| shell_quoted(&a))
+            .collect();
+        println!("node {i}: {}", line.join(" "));
         // its own process group: a Ctrl-C at the terminal reaches dev alone, which
         // stops each node with one SIGTERM (a node takes a second signal as "exit now");
         // and a SIGTERM when dev dies, however it dies (SIGKILL included)
@@ -488,4 +509,37 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     }
     println!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quoted;
+
+    /// The restart line dev prints is read back by a shell as the arguments it was
+    /// made of, a data directory with spaces or quotes included.
+    #[test]
+    fn quoted_arguments_read_back_through_a_shell() {
+        let args = [
+            "server",
+            "--data-dir",
+            "/tmp/my data/it's $HOME `x` \\n",
+            "",
+            "127.0.0.1:7400",
+        ];
+        let line: Vec<String> = args.iter().map(|a| shell_quoted(a)).collect();
+        assert_eq!(line[0], "server");
+        assert_eq!(line[4], "127.0.0.1:7400");
+        let script = format!("printf '%s\\0' {}", line.join(" "));
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .expect("sh");
+        let got: Vec<&[u8]> = out.stdout.split(|&b| b == 0).collect();
+        let want: Vec<&[u8]> = args
+            .iter()
+            .map(|a| a.as_bytes())
+            .chain([&b""[..]])
+            .collect();
+        assert_eq!(got, want);
+    }
 }
