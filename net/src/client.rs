@@ -1003,11 +1003,14 @@ impl Client {
                 Some(i) => results[i] = Some(Ok(reply)),
                 None => {
                     // Not ours: a connection-level ERROR (the server gives up on the
-                    // connection) or a confused server.
+                    // connection) or a confused server. Either way the requests still
+                    // out get no answer of their own: `Closed` (may or may not be
+                    // applied), not the server's code, which would read as a refusal
                     return Err(match reply {
-                        OwnedReply::Error { code, message } => {
+                        OwnedReply::Error { code, message } => ClientError::Closed(format!(
+                            "the server gave up on the connection: {}",
                             ClientError::from_server(code, message)
-                        }
+                        )),
                         other => ClientError::Protocol(format!(
                             "{} for unknown request id {request_id}",
                             reply_name(&other)
