@@ -836,20 +836,4 @@ fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
         Ok((_, ClusterReply::KeyCountOk(keys))) => assert_eq!(keys, 0, "nothing stored there"),
         other => panic!("key count: {other:?}"),
     }
-    // a replica's copy is held to the value limit too (here 65,536 bytes; the frame
-    // limit would take it): before, anyone could store a bigger value this way
-    let mut f = Vec::new();
-    ClusterRequest::ReplicaPut {
-        partition: ringkv_ring::hash::partition_for_key(b"small", 64),
-        hint_for: 0,
-        key: b"small",
-        version: ringkv_net::peer::WireVersion {
-            version: &blob,
-            value: Some(&[b'y'; 70_000]),
-        },
-    }
-    .encode(12, &mut f);
-    c.send_bytes(&f);
-    let reply = c.read_frame().expect("a reply");
-    assert_eq!(error_code(&reply), Some(ErrorCode::ValueTooLarge as u16));
 }

@@ -936,20 +936,6 @@ impl Shard {
                 version,
             } => {
                 self.check_key(key)?;
-                // the value limit holds for a replica's copy as for a client's put (a
-                // coordinator never sends a bigger one; the port takes anyone's)
-                if let Some(value) = version.value {
-                    if value.len() > self.config.value_bytes_max {
-                        return Err((
-                            ErrorCode::ValueTooLarge,
-                            format!(
-                                "value is {} bytes, the limit is {}",
-                                value.len(),
-                                self.config.value_bytes_max
-                            ),
-                        ));
-                    }
-                }
                 let p = self.key_partition(partition, key)?;
                 let v = wire_to_versioned(&version)
                     .ok_or_else(|| (ErrorCode::BadRequest, "undecodable version".to_string()))?;
