@@ -61,8 +61,9 @@ struct Pending {
     closed: Option<String>,
     /// When bytes last arrived from the server (the connect's HELLO_OK at first).
     last_read: Instant,
-    /// A liveness PING is out (see [`AsyncClient::suspect_silence`]).
-    probing: bool,
+    /// The request id of the last liveness PING (see [`AsyncClient::suspect_silence`]);
+    /// it is out while its waiter is in `waiting`.
+    probe: Option<u64>,
 }
 
 /// What the caller side and the two tasks share.
@@ -223,7 +224,7 @@ impl AsyncClient {
                 waiting: HashMap::new(),
                 closed: None,
                 last_read: Instant::now(),
-                probing: false,
+                probe: None,
             }),
             window: Arc::new(Semaphore::new(window_size)),
             closed: AtomicBool::new(false),
@@ -365,15 +366,20 @@ impl AsyncClient {
         let (tx, rx) = oneshot::channel();
         let sent_at = {
             let mut pending = inner.shared.lock();
-            // a server that allows one request in flight has no slot for the PING
+            // a server that allows one request in flight has no slot for the PING, and
+            // one PING at a time keeps to the one slot kept for it (a PING whose answer
+            // is late is still out)
+            let probe_out = pending
+                .probe
+                .is_some_and(|id| pending.waiting.contains_key(&id));
             if pending.closed.is_some()
-                || pending.probing
+                || probe_out
                 || pending.last_read.elapsed() < quiet
                 || inner.hello.in_flight_max <= 1
             {
                 return;
             }
-            pending.probing = true;
+            pending.probe = Some(request_id);
             pending.waiting.insert(
                 request_id,
                 Waiter {
@@ -391,14 +397,12 @@ impl AsyncClient {
             // closes a connection whose server stopped reading
             let mut pending = shared.lock();
             pending.waiting.remove(&request_id);
-            pending.probing = false;
             return;
         }
         tokio::spawn(async move {
             let answered = timeout(quiet, rx).await.is_ok();
             let silent = {
-                let mut pending = shared.lock();
-                pending.probing = false;
+                let pending = shared.lock();
                 // the waiter stays otherwise: its PONG may still come (the server answers
                 // PING in a task; a busy shard can take longer), and a reply that no
                 // waiter expects would close the connection
@@ -669,7 +673,7 @@ impl AsyncPool {
 /// shard cannot be reached) requests go through the main connection, and the server
 /// forwards them. A closed connection is reopened before the next request that needs it
 /// (a request that failed is never resent); a shard connection that could not be opened
-/// is tried again at most once a second. Clones share the connections; every method
+/// is tried again after 1 s, backing off to once a minute while it fails. Clones share the connections; every method
 /// takes `&self`, so any number of tasks use it at once.
 #[derive(Clone)]
 pub struct AsyncShardAwareClient {
@@ -821,7 +825,7 @@ impl AsyncShardAwareClient {
     }
 
     /// The connection for `route` in `layout`, reopening it if it closed. While a shard
-    /// connection cannot be reopened (tried at most once a second), that shard's keys go
+    /// connection cannot be reopened (tried after 1 s, backing off to 60 s), that shard's keys go
     /// through the main connection.
     async fn connection(&self, layout: &Layout, route: Route) -> Result<AsyncClient, ClientError> {
         let inner = &*self.inner;
@@ -1025,8 +1029,12 @@ async fn connect_shard(
     s: u16,
 ) -> Option<AsyncClient> {
     let addr = Routing::shard_addr(main, main_peer, s)?;
-    let client = AsyncClient::connect_addr(addr, shard_config(config))
+    // the connect and the HELLO together within SHARD_CONNECT_TIMEOUT; the connection
+    // then keeps the client's own timeouts
+    let connect = AsyncClient::connect_addr(addr, config.clone());
+    let client = timeout(shard_config(config).request_timeout, connect)
         .await
+        .ok()?
         .ok()?;
     Routing::is_shard_of(main, client.hello(), s).then_some(client)
 }

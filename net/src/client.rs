@@ -1440,10 +1440,12 @@ pub(crate) const SHARD_RETRY_INTERVAL_MAX: Duration = Duration::from_secs(60);
 pub(crate) const SHARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `config` with its connect and request timeouts capped for opening a shard
-/// connection (see [`SHARD_CONNECT_TIMEOUT`]); the connection keeps it.
+/// connection, its connect and its HELLO (see [`SHARD_CONNECT_TIMEOUT`]); the
+/// connection then goes on with `config` itself.
 pub(crate) fn shard_config(config: &ClientConfig) -> ClientConfig {
     ClientConfig {
         connect_timeout: config.connect_timeout.min(SHARD_CONNECT_TIMEOUT),
+        request_timeout: config.request_timeout.min(SHARD_CONNECT_TIMEOUT),
         ..config.clone()
     }
 }
@@ -1491,8 +1493,12 @@ impl<C> ShardSlot<C> {
         self.retry_at = Instant::now() + self.retry_interval(self.failures + 1);
     }
 
-    /// Records the outcome of an attempt to (re)open the connection.
+    /// Records the outcome of an attempt to (re)open the connection. A failed attempt
+    /// leaves a connection another attempt opened meanwhile in place.
     pub(crate) fn reopened(&mut self, client: Option<C>) {
+        if client.is_none() && self.client.is_some() {
+            return;
+        }
         self.failures = if client.is_some() {
             0
         } else {
@@ -1574,7 +1580,7 @@ impl Routing {
 /// shard cannot be reached) requests go through the main connection, and the server
 /// forwards them. Broken connections are reopened before the next request that needs
 /// them (a request that failed is never resent); a shard connection that could not be
-/// opened is tried again at most once a second.
+/// opened is tried again after 1 s, backing off to once a minute while it fails.
 #[derive(Debug)]
 pub struct ShardAwareClient {
     main: Client,
@@ -1618,7 +1624,9 @@ impl ShardAwareClient {
     fn connect_shard(&self, s: u16) -> Option<Client> {
         let main_hello = self.main.hello();
         let addr = Routing::shard_addr(main_hello, self.main.peer_addr(), s)?;
-        let client = Client::connect_addr(addr, shard_config(self.main.config())).ok()?;
+        let mut client = Client::connect_addr(addr, shard_config(self.main.config())).ok()?;
+        // past the HELLO, the connection's requests get the client's own timeouts
+        client.config = self.main.config().clone();
         Routing::is_shard_of(main_hello, client.hello(), s).then_some(client)
     }
 
@@ -1679,9 +1687,9 @@ impl ShardAwareClient {
         self.connection(route, reopened)
     }
 
-    /// The connection for `route`, reopening a broken shard connection (tried at most
-    /// once a second); while it cannot be had, the shard's keys go through the main
-    /// connection, which `reopened` says whether [`reopen_main_if_broken`] could
+    /// The connection for `route`, reopening a broken shard connection (tried again
+    /// after 1 s, backing off to 60 s); while it cannot be had, the shard's keys go
+    /// through the main connection, which `reopened` says whether [`reopen_main_if_broken`] could
     /// restore.
     ///
     /// [`reopen_main_if_broken`]: Self::reopen_main_if_broken

@@ -133,8 +133,9 @@ impl Held {
 }
 
 /// Output bytes a running request is assumed to add when deciding whether more
-/// requests may start, unless it is a get of a key on this shard, which is charged
-/// what the keydir says its records hold ([`Shard::stored_value_records`]): replies
+/// requests may start, unless it is a get of a key on this shard of a node whose replica
+/// alone answers, which is charged what the keydir says its records hold
+/// ([`Shard::stored_value_records`]): replies
 /// are usually far smaller, and a bigger one only delays the next dispatch.
 const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
 
@@ -173,6 +174,10 @@ impl Output {
                 buf.drain(..sent as usize);
             }
             if buf.is_empty() {
+                if buf.capacity() > BUFFER_KEPT_BYTES {
+                    // a big batch sent from here does not keep its room either
+                    *buf = Vec::new();
+                }
                 return;
             }
         }

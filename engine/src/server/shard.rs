@@ -1437,8 +1437,13 @@ impl Shard {
     /// bytes of their records, from the keydir alone (no read): `None` when the key's
     /// partition is not on this shard. The records hold the values, so their bytes bound
     /// what a get of the key reads here.
+    /// Only when this node's replica alone answers (N = 1): in a cluster the reply
+    /// merges other replicas' versions, and this node may hold none of the key's.
     pub(crate) fn stored_value_records(&self, key: &[u8]) -> Option<(usize, usize)> {
         let (p, _) = self.owner_of(key);
+        if !self.answers_alone(p) {
+            return None;
+        }
         let partition = self.partitions.get(&p)?;
         let versions = partition.versions(key);
         let live = versions.iter().filter(|l| !l.is_tombstone());
