@@ -8,6 +8,7 @@
 //! - `dev [--nodes K]`: a local cluster of K `ringkv server` child processes.
 
 use anyhow::{bail, Context as _};
+use ringkv_engine::server::SECOND_SIGNAL_AFTER;
 use ringkv_net::peer::{ClusterReply, ClusterRequest};
 use ringkv_net::protocol::{check_frame, Reply, FRAME_BYTES_MAX_DEFAULT};
 use std::io::{Read, Write};
@@ -222,11 +223,15 @@ impl Children {
 
 impl Children {
     /// Stops every node still running (SIGTERM: a clean shutdown) and waits for all;
-    /// each node's exit status, in order. A second Ctrl-C meanwhile sends the nodes
-    /// still running another SIGTERM (they exit at once, status 130); a third, SIGKILL.
+    /// each node's exit status, in order. A second Ctrl-C meanwhile (a second or more
+    /// after the first: sooner, it is the first delivered twice) sends the nodes still
+    /// running another SIGTERM (they exit at once, status 130); a third, SIGKILL.
     fn stop(&mut self) -> Vec<Option<std::process::ExitStatus>> {
         self.terminate();
         let mut escalated = 0;
+        // the signals counted as the first request to stop: any that come within
+        // SECOND_SIGNAL_AFTER of it are that request delivered twice
+        let mut first: Option<(Instant, usize)> = None;
         let mut statuses: Vec<Option<std::process::ExitStatus>> = vec![None; self.0.len()];
         // bounded by the nodes' own drain (each stops within its drain timeout) and by
         // the operator's signals
@@ -244,17 +249,25 @@ impl Children {
             if statuses.iter().all(Option::is_some) {
                 return statuses;
             }
-            let more = signals();
-            if more >= 2 && escalated < more {
+            let received = signals();
+            if received > 0 {
+                match &mut first {
+                    None => first = Some((Instant::now(), received)),
+                    Some((at, count)) if at.elapsed() < SECOND_SIGNAL_AFTER => *count = received,
+                    Some(_) => {}
+                }
+            }
+            let more = first.map_or(0, |(_, count)| received - count);
+            if more >= 1 && escalated < more {
                 escalated = more;
-                let signal = if more == 2 {
+                let signal = if more == 1 {
                     libc::SIGTERM
                 } else {
                     libc::SIGKILL
                 };
                 eprintln!(
                     "forcing the nodes to stop ({})",
-                    if more == 2 {
+                    if more == 1 {
                         "SIGTERM again"
                     } else {
                         "SIGKILL"

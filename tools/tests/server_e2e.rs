@@ -809,3 +809,31 @@ fn a_data_directory_restarted_with_another_node_id_is_refused() {
     drop(c);
     assert!(server.stop().success());
 }
+
+/// A stop request delivered twice at once (a terminal's Ctrl-C to the process group
+/// and a wrapper such as `timeout` that forwards it, or a supervisor that signals the
+/// whole group while a parent passes the signal on) is one request: the node stops
+/// cleanly, exit 0. Before, the second copy made it exit at once with 130, its data
+/// not closed.
+#[test]
+fn a_stop_signal_delivered_twice_at_once_is_one_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "none"]);
+    let mut c = Raw::connect(server.addr);
+    c.put(b"k", b"v", b"");
+    drop(c);
+    let pid = server.child.id() as i32;
+    // SAFETY: signals to our own child process
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = server.wait_exit(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(server.stopped_counts().is_some(), "a clean stop's line");
+    let mut server = Server::start(dir.path(), &[]);
+    let mut c = Raw::connect(server.addr);
+    assert_eq!(c.get(b"k").0, vec![b"v".to_vec()]);
+    drop(c);
+    assert!(server.stop().success());
+}

@@ -325,10 +325,20 @@ impl Shutdown {
                 // SAFETY: sigwait on the set blocked above.
                 unsafe { libc::sigwait(&set, &mut signal) };
                 flag.trigger();
+                let first = std::time::Instant::now();
                 // a second signal while the node drains (or is still starting: recovery
-                // looks at the flag only once every shard is up) stops it at once
-                // SAFETY: as above.
-                unsafe { libc::sigwait(&set, &mut signal) };
+                // looks at the flag only once every shard is up) stops it at once; one
+                // within a second of the first is the same request delivered twice (a
+                // terminal's Ctrl-C to the group and a wrapper that forwards it, a
+                // supervisor that signals the whole group and a parent that passes it
+                // on), not a second request
+                loop {
+                    // SAFETY: as above.
+                    unsafe { libc::sigwait(&set, &mut signal) };
+                    if first.elapsed() >= SECOND_SIGNAL_AFTER {
+                        break;
+                    }
+                }
                 eprintln!("ringkv: second signal: exiting without waiting for the shards");
                 // _exit, not exit: no atexit handlers run beside a main thread that may be
                 // returning (and calling exit) at this moment
@@ -338,6 +348,10 @@ impl Shutdown {
         Ok(())
     }
 }
+
+/// A signal this long after the first is a second request to stop (exit at once); an
+/// earlier one is the first delivered twice.
+pub const SECOND_SIGNAL_AFTER: Duration = Duration::from_secs(1);
 
 /// What a shard reports when it stops.
 #[derive(Debug, Clone, Default)]
