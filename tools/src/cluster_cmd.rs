@@ -354,10 +354,10 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--nodes" => nodes = value()?.parse()?,
+            "--nodes" => nodes = crate::server_cmd::number(a, value()?)?,
             "--data-dir" => data_dir = PathBuf::from(value()?),
-            "--base-port" => base_port = value()?.parse()?,
-            "--shards" => shards = Some(value()?.parse()?),
+            "--base-port" => base_port = crate::server_cmd::number(a, value()?)?,
+            "--shards" => shards = Some(crate::server_cmd::number(a, value()?)?),
             "--" => {
                 extra.extend(it.by_ref().cloned());
             }

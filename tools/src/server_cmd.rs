@@ -127,7 +127,20 @@ impl FileConfig {
     }
 }
 
+/// `text`, the value of `flag`, as a number; the error names both.
+pub(crate) fn number<T: std::str::FromStr>(flag: &str, text: &str) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e}"))
+}
+
 pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>> {
+    if args.iter().filter(|a| *a == "--config").count() > 1 {
+        // only one file is read: a second would be ignored without a word
+        bail!("--config given more than once");
+    }
     let mut config = ServerConfig::default();
     // set by the file or a flag; otherwise one per core, up to the partition count
     let mut shards_given = false;
@@ -148,13 +161,13 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             }
             "--data-dir" => config.data_dir = PathBuf::from(value()?),
             "--listen" => config.listen = value()?.parse().context("--listen HOST:PORT")?,
-            "--shard-port-base" => config.shard_port_base = value()?.parse()?,
+            "--shard-port-base" => config.shard_port_base = number(flag, value()?)?,
             "--shards" => {
-                config.shards = value()?.parse()?;
+                config.shards = number(flag, value()?)?;
                 shards_given = true;
             }
-            "--node-id" => config.node_id = value()?.parse()?,
-            "--partitions" => config.partitions = value()?.parse()?,
+            "--node-id" => config.node_id = number(flag, value()?)?,
+            "--partitions" => config.partitions = number(flag, value()?)?,
             "--durability" => {
                 config.durability = value()?.parse::<Durability>().map_err(anyhow::Error::msg)?
             }
@@ -168,13 +181,13 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             "--advertise" => {
                 config.advertise = value()?.parse().context("--advertise HOST:PORT")?
             }
-            "--replicas" | "--n" => config.replicas = value()?.parse()?,
-            "--r" => config.read_quorum = value()?.parse()?,
-            "--w" => config.write_quorum = value()?.parse()?,
+            "--replicas" | "--n" => config.replicas = number(flag, value()?)?,
+            "--r" => config.read_quorum = number(flag, value()?)?,
+            "--w" => config.write_quorum = number(flag, value()?)?,
             "--request-timeout-ms" => {
-                config.request_timeout = Duration::from_millis(value()?.parse()?)
+                config.request_timeout = Duration::from_millis(number(flag, value()?)?)
             }
-            "--weight" => config.weight = value()?.parse()?,
+            "--weight" => config.weight = number(flag, value()?)?,
             "--hinted-handoff" => {
                 config.hinted_handoff = match value()?.as_str() {
                     "on" => true,
@@ -304,6 +317,28 @@ mod tests {
         let args = ["--partitions", "1", "--shards", "2"].map(String::from);
         let err = config_from_args(&args).unwrap_err().to_string();
         assert!(err.contains("fewer partitions than shards"), "{err}");
+    }
+
+    /// A number that does not parse names its flag (it was "invalid digit found in
+    /// string" alone), and a second --config is refused (it was ignored).
+    #[test]
+    fn bad_flags_are_named_and_a_second_config_is_refused() {
+        let args = ["--shards", "x"].map(String::from);
+        let err = config_from_args(&args).unwrap_err().to_string();
+        assert!(err.contains("--shards \"x\""), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(&a, "shards = 1\n").unwrap();
+        std::fs::write(&b, "shards = 2\n").unwrap();
+        let args = [
+            "--config",
+            a.to_str().unwrap(),
+            "--config",
+            b.to_str().unwrap(),
+        ]
+        .map(String::from);
+        let err = config_from_args(&args).unwrap_err().to_string();
+        assert!(err.contains("--config given more than once"), "{err}");
     }
 
     #[test]
