@@ -166,36 +166,15 @@ pub fn pending_hints<S: Storage>(
     limit: usize,
     mut deliverable: impl FnMut(NodeId) -> bool,
 ) -> Vec<Hint> {
-    /// A hint ordered by (target, partition, key): the heap's greatest is the one to
-    /// drop when a smaller one comes.
-    struct InOrder(Hint);
-    impl InOrder {
-        fn order(&self) -> (NodeId, u32, &[u8]) {
-            (self.0.target, self.0.partition, &self.0.key)
-        }
-    }
-    impl PartialEq for InOrder {
-        fn eq(&self, other: &Self) -> bool {
-            self.order() == other.order()
-        }
-    }
-    impl Eq for InOrder {}
-    impl PartialOrd for InOrder {
-        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-            Some(self.cmp(other))
-        }
-    }
-    impl Ord for InOrder {
-        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-            self.order().cmp(&other.order())
-        }
-    }
     if limit == 0 {
         return Vec::new();
     }
     // the `limit` first in order, kept in a heap: a store of millions of hints (a long
-    // outage) costs one pass and `limit` copied keys, not a copy and a sort of them all
-    let mut first: std::collections::BinaryHeap<InOrder> = std::collections::BinaryHeap::new();
+    // outage) costs one pass and `limit` copied keys, not a copy and a sort of them all.
+    // A tuple orders by (target, partition, key), which no two hints share, so the seq
+    // after them never decides
+    let mut first: std::collections::BinaryHeap<(NodeId, u32, Vec<u8>, u64)> =
+        std::collections::BinaryHeap::new();
     hints.for_each_key(|k, locs| {
         if let (Some((target, partition, key)), Some(seq)) = (parse_hint_key(k), live_record(locs))
         {
@@ -204,21 +183,25 @@ pub fn pending_hints<S: Storage>(
             }
             if first.len() == limit {
                 let last = first.peek().expect("limit > 0");
-                if (target, partition, key) >= last.order() {
+                if (target, partition, key) >= (last.0, last.1, &last.2[..]) {
                     return;
                 }
                 first.pop();
             }
-            first.push(InOrder(Hint {
-                target,
-                partition,
-                key: key.to_vec(),
-                seq,
-            }));
+            first.push((target, partition, key.to_vec(), seq));
         }
     });
     // the keydir iterates in hash order; hand hints out in a fixed order
-    first.into_sorted_vec().into_iter().map(|h| h.0).collect()
+    first
+        .into_sorted_vec()
+        .into_iter()
+        .map(|(target, partition, key, seq)| Hint {
+            target,
+            partition,
+            key,
+            seq,
+        })
+        .collect()
 }
 
 /// How many hints are pending.
