@@ -87,6 +87,19 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Completes once the connection is closed, at once if it already is: for the
+    /// reader and the writer to stop with, mid-read or mid-write.
+    async fn closed(&self) {
+        let closing = self.closing.notified();
+        tokio::pin!(closing);
+        // registered before the check: a close after it wakes `closing`
+        closing.as_mut().enable();
+        if self.is_closed() {
+            return;
+        }
+        closing.await;
+    }
+
     /// Closes the connection: every waiting request fails with `reason` (`Closed`), and
     /// every later one too (`NotSent`).
     fn close(&self, reason: String) {
@@ -1073,17 +1086,11 @@ async fn read_loop(
                 Err(e) => break 'connection e.to_string(),
             }
         }
-        let closing = shared.closing.notified();
-        tokio::pin!(closing);
-        // registered before the check: a close after it wakes `closing`
-        closing.as_mut().enable();
-        if shared.is_closed() {
-            return;
-        }
         let read = tokio::select! {
-            read = read_half.read(replies.spare()) => read,
+            biased;
             // closed by a caller (a malformed reply, a silent server) or the writer
-            _ = &mut closing => return,
+            () = shared.closed() => return,
+            read = read_half.read(replies.spare()) => read,
         };
         match read {
             Ok(0) => break "server closed the connection".to_string(),
@@ -1110,19 +1117,13 @@ async fn write_loop(
     // caller may send it again elsewhere), and a write under way when it closes stops.
     // Ending shuts the socket's sending side, so the server sees the close.
     loop {
-        let closing = shared.closing.notified();
-        tokio::pin!(closing);
-        // registered before the check: a close after it wakes `closing`
-        closing.as_mut().enable();
-        if shared.is_closed() {
-            break;
-        }
         let frame = tokio::select! {
+            biased;
+            () = shared.closed() => break,
             frame = frames.recv() => match frame {
                 Some(frame) => frame,
                 None => break,
             },
-            _ = &mut closing => break,
         };
         if batch.capacity() > 2 * WRITE_BATCH_BYTES_MAX {
             // one big frame does not pin its buffer for the life of the connection
@@ -1139,13 +1140,11 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if shared.is_closed() {
-            break;
-        }
         let write = async {
             tokio::select! {
+                biased;
+                () = shared.closed() => None,
                 written = write_half.write_all(&batch) => Some(written),
-                _ = &mut closing => None,
             }
         };
         match timeout(write_timeout, write).await {
