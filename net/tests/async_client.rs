@@ -183,11 +183,7 @@ async fn a_silent_server_loses_the_connection_and_the_pool_opens_another() {
         let (stream, _) = listener.accept().unwrap();
         let mut conn = FakeConn::new(stream);
         conn.accept_hello(&hello_ok(8));
-        while let Some((id, _)) = conn.read_request() {
-            let mut out = Vec::new();
-            encode::pong(&mut out, id);
-            conn.send(&out);
-        }
+        conn.answer_pings();
     });
     let pool = AsyncPool::new(addr, short_timeout_config(), 1)
         .await
@@ -641,14 +637,8 @@ async fn a_late_answer_to_the_liveness_ping_keeps_the_connection() {
         conn.send(&out);
         // after the PING's own timeout
         std::thread::sleep(T + T / 2);
-        out.clear();
-        encode::pong(&mut out, ping);
-        conn.send(&out);
-        while let Some((id, _)) = conn.read_request() {
-            out.clear();
-            encode::pong(&mut out, id);
-            conn.send(&out);
-        }
+        conn.pong(ping);
+        conn.answer_pings();
     });
     let config = ClientConfig {
         request_timeout: T,

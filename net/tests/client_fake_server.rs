@@ -784,20 +784,14 @@ fn a_pooled_connection_the_server_closed_while_idle_is_replaced() {
         let mut conn = support::FakeConn::new(stream);
         conn.accept_hello(&hello_ok(8));
         let (id, _) = conn.read_request().unwrap();
-        let mut out = Vec::new();
-        encode::pong(&mut out, id);
-        conn.send(&out);
+        conn.pong(id);
         drop(conn);
         closed_tx.send(()).unwrap();
         // second: serves PINGs until the client goes
         let (stream, _) = listener.accept().unwrap();
         let mut conn = support::FakeConn::new(stream);
         conn.accept_hello(&hello_ok(8));
-        while let Some((id, _)) = conn.read_request() {
-            out.clear();
-            encode::pong(&mut out, id);
-            conn.send(&out);
-        }
+        conn.answer_pings();
     });
     let pool = Pool::new(addr, short_timeout_config(), 1).unwrap();
     pool.connection().unwrap().ping().unwrap();

@@ -166,6 +166,20 @@ impl FakeConn {
         more
     }
 
+    /// Sends a PONG for request `id`.
+    pub fn pong(&mut self, id: u64) {
+        let mut out = Vec::new();
+        encode::pong(&mut out, id);
+        self.send(&out);
+    }
+
+    /// Answers every request with a PONG until the client closes the connection.
+    pub fn answer_pings(&mut self) {
+        while let Some((id, _)) = self.read_request() {
+            self.pong(id);
+        }
+    }
+
     /// Blocks until the client closes the connection.
     pub fn wait_for_close(&mut self) {
         let mut chunk = [0u8; 4096];
