@@ -371,9 +371,9 @@ pub fn dev(args: &[String]) -> anyhow::Result<ExitCode> {
     if !(1..=32).contains(&nodes) {
         bail!("--nodes must be 1..=32");
     }
-    // the servers' default is one shard per core
+    // the servers' default: one shard per core, at most one per partition
     let shards_per_node =
-        shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        shards.unwrap_or_else(|| ringkv_engine::server::ServerConfig::default().shards);
     if !(1..=1024).contains(&shards_per_node) {
         bail!("--shards must be 1..=1024");
     }
