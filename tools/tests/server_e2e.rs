@@ -350,6 +350,107 @@ fn sigint_answers_in_flight_puts_and_a_restart_keeps_the_acknowledged() {
     assert!(server.stop().success());
 }
 
+/// Each shard sees the stop signal on its own (up to one watcher period apart), so a
+/// shard may still be reading when the owner of a key it forwards has stopped. Requests
+/// read before the reading shard's stop must still run: the owner keeps answering
+/// forwarded requests (and keeps its partitions open) until every shard has drained.
+/// Before, the owner refused them (`ShuttingDown` from "the owning shard"), or, once it
+/// had dropped its mesh receivers, the reading shard answered "owning shard is gone"
+/// or timed out after 10 s.
+#[test]
+fn requests_forwarded_while_the_shards_stop_one_by_one_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--durability", "sync"]);
+    const CONNECTIONS: usize = 8;
+    const BATCH: u64 = 200;
+    // bounded: each connection stops at its close, or after this many batches
+    const BATCHES_MAX: u64 = 2_000;
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // each connection sends batches of blind puts (half of them for the other shard)
+    // and reads their replies, through the signal, until the node closes it
+    let loads: Vec<_> = (0..CONNECTIONS)
+        .map(|n| {
+            let mut c = Raw::connect(server.addr);
+            assert!(c.ping());
+            let stopped = stopped.clone();
+            std::thread::spawn(move || {
+                let (mut done, mut refused, mut batches_after_stop) = (Vec::new(), 0, 0);
+                'load: for b in 0..BATCHES_MAX {
+                    let mut batch = Vec::new();
+                    for i in 0..BATCH {
+                        let key = format!("stop{n}-{}", b * BATCH + i);
+                        common::encode_blind_put(1 + i, key.as_bytes(), key.as_bytes(), &mut batch);
+                    }
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                        batches_after_stop += 1;
+                    }
+                    if std::io::Write::write_all(&mut c.stream, &batch).is_err() {
+                        break;
+                    }
+                    for _ in 0..BATCH {
+                        let Some(frame) = c.read_frame() else {
+                            break 'load;
+                        };
+                        let (header, reply) = Reply::parse(&frame).expect("a valid reply");
+                        match reply {
+                            Reply::PutOk { .. } => {
+                                done.push(format!("stop{n}-{}", b * BATCH + header.request_id - 1))
+                            }
+                            Reply::Error { code, message } => {
+                                let message = String::from_utf8_lossy(message);
+                                assert!(
+                                    code == ErrorCode::ShuttingDown as u16
+                                        && !message.contains("owning"),
+                                    "only the shard that read a request may refuse it: \
+                                     {code} {message}"
+                                );
+                                refused += 1;
+                            }
+                            other => panic!("unexpected reply {other:?}"),
+                        }
+                    }
+                }
+                (done, refused, batches_after_stop)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let mut done = Vec::new();
+    let mut refused = 0;
+    for load in loads {
+        let (d, r, after) = load.join().expect("a load thread");
+        assert!(after < BATCHES_MAX / 2, "the node stopped serving the load");
+        // checked after the restart: the puts acknowledged last (around the stop), and
+        // a sample of the rest
+        let last = d.len().saturating_sub(2 * BATCH as usize);
+        done.extend(
+            d.into_iter()
+                .enumerate()
+                .filter(|&(i, _)| i >= last || i % 97 == 0)
+                .map(|(_, key)| key),
+        );
+        refused += r;
+    }
+    println!("{} puts done, {refused} refused", done.len());
+    assert!(
+        server.wait_exit(libc::SIGTERM).success(),
+        "a clean exit after SIGTERM"
+    );
+    let mut server = Server::start(dir.path(), &[]);
+    let mut c = Raw::connect(server.addr);
+    for key in done {
+        assert_eq!(
+            c.get(key.as_bytes()).0,
+            vec![key.as_bytes().to_vec()],
+            "{key}"
+        );
+    }
+    assert!(server.stop().success());
+}
+
 /// What a script or a load balancer does with a node it just started: ping the client
 /// port until it answers, then go to the shard ports that HELLO_OK names. Every shard
 /// port must take the connection by then (before, a shard still opening its partitions

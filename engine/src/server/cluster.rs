@@ -84,6 +84,11 @@ pub struct NodeCounters {
     pub hints_stored: AtomicU64,
     pub hints_delivered: AtomicU64,
     pub read_repairs: AtomicU64,
+    /// Shards that have stopped reading requests at shutdown and whose own requests
+    /// (forwarded ones included) have all answered. A shard keeps answering requests
+    /// other shards forward to it until every shard is counted here, so a request a
+    /// shard read before its stop runs even when its owner stopped first.
+    pub shards_drained: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeCounters {
@@ -93,7 +98,22 @@ impl NodeCounters {
             hints_stored: AtomicU64::new(0),
             hints_delivered: AtomicU64::new(0),
             read_repairs: AtomicU64::new(0),
+            shards_drained: (0..shards)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
+    }
+
+    /// Counts shard `shard` as drained (see `shards_drained`; again is harmless).
+    pub fn shard_drained(&self, shard: usize) {
+        self.shards_drained[shard].store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether every shard has drained its own requests at shutdown.
+    pub fn all_shards_drained(&self) -> bool {
+        self.shards_drained
+            .iter()
+            .all(|d| d.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

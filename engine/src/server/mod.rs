@@ -746,6 +746,11 @@ pub fn run(
         let handle = builder
             .spawn(move || {
                 start_guard.disarm();
+                stop_node_on_panic(StopOnPanic {
+                    shard_id,
+                    shutdown: shutdown.clone(),
+                    counters: counters.clone(),
+                });
                 async move {
                     let _lock = lock;
                     shard::shard_main(
@@ -793,20 +798,98 @@ pub fn run(
         return Err(e);
     }
     ready(listen);
+    // every shard is joined, also after one failed: the others are still closing their
+    // partitions, and the caller exits the process once this returns
     let mut exits = Vec::new();
-    for h in handles {
+    let mut failure = None;
+    for (shard_id, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(exit)) => exits.push(exit),
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(format!("a shard thread failed: {e}")),
+            Ok(Err(e)) => {
+                shutdown.trigger();
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                shutdown.trigger();
+                failure.get_or_insert(format!("shard {shard_id}'s thread failed: {e}"));
+            }
         }
     }
-    Ok(exits)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(exits),
+    }
+}
+
+/// What a panic on a shard's thread does: the node stops gracefully instead of serving
+/// on without the shard (its partitions unreachable, the other shards' forwards to it
+/// failing), and the other shards do not wait for this one to drain.
+struct StopOnPanic {
+    shard_id: usize,
+    shutdown: Shutdown,
+    counters: Arc<NodeCounters>,
+}
+
+thread_local! {
+    /// Set on a shard's thread (see [`stop_node_on_panic`]).
+    static ON_PANIC: std::cell::RefCell<Option<StopOnPanic>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes a panic on the calling thread stop the node (`stop`). A panic hook, not a
+/// guard dropped while unwinding: glommio does not drop the tasks of an executor whose
+/// task panicked. The hook is installed once per process and acts only on threads that
+/// called this; the hook it replaces still runs (the panic's message).
+fn stop_node_on_panic(stop: StopOnPanic) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = ON_PANIC.try_with(|cell| {
+                if let Ok(stop) = cell.try_borrow() {
+                    if let Some(stop) = stop.as_ref() {
+                        tracing::error!(shard = stop.shard_id, "shard panicked: stopping the node");
+                        stop.shutdown.trigger();
+                        stop.counters.shard_drained(stop.shard_id);
+                    }
+                }
+            });
+            previous(info);
+        }));
+    });
+    ON_PANIC.with(|cell| *cell.borrow_mut() = Some(stop));
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ServerConfig;
+    use super::{NodeCounters, ServerConfig, Shutdown, StopOnPanic};
+    use std::sync::Arc;
+
+    /// glommio leaves a panicked executor's tasks undropped, so only a panic hook sees a
+    /// shard's panic in time to stop the node; a panic on another thread stops nothing.
+    #[test]
+    fn a_panic_on_a_shard_thread_stops_the_node_and_counts_the_shard_drained() {
+        let shutdown = Shutdown::new();
+        let counters = Arc::new(NodeCounters::new(2));
+        let other = std::thread::spawn(|| panic!("not a shard"));
+        assert!(other.join().is_err());
+        assert!(!shutdown.is_triggered());
+        let shard = {
+            let (shutdown, counters) = (shutdown.clone(), counters.clone());
+            std::thread::spawn(move || {
+                super::stop_node_on_panic(StopOnPanic {
+                    shard_id: 1,
+                    shutdown,
+                    counters,
+                });
+                panic!("a shard's task failed");
+            })
+        };
+        assert!(shard.join().is_err());
+        assert!(shutdown.is_triggered());
+        assert!(counters.shards_drained[1].load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!counters.shards_drained[0].load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn the_default_configuration_is_valid() {

@@ -677,14 +677,26 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
     // listeners stop; connections stop reading, let their requests answer and close;
     // requests already running finish (all bounded by the drain timeout)
     let deadline = std::time::Instant::now() + shard.config.drain_timeout;
-    while (shard.in_flight.get() > 0 || shard.connections.get() > 0)
-        && std::time::Instant::now() < deadline
-    {
-        let _ = glommio::timer::timeout(Duration::from_millis(20), async {
+    let wait_a_little = || async {
+        let _ = glommio::timer::timeout(Duration::from_millis(5), async {
             shard.in_flight_done.wait().await;
             Ok(())
         })
         .await;
+    };
+    while (shard.in_flight.get() > 0 || shard.connections.get() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        wait_a_little().await;
+    }
+    // requests the other shards read before their own stop (each shard sees the
+    // signal on its own) and forwarded here still run: the mesh stays served, and the
+    // partitions open, until every shard has drained its own
+    shard.counters.shard_drained(shard.id);
+    while (!shard.counters.all_shards_drained() || shard.in_flight.get() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        wait_a_little().await;
     }
     // background work stops before the partitions close
     drop(tasks);
@@ -790,16 +802,9 @@ impl Shard {
         let mut held = Vec::new();
         let mut later = Vec::new();
         // the sender checked every frame whole when it read it
+        // run even when this shard is stopping: the sender read them before its own
+        // stop, and this shard's partitions stay open until every shard has drained
         for frame in protocol::frames(&frames) {
-            if self.stopping.get() {
-                encode::error(
-                    &mut out.borrow_mut(),
-                    protocol::header(frame).request_id,
-                    ErrorCode::ShuttingDown,
-                    "the owning shard is shutting down",
-                );
-                continue;
-            }
             match self.try_execute_now(frame, &out, &mut held_bytes) {
                 Now::Answered => {}
                 Now::Held {
@@ -940,7 +945,11 @@ impl Shard {
         match answered {
             Ok(true) => Ok(()),
             Ok(false) => Err((ErrorCode::Unavailable, "owning shard is gone")),
-            Err(_) => Err((ErrorCode::Timeout, "owning shard did not answer in time")),
+            Err(_) => Err((
+                ErrorCode::Timeout,
+                "owning shard did not answer in time; it may still run the request \
+                 (a write may or may not be applied)",
+            )),
         }
     }
 
