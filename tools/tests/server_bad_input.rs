@@ -498,6 +498,53 @@ fn pipelined_gets_of_a_big_value_hold_a_bounded_amount_of_memory() {
     assert!(server.stop().success());
 }
 
+/// The same for gets another shard answers: read on shard 0's own port, a key of shard
+/// 1 is forwarded, and shard 0 cannot size its replies. At 64 KiB each, about 130 gets
+/// of a 4 MiB value started at once; they are now charged a sixteenth of the
+/// connection's output budget each.
+#[test]
+fn pipelined_forwarded_gets_of_a_big_value_hold_a_bounded_amount_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_shard_ports(dir.path(), 2, &["--durability", "none"]);
+    // partition p is on shard p mod 2
+    let key = (0..)
+        .map(|i| format!("big{i}"))
+        .find(|k| ringkv_ring::partition_for_key(k.as_bytes(), 64) % 2 == 1)
+        .unwrap();
+    let mut c = Raw::connect(server.addr);
+    c.put(key.as_bytes(), &vec![b'x'; 4 << 20], b"");
+    let shard_0 = ringkv_net::client::Client::connect(
+        server.addr,
+        ringkv_net::client::ClientConfig::default(),
+    )
+    .unwrap()
+    .hello()
+    .shard_port_base;
+    let before = peak_resident_bytes(server.child.id());
+    let mut hog = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], shard_0)));
+    let mut gets = Vec::new();
+    for id in 0..300u64 {
+        Request::Get {
+            r: 0,
+            key: key.as_bytes(),
+        }
+        .encode(id, &mut gets);
+    }
+    std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+    // the gets the node lets run, run (bounded wait)
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    println!("the node grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 200 << 20,
+        "one connection's unread gets grew the node by {} MiB",
+        grown >> 20
+    );
+    drop(hog);
+    assert!(c.ping());
+    assert!(server.stop().success());
+}
+
 /// A client that reads its replies steadily, if slowly, is not cut off: the slow-client
 /// timeout bounds each MiB of replies taken, not a whole batch. With a 16 MiB frame
 /// limit the server lets up to 32 MiB of replies wait for a client; read at 5 MiB/s,

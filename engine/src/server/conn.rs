@@ -133,11 +133,35 @@ impl Held {
 }
 
 /// Output bytes a running request is assumed to add when deciding whether more
-/// requests may start, unless it is a get of a key on this shard of a node whose replica
-/// alone answers, which is charged what the keydir says its records hold
-/// ([`Shard::stored_value_records`]): replies
-/// are usually far smaller, and a bigger one only delays the next dispatch.
+/// requests may start, unless it is a get: replies are usually far smaller, and a
+/// bigger one only delays the next dispatch. A get of a key on this shard of a node
+/// whose replica alone answers is charged what the keydir says its records hold
+/// ([`Shard::stored_value_records`]); any other get (or replica get), whose reply this
+/// shard cannot size, is charged [`unsized_reply_charge`].
 const REPLY_BYTES_ESTIMATE: usize = 64 * 1024;
+
+/// Gets whose reply this shard cannot size (forwarded to the owning shard, or read from
+/// the replicas of a cluster) that one connection may have running at once.
+const UNSIZED_GETS_RUNNING: usize = 16;
+
+/// The charge of a get whose reply this shard cannot size: a share of the output
+/// budget such that [`UNSIZED_GETS_RUNNING`] of them fill it. Such a reply can be as
+/// big as a frame; at 64 KiB each, about 130 gets of 4 MiB values could start at once
+/// on one connection that reads nothing (over half a GB held); now at most 16 (and a
+/// pipeline of 16 gets never waits for this).
+fn unsized_reply_charge(output_budget: usize) -> usize {
+    (output_budget / UNSIZED_GETS_RUNNING).max(REPLY_BYTES_ESTIMATE)
+}
+
+/// What a request that runs as a task or is forwarded is charged (see
+/// [`REPLY_BYTES_ESTIMATE`]), with `sized`, for a get, what its reply is known to need.
+fn reply_charge(op: Option<Op>, sized: Option<usize>, output_budget: usize) -> usize {
+    match (op, sized) {
+        (Some(Op::Get | Op::ReplicaGet), Some(bytes)) => bytes,
+        (Some(Op::Get | Op::ReplicaGet), None) => unsized_reply_charge(output_budget),
+        _ => REPLY_BYTES_ESTIMATE,
+    }
+}
 
 /// Reply bytes the client must take within the slow-client timeout (for a batch of
 /// replies bigger than this, each such part of it in turn).
@@ -224,6 +248,12 @@ impl Output {
     }
 }
 
+/// The reply bytes a connection may have waiting to be sent, or expected from the
+/// requests it runs, before its reader stops reading (see [`Output::can_dispatch`]).
+fn output_budget_bytes(config: &super::ServerConfig) -> usize {
+    2 * config.frame_bytes_max
+}
+
 /// Answers a connection over the per-shard limit with an error frame, then closes it.
 pub(crate) async fn refuse(mut stream: TcpStream) {
     let mut out = Vec::new();
@@ -264,7 +294,7 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         reading_done: Cell::new(false),
     });
     // the output a client may leave unread before the reader pauses
-    let output_budget = 2 * config.frame_bytes_max;
+    let output_budget = output_budget_bytes(config);
     let in_flight_bytes_max = IN_FLIGHT_FRAMES_OF_BYTES * config.frame_bytes_max;
     let deadlines = shard.sweeper.watch();
     let writer_task = {
@@ -606,8 +636,10 @@ fn dispatch(
             }
         }
     }
+    let output_budget = output_budget_bytes(&shard.config);
     if let Some(owner) = shard.forward_target(frame) {
-        output.start_running(frame.len(), REPLY_BYTES_ESTIMATE);
+        let charge = reply_charge(op, None, output_budget);
+        output.start_running(frame.len(), charge);
         let batch = &mut forwards.by_shard[owner];
         if batch.frames.capacity() == 0 {
             // room for the replies too: the owner writes them into this buffer when
@@ -620,19 +652,21 @@ fn dispatch(
             op,
             started,
             len: frame.len(),
+            charge,
             answered: false,
         });
         return;
     }
     // a get of a key on this shard: what its records hold (its values, and a little
     // more), so that gets of big values do not all start at once
-    let reply_bytes = match op {
+    let sized = match op {
         Some(Op::Get) => Request::parse(frame)
             .ok()
             .and_then(|(_, request)| shard.stored_value_records(request.key()?))
-            .map_or(REPLY_BYTES_ESTIMATE, |(_, bytes)| bytes + 1024),
-        _ => REPLY_BYTES_ESTIMATE,
+            .map(|(_, bytes)| bytes + 1024),
+        _ => None,
     };
+    let reply_bytes = reply_charge(op, sized, output_budget);
     output.start_running(frame.len(), reply_bytes);
     let frame = frame.to_vec();
     let (shard, output) = (shard.clone(), output.clone());
@@ -673,6 +707,8 @@ struct Forwarded {
     started: Instant,
     /// Its frame's length (counted in the connection's in-flight bytes).
     len: usize,
+    /// The reply bytes it is charged while it runs ([`reply_charge`]).
+    charge: usize,
     answered: bool,
 }
 
@@ -718,7 +754,7 @@ async fn forward_batch(shard: Rc<Shard>, output: Rc<Output>, owner: usize, batch
         if let Some(op) = request.op {
             latencies.record(op, request.started);
         }
-        output.end_running(request.len, REPLY_BYTES_ESTIMATE);
+        output.end_running(request.len, request.charge);
     };
     let result = shard
         .forward_batch(owner, frames, count, |replies| {
