@@ -300,11 +300,12 @@ impl<S: Storage> CommitLog<S> {
         loop {
             let lead = {
                 let mut st = self.state.borrow_mut();
-                if let Some(err) = &st.failed {
-                    return Err(io::Error::other(format!("commit log failed: {err}")));
-                }
+                // before the failure: what was durable stays so (see `remove_all`)
                 if st.durable >= position {
                     return Ok(());
+                }
+                if let Some(err) = &st.failed {
+                    return Err(io::Error::other(format!("commit log failed: {err}")));
                 }
                 if st.busy {
                     None
@@ -447,11 +448,15 @@ impl<S: Storage> CommitLog<S> {
     }
 
     /// Removes every file once all partitions using the log are closed (synced): a
-    /// clean shutdown leaves nothing to replay.
+    /// clean shutdown leaves nothing to replay. Every entry appended is then durable
+    /// (in the partitions' synced files): a writer still waiting for one is told so,
+    /// and no entry can be appended or waited for after this.
     pub async fn remove_all(&self) -> io::Result<()> {
         let (current, retired, spare) = {
             let mut st = self.state.borrow_mut();
+            st.durable = st.durable.max(st.appended);
             st.failed.get_or_insert_with(|| "closed".to_string());
+            self.done.notify_all();
             let spare = st.spare.take().map(|(g, _)| g);
             (st.generation, std::mem::take(&mut st.retired), spare)
         };

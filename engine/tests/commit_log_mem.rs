@@ -644,3 +644,30 @@ fn checkpoint_failed_after_its_removes(then_shut_down: bool) {
         assert!(!node.log.checkpoint_due());
     });
 }
+
+/// A write whose reply waits for its group commit when the shard's drain runs out and
+/// the partitions close: closing synced it, so the wait ends Ok (it was told the log
+/// had failed, and the client `Unavailable`, for a write on disk). An entry appended
+/// after that is refused.
+#[test]
+fn an_entry_a_clean_close_made_durable_is_reported_durable() {
+    block_on(async {
+        let disk = MemDisk::new();
+        let (node, _) = open_node(&disk, 1, 1 << 20).await;
+        let position = node.log.append(1, 0, 0, b"an entry");
+        assert!(node.log.durable() < position);
+        for p in &node.parts {
+            p.close().await.unwrap();
+        }
+        node.log
+            .remove_all()
+            .await
+            .expect("the log's files removed");
+        node.log
+            .wait_durable(position)
+            .await
+            .expect("durable by the close");
+        let later = node.log.append(1, 0, 0, b"too late");
+        assert!(node.log.wait_durable(later).await.is_err());
+    });
+}
