@@ -747,3 +747,30 @@ fn a_stopped_home_replica_gives_way_to_a_fallback_in_time() {
         );
     }
 }
+
+/// A put acknowledged by W replicas leaves a copy to a third, stopped one still being
+/// sent; when that fails the coordinator stores a hint. A coordinator stopped (SIGTERM)
+/// right after the puts closed its hint store first and lost those hints; shutdown now
+/// waits for the copies (bounded by the drain timeout).
+#[test]
+fn a_node_stopped_right_after_its_puts_keeps_the_hints_they_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = one_shard_cluster(dir.path(), 21, 3);
+    let n3 = nodes.pop().unwrap();
+    n3.signal(libc::SIGSTOP);
+    let mut c1 = nodes[0].client();
+    const PUTS: u64 = 20;
+    for i in 0..PUTS {
+        put_retrying(&mut c1, format!("late-{i}").as_bytes(), b"v", 2);
+    }
+    drop(c1);
+    let mut server = nodes[0].server.take().expect("running");
+    assert!(server.stop().success());
+    nodes[0].restart();
+    wait_for(
+        "node 1 to count a hint for every put",
+        Duration::from_secs(20),
+        || hints_pending(&nodes[0]) == PUTS,
+    );
+    n3.signal(libc::SIGCONT);
+}

@@ -89,6 +89,9 @@ pub struct NodeCounters {
     /// other shards forward to it until every shard is counted here, so a request a
     /// shard read before its stop runs even when its owner stopped first.
     pub shards_drained: Vec<std::sync::atomic::AtomicBool>,
+    /// Shards whose thread panicked: requests are no longer forwarded to them (they
+    /// would wait out their deadline), and the others do not wait for them to drain.
+    pub shards_failed: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeCounters {
@@ -101,6 +104,9 @@ impl NodeCounters {
             shards_drained: (0..shards)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            shards_failed: (0..shards)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
     }
 
@@ -109,11 +115,21 @@ impl NodeCounters {
         self.shards_drained[shard].store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether every shard has drained its own requests at shutdown.
+    /// Counts shard `shard` as failed (see `shards_failed`).
+    pub fn shard_failed(&self, shard: usize) {
+        self.shards_failed[shard].store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether shard `shard` has failed.
+    pub fn is_failed(&self, shard: usize) -> bool {
+        self.shards_failed[shard].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether every shard has drained its own requests at shutdown (or failed).
     pub fn all_shards_drained(&self) -> bool {
-        self.shards_drained
-            .iter()
-            .all(|d| d.load(std::sync::atomic::Ordering::SeqCst))
+        (0..self.shards_drained.len()).all(|s| {
+            self.shards_drained[s].load(std::sync::atomic::Ordering::SeqCst) || self.is_failed(s)
+        })
     }
 }
 
@@ -739,7 +755,10 @@ impl Shard {
                 version,
             } => {
                 let shard = self.clone();
+                // shutdown waits for it: a replica that fails it leaves a hint to store
+                let counted = self.count_in_flight();
                 glommio::spawn_local(async move {
+                    let _counted = counted;
                     // A home that does not answer gives way to a fallback after half the
                     // request's time, leaving the other half for the fallback's copy: the
                     // op ends at its deadline, so a home allowed the whole of it would

@@ -121,12 +121,23 @@ pub(crate) async fn shard_main(
     counters: std::sync::Arc<NodeCounters>,
     ready: std::sync::mpsc::Sender<Result<(), super::StartError>>,
 ) -> Result<ShardExit, String> {
-    match start(shard_id, config, shutdown, mesh, membership, counters).await {
+    match start(
+        shard_id,
+        config,
+        shutdown,
+        mesh,
+        membership,
+        counters.clone(),
+    )
+    .await
+    {
         Ok((shard, tasks)) => {
             let _ = ready.send(Ok(()));
             Ok(serve_until_shutdown(shard, tasks).await)
         }
         Err(e) => {
+            // the shards that started do not wait for this one at their shutdown
+            counters.shard_failed(shard_id);
             let _ = ready.send(Err(super::StartError::Shard(e.clone())));
             Err(e)
         }
@@ -803,8 +814,19 @@ impl Shard {
         let mut later = Vec::new();
         // the sender checked every frame whole when it read it
         // run even when this shard is stopping: the sender read them before its own
-        // stop, and this shard's partitions stay open until every shard has drained
+        // stop, and this shard's partitions stay open until every shard has drained;
+        // but no membership change starts (it waits on peers, and would go on after
+        // the node closed)
         for frame in protocol::frames(&frames) {
+            if self.stopping.get() && changes_membership(protocol::header(frame).opcode) {
+                encode::error(
+                    &mut out.borrow_mut(),
+                    protocol::header(frame).request_id,
+                    ErrorCode::ShuttingDown,
+                    "the node is shutting down",
+                );
+                continue;
+            }
             match self.try_execute_now(frame, &out, &mut held_bytes) {
                 Now::Answered => {}
                 Now::Held {
@@ -924,6 +946,9 @@ impl Shard {
             let Some(senders) = &self.senders else {
                 return Ok(false);
             };
+            if self.counters.is_failed(owner) {
+                return Ok(false);
+            }
             let message = ShardMsg::Requests {
                 from: self.id,
                 token,
@@ -944,7 +969,7 @@ impl Shard {
         drop(_forwarding);
         match answered {
             Ok(true) => Ok(()),
-            Ok(false) => Err((ErrorCode::Unavailable, "owning shard is gone")),
+            Ok(false) => Err((ErrorCode::Unavailable, "owning shard is gone or has failed")),
             Err(_) => Err((
                 ErrorCode::Timeout,
                 "owning shard did not answer in time; it may still run the request \
@@ -1514,6 +1539,31 @@ pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {
 
 /// A forwarded batch in progress ([`Shard::forward_batch`]): its pending slot and its
 /// requests' share of the shard's in-flight count, given back when dropped.
+/// Whether a request with this opcode changes the cluster's membership.
+fn changes_membership(opcode: u8) -> bool {
+    use ringkv_net::peer::opcode;
+    matches!(opcode, opcode::JOIN | opcode::LEAVE | opcode::JOIN_REQUEST)
+}
+
+impl Shard {
+    /// Counts work in [`Shard::in_flight`], which shutdown waits for (bounded by the
+    /// drain timeout), until the returned guard is dropped.
+    pub(crate) fn count_in_flight(self: &Rc<Self>) -> InFlight {
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlight(self.clone())
+    }
+}
+
+/// See [`Shard::count_in_flight`].
+pub(crate) struct InFlight(Rc<Shard>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+        self.0.in_flight_done.notify_all();
+    }
+}
+
 struct Forwarding<'a> {
     shard: &'a Shard,
     token: u64,
