@@ -93,7 +93,7 @@ async fn many_tasks_share_one_connection_and_get_their_own_replies() {
 }
 
 #[tokio::test]
-async fn typed_api_against_a_key_value_node() {
+async fn typed_api_against_a_fake_in_memory_node() {
     let node = FakeNode::start(8);
     let client = AsyncClient::connect(node.addr, ClientConfig::default())
         .await

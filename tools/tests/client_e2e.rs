@@ -31,6 +31,9 @@ fn blocking_client_siblings_reconcile_and_pipeline() {
     c.put(b"k", b"b", None).unwrap();
     let v = c.get(b"k").unwrap();
     assert!(v.has_siblings());
+    let mut siblings = v.values.clone();
+    siblings.sort();
+    assert_eq!(siblings, vec![b"a".to_vec(), b"b".to_vec()]);
     let out = c.put(b"k", b"ab", Some(&v.context)).unwrap();
     assert_eq!(out.siblings, 1);
     assert_eq!(c.get(b"k").unwrap().values, vec![b"ab".to_vec()]);
@@ -417,9 +420,15 @@ fn a_pipeline_of_big_gets_and_puts_does_not_stall() {
     for (i, result) in results.into_iter().enumerate() {
         match result {
             Ok(ringkv_net::client::Response::Get(v)) => assert_eq!(v.values, vec![value.clone()]),
-            Ok(ringkv_net::client::Response::Put(_)) => {}
+            Ok(ringkv_net::client::Response::Put(out)) => assert_eq!(out.siblings, 1),
             other => panic!("request {i}: {other:?}"),
         }
+    }
+    for new_key in &new_keys {
+        assert_eq!(
+            c.get(new_key.as_bytes()).unwrap().values,
+            vec![value.clone()]
+        );
     }
     assert!(server.stop().success());
 }

@@ -77,19 +77,30 @@ fn pipelined_requests_from_many_clients() {
                 }
                 seen.sort();
                 assert_eq!(seen, ids, "every request answered once, matched by id");
+                // each get's reply holds its own key's value (each put wrote its key)
+                let mut key_of = std::collections::HashMap::new();
                 for i in 0..200 {
-                    c.send(Request::Get {
+                    let key = format!("t{t}-k{i}");
+                    let id = c.send(Request::Get {
                         r: 0,
-                        key: format!("t{t}-k{i}").as_bytes(),
+                        key: key.as_bytes(),
                     });
+                    key_of.insert(id, key);
                 }
                 for _ in 0..200 {
                     let f = c.read_frame().expect("reply");
-                    match Reply::parse(&f).unwrap().1 {
-                        Reply::GetOk { values, .. } => assert_eq!(values.len(), 1),
+                    let (h, reply) = Reply::parse(&f).unwrap();
+                    let key = key_of
+                        .remove(&h.request_id)
+                        .expect("a reply to a get asked, once");
+                    match reply {
+                        Reply::GetOk { values, .. } => {
+                            assert_eq!(values, vec![key.as_bytes()], "the get of {key}")
+                        }
                         other => panic!("{other:?}"),
                     }
                 }
+                assert!(key_of.is_empty());
             })
         })
         .collect();
@@ -105,10 +116,20 @@ fn sigkill_during_sync_writes_loses_no_acknowledged_put() {
     let mut server = Server::start(dir.path(), &["--durability", "sync"]);
     let addr = server.addr;
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // each writer runs until the kill cuts its connection (true), or to its end
     let writers: Vec<_> = (0..8)
         .map(|t| {
             let acked = acked.clone();
-            std::thread::spawn(move || {
+            let killed = killed.clone();
+            std::thread::spawn(move || -> bool {
+                let cut = || {
+                    assert!(
+                        killed.load(std::sync::atomic::Ordering::SeqCst),
+                        "writer {t} cut off before the kill"
+                    );
+                    true
+                };
                 let mut c = Raw::connect(addr);
                 c.stream
                     .set_read_timeout(Some(Duration::from_secs(5)))
@@ -125,17 +146,17 @@ fn sigkill_during_sync_writes_loses_no_acknowledged_put() {
                     }
                     .encode(i as u64, &mut out);
                     if std::io::Write::write_all(&mut c.stream, &out).is_err() {
-                        return;
+                        return cut();
                     }
                     match c.read_frame() {
-                        Some(f)
-                            if matches!(Reply::parse(&f).map(|r| r.1), Ok(Reply::PutOk { .. })) =>
-                        {
-                            acked.lock().unwrap().push((key, value));
-                        }
-                        _ => return,
+                        Some(f) => match Reply::parse(&f).map(|r| r.1) {
+                            Ok(Reply::PutOk { .. }) => acked.lock().unwrap().push((key, value)),
+                            other => panic!("writer {t}: {other:?}"),
+                        },
+                        None => return cut(),
                     }
                 }
+                false
             })
         })
         .collect();
@@ -146,12 +167,20 @@ fn sigkill_during_sync_writes_loses_no_acknowledged_put() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
     server.kill();
     for w in writers {
-        w.join().unwrap();
+        assert!(
+            w.join().unwrap(),
+            "the writer was still writing at the kill"
+        );
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(!acked.is_empty(), "the load ran before the kill");
+    assert!(
+        acked.len() >= 100,
+        "the load ran before the kill: {}",
+        acked.len()
+    );
     let mut server = Server::start(dir.path(), &["--durability", "sync"]);
     let mut c = Raw::connect(server.addr);
     for (key, value) in &acked {
@@ -332,7 +361,16 @@ fn sigint_answers_in_flight_puts_and_a_restart_keeps_the_acknowledged() {
         }
     }
     println!("{} puts done, {refused} refused", done.len());
+    // each put answered at most once (the loop above ends at the close: a read that
+    // times out fails the test), and the ones read before the stop ran
+    let unique: std::collections::HashSet<u64> = done.iter().copied().collect();
+    assert_eq!(unique.len(), done.len(), "a put answered twice");
+    assert!(done.iter().all(|&i| i < PUTS));
     assert!(done.len() as u64 + refused <= PUTS);
+    assert!(
+        !done.is_empty(),
+        "the puts read before the signal were answered"
+    );
     assert!(
         server.wait_exit(libc::SIGINT).success(),
         "a clean exit after SIGINT"

@@ -259,11 +259,13 @@ impl Raw {
         self.stream.write_all(bytes).expect("write");
     }
 
-    /// Reads one whole frame; `None` when the server closed the connection.
+    /// Reads one whole frame; `None` when the server closed the connection (an end of
+    /// stream, or a reset). Panics when nothing came within the stream's read timeout:
+    /// a server that neither answers nor closes must not pass for one that closed.
     pub fn read_frame(&mut self) -> Option<Vec<u8>> {
         let mut frame = vec![0u8; 4];
-        if self.stream.read_exact(&mut frame).is_err() {
-            return None;
+        if let Err(e) = self.stream.read_exact(&mut frame) {
+            return closed_or_panic(e);
         }
         let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
         assert!(
@@ -271,7 +273,9 @@ impl Raw {
             "server sent a bad frame length {len}"
         );
         frame.resize(len, 0);
-        self.stream.read_exact(&mut frame[4..]).ok()?;
+        if let Err(e) = self.stream.read_exact(&mut frame[4..]) {
+            return closed_or_panic(e);
+        }
         Some(frame)
     }
 
@@ -333,6 +337,18 @@ impl Raw {
 }
 
 /// Appends a PUT frame without context (a blind write) to `out`.
+/// `None` for a read error that means the server closed the connection; a panic for
+/// one that means it did not answer in time (or anything else).
+pub fn closed_or_panic<T>(e: std::io::Error) -> Option<T> {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+            None
+        }
+        _ => panic!("the server neither answered nor closed the connection: {e}"),
+    }
+}
+
 pub fn encode_blind_put(id: u64, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
     Request::Put {
         w: 0,
