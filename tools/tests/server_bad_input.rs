@@ -937,4 +937,23 @@ fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
         Ok((_, ClusterReply::KeyCountOk(keys))) => assert_eq!(keys, 0, "nothing stored there"),
         other => panic!("key count: {other:?}"),
     }
+    // a copy with a hint for a node that is not a member is refused, and stores
+    // neither the version nor the hint (which no delivery would ever take away)
+    for (id, hint_for) in [(12u64, 999_999u64), (13, 1_000_000)] {
+        let mut f = Vec::new();
+        ClusterRequest::ReplicaPut {
+            partition: ringkv_ring::hash::partition_for_key(b"hinted", 64),
+            hint_for,
+            key: b"hinted",
+            version: ringkv_net::peer::WireVersion {
+                version: &blob,
+                value: Some(b"v"),
+            },
+        }
+        .encode(id, &mut f);
+        c.send_bytes(&f);
+        let reply = c.read_frame().expect("a reply");
+        assert_eq!(error_code(&reply), Some(ErrorCode::BadRequest as u16));
+    }
+    assert!(c.get(b"hinted").0.is_empty());
 }

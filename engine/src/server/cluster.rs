@@ -978,10 +978,24 @@ impl Shard {
                 let p = self.key_partition(partition, key)?;
                 let v = wire_to_versioned(&version)
                     .ok_or_else(|| (ErrorCode::BadRequest, "undecodable version".to_string()))?;
+                // a hint is delivered only to a member: one for any other id would stay
+                // in the hint store for good (and anyone may send this)
+                let hinted = hint_for != 0 && hint_for != self.cluster.local.0;
+                if hinted
+                    && !self
+                        .cluster
+                        .view()
+                        .is_some_and(|view| view.is_member(NodeId(hint_for)))
+                {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!("a hint for node {hint_for}, which is not a member"),
+                    ));
+                }
                 let outcome = replica::replica_put(&p, key, &v, now_ms())
                     .await
                     .map_err(super::store_error)?;
-                if hint_for != 0 && hint_for != self.cluster.local.0 {
+                if hinted {
                     self.store_hint(NodeId(hint_for), partition, key).await?;
                 }
                 ClusterReply::ReplicaPutOk {
@@ -1495,13 +1509,21 @@ impl Shard {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Ok((_, ClusterReply::KeyCountOk(keys))) = ClusterReply::parse(&frame) {
-                    if keys > 0 {
+                // an error reply (a shard stopping or failed) is not "no keys"
+                let keys = match ClusterReply::parse(&frame) {
+                    Ok((_, ClusterReply::KeyCountOk(keys))) => keys,
+                    _ => {
                         return Err(format!(
-                            "refused: this node holds {keys} keys in partition {p}; moving data \
-                             on a membership change is not implemented yet"
-                        ));
+                            "cannot check this node holds no keys in partition {p}: {}",
+                            error_of(&frame).map_or_else(|| "no key count".into(), |e| e.1)
+                        ))
                     }
+                };
+                if keys > 0 {
+                    return Err(format!(
+                        "refused: this node holds {keys} keys in partition {p}; moving data \
+                         on a membership change is not implemented yet"
+                    ));
                 }
             }
         }
@@ -1730,6 +1752,17 @@ impl Shard {
                 None => return false,
             },
         };
+        if versions.is_empty() {
+            // the key's copy here is gone: a tombstone older than its grace was
+            // reaped by compaction (docs/format.md), so there is nothing left to hand
+            // off and the hint goes without counting as delivered
+            tracing::warn!(
+                target = hint.target.0,
+                partition = hint.partition,
+                "a hint's key has no version left here (a tombstone reaped after its \
+                 grace): dropped, the owner may still hold the deleted value"
+            );
+        }
         for v in &versions {
             if !self
                 .send_replica_put(
@@ -1747,7 +1780,7 @@ impl Shard {
         }
         match replica::hint_delivered(&self.cluster.hints, hint, now_ms()).await {
             Ok(removed) => {
-                if removed {
+                if removed && !versions.is_empty() {
                     self.counters
                         .hints_delivered
                         .fetch_add(1, Ordering::Relaxed);
