@@ -1669,6 +1669,11 @@ impl<S: Storage> Partition<S> {
         Ok(r)
     }
 
+    /// The keys with at least one version here (tombstones included), without a walk.
+    pub fn key_count(&self) -> usize {
+        self.state.borrow().keydir.len()
+    }
+
     /// Calls `f` with every key and its live versions (keydir order).
     pub fn for_each_key(&self, mut f: impl FnMut(&[u8], &[Loc])) {
         let state = self.state.borrow();

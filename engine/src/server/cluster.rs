@@ -1033,10 +1033,10 @@ impl Shard {
                 return Ok(());
             }
             ClusterRequest::KeyCount { partition } => {
+                // counted, not walked: anyone may ask, and a walk of a big partition
+                // would hold the shard
                 let p = self.local_partition(partition)?;
-                let mut keys = 0u64;
-                p.for_each_key(|_, _| keys += 1);
-                ClusterReply::KeyCountOk(keys)
+                ClusterReply::KeyCountOk(p.key_count() as u64)
             }
             ClusterRequest::Gossip { from, message } => {
                 let message = GossipMessage::decode(message)
@@ -1345,9 +1345,7 @@ impl Shard {
         for id in members {
             for &p in &changed {
                 let keys = if id == self.cluster.local && self.partitions.contains_key(&p) {
-                    let mut keys = 0u64;
-                    self.partitions[&p].for_each_key(|_, _| keys += 1);
-                    keys
+                    self.partitions[&p].key_count() as u64
                 } else {
                     let frame = self
                         .call_peer(
