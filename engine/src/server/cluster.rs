@@ -978,18 +978,19 @@ impl Shard {
                 let p = self.key_partition(partition, key)?;
                 let v = wire_to_versioned(&version)
                     .ok_or_else(|| (ErrorCode::BadRequest, "undecodable version".to_string()))?;
-                // a hint is delivered only to a member: one for any other id would stay
-                // in the hint store for good (and anyone may send this)
+                // a hint is delivered only to a member: one for an id the membership
+                // has never had would stay in the hint store for good (and anyone may
+                // send this). A member that is leaving or left still counts: the
+                // coordinator's view may be ahead of this node's
                 let hinted = hint_for != 0 && hint_for != self.cluster.local.0;
-                if hinted
-                    && !self
-                        .cluster
-                        .view()
-                        .is_some_and(|view| view.is_member(NodeId(hint_for)))
-                {
+                let known = self
+                    .cluster
+                    .view()
+                    .is_some_and(|view| view.membership.member(NodeId(hint_for)).is_some());
+                if hinted && !known {
                     return Err((
                         ErrorCode::BadRequest,
-                        format!("a hint for node {hint_for}, which is not a member"),
+                        format!("a hint for node {hint_for}, which this node does not know"),
                     ));
                 }
                 let outcome = replica::replica_put(&p, key, &v, now_ms())

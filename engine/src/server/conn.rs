@@ -147,8 +147,10 @@ const UNSIZED_GETS_RUNNING: usize = 16;
 /// The charge of a get whose reply this shard cannot size: a share of the output
 /// budget such that [`UNSIZED_GETS_RUNNING`] of them fill it. Such a reply can be as
 /// big as a frame; at 64 KiB each, about 130 gets of 4 MiB values could start at once
-/// on one connection that reads nothing (over half a GB held); now at most 16 (and a
-/// pipeline of 16 gets never waits for this).
+/// on one connection that reads nothing (over half a GB held); now about 16 (17 when
+/// no reply waits to be sent; with the default limits a pipeline of 16 gets never
+/// waits for this). A client pipelining more cluster gets than that on one connection
+/// is held to it.
 fn unsized_reply_charge(output_budget: usize) -> usize {
     (output_budget / UNSIZED_GETS_RUNNING).max(REPLY_BYTES_ESTIMATE)
 }
@@ -664,6 +666,14 @@ fn dispatch(
             .ok()
             .and_then(|(_, request)| shard.stored_value_records(request.key()?))
             .map(|(_, bytes)| bytes + 1024),
+        // a peer's read of this node's own copy: sized by it whatever the replication
+        // (peer links carry many at once: 16 at a time would hold up their puts)
+        Some(Op::ReplicaGet) => match ringkv_net::peer::ClusterRequest::parse(frame) {
+            Ok((_, ringkv_net::peer::ClusterRequest::ReplicaGet { partition, key })) => shard
+                .local_value_records(partition, key)
+                .map(|(versions, bytes)| bytes + 1024 + 256 * versions),
+            _ => None,
+        },
         _ => None,
     };
     let reply_bytes = reply_charge(op, sized, output_budget);

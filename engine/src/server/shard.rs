@@ -1478,6 +1478,12 @@ impl Shard {
         if !self.answers_alone(p) {
             return None;
         }
+        self.local_value_records(p, key)
+    }
+
+    /// [`Shard::stored_value_records`] of this node's own copy in partition `p`,
+    /// whatever the replication: what a REPLICA_GET of the key reads here.
+    pub(crate) fn local_value_records(&self, p: u32, key: &[u8]) -> Option<(usize, usize)> {
         let partition = self.partitions.get(&p)?;
         let versions = partition.versions(key);
         let live = versions.iter().filter(|l| !l.is_tombstone());
@@ -1537,8 +1543,6 @@ pub(crate) fn store_error(e: StoreError) -> (ErrorCode, String) {
     (code, e.to_string())
 }
 
-/// A forwarded batch in progress ([`Shard::forward_batch`]): its pending slot and its
-/// requests' share of the shard's in-flight count, given back when dropped.
 /// Whether a request with this opcode changes the cluster's membership.
 fn changes_membership(opcode: u8) -> bool {
     use ringkv_net::peer::opcode;
@@ -1564,6 +1568,8 @@ impl Drop for InFlight {
     }
 }
 
+/// A forwarded batch in progress ([`Shard::forward_batch`]): its pending slot and its
+/// requests' share of the shard's in-flight count, given back when dropped.
 struct Forwarding<'a> {
     shard: &'a Shard,
     token: u64,

@@ -336,7 +336,6 @@ impl Raw {
     }
 }
 
-/// Appends a PUT frame without context (a blind write) to `out`.
 /// `None` for a read error that means the server closed the connection; a panic for
 /// one that means it did not answer in time (or anything else).
 pub fn closed_or_panic<T>(e: std::io::Error) -> Option<T> {
@@ -349,6 +348,7 @@ pub fn closed_or_panic<T>(e: std::io::Error) -> Option<T> {
     }
 }
 
+/// Appends a PUT frame without context (a blind write) to `out`.
 pub fn encode_blind_put(id: u64, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
     Request::Put {
         w: 0,
