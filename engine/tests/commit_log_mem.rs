@@ -44,6 +44,20 @@ struct Node {
     parts: Vec<Rc<Partition<MemStorage>>>,
 }
 
+impl Node {
+    /// A clean shutdown, as the server's: every partition closes (synced), then the
+    /// log's files go.
+    async fn close(&self) {
+        for part in &self.parts {
+            part.close().await.expect("close");
+        }
+        self.log
+            .remove_all()
+            .await
+            .expect("the log's files removed");
+    }
+}
+
 /// Opens the log and the partitions and replays, as the server does at start.
 async fn open_node(disk: &MemDisk, now_ms: u64, log_bytes: u64) -> (Node, usize) {
     let (log, recovery) = CommitLog::open(disk.folder(LOG_FOLDER), log_bytes)
@@ -229,10 +243,7 @@ fn run(seed: u64, ops_before_crash: usize) -> usize {
                 model = compacted;
             } else if choice < 95 {
                 // clean shutdown: partitions close (synced), the log goes
-                for part in &node.parts {
-                    part.close().await.expect("close");
-                }
-                node.log.remove_all().await.expect("remove log");
+                node.close().await;
                 drop(node);
                 let (reopened, applied) = open_node(&disk, now_ms, log_bytes).await;
                 assert_eq!(applied, 0, "seed {seed}: a clean reopen replayed writes");
@@ -628,13 +639,7 @@ fn checkpoint_failed_after_its_removes(then_shut_down: bool) {
         assert!(node.log.checkpoint(|| sync_all(&node.parts)).await.is_err());
         disk.fail_syncs_after(u64::MAX);
         if then_shut_down {
-            for p in &node.parts {
-                p.close().await.unwrap();
-            }
-            node.log
-                .remove_all()
-                .await
-                .expect("the log's files removed");
+            node.close().await;
             return;
         }
         node.log
@@ -656,13 +661,7 @@ fn an_entry_a_clean_close_made_durable_is_reported_durable() {
         let (node, _) = open_node(&disk, 1, 1 << 20).await;
         let position = node.log.append(1, 0, 0, b"an entry");
         assert!(node.log.durable() < position);
-        for p in &node.parts {
-            p.close().await.unwrap();
-        }
-        node.log
-            .remove_all()
-            .await
-            .expect("the log's files removed");
+        node.close().await;
         node.log
             .wait_durable(position)
             .await

@@ -522,6 +522,21 @@ fn peak_resident_bytes(pid: u32) -> usize {
     kib * 1024
 }
 
+/// How much the node's peak resident memory grows while one connection to `addr` has
+/// 300 gets of `key` sent and reads none of their replies (given time to run; bounded
+/// wait). The connection closes on return.
+fn growth_from_unread_gets(server: &Server, addr: std::net::SocketAddr, key: &[u8]) -> usize {
+    let before = peak_resident_bytes(server.child.id());
+    let mut hog = Raw::connect(addr);
+    let mut gets = Vec::new();
+    for id in 0..300u64 {
+        Request::Get { r: 0, key }.encode(id, &mut gets);
+    }
+    std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    peak_resident_bytes(server.child.id()).saturating_sub(before)
+}
+
 /// Gets of a value too big for the record cache run as tasks. Each was charged 64 KiB
 /// of reply before it ran, so about 130 started at once and one connection that sent
 /// 300 gets of a 4 MiB value, reading nothing, made the node hold over half a GB. A get
@@ -532,22 +547,12 @@ fn pipelined_gets_of_a_big_value_hold_a_bounded_amount_of_memory() {
     let mut server = Server::start(dir.path(), &["--shards", "1", "--durability", "none"]);
     let mut c = Raw::connect(server.addr);
     c.put(b"big", &vec![b'x'; 4 << 20], b"");
-    let before = peak_resident_bytes(server.child.id());
-    let mut hog = Raw::connect(server.addr);
-    let mut gets = Vec::new();
-    for id in 0..300u64 {
-        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
-    }
-    std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
-    // the gets the node lets run, run (bounded wait)
-    std::thread::sleep(Duration::from_millis(1500));
-    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    let grown = growth_from_unread_gets(&server, server.addr, b"big");
     assert!(
         grown < 160 << 20,
         "one connection's unread gets grew the node by {} MiB",
         grown >> 20
     );
-    drop(hog);
     assert!(c.ping());
     assert!(server.stop().success());
 }
@@ -574,27 +579,14 @@ fn pipelined_forwarded_gets_of_a_big_value_hold_a_bounded_amount_of_memory() {
     .unwrap()
     .hello()
     .shard_port_base;
-    let before = peak_resident_bytes(server.child.id());
-    let mut hog = Raw::connect(std::net::SocketAddr::from(([127, 0, 0, 1], shard_0)));
-    let mut gets = Vec::new();
-    for id in 0..300u64 {
-        Request::Get {
-            r: 0,
-            key: key.as_bytes(),
-        }
-        .encode(id, &mut gets);
-    }
-    std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
-    // the gets the node lets run, run (bounded wait)
-    std::thread::sleep(Duration::from_millis(1500));
-    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    let shard_0 = std::net::SocketAddr::from(([127, 0, 0, 1], shard_0));
+    let grown = growth_from_unread_gets(&server, shard_0, key.as_bytes());
     println!("the node grew by {} MiB", grown >> 20);
     assert!(
         grown < 200 << 20,
         "one connection's unread gets grew the node by {} MiB",
         grown >> 20
     );
-    drop(hog);
     assert!(c.ping());
     assert!(server.stop().success());
 }

@@ -1019,15 +1019,13 @@ impl Shard {
 
     /// Executes a request whose partition is on this shard (or that has no key).
     async fn execute_local(self: &Rc<Self>, frame: &[u8], out: &RefCell<Vec<u8>>) {
-        self.in_flight.set(self.in_flight.get() + 1);
+        let _counted = self.count_in_flight();
         let request_id = protocol::header(frame).request_id;
         let result = self.run_request(frame, request_id, out).await;
         if let Err((code, message)) = result {
             self.stats.borrow_mut().errors += 1;
             encode::error(&mut out.borrow_mut(), request_id, code, &message);
         }
-        self.in_flight.set(self.in_flight.get() - 1);
-        self.in_flight_done.notify_all();
     }
 
     async fn run_request(
