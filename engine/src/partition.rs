@@ -220,6 +220,9 @@ pub struct CompactionReport {
     pub records_kept: u64,
     pub records_dropped: u64,
     pub tombstones_dropped: u64,
+    /// Tombstones past their grace period kept because the caller asked (see
+    /// [`Partition::compact_keeping`]).
+    pub tombstones_held: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -1741,6 +1744,17 @@ impl<S: Storage> Partition<S> {
     /// any source is removed, and replaying sources and output together is the same
     /// log. Yields often; run it in a low-priority task queue.
     pub async fn compact(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
+        self.compact_keeping(now_ms, &|_| false).await
+    }
+
+    /// [`Partition::compact`], keeping the expired tombstones of the keys `keep` names
+    /// (a delete that a pending hint still has to hand to a replica that missed it:
+    /// dropped before its delivery, the replica would keep the deleted value).
+    pub async fn compact_keeping(
+        &self,
+        now_ms: u64,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<CompactionReport, StoreError> {
         {
             let mut state = self.state.borrow_mut();
             if let Some(err) = &state.failed {
@@ -1754,7 +1768,7 @@ impl<S: Storage> Partition<S> {
             }
             state.compacting = true;
         }
-        let result = self.compact_inner(now_ms).await;
+        let result = self.compact_inner(now_ms, keep).await;
         if result.is_err() && self.state.borrow().failed.is_none() {
             // failed before its output became visible (out of space, say): the output
             // files would hold that space until the next open
@@ -1784,7 +1798,11 @@ impl<S: Storage> Partition<S> {
         }
     }
 
-    async fn compact_inner(&self, now_ms: u64) -> Result<CompactionReport, StoreError> {
+    async fn compact_inner(
+        &self,
+        now_ms: u64,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<CompactionReport, StoreError> {
         let mut report = CompactionReport::default();
         // the sources: every sealed segment, which is always a prefix of the log
         let sources: Vec<(u32, Rc<Segment<S::File>>)> = {
@@ -1867,7 +1885,9 @@ impl<S: Storage> Partition<S> {
                     report.records_dropped += 1;
                     continue;
                 }
-                if sole_expired_tombstone {
+                let held = sole_expired_tombstone && keep(&rec.key);
+                report.tombstones_held += u64::from(held);
+                if sole_expired_tombstone && !held {
                     report.records_dropped += 1;
                     report.tombstones_dropped += 1;
                     dropped_tombstones.push((rec.key, rec.header.seq, from));

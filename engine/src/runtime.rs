@@ -121,6 +121,38 @@ pub fn spawn_compactor<S: Storage + 'static>(
     now_ms: impl Fn() -> u64 + 'static,
     compacted: impl Fn(Duration) + 'static,
 ) -> glommio::Task<Result<u64, StoreError>> {
+    let schedule = CompactionSchedule {
+        min_dead_ratio,
+        check_every,
+        rounds_max,
+    };
+    spawn_compactor_keeping(partition, queue, schedule, now_ms, compacted, |_| false)
+}
+
+/// When [`spawn_compactor_keeping`] compacts: once at least `min_dead_ratio` of the
+/// sealed bytes are dead, looking every `check_every`, for at most `rounds_max` looks.
+#[derive(Clone, Copy, Debug)]
+pub struct CompactionSchedule {
+    pub min_dead_ratio: f64,
+    pub check_every: Duration,
+    pub rounds_max: u64,
+}
+
+/// [`spawn_compactor`] whose compactions keep the expired tombstones of the keys `keep`
+/// names ([`Partition::compact_keeping`]).
+pub fn spawn_compactor_keeping<S: Storage + 'static>(
+    partition: Rc<Partition<S>>,
+    queue: TaskQueueHandle,
+    schedule: CompactionSchedule,
+    now_ms: impl Fn() -> u64 + 'static,
+    compacted: impl Fn(Duration) + 'static,
+    keep: impl Fn(&[u8]) -> bool + 'static,
+) -> glommio::Task<Result<u64, StoreError>> {
+    let CompactionSchedule {
+        min_dead_ratio,
+        check_every,
+        rounds_max,
+    } = schedule;
     glommio::spawn_local_into(
         async move {
             let mut compactions = 0;
@@ -134,7 +166,7 @@ pub fn spawn_compactor<S: Storage + 'static>(
                     partition.write_pending_hints().await?;
                     if partition.compaction_due(min_dead_ratio) {
                         let started = std::time::Instant::now();
-                        partition.compact(now_ms()).await?;
+                        partition.compact_keeping(now_ms(), &keep).await?;
                         compactions += 1;
                         compacted(started.elapsed());
                     }

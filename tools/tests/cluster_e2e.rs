@@ -774,3 +774,111 @@ fn a_node_stopped_right_after_its_puts_keeps_the_hints_they_leave() {
     );
     n3.signal(libc::SIGCONT);
 }
+
+/// The partition of `key` on node's persisted ring.
+fn partition_of(node: &Node, key: &[u8]) -> u32 {
+    let bytes =
+        std::fs::read(node.data_dir.join("cluster").join("membership")).expect("membership");
+    let ring = Ring::from_membership(&Membership::decode(&bytes).expect("decode"));
+    ring.partition_for_key(key)
+}
+
+/// The segment files of one of node's partitions.
+fn segment_files(node: &Node, partition: u32) -> Vec<String> {
+    let dir = node
+        .data_dir
+        .join("partitions")
+        .join(format!("{partition:05}"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the partition's folder")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A node down across a delete, and for longer than the tombstone grace: the
+/// coordinator's compaction must keep the tombstone its hint still has to deliver.
+/// Before, compaction reaped it, the hint found nothing to hand off, and the node came
+/// back with the deleted value (which a read with R = 3 would have repaired onto the
+/// others again).
+#[test]
+fn a_delete_older_than_the_tombstone_grace_still_reaches_the_node_that_missed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("grace.toml");
+    std::fs::write(
+        &config,
+        "tombstone_grace_ms = 1000\nsegment_bytes_max = 4096\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let seed = "127.0.22.1:7379";
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            Node::start(
+                dir.path(),
+                22,
+                id,
+                (id > 1).then_some(seed),
+                &["--shards", "1", "--config", config],
+            )
+        })
+        .collect();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    let key = b"deleted-while-away";
+    let mut c1 = nodes[0].client();
+    c1.put_with(key, b"old value", None, 3)
+        .expect("put on all three");
+
+    // killed, not stopped: a stopped node would still read the delete its peer link
+    // had sent before timing out
+    nodes[2].kill();
+    let context = c1.get_with(key, 2).expect("get").context;
+    c1.delete_with(key, Some(&context), 2)
+        .expect("delete on two");
+    wait_for(
+        "node 1 to hold the delete's hint",
+        Duration::from_secs(20),
+        || hints_pending(&nodes[0]) >= 1,
+    );
+    // the segment that holds node 1's tombstone: the partition's newest
+    let partition = partition_of(&nodes[0], key);
+    let tombstone_segment = segment_files(&nodes[0], partition)
+        .pop()
+        .expect("a segment");
+    // the tombstone passes its grace, then writes to the same partition seal its
+    // segment and leave it mostly dead: compaction takes it
+    std::thread::sleep(Duration::from_millis(1500));
+    let fillers: Vec<String> = (0..)
+        .map(|i| format!("filler-{i}"))
+        .filter(|k| partition_of(&nodes[0], k.as_bytes()) == partition)
+        .take(12)
+        .collect();
+    let mut contexts: Vec<Option<ringkv_net::client::Context>> = vec![None; fillers.len()];
+    for round in 0..6 {
+        for (k, ctx) in fillers.iter().zip(contexts.iter_mut()) {
+            let value = format!("{round}").repeat(900);
+            let put = c1
+                .put_with(k.as_bytes(), value.as_bytes(), ctx.as_ref(), 2)
+                .expect("filler put");
+            *ctx = Some(put.context);
+        }
+    }
+    wait_for(
+        "node 1 to compact the segment that held the tombstone",
+        Duration::from_secs(30),
+        || !segment_files(&nodes[0], partition).contains(&tombstone_segment),
+    );
+
+    nodes[2].restart();
+    wait_agreement(&nodes.iter().collect::<Vec<_>>());
+    wait_for("node 1's hints delivered", Duration::from_secs(60), || {
+        hints_pending(&nodes[0]) == 0
+    });
+    assert!(
+        read_one(&nodes[2], key, 1).is_empty(),
+        "node 3 still has the deleted value"
+    );
+    assert!(read_one(&nodes[0], key, 3).is_empty());
+}

@@ -204,6 +204,22 @@ pub fn pending_hints<S: Storage>(
         .collect()
 }
 
+/// Whether a pending hint still has to hand `key` of `partition` to one of `targets`.
+/// Compaction keeps such a key's tombstone past its grace period
+/// ([`Partition::compact_keeping`]): dropped before the hint is delivered, the delete
+/// would never reach the replica that missed it, which would keep (and read repair
+/// would spread again) the deleted value.
+pub fn hint_names_key<S: Storage>(
+    hints: &Partition<S>,
+    targets: impl IntoIterator<Item = NodeId>,
+    partition: u32,
+    key: &[u8],
+) -> bool {
+    targets
+        .into_iter()
+        .any(|t| live_record(&hints.versions(&hint_key(t, partition, key))).is_some())
+}
+
 /// How many hints are pending.
 pub fn pending_hint_count<S: Storage>(hints: &Partition<S>) -> usize {
     let mut count = 0;
@@ -518,6 +534,77 @@ mod tests {
                 keys < 200,
                 "tombstones of sealed segments are reaped: {keys}"
             );
+        });
+    }
+
+    /// A node that missed a delete for longer than the tombstone grace: the fallback's
+    /// compaction reaped the tombstone its hint was to hand off, and the hint found
+    /// nothing to deliver. A tombstone that a pending hint names stays until the hint is
+    /// delivered; the others still go.
+    #[test]
+    fn a_delete_a_pending_hint_names_outlives_its_grace_until_delivered() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let data_config = PartitionConfig {
+                tombstone_grace_ms: 1_000,
+                segment_bytes_max: 4096,
+                ..PartitionConfig::default()
+            };
+            let part = open(&disk, "/p", data_config).await;
+            let hints = open(&disk, "/hints", hints_config()).await;
+            const P: u32 = 7;
+            for (i, key) in [&b"named"[..], b"other"].into_iter().enumerate() {
+                let node = i as u64 + 1;
+                replica_put(&part, key, &vv(node, 1, Some("v")), 10)
+                    .await
+                    .unwrap();
+                let mut delete = vv(node, 2, None);
+                delete.version.past.raise(ActorId::new(node, 0), 1, 5);
+                replica_put(&part, key, &delete, 20).await.unwrap();
+            }
+            // node 3 missed the delete of "named" (node 2's hint of another partition,
+            // and of a node that is not a target here, changes nothing)
+            record_hint(&hints, NodeId(3), P, b"named", 20)
+                .await
+                .unwrap();
+            record_hint(&hints, NodeId(2), P + 1, b"other", 20)
+                .await
+                .unwrap();
+            record_hint(&hints, NodeId(9), P, b"other", 20)
+                .await
+                .unwrap();
+            // seal the segment holding the tombstones
+            for i in 0..8u32 {
+                let filler = vv(5, u64::from(i) + 1, Some(&"f".repeat(1000)));
+                replica_put(&part, format!("filler-{i}").as_bytes(), &filler, 20)
+                    .await
+                    .unwrap();
+            }
+            let targets = [NodeId(2), NodeId(3)];
+            let keep = |key: &[u8]| hint_names_key(&hints, targets, P, key);
+            let report = part.compact_keeping(10_000, &keep).await.unwrap();
+            assert_eq!(report.tombstones_held, 1, "{report:?}");
+            assert_eq!(report.tombstones_dropped, 1, "{report:?}");
+            assert!(replica_get(&part, b"other").await.unwrap().is_empty());
+            let kept = replica_get(&part, b"named").await.unwrap();
+            assert!(
+                kept.len() == 1 && kept[0].value.is_none(),
+                "the delete is still there to deliver: {kept:?}"
+            );
+
+            // delivered: the next compaction reaps it
+            let hint = pending_hints(&hints, 10, |t| t == NodeId(3)).remove(0);
+            assert!(hint_delivered(&hints, &hint, 30).await.unwrap());
+            for i in 0..8u32 {
+                let filler = vv(5, u64::from(i) + 9, Some(&"g".repeat(1000)));
+                replica_put(&part, format!("filler2-{i}").as_bytes(), &filler, 30)
+                    .await
+                    .unwrap();
+            }
+            let report = part.compact_keeping(10_000, &keep).await.unwrap();
+            assert_eq!(report.tombstones_held, 0, "{report:?}");
+            assert_eq!(report.tombstones_dropped, 1, "{report:?}");
+            assert!(replica_get(&part, b"named").await.unwrap().is_empty());
         });
     }
 }

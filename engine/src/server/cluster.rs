@@ -214,6 +214,28 @@ impl ClusterState {
     pub(crate) fn view(&self) -> Option<Rc<View>> {
         self.view.borrow().clone()
     }
+
+    /// Whether compaction must keep `key`'s tombstone in `partition` past its grace
+    /// period: a pending hint in this shard's store still has to deliver the delete to
+    /// a member (see [`replica::hint_names_key`]).
+    pub(crate) fn hint_pending_for(&self, partition: u32, key: &[u8]) -> bool {
+        if self.hints.key_count() == 0 {
+            return false;
+        }
+        match self.view() {
+            Some(view) => replica::hint_names_key(
+                &self.hints,
+                view.membership
+                    .members()
+                    .filter(|m| !m.status.has_left() && m.id != self.local)
+                    .map(|m| m.id),
+                partition,
+                key,
+            ),
+            // no membership yet, and hints from before: they may name any node
+            None => true,
+        }
+    }
 }
 
 /// Reads the persisted membership of a node, if it has one.
@@ -1753,13 +1775,16 @@ impl Shard {
         };
         if versions.is_empty() {
             // the key's copy here is gone: a tombstone older than its grace was
-            // reaped by compaction (docs/format.md), so there is nothing left to hand
-            // off and the hint goes without counting as delivered
+            // reaped by compaction (docs/format.md; it keeps one a hint in the same
+            // shard names, so this is a hint held by another shard since the shard
+            // count changed): nothing is left to hand off, and the hint goes without
+            // counting as delivered
             tracing::warn!(
                 target = hint.target.0,
                 partition = hint.partition,
                 "a hint's key has no version left here (a tombstone reaped after its \
-                 grace): dropped, the owner may still hold the deleted value"
+                 grace, its hint held by another shard): dropped, the owner may still \
+                 hold the deleted value"
             );
         }
         for v in &versions {

@@ -346,18 +346,26 @@ async fn start(
     }
     // background work: compaction (low priority) and interval syncs
     let background = runtime::background_queue();
-    for p in shard.partitions.values().chain(std::iter::once(&hints)) {
-        let compactor = runtime::spawn_compactor(
+    let schedule = runtime::CompactionSchedule {
+        min_dead_ratio: config.compaction_dead_ratio,
+        check_every: Duration::from_secs(1),
+        rounds_max: u64::MAX,
+    };
+    let data = shard.partitions.iter().map(|(&id, p)| (Some(id), p));
+    for (id, p) in data.chain(std::iter::once((None, &hints))) {
+        // a data partition keeps the deletes its pending hints still have to deliver
+        let keeper = shard.clone();
+        let keep = move |key: &[u8]| id.is_some_and(|id| keeper.cluster.hint_pending_for(id, key));
+        let compactor = runtime::spawn_compactor_keeping(
             p.clone(),
             background,
-            config.compaction_dead_ratio,
-            Duration::from_secs(1),
-            u64::MAX,
+            schedule,
             now_ms,
             {
                 let shard = shard.clone();
                 move |took| shard.latencies.borrow_mut().record_compaction(took)
             },
+            keep,
         );
         tasks.push(glommio::spawn_local(async move {
             if let Err(e) = compactor.await {
