@@ -882,3 +882,55 @@ fn a_delete_older_than_the_tombstone_grace_still_reaches_the_node_that_missed_it
     );
     assert!(read_one(&nodes[0], key, 3).is_empty());
 }
+
+/// A member that left is no longer called: before, each shard's link to it kept
+/// reconnecting to its address (backoff up to 2 s) for as long as the node ran.
+#[test]
+fn links_to_a_node_that_left_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(dir.path(), 23, 1, None, &["--shards", "2"]);
+    let mut c = Node::start(dir.path(), 23, 3, None, &["--shards", "1"]);
+    let (ok, text) = ringkv(&["join", &a.addr, "--addr", &c.addr]);
+    assert!(ok, "join of an empty node: {text}");
+    wait_agreement(&[&a, &c]);
+    // reads through every shard of a, so each has its link to c (a leave that would
+    // move data is refused, so nothing is written)
+    let mut client = a.client();
+    for i in 0..20u32 {
+        client.get_with(format!("k{i}").as_bytes(), 2).expect("get");
+    }
+    let (ok, text) = ringkv(&["leave", "--addr", &c.addr]);
+    assert!(ok, "leave: {text}");
+    wait_for("a to see c removed", Duration::from_secs(30), || {
+        status(&a.addr).is_some_and(|v| {
+            v["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "removed"))
+        })
+    });
+    c.kill();
+    // count what connects to c's address from now on (free once a has closed its end
+    // of the connections c's exit closed; the tests run without shard ports)
+    let mut listener = None;
+    wait_for("c's port to be free", Duration::from_secs(10), || {
+        listener = std::net::TcpListener::bind("127.0.23.3:7379").ok();
+        listener.is_some()
+    });
+    let listener = listener.expect("bound");
+    listener.set_nonblocking(true).unwrap();
+    let mut connects = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if listener.accept().is_ok() {
+            connects += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(connects, 0, "a still connects to the node that left");
+    // and a still serves alone
+    client.put_with(b"after", b"v", None, 1).expect("put");
+    assert_eq!(
+        client.get_with(b"after", 1).expect("get").values,
+        vec![b"v".to_vec()]
+    );
+}

@@ -1190,6 +1190,19 @@ impl Shard {
                 }
             }
         }
+        // links to nodes gone for good would reconnect to their addresses forever
+        // (a call already on one keeps it until it ends)
+        let gone = |id: &NodeId| {
+            view.membership
+                .member(*id)
+                .is_none_or(|m| m.status == Status::Removed)
+        };
+        self.cluster.links.borrow_mut().retain(|id, _| !gone(id));
+        self.cluster
+            .shard_links
+            .borrow_mut()
+            .retain(|(id, _), _| !gone(id));
+        self.cluster.layouts.borrow_mut().retain(|id, _| !gone(id));
         *self.cluster.view.borrow_mut() = Some(Rc::new(view));
         self.cluster.hint_wake.notify_all();
     }
