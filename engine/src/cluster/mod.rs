@@ -19,5 +19,5 @@ pub use coordinator::{
 };
 pub use replica::{
     hint_delivered, hint_key, parse_hint_key, pending_hint_count, pending_hints, record_hint,
-    replica_get, replica_put, Hint, HINT_KEY_OVERHEAD,
+    replica_get, replica_put, Hint, HintStore, HINT_KEY_OVERHEAD,
 };

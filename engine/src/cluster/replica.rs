@@ -17,6 +17,10 @@
 //! tombstone if its record is still the one that was delivered (a hinted write that
 //! came in meanwhile keeps it); compaction reaps the tombstones.
 //!
+//! A [`HintStore`] wraps the hints partition with its pending hints counted per target
+//! in memory, so that delivery rounds neither count by walking the store nor walk it
+//! while no target that has hints can take them.
+//!
 //! Order that keeps hints safe: store the hinted version first, then record the hint
 //! (a delivery that reads the siblings in between sees the version or, if it read
 //! before, the new hint record has a newer seq and is not removed).
@@ -103,19 +107,21 @@ fn live_record(locs: &[Loc]) -> Option<u64> {
 
 /// Replaces whatever `hints` holds under `hk` by one record (`value: Some` a hint,
 /// `None` its removal); with `only_if_live: Some(seq)` only while the live record is
-/// still `seq`. `Ok(false)`: nothing written for that reason.
+/// still `seq`. `Ok(None)`: nothing written for that reason; `Ok(Some(was_live))`:
+/// written, and whether a live record (a pending hint) was there before.
 async fn replace_hint_record<S: Storage>(
     hints: &Partition<S>,
     hk: &[u8],
     value: Option<&[u8]>,
     now_ms: u64,
     only_if_live: Option<u64>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<bool>, StoreError> {
     for _ in 0..HINT_WRITE_ATTEMPTS_MAX {
         let locs = hints.versions(hk);
+        let was_live = live_record(&locs).is_some();
         if let Some(seq) = only_if_live {
             if live_record(&locs) != Some(seq) {
-                return Ok(false);
+                return Ok(None);
             }
         }
         let seqs: Vec<u64> = locs.iter().map(|l| l.seq).collect();
@@ -133,7 +139,7 @@ async fn replace_hint_record<S: Storage>(
             now == seqs
         };
         if hints.write_if(&[op], now_ms, unchanged).await?.is_some() {
-            return Ok(true);
+            return Ok(Some(was_live));
         }
     }
     Err(StoreError::Contended {
@@ -142,18 +148,18 @@ async fn replace_hint_record<S: Storage>(
 }
 
 /// Records (or renews) the hint "deliver `key` of `partition` to `target`". Call it
-/// after the hinted version is stored in the local partition.
+/// after the hinted version is stored in the local partition. `Ok(true)`: a new
+/// pending hint (none was pending for that key and target).
 pub async fn record_hint<S: Storage>(
     hints: &Partition<S>,
     target: NodeId,
     partition: u32,
     key: &[u8],
     now_ms: u64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let hk = hint_key(target, partition, key);
-    replace_hint_record(hints, &hk, Some(b""), now_ms, None)
-        .await
-        .map(|_| ())
+    let written = replace_hint_record(hints, &hk, Some(b""), now_ms, None).await?;
+    Ok(written == Some(false))
 }
 
 /// Up to `limit` pending hints for the targets `deliverable` accepts, ordered by
@@ -239,7 +245,108 @@ pub async fn hint_delivered<S: Storage>(
     now_ms: u64,
 ) -> Result<bool, StoreError> {
     let hk = hint_key(hint.target, hint.partition, &hint.key);
-    replace_hint_record(hints, &hk, None, now_ms, Some(hint.seq)).await
+    let written = replace_hint_record(hints, &hk, None, now_ms, Some(hint.seq)).await?;
+    Ok(written.is_some())
+}
+
+/// A hint store: the hints partition, and how many hints are pending for each target,
+/// kept in memory (counted by one walk when made, then by every hint written or
+/// removed through it). A delivery round then neither walks the store to count its
+/// hints nor walks it at all while no target that has hints can take them: with a
+/// node down for hours, its millions of hints would otherwise be walked twice a round,
+/// holding the shard each time. Every hint write must go through it.
+pub struct HintStore<S: Storage> {
+    partition: std::rc::Rc<Partition<S>>,
+    pending: std::cell::RefCell<std::collections::BTreeMap<NodeId, usize>>,
+}
+
+impl<S: Storage> HintStore<S> {
+    /// Takes over `partition` (opened as the module documentation says), counting its
+    /// pending hints.
+    pub fn new(partition: std::rc::Rc<Partition<S>>) -> HintStore<S> {
+        let mut pending = std::collections::BTreeMap::new();
+        partition.for_each_key(|k, locs| {
+            if let (Some((target, _, _)), Some(_)) = (parse_hint_key(k), live_record(locs)) {
+                *pending.entry(target).or_insert(0usize) += 1;
+            }
+        });
+        HintStore {
+            partition,
+            pending: std::cell::RefCell::new(pending),
+        }
+    }
+
+    /// The hints partition (to sync, compact and close it; never to write hints).
+    pub fn partition(&self) -> &std::rc::Rc<Partition<S>> {
+        &self.partition
+    }
+
+    /// [`record_hint`], counted.
+    pub async fn record(
+        &self,
+        target: NodeId,
+        partition: u32,
+        key: &[u8],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if record_hint(&self.partition, target, partition, key, now_ms).await? {
+            *self.pending.borrow_mut().entry(target).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// [`hint_delivered`], counted.
+    pub async fn delivered(&self, hint: &Hint, now_ms: u64) -> Result<bool, StoreError> {
+        let removed = hint_delivered(&self.partition, hint, now_ms).await?;
+        if removed {
+            let mut pending = self.pending.borrow_mut();
+            if let Some(count) = pending.get_mut(&hint.target) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    pending.remove(&hint.target);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// How many hints are pending.
+    pub fn pending_count(&self) -> usize {
+        self.pending.borrow().values().sum()
+    }
+
+    /// The targets that have pending hints, and how many each.
+    pub fn pending_by_target(&self) -> Vec<(NodeId, usize)> {
+        self.pending
+            .borrow()
+            .iter()
+            .map(|(&t, &c)| (t, c))
+            .collect()
+    }
+
+    /// [`pending_hints`], without walking the store when no target `deliverable`
+    /// accepts has a pending hint.
+    pub fn pending(&self, limit: usize, mut deliverable: impl FnMut(NodeId) -> bool) -> Vec<Hint> {
+        let targets: Vec<NodeId> = self.pending.borrow().keys().copied().collect();
+        let wanted: Vec<NodeId> = targets.into_iter().filter(|&t| deliverable(t)).collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        pending_hints(&self.partition, limit, |t| wanted.contains(&t))
+    }
+
+    /// [`hint_names_key`] for the targets `member` accepts among those with pending
+    /// hints.
+    pub fn names_key(&self, member: impl Fn(NodeId) -> bool, partition: u32, key: &[u8]) -> bool {
+        let targets: Vec<NodeId> = self
+            .pending
+            .borrow()
+            .keys()
+            .copied()
+            .filter(|&t| member(t))
+            .collect();
+        hint_names_key(&self.partition, targets, partition, key)
+    }
 }
 
 #[cfg(test)]
@@ -605,6 +712,59 @@ mod tests {
             assert_eq!(report.tombstones_held, 0, "{report:?}");
             assert_eq!(report.tombstones_dropped, 1, "{report:?}");
             assert!(replica_get(&part, b"named").await.unwrap().is_empty());
+        });
+    }
+
+    /// The store counts its pending hints per target as they are recorded, renewed and
+    /// delivered, and again when reopened; a round whose deliverable targets have no
+    /// hints does not walk the store (`deliverable` is asked per target, not per hint).
+    #[test]
+    fn a_hint_store_counts_its_hints_and_skips_the_walk_when_no_target_can_take_them() {
+        block_on(async {
+            let disk = MemDisk::new();
+            let part = open(&disk, "/hints", hints_config()).await;
+            let store = HintStore::new(std::rc::Rc::new(part));
+            for i in 0..500u32 {
+                let key = format!("key-{i}");
+                store
+                    .record(NodeId(2), i % 3, key.as_bytes(), 10)
+                    .await
+                    .unwrap();
+            }
+            store.record(NodeId(3), 0, b"k", 10).await.unwrap();
+            // renewing a pending hint adds nothing
+            store.record(NodeId(2), 0, b"key-0", 11).await.unwrap();
+            assert_eq!(store.pending_count(), 501);
+            assert_eq!(
+                store.pending_by_target(),
+                vec![(NodeId(2), 500), (NodeId(3), 1)]
+            );
+
+            let mut asked = 0;
+            let none = store.pending(100, |t| {
+                asked += 1;
+                t == NodeId(4)
+            });
+            assert!(none.is_empty());
+            assert_eq!(asked, 2, "asked once per target with hints");
+            let three = store.pending(100, |t| t == NodeId(3));
+            assert_eq!(three.len(), 1);
+            assert!(store.delivered(&three[0], 12).await.unwrap());
+            // delivered already: removed once, counted once
+            assert!(!store.delivered(&three[0], 12).await.unwrap());
+            let two = store.pending(10, |t| t == NodeId(2));
+            for hint in &two {
+                assert!(store.delivered(hint, 13).await.unwrap());
+            }
+            assert_eq!(store.pending_by_target(), vec![(NodeId(2), 490)]);
+            assert_eq!(pending_hint_count(store.partition()), 490);
+
+            store.partition().sync().await.unwrap();
+            drop(store);
+            let reopened = HintStore::new(std::rc::Rc::new(
+                open(&disk, "/hints", hints_config()).await,
+            ));
+            assert_eq!(reopened.pending_by_target(), vec![(NodeId(2), 490)]);
         });
     }
 }

@@ -40,8 +40,7 @@ use super::coordinator::{
     Target, VersionedValue,
 };
 use super::replica::{
-    hint_delivered, pending_hint_count, pending_hints, record_hint, replica_get, replica_put, Hint,
-    HINT_KEY_OVERHEAD,
+    pending_hint_count, replica_get, replica_put, Hint, HintStore, HINT_KEY_OVERHEAD,
 };
 use crate::partition::{Durability, Partition, PartitionConfig};
 use crate::storage::mem::{MemDisk, MemStorage};
@@ -541,7 +540,7 @@ struct Node {
     index: usize,
     disk: MemDisk,
     /// Data partitions and the hints partition; `None` while the node is down.
-    open: Option<(Vec<Part>, Part)>,
+    open: Option<(Vec<Part>, HintStore<MemStorage>)>,
     incarnation: u64,
     coord: Coordinator,
     gossip: Gossip,
@@ -605,7 +604,7 @@ impl Node {
         let storage = self.disk.folder(&format!("/n{id}/hints"));
         let (hints, _) = block_on(Partition::open(storage, hints_config(durability), now))
             .map_err(|e| format!("node {id} hints: {e}"))?;
-        self.open = Some((parts, hints));
+        self.open = Some((parts, HintStore::new(std::rc::Rc::new(hints))));
         Ok(())
     }
 
@@ -724,7 +723,7 @@ impl Node {
                 }) = local_target
                 {
                     if w.cfg.hints {
-                        if block_on(record_hint(hints, home, partition, &req.key, now)).is_ok() {
+                        if block_on(hints.record(home, partition, &req.key, now)).is_ok() {
                             w.report.hints_stored += 1;
                             w.hinted.push(HintedWrite {
                                 holder: self.id,
@@ -742,7 +741,7 @@ impl Node {
                 // here (this node holds the write)
                 if w.cfg.hints {
                     for home in uncovered_homes(&pref, w.cfg.n, &targets, self.id) {
-                        if block_on(record_hint(hints, home, partition, &req.key, now)).is_ok() {
+                        if block_on(hints.record(home, partition, &req.key, now)).is_ok() {
                             w.report.hints_stored += 1;
                         } else {
                             w.report.store_errors += 1;
@@ -862,7 +861,7 @@ impl Node {
                 if let (true, Some(home), true) = (ok, hint_for, w.cfg.hints) {
                     let Some((_, hints)) = &self.open else { return };
                     // after the version is stored (see `replica`)
-                    if block_on(record_hint(hints, home, partition, &key, now)).is_ok() {
+                    if block_on(hints.record(home, partition, &key, now)).is_ok() {
                         w.report.hints_stored += 1;
                         w.hinted.push(HintedWrite {
                             holder: self.id,
@@ -917,7 +916,7 @@ impl Node {
                     return;
                 }
                 let Some((_, hints)) = &self.open else { return };
-                let removed = match block_on(hint_delivered(hints, &hint, now)) {
+                let removed = match block_on(hints.delivered(&hint, now)) {
                     Ok(true) => {
                         w.report.hints_delivered += 1;
                         1
@@ -1098,7 +1097,7 @@ impl Node {
         let Some((parts, hints)) = &self.open else {
             return;
         };
-        for part in parts.iter().chain(std::iter::once(hints)) {
+        for part in parts.iter().chain(std::iter::once(&**hints.partition())) {
             if block_on(part.sync()).is_err() {
                 w.report.store_errors += 1;
             }
@@ -1132,7 +1131,7 @@ impl Node {
         };
         let now = w.now;
         let (fd, me) = (&self.fd, self.id);
-        for hint in pending_hints(hints, 64, |t| t != me && fd.is_reachable(t)) {
+        for hint in hints.pending(64, |t| t != me && fd.is_reachable(t)) {
             if self.deliveries.values().any(|(h, _)| *h == hint) {
                 continue;
             }
@@ -1157,7 +1156,8 @@ impl Node {
             w.send(self.id, hint.target, msg);
             self.deliveries.insert(id, (hint, now + 1000));
         }
-        if hints.compaction_due(0.5) && block_on(hints.compact(now)).is_err() {
+        let store = hints.partition();
+        if store.compaction_due(0.5) && block_on(store.compact(now)).is_err() {
             w.report.store_errors += 1;
         }
     }
@@ -1576,6 +1576,29 @@ impl Sim {
         Ok(())
     }
 
+    /// The pending hints each running node counts in memory are the ones its store
+    /// holds (the counts decide whether a delivery round walks the store at all).
+    fn check_hint_counts(&self) -> Result<(), SimFailure> {
+        for node in &self.nodes {
+            let Some((_, hints)) = &node.open else {
+                continue;
+            };
+            let held = pending_hint_count(hints.partition());
+            if held != hints.pending_count() {
+                return Err(self.failure(
+                    "hint_counts",
+                    None,
+                    format!(
+                        "node {} holds {held} hints and counts {}",
+                        node.id,
+                        hints.pending_count()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn failure(&self, checker: &'static str, key: Option<&[u8]>, detail: String) -> SimFailure {
         SimFailure {
             seed: self.w.cfg.seed,
@@ -1603,6 +1626,7 @@ impl Sim {
                 ),
             ));
         }
+        self.check_hint_counts()?;
         // phase 2: heal, restart, clean network, let hints and gossip settle
         self.faults = false;
         self.split = None;
@@ -1615,7 +1639,7 @@ impl Sim {
         if self.w.cfg.hints {
             for node in &self.nodes {
                 if let Some((_, hints)) = &node.open {
-                    let left = pending_hint_count(hints);
+                    let left = pending_hint_count(hints.partition());
                     if left > 0 {
                         return Err(self.failure(
                             "hints_drained",

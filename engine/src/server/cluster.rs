@@ -167,7 +167,7 @@ pub(crate) struct ClusterState {
     fd: RefCell<FailureDetector>,
     coordinator: RefCell<crate::cluster::coordinator::Coordinator>,
     ops: RefCell<HashMap<OpId, Rc<OpSlot>>>,
-    pub hints: Rc<crate::Partition<crate::storage::dma::DmaStorage>>,
+    pub hints: replica::HintStore<crate::storage::dma::DmaStorage>,
     /// Shard 0 only: the gossip state machine (None until the node has joined).
     gossip: RefCell<Option<Gossip>>,
     /// Shard 0: membership changes (joins, leaves) take turns.
@@ -201,7 +201,7 @@ impl ClusterState {
             })),
             coordinator: RefCell::new(crate::cluster::coordinator::Coordinator::new(local)),
             ops: RefCell::default(),
-            hints,
+            hints: replica::HintStore::new(hints),
             gossip: RefCell::new(None),
             change_busy: Cell::new(false),
             membership_seq: Cell::new(0),
@@ -219,22 +219,16 @@ impl ClusterState {
     /// period: a pending hint in this shard's store still has to deliver the delete to
     /// a member (see [`replica::hint_names_key`]).
     pub(crate) fn hint_pending_for(&self, partition: u32, key: &[u8]) -> bool {
-        if self.hints.key_count() == 0 {
+        if self.hints.pending_count() == 0 {
             return false;
         }
-        match self.view() {
-            Some(view) => replica::hint_names_key(
-                &self.hints,
-                view.membership
-                    .members()
-                    .filter(|m| !m.status.has_left() && m.id != self.local)
-                    .map(|m| m.id),
-                partition,
-                key,
-            ),
+        let view = self.view();
+        let member = |id: NodeId| match &view {
+            Some(view) => id != self.local && view.is_member(id),
             // no membership yet, and hints from before: they may name any node
             None => true,
-        }
+        };
+        self.hints.names_key(member, partition, key)
     }
 }
 
@@ -971,7 +965,9 @@ impl Shard {
     }
 
     async fn store_hint(&self, home: NodeId, partition: u32, key: &[u8]) -> Result<(), Failure> {
-        replica::record_hint(&self.cluster.hints, home, partition, key, now_ms())
+        self.cluster
+            .hints
+            .record(home, partition, key, now_ms())
             .await
             .map_err(super::store_error)?;
         self.counters.hints_stored.fetch_add(1, Ordering::Relaxed);
@@ -1726,7 +1722,7 @@ impl Shard {
     /// One round of hint delivery: every hint whose owner is reachable gets the key's
     /// current local versions; the hint goes once the owner acknowledged them all.
     async fn deliver_hints(self: &Rc<Self>) {
-        let pending = replica::pending_hint_count(&self.cluster.hints);
+        let pending = self.cluster.hints.pending_count();
         self.counters.hints_pending[self.id].store(pending as u64, Ordering::Relaxed);
         if pending == 0 || !self.config.hinted_handoff {
             return;
@@ -1737,7 +1733,7 @@ impl Shard {
         let hints = {
             let fd = self.cluster.fd.borrow();
             let local = self.cluster.local;
-            replica::pending_hints(&self.cluster.hints, 4096, |target| {
+            self.cluster.hints.pending(4096, |target| {
                 target != local && view.is_member(target) && fd.is_reachable(target)
             })
         };
@@ -1815,7 +1811,7 @@ impl Shard {
                 return false;
             }
         }
-        match replica::hint_delivered(&self.cluster.hints, hint, now_ms()).await {
+        match self.cluster.hints.delivered(hint, now_ms()).await {
             Ok(removed) => {
                 if removed && !versions.is_empty() {
                     self.counters

@@ -647,7 +647,7 @@ async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
         for p in shard
             .partitions
             .values()
-            .chain(std::iter::once(&shard.cluster.hints))
+            .chain(std::iter::once(shard.cluster.hints.partition()))
         {
             if let Err(e) = p.flush_if_buffered().await {
                 tracing::error!(partition = p.config().partition, error = %e, "segment flush failed");
@@ -679,7 +679,7 @@ impl Shard {
         for p in self
             .partitions
             .values()
-            .chain(std::iter::once(&self.cluster.hints))
+            .chain(std::iter::once(self.cluster.hints.partition()))
         {
             p.sync_own()
                 .await
@@ -726,7 +726,7 @@ async fn serve_until_shutdown(shard: Rc<Shard>, tasks: Vec<glommio::Task<()>>) -
             all_closed = false;
         }
     }
-    if let Err(e) = shard.cluster.hints.close().await {
+    if let Err(e) = shard.cluster.hints.partition().close().await {
         tracing::error!(error = %e, "closing the hint store failed");
         all_closed = false;
     }
