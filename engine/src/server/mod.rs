@@ -750,6 +750,7 @@ pub fn run(
                     shard_id,
                     shutdown: shutdown.clone(),
                     counters: counters.clone(),
+                    ready_tx: ready_tx.clone(),
                 });
                 async move {
                     let _lock = lock;
@@ -830,6 +831,9 @@ struct StopOnPanic {
     shard_id: usize,
     shutdown: Shutdown,
     counters: Arc<NodeCounters>,
+    /// A panic before the shard is ready fails the start at once with its message
+    /// (else the start would wait out its deadline for a shard that never reports).
+    ready_tx: std::sync::mpsc::Sender<Result<(), StartError>>,
 }
 
 thread_local! {
@@ -853,6 +857,21 @@ fn stop_node_on_panic(stop: StopOnPanic) {
                         tracing::error!(shard = stop.shard_id, "shard panicked: stopping the node");
                         stop.shutdown.trigger();
                         stop.counters.shard_failed(stop.shard_id);
+                        let what = info
+                            .payload()
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".into());
+                        let at = info
+                            .location()
+                            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                            .unwrap_or_default();
+                        // read only while the node is starting
+                        let _ = stop.ready_tx.send(Err(StartError::Shard(format!(
+                            "shard {} panicked{at}: {what}",
+                            stop.shard_id
+                        ))));
                     }
                 }
             });
@@ -864,7 +883,7 @@ fn stop_node_on_panic(stop: StopOnPanic) {
 
 #[cfg(test)]
 mod tests {
-    use super::{NodeCounters, ServerConfig, Shutdown, StopOnPanic};
+    use super::{NodeCounters, ServerConfig, Shutdown, StartError, StopOnPanic};
     use std::sync::Arc;
 
     /// glommio leaves a panicked executor's tasks undropped, so only a panic hook sees a
@@ -873,6 +892,7 @@ mod tests {
     fn a_panic_on_a_shard_thread_stops_the_node_and_counts_the_shard_failed() {
         let shutdown = Shutdown::new();
         let counters = Arc::new(NodeCounters::new(2));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let other = std::thread::spawn(|| panic!("not a shard"));
         assert!(other.join().is_err());
         assert!(!shutdown.is_triggered());
@@ -883,12 +903,21 @@ mod tests {
                     shard_id: 1,
                     shutdown,
                     counters,
+                    ready_tx,
                 });
                 panic!("a shard's task failed");
             })
         };
         assert!(shard.join().is_err());
         assert!(shutdown.is_triggered());
+        // a start still waiting for the shard hears why at once
+        match ready_rx.try_recv() {
+            Ok(Err(StartError::Shard(why))) => {
+                assert!(why.contains("shard 1 panicked"), "{why}");
+                assert!(why.contains("a shard's task failed"), "{why}");
+            }
+            _ => panic!("no start error"),
+        }
         assert!(counters.is_failed(1) && !counters.is_failed(0));
         // the other shard's drain ends with its own
         assert!(!counters.all_shards_drained());
