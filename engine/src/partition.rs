@@ -1714,6 +1714,17 @@ impl<S: Storage> Partition<S> {
 
     /// Whether compaction would reclaim at least `min_dead_ratio` of the sealed bytes.
     pub fn compaction_due(&self, min_dead_ratio: f64) -> bool {
+        self.compaction_due_keeping(min_dead_ratio, &|_| false)
+    }
+
+    /// [`Partition::compaction_due`] for [`Partition::compact_keeping`] with the same
+    /// `keep`: the tombstones it keeps are not counted as reclaimable (with no grace
+    /// period they would be, and compaction would run again and again for nothing).
+    pub fn compaction_due_keeping(
+        &self,
+        min_dead_ratio: f64,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> bool {
         let state = self.state.borrow();
         let (mut total, mut dead) = (0u64, 0u64);
         for s in state.slots.iter().flatten().filter(|s| s.sealed.get()) {
@@ -1727,9 +1738,10 @@ impl<S: Storage> Partition<S> {
             // count as dead; without them a store of hints written and delivered once
             // each stays under half dead and grows for good. (With a grace period they
             // are dropped only once old enough: not counted.)
-            for (_, locs) in state.keydir.iter() {
+            for (key, locs) in state.keydir.iter() {
                 if let [only] = locs {
-                    if only.is_tombstone() && state.segment(only.segment).sealed.get() {
+                    if only.is_tombstone() && state.segment(only.segment).sealed.get() && !keep(key)
+                    {
                         dead += only.len as u64;
                     }
                 }

@@ -164,7 +164,7 @@ pub fn spawn_compactor_keeping<S: Storage + 'static>(
                 // the partition may close while a round runs: that ends the loop
                 let round = async {
                     partition.write_pending_hints().await?;
-                    if partition.compaction_due(min_dead_ratio) {
+                    if partition.compaction_due_keeping(min_dead_ratio, &keep) {
                         let started = std::time::Instant::now();
                         partition.compact_keeping(now_ms(), &keep).await?;
                         compactions += 1;
