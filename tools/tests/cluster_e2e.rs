@@ -581,6 +581,24 @@ fn a_second_node_with_a_live_members_id_is_refused() {
 
 /// A node that left the cluster may join it again: it used to be refused as "already
 /// in a cluster", since it still saw the members it had left.
+/// `ringkv leave` on `node`, then waits until `other` sees it removed.
+fn leave(node: &Node, other: &Node) {
+    let (ok, text) = ringkv(&["leave", "--addr", &node.addr]);
+    assert!(ok, "leave: {text}");
+    wait_for(
+        "the node to be seen removed",
+        Duration::from_secs(30),
+        || {
+            status(&other.addr).is_some_and(|v| {
+                v["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .any(|m| m["id"] == node.id && m["status"] == "removed")
+                })
+            })
+        },
+    );
+}
+
 #[test]
 fn a_node_that_left_can_join_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -590,15 +608,7 @@ fn a_node_that_left_can_join_again() {
     assert!(ok, "join of an empty node: {text}");
     wait_agreement(&[&a, &c]);
     // nothing stored: leaving moves no data
-    let (ok, text) = ringkv(&["leave", "--addr", &c.addr]);
-    assert!(ok, "leave: {text}");
-    wait_for("a to see c removed", Duration::from_secs(30), || {
-        status(&a.addr).is_some_and(|v| {
-            v["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "removed"))
-        })
-    });
+    leave(&c, &a);
     let (ok, text) = ringkv(&["join", &a.addr, "--addr", &c.addr]);
     assert!(ok, "join after leave: {text}");
     wait_agreement(&[&a, &c]);
@@ -899,15 +909,7 @@ fn links_to_a_node_that_left_are_closed() {
     for i in 0..20u32 {
         client.get_with(format!("k{i}").as_bytes(), 2).expect("get");
     }
-    let (ok, text) = ringkv(&["leave", "--addr", &c.addr]);
-    assert!(ok, "leave: {text}");
-    wait_for("a to see c removed", Duration::from_secs(30), || {
-        status(&a.addr).is_some_and(|v| {
-            v["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "removed"))
-        })
-    });
+    leave(&c, &a);
     c.kill();
     // count what connects to c's address from now on (free once a has closed its end
     // of the connections c's exit closed; the tests run without shard ports)
