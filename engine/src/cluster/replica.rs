@@ -108,13 +108,16 @@ fn live_record(locs: &[Loc]) -> Option<u64> {
 /// Replaces whatever `hints` holds under `hk` by one record (`value: Some` a hint,
 /// `None` its removal); with `only_if_live: Some(seq)` only while the live record is
 /// still `seq`. `Ok(None)`: nothing written for that reason; `Ok(Some(was_live))`:
-/// written, and whether a live record (a pending hint) was there before.
+/// written, and whether a live record (a pending hint) was there before. `appended`
+/// is told `was_live` in the step that puts the record in the keydir (before the wait
+/// for durability, which may still fail: the record stays in the keydir then).
 async fn replace_hint_record<S: Storage>(
     hints: &Partition<S>,
     hk: &[u8],
     value: Option<&[u8]>,
     now_ms: u64,
     only_if_live: Option<u64>,
+    appended: &dyn Fn(bool),
 ) -> Result<Option<bool>, StoreError> {
     for _ in 0..HINT_WRITE_ATTEMPTS_MAX {
         let locs = hints.versions(hk);
@@ -138,7 +141,10 @@ async fn replace_hint_record<S: Storage>(
                 .unwrap_or_default();
             now == seqs
         };
-        if hints.write_if(&[op], now_ms, unchanged).await?.is_some() {
+        let written = hints
+            .write_if_then(&[op], now_ms, unchanged, || appended(was_live))
+            .await?;
+        if written.is_some() {
             return Ok(Some(was_live));
         }
     }
@@ -158,7 +164,7 @@ pub async fn record_hint<S: Storage>(
     now_ms: u64,
 ) -> Result<bool, StoreError> {
     let hk = hint_key(target, partition, key);
-    let written = replace_hint_record(hints, &hk, Some(b""), now_ms, None).await?;
+    let written = replace_hint_record(hints, &hk, Some(b""), now_ms, None, &|_| {}).await?;
     Ok(written == Some(false))
 }
 
@@ -245,7 +251,7 @@ pub async fn hint_delivered<S: Storage>(
     now_ms: u64,
 ) -> Result<bool, StoreError> {
     let hk = hint_key(hint.target, hint.partition, &hint.key);
-    let written = replace_hint_record(hints, &hk, None, now_ms, Some(hint.seq)).await?;
+    let written = replace_hint_record(hints, &hk, None, now_ms, Some(hint.seq), &|_| {}).await?;
     Ok(written.is_some())
 }
 
@@ -272,8 +278,7 @@ impl<S: Storage> HintStore<S> {
         store
     }
 
-    /// Counts the pending hints from the store's records: at the start, and after a
-    /// write that failed (its record may be in the keydir or not).
+    /// Counts the pending hints from the store's records.
     fn recount(&self) {
         let mut pending = std::collections::BTreeMap::new();
         self.partition.for_each_key(|k, locs| {
@@ -297,23 +302,23 @@ impl<S: Storage> HintStore<S> {
         key: &[u8],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        match record_hint(&self.partition, target, partition, key, now_ms).await {
-            Ok(true) => *self.pending.borrow_mut().entry(target).or_insert(0) += 1,
-            Ok(false) => {}
-            Err(e) => {
-                self.recount();
-                return Err(e);
+        // counted when the record enters the keydir: a write whose sync then fails
+        // is in the keydir all the same, and others may write meanwhile
+        let count = |was_live: bool| {
+            if !was_live {
+                *self.pending.borrow_mut().entry(target).or_insert(0) += 1;
             }
-        }
-        Ok(())
+        };
+        let hk = hint_key(target, partition, key);
+        replace_hint_record(&self.partition, &hk, Some(b""), now_ms, None, &count)
+            .await
+            .map(|_| ())
     }
 
     /// [`hint_delivered`], counted.
     pub async fn delivered(&self, hint: &Hint, now_ms: u64) -> Result<bool, StoreError> {
-        let removed = hint_delivered(&self.partition, hint, now_ms)
-            .await
-            .inspect_err(|_| self.recount())?;
-        if removed {
+        // written only over a live record (`only_if_live`): one pending hint less
+        let uncount = |_was_live: bool| {
             let mut pending = self.pending.borrow_mut();
             if let Some(count) = pending.get_mut(&hint.target) {
                 *count = count.saturating_sub(1);
@@ -321,8 +326,12 @@ impl<S: Storage> HintStore<S> {
                     pending.remove(&hint.target);
                 }
             }
-        }
-        Ok(removed)
+        };
+        let hk = hint_key(hint.target, hint.partition, &hint.key);
+        let written =
+            replace_hint_record(&self.partition, &hk, None, now_ms, Some(hint.seq), &uncount)
+                .await?;
+        Ok(written.is_some())
     }
 
     /// How many hints are pending.
@@ -820,8 +829,8 @@ mod tests {
         });
     }
 
-    /// A hint write whose sync failed may have its record in the keydir or not: the
-    /// counts follow the records either way.
+    /// A hint write whose sync failed has its record in the keydir all the same: the
+    /// counts follow the records (they are kept when a record enters the keydir).
     #[test]
     fn a_failed_hint_write_leaves_the_counts_matching_the_records() {
         block_on(async {
@@ -832,8 +841,10 @@ mod tests {
             };
             let store = HintStore::new(std::rc::Rc::new(open(&disk, "/hints", config).await));
             store.record(NodeId(2), 0, b"a", 10).await.unwrap();
+            let hint = store.pending(1, |_| true).remove(0);
             disk.fail_syncs_after(0);
             assert!(store.record(NodeId(3), 0, b"b", 10).await.is_err());
+            assert!(store.delivered(&hint, 11).await.is_err());
             assert_eq!(
                 store.pending_count(),
                 pending_hint_count(store.partition()),
