@@ -73,7 +73,7 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
                         report.counters_line()
                     );
                 }
-                add(&mut total, &report);
+                total.add(&report);
             }
             Err(failure) => {
                 if args.json {
@@ -133,27 +133,6 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn add(total: &mut SimReport, r: &SimReport) {
-    total.acked_puts += r.acked_puts;
-    total.acked_deletes += r.acked_deletes;
-    total.not_confirmed += r.not_confirmed;
-    total.gets_ok += r.gets_ok;
-    total.gets_failed += r.gets_failed;
-    total.client_timeouts += r.client_timeouts;
-    total.forwarded += r.forwarded;
-    total.crashes += r.crashes;
-    total.partitions += r.partitions;
-    total.hints_stored += r.hints_stored;
-    total.hints_delivered += r.hints_delivered;
-    total.read_repairs += r.read_repairs;
-    total.messages_sent += r.messages_sent;
-    total.messages_dropped += r.messages_dropped;
-    total.messages_duplicated += r.messages_duplicated;
-    total.store_errors += r.store_errors;
-    total.compactions += r.compactions;
-    total.sim_ms += r.sim_ms;
-}
-
 fn report_json(r: &SimReport) -> serde_json::Value {
     serde_json::json!({
         "seed": r.seed,
@@ -177,6 +156,8 @@ fn report_json(r: &SimReport) -> serde_json::Value {
         "messages_duplicated": r.messages_duplicated,
         "store_errors": r.store_errors,
         "compactions": r.compactions,
+        "fallback_copies": r.fallback_copies,
+        "failed_copy_hints": r.failed_copy_hints,
         "sim_ms": r.sim_ms,
     })
 }

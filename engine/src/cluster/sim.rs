@@ -1,6 +1,8 @@
 //! A deterministic one-thread simulator of a whole ringkv cluster (design section 2,
 //! rule 3) running the real logic: [`Coordinator`], the replica functions, the hint
-//! store and hint delivery, the ring's [`Gossip`] and [`FailureDetector`], and
+//! store and hint delivery, replica copies of puts as a node's copy tasks run them (a
+//! home that fails gives way to a fallback with a hint, a copy that fails for good
+//! leaves a hint on its coordinator), the ring's [`Gossip`] and [`FailureDetector`], and
 //! [`Partition`]s on crashing in-memory disks ([`MemDisk`], one per node, `sync`
 //! durability; futures are driven with `block_on`).
 //!
@@ -148,19 +150,47 @@ pub struct SimReport {
     pub messages_duplicated: u64,
     pub store_errors: u64,
     pub compactions: u64,
+    /// Replica copies of puts handed from a failed home to a fallback, and copies
+    /// that failed for good and left a hint on their coordinator.
+    pub fallback_copies: u64,
+    pub failed_copy_hints: u64,
     pub sim_ms: u64,
     /// Hash of the event trace: equal for equal runs.
     pub digest: u64,
 }
 
 impl SimReport {
+    /// Adds `r`'s counters to these (a total over runs; seed, nodes and digest stay).
+    pub fn add(&mut self, r: &SimReport) {
+        self.acked_puts += r.acked_puts;
+        self.acked_deletes += r.acked_deletes;
+        self.not_confirmed += r.not_confirmed;
+        self.gets_ok += r.gets_ok;
+        self.gets_failed += r.gets_failed;
+        self.client_timeouts += r.client_timeouts;
+        self.forwarded += r.forwarded;
+        self.crashes += r.crashes;
+        self.partitions += r.partitions;
+        self.hints_stored += r.hints_stored;
+        self.hints_delivered += r.hints_delivered;
+        self.read_repairs += r.read_repairs;
+        self.messages_sent += r.messages_sent;
+        self.messages_dropped += r.messages_dropped;
+        self.messages_duplicated += r.messages_duplicated;
+        self.store_errors += r.store_errors;
+        self.compactions += r.compactions;
+        self.fallback_copies += r.fallback_copies;
+        self.failed_copy_hints += r.failed_copy_hints;
+        self.sim_ms += r.sim_ms;
+    }
+
     /// One line of `name=value` pairs.
     pub fn counters_line(&self) -> String {
         format!(
             "acked_puts={} acked_deletes={} not_confirmed={} gets_ok={} gets_failed={} \
              client_timeouts={} forwarded={} crashes={} partitions={} hints_stored={} \
              hints_delivered={} read_repairs={} messages={} dropped={} duplicated={} \
-             store_errors={} compactions={} sim_ms={}",
+             store_errors={} compactions={} fallback_copies={} failed_copy_hints={} sim_ms={}",
             self.acked_puts,
             self.acked_deletes,
             self.not_confirmed,
@@ -178,6 +208,8 @@ impl SimReport {
             self.messages_duplicated,
             self.store_errors,
             self.compactions,
+            self.fallback_copies,
+            self.failed_copy_hints,
             self.sim_ms
         )
     }
@@ -546,9 +578,26 @@ struct Node {
     gossip: Gossip,
     fd: FailureDetector,
     ops: BTreeMap<OpId, OpCtx>,
+    /// Replica copies of the puts this node coordinates, in flight, by (op, target).
+    copies: BTreeMap<(OpId, NodeId), Copy>,
     /// Hint deliveries in flight: id -> (hint, give-up time).
     deliveries: BTreeMap<u64, (Hint, u64)>,
     next_delivery: u64,
+}
+
+/// One replica copy of a put, as a real node's copy task runs it
+/// (`server::cluster`, `CoordinatorOutput::SendPut`): sent to its target; a home that
+/// fails (no answer by `deadline`, or a refusal) gives way to a fallback with a hint
+/// naming it, if the op has one free; a copy that fails for good leaves a hint here.
+struct Copy {
+    hint_for: Option<NodeId>,
+    partition: u32,
+    key: Vec<u8>,
+    version: VersionedValue,
+    started: u64,
+    deadline: u64,
+    /// The fallback the copy was handed to.
+    fallback: Option<NodeId>,
 }
 
 fn durability(cfg: &SimConfig) -> Durability {
@@ -626,6 +675,7 @@ impl Node {
         );
         self.ops.clear();
         self.deliveries.clear();
+        self.copies.clear();
     }
 
     fn up(&self) -> bool {
@@ -877,8 +927,26 @@ impl Node {
                 w.send(self.id, from, Msg::PutAck { op, ok });
             }
             Msg::PutAck { op, ok } => {
-                self.coord.handle_put_ack(now, op, from, ok);
-                self.drain(w);
+                // the copy it answers: sent to `from`, or handed to `from` as a fallback
+                let copy = if self
+                    .copies
+                    .get(&(op, from))
+                    .is_some_and(|c| c.fallback.is_none())
+                {
+                    Some((op, from))
+                } else {
+                    self.copies
+                        .iter()
+                        .find(|(&(o, _), c)| o == op && c.fallback == Some(from))
+                        .map(|(&k, _)| k)
+                };
+                if let Some(copy) = copy {
+                    if ok {
+                        self.copy_done(w, copy, true);
+                    } else {
+                        self.copy_failed(w, copy);
+                    }
+                }
             }
             Msg::Get { op, partition, key } => {
                 let Some((parts, _)) = &self.open else { return };
@@ -963,17 +1031,38 @@ impl Node {
                     partition,
                     key,
                     version,
-                } => w.send(
-                    self.id,
-                    to,
-                    Msg::Put {
-                        op,
-                        hint_for,
-                        partition,
-                        key,
-                        version,
-                    },
-                ),
+                } => {
+                    // as a real node: a home gives way to a fallback after half the
+                    // op's time when the op has one free, else it has the whole time
+                    let timeout = w.cfg.op_timeout_ms;
+                    let candidates = self.fallback_candidates(w, partition);
+                    let can_give_way =
+                        hint_for.is_none() && self.coord.has_fallback(op, to, candidates);
+                    let first = if can_give_way { timeout / 2 } else { timeout };
+                    w.send(
+                        self.id,
+                        to,
+                        Msg::Put {
+                            op,
+                            hint_for,
+                            partition,
+                            key: key.clone(),
+                            version: version.clone(),
+                        },
+                    );
+                    self.copies.insert(
+                        (op, to),
+                        Copy {
+                            hint_for,
+                            partition,
+                            key,
+                            version,
+                            started: w.now,
+                            deadline: w.now + first,
+                            fallback: None,
+                        },
+                    );
+                }
                 CoordinatorOutput::SendGet {
                     op,
                     to,
@@ -1077,6 +1166,15 @@ impl Node {
             return;
         }
         let now = w.now;
+        let overdue: Vec<(OpId, NodeId)> = self
+            .copies
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(&k, _)| k)
+            .collect();
+        for copy in overdue {
+            self.copy_failed(w, copy);
+        }
         self.coord.tick(now);
         self.drain(w);
         self.fd.tick(now);
@@ -1090,6 +1188,75 @@ impl Node {
         self.gossip.tick(now);
         self.drain_gossip(w);
         self.deliveries.retain(|_, (_, until)| *until > now);
+    }
+
+    /// The reachable fallbacks of `partition`, in preference order.
+    fn fallback_candidates(&self, w: &World, partition: u32) -> Vec<NodeId> {
+        let pref = &w.prefs[partition as usize];
+        pref.iter()
+            .skip(w.cfg.n.min(pref.len()))
+            .copied()
+            .filter(|&n| self.reachable(n))
+            .collect()
+    }
+
+    /// A copy's current attempt failed: a home's copy goes to a fallback if the op
+    /// has one free (with the op's time left), else the copy has failed.
+    fn copy_failed(&mut self, w: &mut World, key: (OpId, NodeId)) {
+        let (op, to) = key;
+        let Some(copy) = self.copies.get(&key) else {
+            return;
+        };
+        if copy.fallback.is_some() {
+            self.copy_done(w, key, false);
+            return;
+        }
+        let home = copy.hint_for.unwrap_or(to);
+        let candidates = self.fallback_candidates(w, copy.partition);
+        let Some(fallback) = self.coord.claim_fallback(op, to, candidates) else {
+            self.copy_done(w, key, false);
+            return;
+        };
+        w.report.fallback_copies += 1;
+        let copy = self.copies.get_mut(&key).expect("present");
+        copy.fallback = Some(fallback);
+        copy.deadline = (copy.started + w.cfg.op_timeout_ms).max(w.now + 10);
+        let msg = Msg::Put {
+            op,
+            hint_for: Some(home),
+            partition: copy.partition,
+            key: copy.key.clone(),
+            version: copy.version.clone(),
+        };
+        w.send(self.id, fallback, msg);
+    }
+
+    /// A copy ended: a failed one leaves a hint here (this node holds the write), then
+    /// the coordinator hears of it, under the target it was sent to.
+    fn copy_done(&mut self, w: &mut World, key: (OpId, NodeId), ok: bool) {
+        let (op, to) = key;
+        let Some(copy) = self.copies.remove(&key) else {
+            return;
+        };
+        let home = copy.hint_for.unwrap_or(to);
+        if !ok && home != self.id && w.cfg.hints {
+            if let Some((_, hints)) = &self.open {
+                if block_on(hints.record(home, copy.partition, &copy.key, w.now)).is_ok() {
+                    w.report.hints_stored += 1;
+                    w.report.failed_copy_hints += 1;
+                    w.hinted.push(HintedWrite {
+                        holder: self.id,
+                        home,
+                        key: copy.key.clone(),
+                        version: copy.version.version.clone(),
+                    });
+                } else {
+                    w.report.store_errors += 1;
+                }
+            }
+        }
+        self.coord.handle_put_ack(w.now, op, to, ok);
+        self.drain(w);
     }
 
     /// The `interval` durability timer: makes every write so far durable.
@@ -1229,6 +1396,7 @@ impl Sim {
                 ),
                 fd: FailureDetector::new(fd_config()),
                 ops: BTreeMap::new(),
+                copies: BTreeMap::new(),
                 deliveries: BTreeMap::new(),
                 next_delivery: 0,
             };
