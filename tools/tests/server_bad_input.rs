@@ -20,157 +20,228 @@ fn frame(version: u8, op: u8, id: u64, body: &[u8]) -> Vec<u8> {
     f
 }
 
-#[test]
-fn bad_input_gets_errors_and_the_server_keeps_serving() {
+/// Runs `abuse` against a fresh node (`sync`) while a well-behaved client writes before,
+/// during (through the `&mut Raw` it is given) and after it; then the node must still
+/// run and serve, and every write it acknowledged must read back, also after a clean
+/// stop and a restart.
+fn abuse_then_check(abuse: impl FnOnce(std::net::SocketAddr, &mut Raw)) {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &["--durability", "sync"]);
-    // a well-behaved client writes before, during and after the abuse
     let mut good = Raw::connect(server.addr);
     good.put(b"before", b"1", b"");
-
-    // unknown opcode: error frame, connection stays usable
-    let mut c = Raw::connect(server.addr);
-    c.send_bytes(&frame(1, 0x33, 7, b""));
-    let f = c.read_frame().unwrap();
-    assert_eq!(error_code(&f), Some(ErrorCode::UnknownOpcode as u16));
-    assert_eq!(common::header_of(&f).request_id, 7);
-    assert!(c.ping(), "connection still usable after an unknown opcode");
-    // a peer-range opcode from a client is unknown too
-    c.send_bytes(&frame(1, opcode::PEER_FIRST, 8, b"x"));
-    assert_eq!(
-        error_code(&c.read_frame().unwrap()),
-        Some(ErrorCode::UnknownOpcode as u16)
-    );
-
-    // truncated body (a GET whose key length runs past the frame): error, usable
-    c.send_bytes(&frame(1, opcode::GET, 9, &[0, 200, 0, b'k']));
-    assert_eq!(
-        error_code(&c.read_frame().unwrap()),
-        Some(ErrorCode::BadRequest as u16)
-    );
-    assert!(c.ping());
-
-    // unsupported protocol version: error frame, the frame is skipped, usable
-    c.send_bytes(&frame(9, opcode::PING, 10, b""));
-    assert_eq!(
-        error_code(&c.read_frame().unwrap()),
-        Some(ErrorCode::UnsupportedVersion as u16)
-    );
-    assert!(c.ping());
-    // HELLO offering only versions the server does not speak
-    c.send_bytes(&frame(1, opcode::HELLO, 11, &[2, 5]));
-    assert_eq!(
-        error_code(&c.read_frame().unwrap()),
-        Some(ErrorCode::UnsupportedVersion as u16)
-    );
-
-    // oversized key and value: errors with the limit in the message
-    let long_key = vec![b'k'; 5000];
-    let (_, f) = c.call(Request::Get {
-        r: 0,
-        key: &long_key,
-    });
-    assert_eq!(error_code(&f), Some(ErrorCode::KeyTooLong as u16));
-    // a value one byte over the 4 MiB limit, in a frame under the frame limit
-    let big_value = vec![b'v'; (4 << 20) + 1];
-    let (_, f) = c.call(Request::Put {
-        w: 0,
-        key: b"too-big",
-        context: b"",
-        value: &big_value,
-    });
-    assert_eq!(error_code(&f), Some(ErrorCode::ValueTooLarge as u16));
-    assert_eq!(
-        c.get(b"too-big").0,
-        Vec::<Vec<u8>>::new(),
-        "nothing written"
-    );
-    // a garbage context
-    let (_, f) = c.call(Request::Put {
-        w: 0,
-        key: b"k",
-        context: b"not a context",
-        value: b"v",
-    });
-    assert_eq!(error_code(&f), Some(ErrorCode::BadContext as u16));
-
-    // a frame length larger than the limit: error frame, then the connection closes
-    let mut big = Raw::connect(server.addr);
-    big.send_bytes(&frame(1, opcode::PING, 12, b"")[..0]);
-    let mut huge = frame(1, opcode::PUT, 12, b"");
-    huge[0..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
-    big.send_bytes(&huge);
-    assert_eq!(
-        error_code(&big.read_frame().unwrap()),
-        Some(ErrorCode::FrameTooLarge as u16)
-    );
-    assert!(
-        big.read_frame().is_none(),
-        "connection closed after an unframeable length"
-    );
-
-    // a length shorter than a header: the stream cannot be resynchronised
-    let mut short = Raw::connect(server.addr);
-    short.send_bytes(&[3, 0, 0, 0, 1, 2, 3, 4]);
-    assert_eq!(
-        error_code(&short.read_frame().unwrap()),
-        Some(ErrorCode::BadRequest as u16)
-    );
-    assert!(short.read_frame().is_none());
-
-    good.put(b"between", b"3", b"");
-    // garbage bytes: the first four read as a length (about 860 MB), so an error frame
-    // and a close
-    let mut garbage = Raw::connect(server.addr);
-    let noise: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    garbage.send_bytes(&noise);
-    let f = garbage.read_frame().expect("an ERROR frame");
-    assert_eq!(error_code(&f), Some(ErrorCode::FrameTooLarge as u16));
-    assert!(garbage.read_frame().is_none(), "then closed");
-    assert_eq!(good.get(b"between").0, vec![b"3".to_vec()]);
-    // garbage inside well-framed frames: each gets an error frame (its request id) and
-    // the connection goes on
-    let mut framed = Raw::connect(server.addr);
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut random = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed as u8
-    };
-    for (case, opcode, expected) in [
-        (1u64, 0x3Fu8, ErrorCode::UnknownOpcode),
-        (2, opcode::GET, ErrorCode::BadRequest),
-        (3, opcode::PUT, ErrorCode::BadRequest),
-    ] {
-        let body: Vec<u8> = (0..48).map(|_| random()).collect();
-        let mut f = frame(1, opcode, case, &body);
-        // a GET or PUT body whose key's length prefix runs past the frame
-        if opcode != 0x3F {
-            f[16] = 0;
-            f[17..19].copy_from_slice(&u16::MAX.to_le_bytes());
-        }
-        framed.send_bytes(&f);
-        let reply = framed.read_frame().expect("an ERROR frame");
-        assert_eq!(error_code(&reply), Some(expected as u16), "case {case}");
-        assert_eq!(common::header_of(&reply).request_id, case);
-        good.put(format!("during{case}").as_bytes(), b"4", b"");
-    }
-    assert!(framed.ping(), "the connection goes on after bad requests");
-
+    abuse(server.addr, &mut good);
     assert!(server.is_running(), "the server survived");
     good.put(b"after", b"2", b"");
     assert_eq!(good.get(b"before").0, vec![b"1".to_vec()]);
     assert_eq!(good.get(b"after").0, vec![b"2".to_vec()]);
-    for case in 1..=3 {
-        assert_eq!(
-            good.get(format!("during{case}").as_bytes()).0,
-            vec![b"4".to_vec()]
-        );
-    }
+    drop(good);
     assert!(server.stop().success());
+    let server = Server::start(dir.path(), &["--durability", "sync"]);
+    let mut good = Raw::connect(server.addr);
+    assert_eq!(good.get(b"before").0, vec![b"1".to_vec()]);
+    assert_eq!(good.get(b"after").0, vec![b"2".to_vec()]);
+}
+
+#[test]
+fn an_unknown_opcode_gets_an_error_frame_and_the_connection_goes_on() {
+    abuse_then_check(|addr, _| {
+        let mut c = Raw::connect(addr);
+        c.send_bytes(&frame(1, 0x33, 7, b""));
+        let f = c.read_frame().unwrap();
+        assert_eq!(error_code(&f), Some(ErrorCode::UnknownOpcode as u16));
+        assert_eq!(common::header_of(&f).request_id, 7);
+        assert!(c.ping(), "connection still usable after an unknown opcode");
+        // a peer-range opcode from a client is unknown too
+        c.send_bytes(&frame(1, opcode::PEER_FIRST, 8, b"x"));
+        assert_eq!(
+            error_code(&c.read_frame().unwrap()),
+            Some(ErrorCode::UnknownOpcode as u16)
+        );
+        assert!(c.ping());
+    });
+}
+
+#[test]
+fn a_truncated_body_gets_bad_request_and_the_connection_goes_on() {
+    abuse_then_check(|addr, _| {
+        let mut c = Raw::connect(addr);
+        // a GET whose key length runs past the frame
+        c.send_bytes(&frame(1, opcode::GET, 9, &[0, 200, 0, b'k']));
+        let f = c.read_frame().unwrap();
+        assert_eq!(error_code(&f), Some(ErrorCode::BadRequest as u16));
+        assert_eq!(common::header_of(&f).request_id, 9);
+        assert!(c.ping());
+    });
+}
+
+#[test]
+fn an_unsupported_protocol_version_gets_an_error_frame() {
+    abuse_then_check(|addr, _| {
+        let mut c = Raw::connect(addr);
+        // the frame is skipped and the connection goes on
+        c.send_bytes(&frame(9, opcode::PING, 10, b""));
+        assert_eq!(
+            error_code(&c.read_frame().unwrap()),
+            Some(ErrorCode::UnsupportedVersion as u16)
+        );
+        assert!(c.ping());
+        // HELLO offering only versions the server does not speak
+        c.send_bytes(&frame(1, opcode::HELLO, 11, &[2, 5]));
+        assert_eq!(
+            error_code(&c.read_frame().unwrap()),
+            Some(ErrorCode::UnsupportedVersion as u16)
+        );
+        assert!(c.ping());
+    });
+}
+
+#[test]
+fn an_oversized_key_or_value_or_a_garbage_context_is_refused_and_writes_nothing() {
+    abuse_then_check(|addr, _| {
+        let mut c = Raw::connect(addr);
+        let long_key = vec![b'k'; 5000];
+        let (_, f) = c.call(Request::Get {
+            r: 0,
+            key: &long_key,
+        });
+        assert_eq!(error_code(&f), Some(ErrorCode::KeyTooLong as u16));
+        // a value one byte over the 4 MiB limit, in a frame under the frame limit
+        let big_value = vec![b'v'; (4 << 20) + 1];
+        let (_, f) = c.call(Request::Put {
+            w: 0,
+            key: b"too-big",
+            context: b"",
+            value: &big_value,
+        });
+        assert_eq!(error_code(&f), Some(ErrorCode::ValueTooLarge as u16));
+        assert_eq!(
+            c.get(b"too-big").0,
+            Vec::<Vec<u8>>::new(),
+            "nothing written"
+        );
+        let (_, f) = c.call(Request::Put {
+            w: 0,
+            key: b"k",
+            context: b"not a context",
+            value: b"v",
+        });
+        assert_eq!(error_code(&f), Some(ErrorCode::BadContext as u16));
+        assert_eq!(c.get(b"k").0, Vec::<Vec<u8>>::new(), "nothing written");
+    });
+}
+
+#[test]
+fn an_empty_key_gets_bad_request() {
+    abuse_then_check(|addr, _| {
+        let mut c = Raw::connect(addr);
+        for request in [
+            Request::Get { r: 0, key: b"" },
+            Request::Put {
+                w: 0,
+                key: b"",
+                context: b"",
+                value: b"v",
+            },
+            Request::Delete {
+                w: 0,
+                key: b"",
+                context: b"",
+            },
+        ] {
+            let (_, f) = c.call(request);
+            assert_eq!(error_code(&f), Some(ErrorCode::BadRequest as u16));
+        }
+        assert!(c.ping());
+    });
+}
+
+#[test]
+fn a_frame_length_over_the_limit_gets_an_error_frame_then_a_close() {
+    abuse_then_check(|addr, _| {
+        let mut big = Raw::connect(addr);
+        let mut huge = frame(1, opcode::PUT, 12, b"");
+        huge[0..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        big.send_bytes(&huge);
+        assert_eq!(
+            error_code(&big.read_frame().unwrap()),
+            Some(ErrorCode::FrameTooLarge as u16)
+        );
+        assert!(
+            big.read_frame().is_none(),
+            "connection closed after an unframeable length"
+        );
+    });
+}
+
+#[test]
+fn a_length_shorter_than_a_header_gets_an_error_frame_then_a_close() {
+    abuse_then_check(|addr, _| {
+        // the stream cannot be resynchronised
+        let mut short = Raw::connect(addr);
+        short.send_bytes(&[3, 0, 0, 0, 1, 2, 3, 4]);
+        assert_eq!(
+            error_code(&short.read_frame().unwrap()),
+            Some(ErrorCode::BadRequest as u16)
+        );
+        assert!(short.read_frame().is_none());
+    });
+}
+
+#[test]
+fn garbage_bytes_get_an_error_frame_then_a_close() {
+    abuse_then_check(|addr, good| {
+        // the first four bytes read as a length (about 860 MB)
+        let mut garbage = Raw::connect(addr);
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        garbage.send_bytes(&noise);
+        good.put(b"between", b"3", b"");
+        let f = garbage.read_frame().expect("an ERROR frame");
+        assert_eq!(error_code(&f), Some(ErrorCode::FrameTooLarge as u16));
+        assert!(garbage.read_frame().is_none(), "then closed");
+        assert_eq!(good.get(b"between").0, vec![b"3".to_vec()]);
+    });
+}
+
+#[test]
+fn garbage_inside_well_framed_frames_gets_errors_and_the_connection_goes_on() {
+    abuse_then_check(|addr, good| {
+        // each frame gets an error frame with its request id
+        let mut framed = Raw::connect(addr);
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        };
+        for (case, opcode, expected) in [
+            (1u64, 0x3Fu8, ErrorCode::UnknownOpcode),
+            (2, opcode::GET, ErrorCode::BadRequest),
+            (3, opcode::PUT, ErrorCode::BadRequest),
+        ] {
+            let body: Vec<u8> = (0..48).map(|_| random()).collect();
+            let mut f = frame(1, opcode, case, &body);
+            // a GET or PUT body whose key's length prefix runs past the frame
+            if opcode != 0x3F {
+                f[16] = 0;
+                f[17..19].copy_from_slice(&u16::MAX.to_le_bytes());
+            }
+            framed.send_bytes(&f);
+            let reply = framed.read_frame().expect("an ERROR frame");
+            assert_eq!(error_code(&reply), Some(expected as u16), "case {case}");
+            assert_eq!(common::header_of(&reply).request_id, case);
+            good.put(format!("during{case}").as_bytes(), b"4", b"");
+        }
+        assert!(framed.ping(), "the connection goes on after bad requests");
+        for case in 1..=3 {
+            assert_eq!(
+                good.get(format!("during{case}").as_bytes()).0,
+                vec![b"4".to_vec()]
+            );
+        }
+    });
 }
 
 #[test]
