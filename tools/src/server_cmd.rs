@@ -92,7 +92,7 @@ impl FileConfig {
             hinted_handoff
         );
         if let Some(a) = self.advertise {
-            c.advertise = a.parse().with_context(|| format!("advertise = {a:?}"))?;
+            c.advertise = one_addr(&a).with_context(|| format!("advertise = {a:?}"))?;
         }
         if let Some(ms) = self.request_timeout_ms {
             c.request_timeout = Duration::from_millis(ms);
@@ -101,15 +101,11 @@ impl FileConfig {
             c.gossip_period = Duration::from_millis(ms);
         }
         if let Some(listen) = self.listen {
-            c.listen = listen
-                .parse()
-                .with_context(|| format!("listen = {listen:?}"))?;
+            c.listen = one_addr(&listen).with_context(|| format!("listen = {listen:?}"))?;
         }
         if let Some(m) = self.metrics_listen {
-            c.metrics_listen = Some(
-                m.parse()
-                    .with_context(|| format!("metrics_listen = {m:?}"))?,
-            );
+            c.metrics_listen =
+                Some(one_addr(&m).with_context(|| format!("metrics_listen = {m:?}"))?);
         }
         if let Some(d) = self.durability {
             c.durability = d.parse::<Durability>().map_err(anyhow::Error::msg)?;
@@ -160,7 +156,7 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
                 value()?;
             }
             "--data-dir" => config.data_dir = PathBuf::from(value()?),
-            "--listen" => config.listen = value()?.parse().context("--listen HOST:PORT")?,
+            "--listen" => config.listen = one_addr(value()?).context("--listen HOST:PORT")?,
             "--shard-port-base" => config.shard_port_base = number(flag, value()?)?,
             "--shards" => {
                 config.shards = number(flag, value()?)?;
@@ -179,7 +175,7 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
                     .collect()
             }
             "--advertise" => {
-                config.advertise = value()?.parse().context("--advertise HOST:PORT")?
+                config.advertise = one_addr(value()?).context("--advertise HOST:PORT")?
             }
             "--replicas" | "--n" => config.replicas = number(flag, value()?)?,
             "--r" => config.read_quorum = number(flag, value()?)?,
@@ -198,7 +194,7 @@ pub fn config_from_args(args: &[String]) -> anyhow::Result<Option<ServerConfig>>
             "--zone" => config.zone = value()?.clone(),
             "--metrics-listen" => {
                 config.metrics_listen =
-                    Some(value()?.parse().context("--metrics-listen HOST:PORT")?)
+                    Some(one_addr(value()?).context("--metrics-listen HOST:PORT")?)
             }
             "--help" | "-h" => return Ok(None),
             other => bail!("unknown option {other}\n\n{USAGE}"),
@@ -239,6 +235,13 @@ pub(crate) fn resolve_all(host_port: &str) -> anyhow::Result<Vec<std::net::Socke
         anyhow::bail!("{host_port} resolves to no address");
     }
     Ok(found)
+}
+
+/// The address to listen on or advertise for `host:port`: itself if it is one, else the
+/// name's first IPv4 address (its first address if it has none), looked up once here.
+fn one_addr(host_port: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let all = resolve_all(host_port)?;
+    Ok(all.iter().find(|a| a.is_ipv4()).copied().unwrap_or(all[0]))
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
@@ -339,6 +342,31 @@ mod tests {
         .map(String::from);
         let err = config_from_args(&args).unwrap_err().to_string();
         assert!(err.contains("--config given more than once"), "{err}");
+    }
+
+    #[test]
+    fn listen_metrics_and_advertise_take_a_name() {
+        let args = [
+            "--listen",
+            "localhost:7500",
+            "--metrics-listen",
+            "localhost:7599",
+            "--advertise",
+            "localhost:7500",
+        ]
+        .map(String::from);
+        let c = config_from_args(&args).unwrap().unwrap();
+        assert!(
+            c.listen.ip().is_loopback() && c.listen.port() == 7500,
+            "{}",
+            c.listen
+        );
+        let m = c.metrics_listen.expect("set");
+        assert!(m.ip().is_loopback() && m.port() == 7599, "{m}");
+        assert_eq!(c.advertise, c.listen);
+        let bad = ["--listen", "no-such-host.invalid:7500"].map(String::from);
+        let err = config_from_args(&bad).unwrap_err().to_string();
+        assert!(err.contains("--listen"), "{err}");
     }
 
     #[test]

@@ -976,3 +976,57 @@ fn a_stop_signal_delivered_twice_at_once_is_one_clean_stop() {
     drop(c);
     assert!(server.stop().success());
 }
+
+/// `ringkv server` with no options and no config file, as the README starts it: the
+/// embedded defaults put the data in `./ringkv-data` and listen on 127.0.0.1:7379, with
+/// one shard per core (at most the 64 partitions) on shard ports from 7380.
+#[test]
+fn a_server_with_no_options_uses_the_embedded_defaults() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .arg("server")
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start ringkv server");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("ringkv listening on "));
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr: std::net::SocketAddr = "127.0.0.1:7379".parse().unwrap();
+    // killed on drop if an assertion fails
+    let mut server = Server {
+        child,
+        addr,
+        data_dir: dir.path().join("ringkv-data"),
+        stdout: Arc::default(),
+    };
+    assert_eq!(
+        listening.as_deref(),
+        Some("ringkv listening on 127.0.0.1:7379"),
+        "the default address (is something else on 127.0.0.1:7379?)"
+    );
+    let mut c = Raw::connect(addr);
+    let (_, hello) = c.call(Request::Hello {
+        min_version: 1,
+        max_version: 1,
+    });
+    let Reply::HelloOk(hello) = Reply::parse(&hello).unwrap().1 else {
+        panic!("no HELLO_OK");
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(usize::from(hello.shards), cores.min(64));
+    assert_eq!(hello.shard_port_base, 7380);
+    c.put(b"default", b"v", b"");
+    assert_eq!(c.get(b"default").0, vec![b"v".to_vec()]);
+    let mut shard = Raw::connect("127.0.0.1:7380".parse().unwrap());
+    assert!(shard.ping(), "shard 0 answers on its port");
+    assert!(server.data_dir.join("partitions").is_dir());
+    drop((c, shard));
+    assert!(server.stop().success());
+}
