@@ -18,6 +18,8 @@
 //!   shared by many tasks, a connection pool, and shard-aware routing.
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod notify;
 pub mod peer;
 pub mod protocol;

@@ -224,6 +224,25 @@ proptest! {
         );
     }
 
+    /// The fuzz target's own checks (net/fuzz), on generated streams: whole requests
+    /// and replies, then random bytes.
+    #[test]
+    fn the_fuzz_targets_checks_hold_on_generated_streams(
+        reqs in proptest::collection::vec(arb_request(), 0..4),
+        reps in proptest::collection::vec(arb_reply(), 0..4),
+        tail in bytes(64),
+    ) {
+        let mut stream = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            req.as_request().encode(i as u64, &mut stream);
+        }
+        for (i, rep) in reps.iter().enumerate() {
+            rep.encode(i as u64, &mut stream);
+        }
+        stream.extend_from_slice(&tail);
+        ringkv_net::fuzzing::frames(&stream);
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic_the_decoders(data in bytes(600), limit in 0usize..2048) {
         let checked = check_frame(&data, limit);

@@ -448,3 +448,83 @@ fn cli_takes_keys_and_values_that_look_like_options_after_a_double_dash() {
     assert_eq!(json["values"], serde_json::json!(["--help"]));
     assert!(server.stop().success());
 }
+
+/// The path of net's example `name`, built for this test's profile: `cargo test
+/// --workspace` builds it; a run of this package alone builds it here first.
+fn example(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let profile_dir = deps.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    if !path.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args([
+                "build",
+                "-p",
+                "ringkv-net",
+                "--features",
+                "tokio",
+                "--examples",
+            ]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "cargo build --examples");
+    }
+    path
+}
+
+/// The examples in net/examples/, as the README points users to them, against a real
+/// node: they run to the end and print what they did.
+#[test]
+fn the_examples_run_against_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_shard_ports(dir.path(), 2, &[]);
+    let addr = server.addr.to_string();
+
+    let out = Command::new(example("blocking"))
+        .arg(&addr)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("after two blind puts: 2 sibling(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("reconciled to \"apple,pear\": 1 sibling(s)"),
+        "{text}"
+    );
+    assert!(text.contains("pipelined 8 puts, 8 ok"), "{text}");
+
+    let out = Command::new(example("async_tokio"))
+        .arg(&addr)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("2 shard connection(s) of 2 shard(s)"),
+        "{text}"
+    );
+    assert_eq!(text.matches("-> 1 value(s)").count(), 32, "{text}");
+    assert!(
+        text.contains("32 of 32 keys read back through the pool"),
+        "{text}"
+    );
+    let mut c = Client::connect(server.addr, ClientConfig::default()).unwrap();
+    assert_eq!(
+        c.get(b"example:cart").unwrap().values,
+        vec![b"apple,pear".to_vec()]
+    );
+}
