@@ -4,6 +4,7 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
+use ringkv_net::peer::{ClusterRequest, WireVersion};
 
 use ringkv_net::protocol::{
     check_frame, encode, header, ErrorCode, FrameError, HelloOk, Reply, Request, HEADER_BYTES,
@@ -224,12 +225,19 @@ proptest! {
         );
     }
 
-    /// The fuzz target's own checks (net/fuzz), on generated streams: whole requests
-    /// and replies, then random bytes.
+    /// The fuzz target's own checks (net/fuzz), on generated streams: whole client
+    /// requests and replies, cluster requests, a STATS_OK with real histograms, then
+    /// random bytes.
     #[test]
     fn the_fuzz_targets_checks_hold_on_generated_streams(
         reqs in proptest::collection::vec(arb_request(), 0..4),
         reps in proptest::collection::vec(arb_reply(), 0..4),
+        partition in any::<u32>(),
+        id in any::<u64>(),
+        key in bytes(24),
+        blob in bytes(40),
+        value in proptest::option::of(bytes(40)),
+        latencies in proptest::collection::vec(1u64..10_000_000, 0..20),
         tail in bytes(64),
     ) {
         let mut stream = Vec::new();
@@ -239,6 +247,38 @@ proptest! {
         for (i, rep) in reps.iter().enumerate() {
             rep.encode(i as u64, &mut stream);
         }
+        let cluster = [
+            ClusterRequest::ReplicaPut {
+                partition,
+                hint_for: id,
+                key: &key,
+                version: WireVersion { version: &blob, value: value.as_deref() },
+            },
+            ClusterRequest::ReplicaGet { partition, key: &key },
+            ClusterRequest::Gossip { from: id, message: &blob },
+            ClusterRequest::JoinRequest {
+                id,
+                shards: partition,
+                weight: 1,
+                addr: &key,
+                zone: &blob,
+            },
+            ClusterRequest::KeyCount { partition },
+            ClusterRequest::Stats { shard_only: id % 2 == 0 },
+        ];
+        for (i, req) in cluster.iter().enumerate() {
+            req.encode(i as u64, &mut stream);
+        }
+        let mut histogram = ringkv_net::stats::latency_histogram();
+        for ns in &latencies {
+            histogram.record(*ns).unwrap();
+        }
+        ringkv_net::stats::NodeStats {
+            shards: 2,
+            counters: vec![("requests".into(), id)],
+            latencies: vec![("get".into(), histogram)],
+        }
+        .encode_reply(7, &mut stream);
         stream.extend_from_slice(&tail);
         ringkv_net::fuzzing::frames(&stream);
     }

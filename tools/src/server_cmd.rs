@@ -25,6 +25,8 @@ own; with --seeds it joins the cluster of the first seed that admits it. A resta
 node rejoins with its persisted membership (data-dir/cluster/membership).
 Replication: N = 3, R = 2, W = 2 (each capped by the number of nodes).
 --metrics-listen serves the node's stats for Prometheus (GET /metrics); off by default.
+A host name in --listen, --metrics-listen or --advertise is looked up once at start:
+its first IPv4 address is used (its first address if it has none).
 Stops gracefully on SIGINT/SIGTERM. Log level: RUST_LOG (default info).";
 
 /// The TOML file: every field optional, names as in `ServerConfig`.
@@ -356,16 +358,27 @@ mod tests {
         ]
         .map(String::from);
         let c = config_from_args(&args).unwrap().unwrap();
-        assert!(
-            c.listen.ip().is_loopback() && c.listen.port() == 7500,
-            "{}",
-            c.listen
-        );
-        let m = c.metrics_listen.expect("set");
-        assert!(m.ip().is_loopback() && m.port() == 7599, "{m}");
+        // localhost's IPv4 address, wherever the resolver puts it
+        assert_eq!(c.listen, "127.0.0.1:7500".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:7599".parse().unwrap()));
         assert_eq!(c.advertise, c.listen);
-        let bad = ["--listen", "no-such-host.invalid:7500"].map(String::from);
-        let err = config_from_args(&bad).unwrap_err().to_string();
+        // and the TOML keys
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"localhost:7501\"\nmetrics_listen = \"localhost:7598\"\n\
+             advertise = \"localhost:7501\"\n",
+        )
+        .unwrap();
+        let args = ["--config".to_string(), file.display().to_string()];
+        let c = config_from_args(&args).unwrap().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7501".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:7598".parse().unwrap()));
+        assert_eq!(c.advertise, c.listen);
+        // no port: refused without a lookup
+        let bad = ["--listen", "localhost"].map(String::from);
+        let err = format!("{:#}", config_from_args(&bad).unwrap_err());
         assert!(err.contains("--listen"), "{err}");
     }
 

@@ -450,29 +450,21 @@ fn cli_takes_keys_and_values_that_look_like_options_after_a_double_dash() {
 }
 
 /// The path of net's example `name`, built for this test's profile: `cargo test
-/// --workspace` builds it; a run of this package alone builds it here first.
+/// --workspace` has built it, and the build here is then a no-op (the same features);
+/// run for this package alone, it builds the examples (or rebuilds stale ones) first.
+/// (A custom profile or `--target` puts them elsewhere: not handled.)
 fn example(name: &str) -> std::path::PathBuf {
     let deps = std::env::current_exe().unwrap();
     let profile_dir = deps.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join(name);
-    if !path.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args([
-                "build",
-                "-p",
-                "ringkv-net",
-                "--features",
-                "tokio",
-                "--examples",
-            ]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        assert!(build.status().unwrap().success(), "cargo build --examples");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["build", "--workspace", "--examples"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
     }
-    path
+    assert!(build.status().unwrap().success(), "cargo build --examples");
+    profile_dir.join("examples").join(name)
 }
 
 /// The examples in net/examples/, as the README points users to them, against a real

@@ -7,6 +7,8 @@ mod common;
 use common::{error_code, Raw, Server};
 use ringkv_net::protocol::{opcode, ErrorCode, Request, HEADER_BYTES};
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn frame(version: u8, op: u8, id: u64, body: &[u8]) -> Vec<u8> {
@@ -20,26 +22,71 @@ fn frame(version: u8, op: u8, id: u64, body: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Runs `abuse` against a fresh node (`sync`) while a well-behaved client writes before,
-/// during (through the `&mut Raw` it is given) and after it; then the node must still
-/// run and serve, and every write it acknowledged must read back, also after a clean
-/// stop and a restart.
-fn abuse_then_check(abuse: impl FnOnce(std::net::SocketAddr, &mut Raw)) {
+/// Runs `abuse` against a fresh node (`sync`) while a well-behaved client writes before
+/// and after it, another one writes all through it from its own thread, and `abuse` may
+/// write through the first (`Witness::put`); then the node must still run and serve,
+/// and every write it acknowledged must read back, also after a clean stop and a
+/// restart.
+fn abuse_then_check(abuse: impl FnOnce(std::net::SocketAddr, &mut Witness)) {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &["--durability", "sync"]);
-    let mut good = Raw::connect(server.addr);
-    good.put(b"before", b"1", b"");
+    let mut good = Witness {
+        raw: Raw::connect(server.addr),
+        written: Vec::new(),
+    };
+    good.put(b"before", b"1");
+    // the other client: bounded in count, stopped once the abuse is over
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (addr, stop) = (server.addr, stop.clone());
+        std::thread::spawn(move || {
+            let mut w = Witness {
+                raw: Raw::connect(addr),
+                written: Vec::new(),
+            };
+            for i in 0..100_000u32 {
+                if stop.load(Ordering::Relaxed) && i >= 10 {
+                    break;
+                }
+                w.put(format!("during-{i}").as_bytes(), &i.to_le_bytes());
+            }
+            w.written
+        })
+    };
     abuse(server.addr, &mut good);
+    stop.store(true, Ordering::Relaxed);
+    let mut written = writer.join().expect("the other client's writes");
     assert!(server.is_running(), "the server survived");
-    good.put(b"after", b"2", b"");
-    assert_eq!(good.get(b"before").0, vec![b"1".to_vec()]);
-    assert_eq!(good.get(b"after").0, vec![b"2".to_vec()]);
+    good.put(b"after", b"2");
+    written.append(&mut good.written);
+    let check = |c: &mut Raw| {
+        for (key, value) in &written {
+            assert_eq!(
+                c.get(key).0,
+                vec![value.clone()],
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    };
+    check(&mut good.raw);
     drop(good);
     assert!(server.stop().success());
     let server = Server::start(dir.path(), &["--durability", "sync"]);
-    let mut good = Raw::connect(server.addr);
-    assert_eq!(good.get(b"before").0, vec![b"1".to_vec()]);
-    assert_eq!(good.get(b"after").0, vec![b"2".to_vec()]);
+    check(&mut Raw::connect(server.addr));
+}
+
+/// A client whose acknowledged puts are kept, to be read back.
+struct Witness {
+    raw: Raw,
+    written: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Witness {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.raw.put(key, value, b"");
+        self.written.push((key.to_vec(), value.to_vec()));
+    }
 }
 
 #[test]
@@ -196,11 +243,11 @@ fn garbage_bytes_get_an_error_frame_then_a_close() {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         garbage.send_bytes(&noise);
-        good.put(b"between", b"3", b"");
+        good.put(b"between", b"3");
         let f = garbage.read_frame().expect("an ERROR frame");
         assert_eq!(error_code(&f), Some(ErrorCode::FrameTooLarge as u16));
         assert!(garbage.read_frame().is_none(), "then closed");
-        assert_eq!(good.get(b"between").0, vec![b"3".to_vec()]);
+        assert_eq!(good.raw.get(b"between").0, vec![b"3".to_vec()]);
     });
 }
 
@@ -232,15 +279,9 @@ fn garbage_inside_well_framed_frames_gets_errors_and_the_connection_goes_on() {
             let reply = framed.read_frame().expect("an ERROR frame");
             assert_eq!(error_code(&reply), Some(expected as u16), "case {case}");
             assert_eq!(common::header_of(&reply).request_id, case);
-            good.put(format!("during{case}").as_bytes(), b"4", b"");
+            good.put(format!("during{case}").as_bytes(), b"4");
         }
         assert!(framed.ping(), "the connection goes on after bad requests");
-        for case in 1..=3 {
-            assert_eq!(
-                good.get(format!("during{case}").as_bytes()).0,
-                vec![b"4".to_vec()]
-            );
-        }
     });
 }
 
