@@ -26,6 +26,9 @@ options:
   --crash P       per-tick (50 ms) chance of a node crash (default 0.01)
   --split P       per-tick chance of a network split (default 0.01)
   --sync-interval MS  interval durability (sync every MS) instead of sync per write
+  --tombstone-grace MS  reap tombstones MS after their delete (default: 24 h, never
+                  within a run); the checkers then accept a write gone with a reaped
+                  delete while nothing that delete superseded is back
   --no-hints      disable hinted handoff (to watch the checkers catch lost writes)
   --json          one JSON object per run, then a summary object
   --help          print this help
@@ -158,6 +161,8 @@ fn report_json(r: &SimReport) -> serde_json::Value {
         "compactions": r.compactions,
         "fallback_copies": r.fallback_copies,
         "failed_copy_hints": r.failed_copy_hints,
+        "tombstones_reaped": r.tombstones_reaped,
+        "tombstones_held": r.tombstones_held,
         "sim_ms": r.sim_ms,
     })
 }
@@ -199,6 +204,10 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                     bail!("--sync-interval must be at least 1 ms");
                 }
                 b.sync_interval_ms = Some(ms);
+            }
+            "--tombstone-grace" => {
+                let ms: u64 = number(&value("--tombstone-grace")?, "--tombstone-grace")?;
+                b.tombstone_grace_ms = Some(ms);
             }
             "--json" => parsed.json = true,
             other => bail!("unknown argument '{other}'"),

@@ -87,6 +87,10 @@ pub struct SimConfig {
     /// tolerates), and the `hint_handoff` checker is off (a fallback may lose a hinted
     /// copy together with its hint).
     pub sync_interval_ms: Option<u64>,
+    /// The data partitions' tombstone grace (`None`: the default, 24 h, which no run
+    /// reaches). A short one has compaction reap tombstones during the run, except
+    /// those a pending hint still has to deliver.
+    pub tombstone_grace_ms: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -113,6 +117,7 @@ impl Default for SimConfig {
             max_fault_ms: 3_600_000,
             clock_entries_max: 64,
             sync_interval_ms: None,
+            tombstone_grace_ms: None,
         }
     }
 }
@@ -154,6 +159,9 @@ pub struct SimReport {
     /// that failed for good and left a hint on their coordinator.
     pub fallback_copies: u64,
     pub failed_copy_hints: u64,
+    /// Tombstones compaction reaped, and expired ones it kept for a pending hint.
+    pub tombstones_reaped: u64,
+    pub tombstones_held: u64,
     pub sim_ms: u64,
     /// Hash of the event trace: equal for equal runs.
     pub digest: u64,
@@ -181,6 +189,8 @@ impl SimReport {
         self.compactions += r.compactions;
         self.fallback_copies += r.fallback_copies;
         self.failed_copy_hints += r.failed_copy_hints;
+        self.tombstones_reaped += r.tombstones_reaped;
+        self.tombstones_held += r.tombstones_held;
         self.sim_ms += r.sim_ms;
     }
 
@@ -190,7 +200,8 @@ impl SimReport {
             "acked_puts={} acked_deletes={} not_confirmed={} gets_ok={} gets_failed={} \
              client_timeouts={} forwarded={} crashes={} partitions={} hints_stored={} \
              hints_delivered={} read_repairs={} messages={} dropped={} duplicated={} \
-             store_errors={} compactions={} fallback_copies={} failed_copy_hints={} sim_ms={}",
+             store_errors={} compactions={} fallback_copies={} failed_copy_hints={} \
+             tombstones_reaped={} tombstones_held={} sim_ms={}",
             self.acked_puts,
             self.acked_deletes,
             self.not_confirmed,
@@ -210,6 +221,8 @@ impl SimReport {
             self.compactions,
             self.fallback_copies,
             self.failed_copy_hints,
+            self.tombstones_reaped,
+            self.tombstones_held,
             self.sim_ms
         )
     }
@@ -255,6 +268,7 @@ pub fn check_acked_writes(
     key: &[u8],
     acked: &[AckedWrite],
     final_read: &[VersionedValue],
+    reaped: Option<&[Version]>,
 ) -> Result<(), SimFailure> {
     for write in acked.iter().filter(|w| w.key == key) {
         let v = &write.written;
@@ -275,6 +289,31 @@ pub fn check_acked_writes(
                 })
             }
             None => {}
+        }
+        // with tombstones reaped (`reaped`: the key's deletes), a write may be gone
+        // because a delete that saw it is: fine while nothing that delete superseded
+        // is back
+        if let Some(deletes) = reaped {
+            let gone_with = deletes.iter().find(|d| d.descends(&v.version));
+            if let Some(delete) = gone_with {
+                let back = final_read
+                    .iter()
+                    .find(|f| f.version != *delete && delete.descends(&f.version));
+                if let Some(back) = back {
+                    return Err(SimFailure {
+                        seed,
+                        checker: "lost_write",
+                        key: Some(key_name(key)),
+                        detail: format!(
+                            "delete {:?} was reaped and {:?}, which it superseded, is back",
+                            delete.dot, back.version.dot
+                        ),
+                    });
+                }
+                if !final_read.iter().any(|f| f.version.descends(&v.version)) {
+                    continue;
+                }
+            }
         }
         if !final_read.iter().any(|f| f.version.descends(&v.version)) {
             return Err(SimFailure {
@@ -536,6 +575,10 @@ struct World {
     final_reads: BTreeMap<Vec<u8>, GetResult>,
     /// Every hinted write a fallback acknowledged.
     hinted: Vec<HintedWrite>,
+    /// Every delete a coordinator made (acknowledged or not), by key: with a short
+    /// tombstone grace the checkers accept a write gone because a delete that saw it was
+    /// reaped, as long as nothing that delete superseded is back.
+    deletes: Vec<(Vec<u8>, Version)>,
     report: SimReport,
     failure: Option<SimFailure>,
     /// Hash of the event trace so far.
@@ -607,14 +650,16 @@ fn durability(cfg: &SimConfig) -> Durability {
     }
 }
 
-fn data_config(partition: u32, durability: Durability) -> PartitionConfig {
+fn data_config(partition: u32, durability: Durability, grace: Option<u64>) -> PartitionConfig {
+    let default = PartitionConfig::default();
     PartitionConfig {
         partition: u64::from(partition),
         durability,
         segment_bytes_max: 8 << 10,
         buffer_bytes_max: 4 << 10,
         cache_bytes_max: 64 << 10,
-        ..PartitionConfig::default()
+        tombstone_grace_ms: grace.unwrap_or(default.tombstone_grace_ms),
+        ..default
     }
 }
 
@@ -641,13 +686,23 @@ fn fd_config() -> FailureDetectorConfig {
 }
 
 impl Node {
-    fn open_storage(&mut self, now: u64, q: u32, durability: Durability) -> Result<(), String> {
+    fn open_storage(
+        &mut self,
+        now: u64,
+        q: u32,
+        durability: Durability,
+        grace: Option<u64>,
+    ) -> Result<(), String> {
         let id = self.id.0;
         let mut parts = Vec::with_capacity(q as usize);
         for p in 0..q {
             let storage = self.disk.folder(&format!("/n{id}/p{p}"));
-            let (part, _) = block_on(Partition::open(storage, data_config(p, durability), now))
-                .map_err(|e| format!("node {id} partition {p}: {e}"))?;
+            let (part, _) = block_on(Partition::open(
+                storage,
+                data_config(p, durability, grace),
+                now,
+            ))
+            .map_err(|e| format!("node {id} partition {p}: {e}"))?;
             parts.push(part);
         }
         let storage = self.disk.folder(&format!("/n{id}/hints"));
@@ -766,6 +821,9 @@ impl Node {
                         return;
                     }
                 };
+                if value.is_none() {
+                    w.deletes.push((req.key.clone(), made.version.clone()));
+                }
                 let mut local_acks = usize::from(local_target.is_some());
                 if let Some(Target {
                     hint_for: Some(home),
@@ -1271,19 +1329,25 @@ impl Node {
         }
     }
 
-    /// Low-priority work of a real node: segment hint files and compaction.
+    /// Low-priority work of a real node: segment hint files and compaction, which keeps
+    /// the tombstones the node's pending hints still have to deliver (as a shard does).
     fn background(&self, w: &mut World) {
-        let Some((parts, _)) = &self.open else {
+        let Some((parts, hints)) = &self.open else {
             return;
         };
-        for part in parts {
+        let me = self.id;
+        for (p, part) in parts.iter().enumerate() {
             if block_on(part.write_pending_hints()).is_err() {
                 w.report.store_errors += 1;
             }
-            if part.compaction_due(0.3) {
-                match block_on(part.compact(w.now)) {
-                    Ok(report) if report.segments_in > 0 => w.report.compactions += 1,
-                    Ok(_) => {}
+            let keep = |key: &[u8]| hints.names_key(|t| t != me, p as u32, key);
+            if part.compaction_due_keeping(0.3, &keep) {
+                match block_on(part.compact_keeping(w.now, &keep)) {
+                    Ok(report) => {
+                        w.report.compactions += u64::from(report.segments_in > 0);
+                        w.report.tombstones_reaped += report.tombstones_dropped;
+                        w.report.tombstones_held += report.tombstones_held;
+                    }
                     Err(_) => w.report.store_errors += 1,
                 }
             }
@@ -1400,8 +1464,13 @@ impl Sim {
                 deliveries: BTreeMap::new(),
                 next_delivery: 0,
             };
-            node.open_storage(START_MS, cfg.partitions, durability(&cfg))
-                .map_err(setup)?;
+            node.open_storage(
+                START_MS,
+                cfg.partitions,
+                durability(&cfg),
+                cfg.tombstone_grace_ms,
+            )
+            .map_err(setup)?;
             node.start_state(START_MS, &membership, &node_ids, rng.next_u64());
             nodes.push(node);
         }
@@ -1415,6 +1484,7 @@ impl Sim {
             acked: Vec::new(),
             final_reads: BTreeMap::new(),
             hinted: Vec::new(),
+            deletes: Vec::new(),
             report: SimReport {
                 seed: cfg.seed,
                 nodes: cfg.nodes,
@@ -1530,8 +1600,9 @@ impl Sim {
         let now = self.w.now;
         let q = self.w.cfg.partitions;
         let durability = durability(&self.w.cfg);
+        let grace = self.w.cfg.tombstone_grace_ms;
         let node = &mut self.nodes[index];
-        node.open_storage(now, q, durability)
+        node.open_storage(now, q, durability, grace)
             .map_err(|detail| SimFailure {
                 seed: self.w.cfg.seed,
                 checker: "setup",
@@ -1854,7 +1925,15 @@ impl Sim {
             };
             let held = block_on(replica_get(&parts[partition as usize], &hinted.key))
                 .map_err(|e| self.failure("hint_handoff", Some(&hinted.key), e.to_string()))?;
-            if !held.iter().any(|h| h.version.descends(&hinted.version)) {
+            let reaped_with = self.w.cfg.tombstone_grace_ms.is_some()
+                && self.w.deletes.iter().any(|(k, d)| {
+                    *k == hinted.key
+                        && d.descends(&hinted.version)
+                        && !held
+                            .iter()
+                            .any(|h| h.version != *d && d.descends(&h.version))
+                });
+            if !reaped_with && !held.iter().any(|h| h.version.descends(&hinted.version)) {
                 return Err(self.failure(
                     "hint_handoff",
                     Some(&hinted.key),
@@ -1881,7 +1960,20 @@ impl Sim {
                     ))
                 }
             };
-            check_acked_writes(seed, key, &self.w.acked, versions)?;
+            let deletes: Vec<Version> = self
+                .w
+                .deletes
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, d)| d.clone())
+                .collect();
+            let reaped = self
+                .w
+                .cfg
+                .tombstone_grace_ms
+                .is_some()
+                .then_some(&deletes[..]);
+            check_acked_writes(seed, key, &self.w.acked, versions, reaped)?;
             let partition = self.w.ring.partition_for_key(key);
             let mut sets: Vec<(NodeId, BTreeSet<Vec<u8>>)> = Vec::new();
             for &home in self.w.homes(partition) {
@@ -1892,8 +1984,10 @@ impl Sim {
                 let held = block_on(replica_get(&parts[partition as usize], key)).map_err(|e| {
                     self.failure("convergence", Some(key), format!("read on {home}: {e}"))
                 })?;
+                // tombstones are reaped by each replica in its own time
                 let set: BTreeSet<Vec<u8>> = held
                     .iter()
+                    .filter(|v| self.w.cfg.tombstone_grace_ms.is_none() || v.value.is_some())
                     .map(|v| {
                         let mut b = v.version.encode_to_vec();
                         b.push(u8::from(v.value.is_some()));
@@ -1958,25 +2052,33 @@ mod tests {
         let b = vv(2, 1, &[(1, 1)], Some("b"));
         let c = vv(3, 1, &[], None);
         let final_read = vec![b.clone(), c.clone()];
-        check_acked_writes(0, b"k", &[acked(&a), acked(&b), acked(&c)], &final_read).unwrap();
+        check_acked_writes(
+            0,
+            b"k",
+            &[acked(&a), acked(&b), acked(&c)],
+            &final_read,
+            None,
+        )
+        .unwrap();
         // another key's writes are not looked at
         let mut other = acked(&vv(9, 9, &[], Some("z")));
         other.key = b"other".to_vec();
-        check_acked_writes(0, b"k", &[other], &final_read).unwrap();
+        check_acked_writes(0, b"k", &[other], &final_read, None).unwrap();
     }
 
     #[test]
     fn lost_write_checker_catches_a_lost_or_changed_write() {
         let a = vv(1, 1, &[], Some("a"));
         let b = vv(2, 1, &[], Some("b"));
-        let err = check_acked_writes(7, b"k", &[acked(&a)], std::slice::from_ref(&b)).unwrap_err();
+        let err =
+            check_acked_writes(7, b"k", &[acked(&a)], std::slice::from_ref(&b), None).unwrap_err();
         assert_eq!(
             (err.seed, err.checker, err.key.as_deref()),
             (7, "lost_write", Some("k"))
         );
         let mut changed = a.clone();
         changed.value = Some(b"other".to_vec());
-        let err = check_acked_writes(7, b"k", &[acked(&a)], &[changed]).unwrap_err();
+        let err = check_acked_writes(7, b"k", &[acked(&a)], &[changed], None).unwrap_err();
         assert_eq!(err.checker, "lost_write");
     }
 
