@@ -85,7 +85,8 @@ fn fixed_seeds_pass_with_interval_durability() {
 /// with the keep check turned off), and pass now that it keeps them. The checkers accept
 /// a write gone with a reaped delete only while nothing that delete superseded is back.
 /// (Shorter graces still show other ways back, which hints do not cover: at 2 s, seeds
-/// 59, 269 and 584 of 0..600 fail; at 5 s, none does.)
+/// 59, 269 and 584 of 0..600 fail; at 5 s, 652, 1058 and 1673 of 0..3000, each a
+/// reaped delete whose superseded value is back.)
 #[test]
 fn deletes_pending_hints_carry_outlive_a_short_tombstone_grace() {
     let mut total = SimReport::default();

@@ -1925,15 +1925,33 @@ impl Sim {
             };
             let held = block_on(replica_get(&parts[partition as usize], &hinted.key))
                 .map_err(|e| self.failure("hint_handoff", Some(&hinted.key), e.to_string()))?;
-            let reaped_with = self.w.cfg.tombstone_grace_ms.is_some()
-                && self.w.deletes.iter().any(|(k, d)| {
-                    *k == hinted.key
-                        && d.descends(&hinted.version)
-                        && !held
-                            .iter()
-                            .any(|h| h.version != *d && d.descends(&h.version))
-                });
-            if !reaped_with && !held.iter().any(|h| h.version.descends(&hinted.version)) {
+            if held.iter().any(|h| h.version.descends(&hinted.version)) {
+                continue;
+            }
+            // under a grace the write may be gone with a reaped delete that saw it, as
+            // long as nothing that delete superseded is back on the home
+            let deletes = self.expired_deletes(&hinted.key).unwrap_or_default();
+            let mut covering = deletes.iter().filter(|d| d.descends(&hinted.version));
+            let mut back = None;
+            let reaped_with = covering.any(|d| {
+                let superseded = held
+                    .iter()
+                    .find(|h| h.version != *d && d.descends(&h.version));
+                back = back.or(superseded.map(|h| (d.dot, h.version.dot)));
+                superseded.is_none()
+            });
+            if let (false, Some((delete, old))) = (reaped_with, back) {
+                return Err(self.failure(
+                    "hint_handoff",
+                    Some(&hinted.key),
+                    format!(
+                        "{} acknowledged {:?} as a fallback for {}; delete {delete:?}, which saw it, \
+                         was reaped there and {old:?}, which it superseded, is back",
+                        hinted.holder, hinted.version.dot, hinted.home
+                    ),
+                ));
+            }
+            if !reaped_with {
                 return Err(self.failure(
                     "hint_handoff",
                     Some(&hinted.key),
@@ -1945,6 +1963,22 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// With a tombstone grace, the deletes of `key` that compaction may have reaped by
+    /// now: a replica reaps a tombstone only once its record (stamped no earlier than the
+    /// delete was made, on the one simulated clock) is older than the grace. `None`
+    /// without a grace: nothing is reaped.
+    fn expired_deletes(&self, key: &[u8]) -> Option<Vec<Version>> {
+        let grace = self.w.cfg.tombstone_grace_ms?;
+        Some(
+            self.w
+                .deletes
+                .iter()
+                .filter(|(k, d)| k == key && d.timestamp_ms.saturating_add(grace) < self.w.now)
+                .map(|(_, d)| d.clone())
+                .collect(),
+        )
     }
 
     fn check(&self, keys: &[Vec<u8>]) -> Result<(), SimFailure> {
@@ -1960,20 +1994,8 @@ impl Sim {
                     ))
                 }
             };
-            let deletes: Vec<Version> = self
-                .w
-                .deletes
-                .iter()
-                .filter(|(k, _)| k == key)
-                .map(|(_, d)| d.clone())
-                .collect();
-            let reaped = self
-                .w
-                .cfg
-                .tombstone_grace_ms
-                .is_some()
-                .then_some(&deletes[..]);
-            check_acked_writes(seed, key, &self.w.acked, versions, reaped)?;
+            let reaped = self.expired_deletes(key);
+            check_acked_writes(seed, key, &self.w.acked, versions, reaped.as_deref())?;
             let partition = self.w.ring.partition_for_key(key);
             let mut sets: Vec<(NodeId, BTreeSet<Vec<u8>>)> = Vec::new();
             for &home in self.w.homes(partition) {
@@ -1984,10 +2006,13 @@ impl Sim {
                 let held = block_on(replica_get(&parts[partition as usize], key)).map_err(|e| {
                     self.failure("convergence", Some(key), format!("read on {home}: {e}"))
                 })?;
-                // tombstones are reaped by each replica in its own time
+                // each replica reaps in its own time, and only a key's sole tombstone
+                let reaped_here = self.w.cfg.tombstone_grace_ms.is_some()
+                    && held.len() == 1
+                    && held[0].value.is_none();
                 let set: BTreeSet<Vec<u8>> = held
                     .iter()
-                    .filter(|v| self.w.cfg.tombstone_grace_ms.is_none() || v.value.is_some())
+                    .filter(|_| !reaped_here)
                     .map(|v| {
                         let mut b = v.version.encode_to_vec();
                         b.push(u8::from(v.value.is_some()));
@@ -2080,6 +2105,53 @@ mod tests {
         changed.value = Some(b"other".to_vec());
         let err = check_acked_writes(7, b"k", &[acked(&a)], &[changed], None).unwrap_err();
         assert_eq!(err.checker, "lost_write");
+    }
+
+    #[test]
+    fn lost_write_checker_under_a_grace_accepts_only_writes_a_reaped_delete_covers() {
+        let a = vv(1, 1, &[], Some("a"));
+        let d = vv(2, 1, &[(1, 1)], None);
+        let late = vv(3, 1, &[], Some("late"));
+        let writes = [acked(&a), acked(&d)];
+        // `a` and the delete that saw it are both gone: the delete was reaped
+        check_acked_writes(
+            0,
+            b"k",
+            &writes,
+            &[],
+            Some(std::slice::from_ref(&d.version)),
+        )
+        .unwrap();
+        // a concurrent write the delete never saw still has to be there
+        let err = check_acked_writes(
+            0,
+            b"k",
+            &[acked(&late)],
+            &[],
+            Some(std::slice::from_ref(&d.version)),
+        )
+        .unwrap_err();
+        assert_eq!(err.checker, "lost_write");
+        // no delete may have been reaped yet (the caller passes only expired ones)
+        let err = check_acked_writes(0, b"k", &writes, &[], Some(&[])).unwrap_err();
+        assert_eq!(err.checker, "lost_write");
+    }
+
+    #[test]
+    fn lost_write_checker_under_a_grace_catches_a_resurrection() {
+        let a = vv(1, 1, &[], Some("a"));
+        let d = vv(2, 1, &[(1, 1)], None);
+        // the delete was reaped and `a`, which it superseded, is back
+        let err = check_acked_writes(
+            5,
+            b"k",
+            &[acked(&d)],
+            std::slice::from_ref(&a),
+            Some(std::slice::from_ref(&d.version)),
+        )
+        .unwrap_err();
+        assert_eq!((err.seed, err.checker), (5, "lost_write"));
+        assert!(err.detail.contains("is back"), "{}", err.detail);
     }
 
     #[test]
