@@ -54,6 +54,12 @@ proptest! {
         prop_assert_eq!(merged(&merged(&a, &b), &c), merged(&a, &merged(&b, &c)));
     }
 
+    /// The read path's one-version shortcut gives exactly the general context.
+    #[test]
+    fn context_of_one_is_context_of_a_single_version(v in arb_version()) {
+        prop_assert_eq!(context_of_one(v.clone()), context_of(std::slice::from_ref(&v)));
+    }
+
     #[test]
     fn merge_is_idempotent(a in arb_clock()) {
         prop_assert_eq!(merged(&a, &a), a);

@@ -12,7 +12,7 @@ use crate::partition::{Partition, PartitionConfig, ReplayOutcome, StoreError};
 use crate::record;
 use crate::runtime;
 use crate::storage::dma::DmaStorage;
-use crate::version::{context_of, Context, VClock, Version};
+use crate::version::{context_of, context_of_one, Context, VClock, Version, VersionDecodeError};
 use crate::versioned::PutOutcome;
 pub use cluster::NodeCounters;
 pub(crate) use cluster::{load_membership, persist_membership};
@@ -1226,19 +1226,20 @@ impl Shard {
             return Now::Later;
         };
         let Some(answered) = partition.read_cached(key, |records| {
-            let versions = records
-                .iter()
-                .map(|r| Version::decode(r.version))
-                .collect::<Result<SmallVec<[Version; 2]>, _>>()
-                .map_err(|e| store_error(StoreError::BadVersion(e.to_string())))?;
+            let bad = |e: VersionDecodeError| store_error(StoreError::BadVersion(e.to_string()));
+            // one version (the common case): its clock becomes the context in place
+            let context = match records {
+                [one] => context_of_one(Version::decode(one.version).map_err(bad)?),
+                _ => context_of(
+                    &records
+                        .iter()
+                        .map(|r| Version::decode(r.version))
+                        .collect::<Result<SmallVec<[Version; 2]>, _>>()
+                        .map_err(bad)?,
+                ),
+            };
             let values: SmallVec<[&[u8]; 2]> = records.iter().filter_map(|r| r.value).collect();
-            self.reply_get(
-                Some(partition),
-                &values,
-                &context_of(&versions),
-                header.request_id,
-                out,
-            )
+            self.reply_get(Some(partition), &values, &context, header.request_id, out)
         }) else {
             return Now::Later;
         };

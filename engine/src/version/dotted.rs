@@ -294,6 +294,20 @@ pub fn context_of(siblings: &[Version]) -> VClock {
     clock
 }
 
+/// [`context_of`] for a key with one version, which it consumes instead of copying its
+/// clock: the read path's common case.
+pub fn context_of_one(version: Version) -> VClock {
+    let Version {
+        dot,
+        timestamp_ms,
+        mut past,
+    } = version;
+    if dot.counter <= past.get(dot.actor).saturating_add(1) {
+        past.raise(dot.actor, dot.counter, timestamp_ms);
+    }
+    past
+}
+
 /// Applies `reconcile`'s verdict to a plain vector of siblings (for simulations and tests);
 /// `Err` says why `incoming` was not written.
 pub fn apply_to(siblings: &mut Vec<Version>, incoming: Version) -> Result<(), StaleReason> {

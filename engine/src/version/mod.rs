@@ -48,7 +48,7 @@ pub use context::{
     CONTEXT_ENTRIES_MAX, CONTEXT_FORMAT, CONTEXT_MAGIC,
 };
 pub use dotted::{
-    apply_to, context_of, coordinate, reconcile, remove_indices, CoordinateError, Coordinated,
-    Reconcile, StaleReason, Version, VersionDecodeError, CLOCK_ENTRIES_MAX, VERSION_FORMAT,
-    VERSION_HEADER_BYTES,
+    apply_to, context_of, context_of_one, coordinate, reconcile, remove_indices, CoordinateError,
+    Coordinated, Reconcile, StaleReason, Version, VersionDecodeError, CLOCK_ENTRIES_MAX,
+    VERSION_FORMAT, VERSION_HEADER_BYTES,
 };
