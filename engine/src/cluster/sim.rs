@@ -2006,10 +2006,13 @@ impl Sim {
                 let held = block_on(replica_get(&parts[partition as usize], key)).map_err(|e| {
                     self.failure("convergence", Some(key), format!("read on {home}: {e}"))
                 })?;
-                // each replica reaps in its own time, and only a key's sole tombstone
-                let reaped_here = self.w.cfg.tombstone_grace_ms.is_some()
-                    && held.len() == 1
-                    && held[0].value.is_none();
+                // each replica reaps in its own time, and only a key's sole tombstone,
+                // once it is older than the grace
+                let reaped_here = held.len() == 1
+                    && held[0].value.is_none()
+                    && reaped
+                        .as_deref()
+                        .is_some_and(|deletes| deletes.contains(&held[0].version));
                 let set: BTreeSet<Vec<u8>> = held
                     .iter()
                     .filter(|_| !reaped_here)
