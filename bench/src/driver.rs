@@ -68,7 +68,7 @@ pub struct Target {
 ///
 /// The load generator shares the CPUs with the server it measures, so a lookup is one
 /// ahash of the key and one probe of a table whose slots hold the key and the context
-/// themselves (up to [`KEY_INLINE`] and [`CONTEXT_INLINE`] bytes; longer ones spill to
+/// themselves (up to `KEY_INLINE` and `CONTEXT_INLINE` bytes; longer ones spill to
 /// the heap): with 100,000 keys a `HashMap<Vec<u8>, Vec<u8>>` missed the CPU caches
 /// three times per lookup (slot, key, context) and took a third of the load
 /// generator's user time on a put-only load.

@@ -962,7 +962,7 @@ impl<S: Storage> Partition<S> {
         }))
     }
 
-    /// [`append_now`](Self::append_now) for a caller that checked
+    /// `append_now` for a caller that checked
     /// [`append_owes_no_io`](Self::append_owes_no_io) in the same step: returns the
     /// commit-log position to wait for, if the mode waits.
     pub fn append_now_logged(
@@ -982,7 +982,7 @@ impl<S: Storage> Partition<S> {
     }
 
     /// Whether an append of `bytes` more (one [`WriteOp::encoded_len`] or a batch's
-    /// sum) would leave [`finish_append`](Self::finish_append) nothing to do but wait
+    /// sum) would leave `finish_append` nothing to do but wait
     /// for the commit log, or nothing at all: no roll due, no flush owed, and
     /// durability by the commit log (`Sync`) or not waited for.
     pub fn append_owes_no_io(&self, bytes: usize) -> bool {
