@@ -1061,3 +1061,138 @@ fn a_replica_get_over_the_frame_limit_is_refused_not_sent() {
     }
     assert!(c.get(b"hinted").0.is_empty());
 }
+
+/// The node's STATS counters (`ringkv stats --json`), from `addr`.
+fn node_counters(addr: std::net::SocketAddr) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args(["stats", "--addr", &addr.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    stats["counters"].clone()
+}
+
+/// Polls (bounded: 200 tries, 50 ms apart) until the node's `connection_bytes` is
+/// back to what the STATS request asking for it is charged itself while it runs (its
+/// frame and a 64 KiB reply estimate), with nothing else held.
+fn connection_bytes_return_to_zero(addr: std::net::SocketAddr) {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        last = node_counters(addr);
+        if last["connection_bytes"].as_u64().unwrap() <= 64 * 1024 + 64 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("connection bytes never went back to 0: {last}");
+}
+
+/// A budget of 16 MiB for the shard's connections: 40 connections that each send
+/// 3 MiB of a 4 MiB put and then stall would make the node hold 120 MiB without it.
+/// With it, a frame takes its room whole before more of it is read, the rest wait
+/// holding a chunk, and the stalled frames are dropped at the slow-client timeout;
+/// another client is served all along, and the budget is all given back.
+#[test]
+fn big_frames_from_many_stalled_connections_hold_the_shards_budget() {
+    const BUDGET: usize = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_config(
+        dir.path(),
+        &format!("connection_bytes_per_shard_max = {BUDGET}\nslow_client_timeout_ms = 3000\n"),
+        &["--shards", "1", "--durability", "none"],
+    );
+    let before = peak_resident_bytes(server.child.id());
+    let value = vec![b'v'; 4 << 20];
+    let mut put = Vec::new();
+    common::encode_blind_put(1, b"big", &value, &mut put);
+    let mut stallers = Vec::new();
+    for _ in 0..40 {
+        let mut s = Raw::connect(server.addr);
+        s.stream.set_nonblocking(true).unwrap();
+        // as much of the first 3 MiB as the sockets take (bounded: no retry loop)
+        let _ = std::io::Write::write(&mut s.stream, &put[..3 << 20]);
+        stallers.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut good = Raw::connect(server.addr);
+    assert!(good.ping());
+    good.put(b"small", b"1", b"");
+    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    eprintln!("the node grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 3 * BUDGET,
+        "40 stalled big frames grew the node by {} MiB",
+        grown >> 20
+    );
+    assert!(
+        node_counters(server.addr)["connection_budget_waits"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    drop(stallers);
+    connection_bytes_return_to_zero(server.addr);
+    // the budget is free again: a whole big put goes through
+    good.put(b"big", &value, b"");
+    assert_eq!(good.get(b"big").0, vec![value]);
+    assert!(server.stop().success());
+}
+
+/// 30 connections that each send 40 gets of a 1 MiB value and read none of the replies
+/// could make the node hold about 8 MiB each (the per-connection output budget), 240
+/// MiB in all; with a budget of 16 MiB for the shard's connections they stop taking
+/// requests once the replies waiting reach it. Another client is still served, and
+/// the budget comes back once the hogs are gone. Meanwhile a client that reads its
+/// replies still has its pings, small puts and cached gets answered.
+#[test]
+fn unread_replies_across_many_connections_hold_the_shards_budget() {
+    const BUDGET: usize = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_config(
+        dir.path(),
+        &format!("connection_bytes_per_shard_max = {BUDGET}\n"),
+        &["--shards", "1", "--durability", "none"],
+    );
+    let mut good = Raw::connect(server.addr);
+    let value = vec![b'x'; 1 << 20];
+    good.put(b"big", &value, b"");
+    let before = peak_resident_bytes(server.child.id());
+    let mut gets = Vec::new();
+    for id in 0..40u64 {
+        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
+    }
+    let mut hogs = Vec::new();
+    for _ in 0..30 {
+        let mut hog = Raw::connect(server.addr);
+        std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+        hogs.push(hog);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // served while the hogs hold the budget: requests with small replies
+    assert!(good.ping());
+    good.put(b"small", b"1", b"");
+    assert_eq!(good.get(b"small").0, vec![b"1".to_vec()]);
+    let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
+    eprintln!("the node grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 4 * BUDGET,
+        "30 connections' unread gets grew the node by {} MiB",
+        grown >> 20
+    );
+    assert!(
+        node_counters(server.addr)["connection_budget_waits"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    drop(hogs);
+    connection_bytes_return_to_zero(server.addr);
+    assert!(good.ping());
+    assert_eq!(good.get(b"big").0, vec![value]);
+    assert!(server.stop().success());
+}

@@ -15,7 +15,9 @@
 //! writer task sends everything else in batches, waiting for the socket as long as the
 //! slow-client timeout allows;
 //! while that buffer is over its budget the reader stops reading, so a client that does
-//! not read its replies cannot make the server hold unbounded memory. A broken stream
+//! not read its replies cannot make the server hold unbounded memory; and what all of a
+//! shard's connections hold past their fixed buffers is bounded by its [`ConnBudget`]
+//! (a connection waits for room instead of reading or starting more). A broken stream
 //! (bad length) gets an error frame and the connection closes; a bad request in a
 //! well-framed stream gets an error frame and the connection goes on.
 
@@ -35,10 +37,122 @@ use std::time::{Duration, Instant};
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// The most room a connection's read buffer and reply batches keep between uses: after
-/// a big frame or batch they shrink back (4,096 idle connections that each once sent
-/// a 4 MiB frame would otherwise keep 16-32 GiB).
-const BUFFER_KEPT_BYTES: usize = 1 << 20;
+/// The most room a connection's read buffer, reply buffers and held replies keep
+/// between uses: after a big frame or batch they shrink back (4,096 idle connections
+/// that each once sent a 4 MiB frame would otherwise keep 16-32 GiB). Room past this
+/// in any of them is charged to the shard's [`ConnBudget`].
+const BUFFER_KEPT_BYTES: usize = READ_CHUNK_BYTES;
+
+/// The room a buffer of `capacity` bytes holds past what every connection may keep
+/// (what it is charged to the shard's [`ConnBudget`]).
+fn excess(capacity: usize) -> usize {
+    capacity.saturating_sub(BUFFER_KEPT_BYTES)
+}
+
+/// The memory a shard's connections may hold past their fixed buffers
+/// (`ServerConfig::connection_bytes_per_shard_max`), in two parts:
+///
+/// - **reads**: read buffers' room past [`BUFFER_KEPT_BYTES`], that is frames bigger
+///   than that being received. A connection takes the room for such a frame whole
+///   before reading past its first chunk, and only while reads and work together
+///   leave room for it (or no other such frame is being received: one always can
+///   be); otherwise it reads nothing more until room is freed, holding no more than
+///   a chunk.
+/// - **work**: the frames of requests running as tasks or forwarded, the reply bytes
+///   they are charged, and reply buffers' room past [`BUFFER_KEPT_BYTES`] (replies
+///   not yet sent, or held for the group commit). A connection takes no request off
+///   its buffer while work is over the budget.
+///
+/// Nothing that holds work waits for the budget (tasks end, replies are sent or their
+/// client is cut off at the slow-client timeout), and a connection waiting for room
+/// for a frame holds only its chunk, so the waits always end. Together the node holds
+/// at most about twice the budget per shard past each connection's fixed buffers
+/// (reads are admitted against reads and work, and work may then grow to the budget).
+pub(crate) struct ConnBudget {
+    max: usize,
+    reads: Cell<usize>,
+    work: Cell<usize>,
+    freed: Notify,
+    /// Connections waiting for room now.
+    waiters: Cell<usize>,
+    /// Times a connection paused for room (STATS `connection_budget_waits`).
+    waits: Cell<u64>,
+}
+
+impl ConnBudget {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            reads: Cell::new(0),
+            work: Cell::new(0),
+            freed: Notify::default(),
+            waiters: Cell::new(0),
+            waits: Cell::new(0),
+        }
+    }
+
+    /// Bytes charged now (STATS `connection_bytes`).
+    pub(crate) fn held(&self) -> usize {
+        self.reads.get() + self.work.get()
+    }
+
+    pub(crate) fn waits(&self) -> u64 {
+        self.waits.get()
+    }
+
+    fn work_over(&self) -> bool {
+        self.work.get() > self.max
+    }
+
+    /// Whether a frame that needs `needed` more bytes of read buffer may take them.
+    fn admits_frame(&self, needed: usize) -> bool {
+        self.reads.get() == 0 || self.held() + needed <= self.max
+    }
+
+    fn add_work(&self, bytes: usize) {
+        self.work.set(self.work.get() + bytes);
+    }
+
+    fn sub_work(&self, bytes: usize) {
+        self.work.set(self.work.get() - bytes);
+        self.freed_some();
+    }
+
+    /// Replaces a charge of `before` bytes by one of `now` in `part`.
+    fn change(&self, part: &Cell<usize>, before: usize, now: usize) {
+        if before == now {
+            return;
+        }
+        part.set(part.get() - before + now);
+        if now < before {
+            self.freed_some();
+        }
+    }
+
+    fn freed_some(&self) {
+        if self.waiters.get() > 0 {
+            self.freed.notify_all();
+        }
+    }
+
+    /// Waits until `ready()` holds, checked again whenever room is freed or the
+    /// connection's own replies drain or requests end; ends early when the connection
+    /// fails or the shard stops.
+    async fn wait_until(&self, shard: &Shard, output: &Output, ready: impl Fn() -> bool) {
+        self.waits.set(self.waits.get() + 1);
+        self.waiters.set(self.waiters.get() + 1);
+        while !ready() && !output.broken.get() && !shard.stopping.get() {
+            self.freed
+                .wait()
+                .or(shard.stop.wait())
+                .or(output.broke.wait())
+                .or(output.drained.wait())
+                .or(output.in_flight_done.wait())
+                .await;
+        }
+        self.waiters.set(self.waiters.get() - 1);
+    }
+}
 
 struct Output {
     /// The connection's socket (for [`Output::flush`]).
@@ -66,6 +180,15 @@ struct Output {
     held_ready: Notify,
     /// The reader stopped for good (nothing more can be held): the acker may end.
     reading_done: Cell<bool>,
+    /// The shard's connection memory, and what this connection's buffers are charged
+    /// in its work part now ([`Output::recharge`]; running requests are charged as
+    /// they start and end).
+    budget: Rc<ConnBudget>,
+    charged_buffers: Cell<usize>,
+    /// The capacity of the batch the writer is sending.
+    sending_room: Cell<usize>,
+    /// The connection has ended: its buffers are charged nothing more.
+    finished: Cell<bool>,
 }
 
 /// Replies to writes waiting for the commit log, in the order the writes were
@@ -127,6 +250,9 @@ impl Held {
             self.replies.pop_front();
         }
         self.bytes.drain(..start - self.released);
+        if self.bytes.is_empty() && self.bytes.capacity() > BUFFER_KEPT_BYTES {
+            self.bytes = Vec::new();
+        }
         self.released = start;
         released
     }
@@ -179,6 +305,11 @@ impl Output {
     /// the writer for whatever is left. A reply that can go out at once then costs no
     /// switch to the writer task.
     fn flush(&self) {
+        self.send_now();
+        self.recharge();
+    }
+
+    fn send_now(&self) {
         if self.buf.borrow().is_empty() {
             return;
         }
@@ -210,6 +341,26 @@ impl Output {
         self.ready.notify_all();
     }
 
+    /// Charges the budget for this connection's buffers as they are now (skipped while
+    /// one is borrowed: the next call catches up). Called wherever they can shrink.
+    fn recharge(&self) {
+        let now = if self.finished.get() {
+            0
+        } else {
+            let (Ok(buf), Ok(held)) = (self.buf.try_borrow(), self.held.try_borrow()) else {
+                return;
+            };
+            excess(buf.capacity()) + excess(held.bytes.capacity()) + excess(self.sending_room.get())
+        };
+        let before = self.charged_buffers.replace(now);
+        self.budget.change(&self.budget.work, before, now);
+    }
+
+    /// Whether the connection has requests running or replies not yet sent.
+    fn holds_work(&self) -> bool {
+        self.in_flight.get() > 0 || self.pending_bytes() > 0
+    }
+
     fn pending_bytes(&self) -> usize {
         self.buf.borrow().len() + self.sending_bytes.get() + self.held.borrow().bytes.len()
     }
@@ -230,6 +381,7 @@ impl Output {
             .set(self.in_flight_bytes.get() + frame_len);
         self.running_reply_bytes
             .set(self.running_reply_bytes.get() + reply_bytes);
+        self.budget.add_work(frame_len + reply_bytes);
     }
 
     /// The counterpart of [`Output::start_running`], once its reply is in `buf`.
@@ -239,6 +391,7 @@ impl Output {
             .set(self.in_flight_bytes.get() - frame_len);
         self.running_reply_bytes
             .set(self.running_reply_bytes.get() - reply_bytes);
+        self.budget.sub_work(frame_len + reply_bytes);
     }
 
     /// Whether a request frame of `len` bytes may start now: the frames of requests
@@ -294,7 +447,12 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         held: RefCell::default(),
         held_ready: Notify::default(),
         reading_done: Cell::new(false),
+        budget: shard.conn_budget.clone(),
+        charged_buffers: Cell::new(0),
+        sending_room: Cell::new(0),
+        finished: Cell::new(false),
     });
+    let budget = &shard.conn_budget;
     // the output a client may leave unread before the reader pauses
     let output_budget = output_budget_bytes(config);
     let in_flight_bytes_max = IN_FLIGHT_FRAMES_OF_BYTES * config.frame_bytes_max;
@@ -315,6 +473,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 }
                 std::mem::swap(&mut *output.buf.borrow_mut(), &mut sending);
                 output.sending_bytes.set(sending.len());
+                output.sending_room.set(sending.capacity());
+                output.recharge();
                 // each WRITE_CHUNK_BYTES of the batch must go out within the slow-client
                 // timeout (a deadline only when the socket does not take it at once): a
                 // client that keeps reading is never cut off, however big the batch
@@ -351,6 +511,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                 if sending.capacity() > BUFFER_KEPT_BYTES {
                     sending = Vec::new();
                 }
+                output.sending_room.set(0);
+                output.recharge();
             }
             let _ = writer.flush().await;
             let _ = writer.close().await;
@@ -364,6 +526,16 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     // when the first byte of the frame now being received arrived
     let mut frame_started: Option<Instant> = None;
     let mut forwards = Forwards::new(config.shards);
+    // what `buf`'s room is charged in the budget's reads part
+    let mut charged_reads = 0;
+    let mut charge_reads = |buf: &Vec<u8>| {
+        let now = excess(buf.capacity());
+        budget.change(
+            &budget.reads,
+            std::mem::replace(&mut charged_reads, now),
+            now,
+        );
+    };
     'read: loop {
         // take every whole frame already buffered
         let mut consumed = 0;
@@ -371,6 +543,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         // when the pass took its first frame, and the requests it answered at once
         let mut pass_started: Option<Instant> = None;
         let mut answered = [0u32; OPS.len()];
+        // the pass stopped because the shard's connections hold too much work
+        let mut over_budget = None;
         loop {
             if !output.can_dispatch(output_budget) {
                 // backpressure: the rest waits in `buf` until replies drain
@@ -384,9 +558,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         break;
                     }
                     let frame = &buf[consumed..consumed + len];
-                    consumed += len;
                     let started = *pass_started.get_or_insert_with(Instant::now);
-                    dispatch(
+                    let taken = dispatch(
                         frame,
                         started,
                         &shard,
@@ -394,6 +567,11 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         &mut forwards,
                         &mut answered,
                     );
+                    if let Err(wait) = taken {
+                        over_budget = Some(wait);
+                        break;
+                    }
+                    consumed += len;
                 }
                 Err(err) => {
                     let request_id = if buf.len() - consumed >= protocol::HEADER_BYTES {
@@ -436,10 +614,12 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             break 'read;
         }
         buf.drain(..consumed);
-        if buf.capacity() > BUFFER_KEPT_BYTES && buf.len() <= READ_CHUNK_BYTES {
+        if buf.capacity() > BUFFER_KEPT_BYTES && buf.len() <= BUFFER_KEPT_BYTES {
             // one big frame does not keep its room for the life of the connection
-            buf.shrink_to(READ_CHUNK_BYTES);
+            buf.shrink_to(BUFFER_KEPT_BYTES);
         }
+        charge_reads(&buf);
+        output.recharge();
         let checked = protocol::check_frame(&buf, config.frame_bytes_max);
         let waiting_frame_len = match checked {
             Ok(Some(len)) => Some(len),
@@ -456,6 +636,15 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         };
         if output.broken.get() || shard.stopping.get() {
             break;
+        }
+        if let Some(wait) = over_budget {
+            // not bounded by a timeout: whatever holds the work ends by itself
+            let ready = || match wait {
+                RoomFor::Task => !budget.work_over(),
+                RoomFor::Any => !budget.work_over() || !output.holds_work(),
+            };
+            budget.wait_until(&shard, &output, ready).await;
+            continue;
         }
         // backpressure: wait (bounded) for replies to drain or requests to finish
         // before taking or reading more
@@ -490,7 +679,31 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         if overdue.is_some_and(|at| at <= Instant::now()) {
             break;
         }
-        let mut read = std::pin::pin!(reader.read(&mut chunk));
+        // a frame bigger than the room every connection keeps takes its room from the
+        // budget whole before more of it is read, and nothing past it is read into that
+        // room (so the buffer never grows past the frame)
+        let mut want = READ_CHUNK_BYTES;
+        if buf.len() >= 4 {
+            let frame_len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if frame_len > BUFFER_KEPT_BYTES {
+                if buf.capacity() < frame_len {
+                    let needed = excess(frame_len) - excess(buf.capacity());
+                    if !budget.admits_frame(needed) {
+                        budget
+                            .wait_until(&shard, &output, || budget.admits_frame(needed))
+                            .await;
+                        // the wait was the node's, not the client's: the frame's time
+                        // starts again (meanwhile the connection held only its chunk)
+                        frame_started = Some(Instant::now());
+                        continue;
+                    }
+                    buf.reserve_exact(frame_len - buf.len());
+                    charge_reads(&buf);
+                }
+                want = (frame_len - buf.len()).min(READ_CHUNK_BYTES);
+            }
+        }
+        let mut read = std::pin::pin!(reader.read(&mut chunk[..want]));
         let read = match futures_lite::future::poll_once(&mut read).await {
             Some(read) => Some(read),
             None => {
@@ -521,9 +734,14 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         };
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
-            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Some(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                charge_reads(&buf);
+            }
         }
     }
+    drop(buf);
+    budget.change(&budget.reads, charged_reads, 0);
     // let requests already running answer, then the writer drains and closes
     let deadline = Instant::now() + shard.config.drain_timeout;
     while output.in_flight.get() > 0 && Instant::now() < deadline {
@@ -539,6 +757,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     acker_task.await;
     output.ready.notify_all();
     writer_task.await;
+    output.finished.set(true);
+    output.recharge();
 }
 
 /// Sends each held reply once the commit log covers its write: waits for the oldest
@@ -576,9 +796,29 @@ async fn ack_held(output: Rc<Output>, shard: Rc<Shard>) {
     }
 }
 
+/// Why a frame was left in the read buffer: the shard's connections hold more work
+/// than its budget allows (see [`dispatch`]).
+#[derive(Clone, Copy)]
+enum RoomFor {
+    /// A get that runs as a task or is forwarded: it waits until work is under the
+    /// budget.
+    Task,
+    /// Any request: this connection itself holds work; it may go on once that is sent
+    /// or the budget has room.
+    Any,
+}
+
 /// Runs, holds, forwards or refuses one request frame; `started` is when the pass took
 /// its first frame, and a request answered at once is counted in `answered` (the pass
 /// records their latencies together).
+///
+/// While the shard's connections hold more work than the budget ([`ConnBudget`]), a
+/// connection that holds none may still have a request answered at once (its reply is
+/// at most a cached record) or one that is not a get run (its reply is small and its
+/// frame is in the read buffer already); anything else is left in the buffer (`Err`)
+/// until room is freed. So a client that reads its replies is still served while
+/// others that do not hold the budget, and each connection adds at most one such
+/// request's reply past it.
 fn dispatch(
     frame: &[u8],
     started: Instant,
@@ -586,7 +826,11 @@ fn dispatch(
     output: &Rc<Output>,
     forwards: &mut Forwards,
     answered: &mut [u32; OPS.len()],
-) {
+) -> Result<(), RoomFor> {
+    let over_budget = shard.conn_budget.work_over();
+    if over_budget && output.holds_work() {
+        return Err(RoomFor::Any);
+    }
     let header = protocol::header(frame);
     let (request_id, op) = (header.request_id, Op::of(header.opcode));
     // the reader flushes what its pass answered
@@ -594,18 +838,20 @@ fn dispatch(
         encode::error(&mut output.buf.borrow_mut(), request_id, code, message);
     };
     if shard.stopping.get() {
-        return refuse(ErrorCode::ShuttingDown, "the node is shutting down");
+        refuse(ErrorCode::ShuttingDown, "the node is shutting down");
+        return Ok(());
     }
     if output.in_flight.get() >= shard.config.in_flight_per_connection_max {
         // the count HELLO_OK announced: a client that keeps to it is never refused
         // (the server stops counting a request before the client does)
-        return refuse(
+        refuse(
             ErrorCode::TooManyInFlight,
             &format!(
                 "more than {} requests in flight on this connection",
                 shard.config.in_flight_per_connection_max
             ),
         );
+        return Ok(());
     }
     {
         let mut held = output.held.borrow_mut();
@@ -616,7 +862,7 @@ fn dispatch(
                 if let Some(op) = op {
                     answered[op as usize] += 1;
                 }
-                return;
+                return Ok(());
             }
             Now::Held {
                 partition,
@@ -634,9 +880,12 @@ fn dispatch(
                 });
                 output.in_flight.set(output.in_flight.get() + 1);
                 output.held_ready.notify_all();
-                return;
+                return Ok(());
             }
         }
+    }
+    if over_budget && matches!(op, Some(Op::Get | Op::ReplicaGet)) {
+        return Err(RoomFor::Task);
     }
     let output_budget = output_budget_bytes(&shard.config);
     if let Some(owner) = shard.forward_target(frame) {
@@ -657,7 +906,7 @@ fn dispatch(
             charge,
             answered: false,
         });
-        return;
+        return Ok(());
     }
     // a get of a key on this shard: what its records hold (its values, and a little
     // more), so that gets of big values do not all start at once
@@ -686,11 +935,13 @@ fn dispatch(
             shard.latencies.borrow_mut().record(op, started);
         }
         output.end_running(frame.len(), reply_bytes);
+        output.recharge();
         // not flushed here: replies of tasks that end in the same turn go out together
         output.ready.notify_all();
         output.in_flight_done.notify_all();
     })
     .detach();
+    Ok(())
 }
 
 /// Room a forwarded batch's buffer starts with: its requests, and then the replies

@@ -51,6 +51,11 @@ pub struct ServerConfig {
     pub frame_bytes_max: usize,
     pub in_flight_per_connection_max: usize,
     pub connections_per_shard_max: usize,
+    /// Memory a shard's connections may hold past each one's fixed buffers: frames
+    /// bigger than 64 KiB being received, requests running and their replies, replies
+    /// not yet sent (see `conn::ConnBudget`). A connection waits for room instead of
+    /// reading or starting more.
+    pub connection_bytes_per_shard_max: usize,
     /// A connection with nothing to read for this long is closed.
     pub idle_timeout: Duration,
     /// A frame started but not finished within this long closes the connection, and a
@@ -113,6 +118,7 @@ impl Default for ServerConfig {
             frame_bytes_max: ringkv_net::protocol::FRAME_BYTES_MAX_DEFAULT,
             in_flight_per_connection_max: 1024,
             connections_per_shard_max: 4096,
+            connection_bytes_per_shard_max: 512 << 20,
             idle_timeout: Duration::from_secs(300),
             slow_client_timeout: Duration::from_secs(10),
             clock_entries_max: crate::version::CLOCK_ENTRIES_MAX,
@@ -261,6 +267,10 @@ impl ServerConfig {
                 self.in_flight_per_connection_max,
             ),
             ("connections_per_shard_max", self.connections_per_shard_max),
+            (
+                "connection_bytes_per_shard_max",
+                self.connection_bytes_per_shard_max,
+            ),
             ("siblings_max", self.siblings_max),
             ("clock_entries_max", self.clock_entries_max),
         ] {

@@ -84,6 +84,8 @@ pub(crate) struct Shard {
     pub latencies: RefCell<super::stats::Latencies>,
     /// Its connections' idle and slow-client deadlines.
     pub sweeper: Rc<super::deadline::Sweeper>,
+    /// The memory its connections may hold past their fixed buffers.
+    pub conn_budget: Rc<super::conn::ConnBudget>,
 }
 
 /// Where the replies to a forwarded batch land, as they arrive.
@@ -318,6 +320,9 @@ async fn start(
             config.idle_timeout,
             config.slow_client_timeout,
         ])),
+        conn_budget: Rc::new(super::conn::ConnBudget::new(
+            config.connection_bytes_per_shard_max,
+        )),
     });
     let mut tasks = vec![glommio::spawn_local(shard.sweeper.clone().run())];
     if let Some(bytes) = &membership {
@@ -1335,6 +1340,8 @@ impl Shard {
             ("connections_accepted", s.connections_accepted),
             ("connections_refused", s.connections_refused),
             ("connections_open", self.connections.get() as u64),
+            ("connection_bytes", self.conn_budget.held() as u64),
+            ("connection_budget_waits", self.conn_budget.waits()),
         ]
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
