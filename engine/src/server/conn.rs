@@ -67,7 +67,10 @@ fn excess(capacity: usize) -> usize {
 /// client is cut off at the slow-client timeout), and a connection waiting for room
 /// for a frame holds only its chunk, so the waits always end. Together the node holds
 /// at most about twice the budget per shard past each connection's fixed buffers
-/// (reads are admitted against reads and work, and work may then grow to the budget).
+/// (reads are admitted against reads and work, and work may then grow to the budget),
+/// plus per connection what [`dispatch`] lets one that holds no work run, and up to
+/// 64 KiB more of read buffer (a partial small frame and the chunk read after it is
+/// charged, not admitted).
 pub(crate) struct ConnBudget {
     max: usize,
     reads: Cell<usize>,
