@@ -1148,7 +1148,8 @@ fn big_frames_from_many_stalled_connections_hold_the_shards_budget() {
 /// MiB in all; with a budget of 16 MiB for the shard's connections they stop taking
 /// requests once the replies waiting reach it. Another client is still served, and
 /// the budget comes back once the hogs are gone. Meanwhile a client that reads its
-/// replies still has its pings, small puts and cached gets answered.
+/// replies still has its pings, small puts and cached gets answered, and a peer its
+/// replica reads.
 #[test]
 fn unread_replies_across_many_connections_hold_the_shards_budget() {
     const BUDGET: usize = 16 << 20;
@@ -1177,6 +1178,32 @@ fn unread_replies_across_many_connections_hold_the_shards_budget() {
     assert!(good.ping());
     good.put(b"small", b"1", b"");
     assert_eq!(good.get(b"small").0, vec![b"1".to_vec()]);
+    // and a peer's pipelined replica reads (cluster requests never wait for the
+    // budget: two nodes over theirs must not stall each other), well before the
+    // 10 s slow-client timeout frees the budget
+    let mut peer = Raw::connect(server.addr);
+    peer.stream
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    let mut frames = Vec::new();
+    for id in 1..=4u64 {
+        ringkv_net::peer::ClusterRequest::ReplicaGet {
+            partition: ringkv_ring::hash::partition_for_key(b"big", 64),
+            key: b"big",
+        }
+        .encode(id, &mut frames);
+    }
+    peer.send_bytes(&frames);
+    for _ in 0..4 {
+        let reply = peer.read_frame().expect("a replica get's reply");
+        match ringkv_net::peer::ClusterReply::parse(&reply) {
+            Ok((_, ringkv_net::peer::ClusterReply::ReplicaGetOk(versions))) => {
+                assert_eq!(versions.len(), 1);
+                assert_eq!(versions[0].value, Some(&value[..]));
+            }
+            other => panic!("a replica get over the budget: {other:?}"),
+        }
+    }
     let grown = peak_resident_bytes(server.child.id()).saturating_sub(before);
     eprintln!("the node grew by {} MiB", grown >> 20);
     assert!(

@@ -55,26 +55,36 @@ fn excess(capacity: usize) -> usize {
 /// - **reads**: read buffers' room past [`BUFFER_KEPT_BYTES`], that is frames bigger
 ///   than that being received. A connection takes the room for such a frame whole
 ///   before reading past its first chunk, and only while reads and work together
-///   leave room for it (or no other such frame is being received: one always can
-///   be); otherwise it reads nothing more until room is freed, holding no more than
-///   a chunk.
+///   leave room for it (or no other connection holds room for such a frame: one
+///   always can); otherwise it reads nothing more until room is freed, holding no
+///   more than a chunk. It keeps that room until the frame has been taken off its
+///   buffer.
 /// - **work**: the frames of requests running as tasks or forwarded, the reply bytes
 ///   they are charged, and reply buffers' room past [`BUFFER_KEPT_BYTES`] (replies
 ///   not yet sent, or held for the group commit). A connection takes no request off
 ///   its buffer while work is over the budget.
 ///
+/// Cluster requests (peer links, `ringkv_net::peer::is_cluster_opcode`) are charged
+/// but never wait: two nodes over budget must not stall each other's replication, and
+/// a peer link is bounded by the sender's own pending limit.
+///
 /// Nothing that holds work waits for the budget (tasks end, replies are sent or their
 /// client is cut off at the slow-client timeout), and a connection waiting for room
-/// for a frame holds only its chunk, so the waits always end. Together the node holds
+/// for a frame holds no room for one, so the waits always end. Together the node holds
 /// at most about twice the budget per shard past each connection's fixed buffers
 /// (reads are admitted against reads and work, and work may then grow to the budget),
-/// plus per connection what [`dispatch`] lets one that holds no work run, and up to
-/// 64 KiB more of read buffer (a partial small frame and the chunk read after it is
-/// charged, not admitted).
+/// plus per connection what one pass over its buffer took before work passed the
+/// budget (up to its output budget), what [`dispatch`] lets one that holds no work
+/// start (a frame copy and a reply), and up to 64 KiB more of read buffer (a partial
+/// small frame and the chunk read after it is charged, not admitted). A client that
+/// reads its replies slowly but takes each batch within the slow-client timeout is
+/// never cut off: it holds its share of the budget for as long as it reads.
 pub(crate) struct ConnBudget {
     max: usize,
     reads: Cell<usize>,
     work: Cell<usize>,
+    /// Connections holding room for a frame bigger than [`BUFFER_KEPT_BYTES`].
+    frames: Cell<usize>,
     freed: Notify,
     /// Connections waiting for room now.
     waiters: Cell<usize>,
@@ -88,6 +98,7 @@ impl ConnBudget {
             max,
             reads: Cell::new(0),
             work: Cell::new(0),
+            frames: Cell::new(0),
             freed: Notify::default(),
             waiters: Cell::new(0),
             waits: Cell::new(0),
@@ -107,9 +118,28 @@ impl ConnBudget {
         self.work.get() > self.max
     }
 
-    /// Whether a frame that needs `needed` more bytes of read buffer may take them.
+    /// Whether a frame that needs `needed` more bytes of read buffer may take them (by a
+    /// connection that holds no room for such a frame itself).
     fn admits_frame(&self, needed: usize) -> bool {
-        self.reads.get() == 0 || self.held() + needed <= self.max
+        self.frames.get() == 0 || self.held() + needed <= self.max
+    }
+
+    /// Counts the connection whose flag `holds` is as holding room for a big frame.
+    fn hold_frame_room(&self, holds: &Cell<bool>) {
+        if !holds.replace(true) {
+            self.frames.set(self.frames.get() + 1);
+        }
+    }
+
+    /// The counterpart of [`ConnBudget::hold_frame_room`] (its buffer's charge is
+    /// changed apart).
+    fn release_frame_room(&self, holds: &Cell<bool>) {
+        if holds.replace(false) {
+            self.frames.set(self.frames.get() - 1);
+            if self.frames.get() == 0 {
+                self.freed_some();
+            }
+        }
     }
 
     fn add_work(&self, bytes: usize) {
@@ -142,6 +172,9 @@ impl ConnBudget {
     /// connection's own replies drain or requests end; ends early when the connection
     /// fails or the shard stops.
     async fn wait_until(&self, shard: &Shard, output: &Output, ready: impl Fn() -> bool) {
+        if ready() {
+            return;
+        }
         self.waits.set(self.waits.get() + 1);
         self.waiters.set(self.waiters.get() + 1);
         while !ready() && !output.broken.get() && !shard.stopping.get() {
@@ -530,15 +563,13 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let mut frame_started: Option<Instant> = None;
     let mut forwards = Forwards::new(config.shards);
     // what `buf`'s room is charged in the budget's reads part
-    let mut charged_reads = 0;
-    let mut charge_reads = |buf: &Vec<u8>| {
+    let charged_reads = Cell::new(0);
+    let charge_reads = |buf: &Vec<u8>| {
         let now = excess(buf.capacity());
-        budget.change(
-            &budget.reads,
-            std::mem::replace(&mut charged_reads, now),
-            now,
-        );
+        budget.change(&budget.reads, charged_reads.replace(now), now);
     };
+    // `buf` holds room taken for a frame bigger than BUFFER_KEPT_BYTES
+    let frame_room = Cell::new(false);
     'read: loop {
         // take every whole frame already buffered
         let mut consumed = 0;
@@ -617,9 +648,14 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
             break 'read;
         }
         buf.drain(..consumed);
-        if buf.capacity() > BUFFER_KEPT_BYTES && buf.len() <= BUFFER_KEPT_BYTES {
-            // one big frame does not keep its room for the life of the connection
-            buf.shrink_to(BUFFER_KEPT_BYTES);
+        // room taken for a big frame is kept until that frame is off the buffer; then
+        // one big frame does not keep its room for the life of the connection
+        let big_frame_len = big_frame_declared(&buf);
+        if big_frame_len.is_none_or(|len| buf.capacity() < len) {
+            if buf.capacity() > BUFFER_KEPT_BYTES && buf.len() <= BUFFER_KEPT_BYTES {
+                buf.shrink_to(BUFFER_KEPT_BYTES);
+            }
+            budget.release_frame_room(&frame_room);
         }
         charge_reads(&buf);
         output.recharge();
@@ -686,25 +722,23 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         // budget whole before more of it is read, and nothing past it is read into that
         // room (so the buffer never grows past the frame)
         let mut want = READ_CHUNK_BYTES;
-        if buf.len() >= 4 {
-            let frame_len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if frame_len > BUFFER_KEPT_BYTES {
-                if buf.capacity() < frame_len {
-                    let needed = excess(frame_len) - excess(buf.capacity());
-                    if !budget.admits_frame(needed) {
-                        budget
-                            .wait_until(&shard, &output, || budget.admits_frame(needed))
-                            .await;
-                        // the wait was the node's, not the client's: the frame's time
-                        // starts again (meanwhile the connection held only its chunk)
-                        frame_started = Some(Instant::now());
-                        continue;
-                    }
-                    buf.reserve_exact(frame_len - buf.len());
-                    charge_reads(&buf);
+        if let Some(frame_len) = big_frame_len {
+            if buf.capacity() < frame_len {
+                let needed = excess(frame_len) - excess(buf.capacity());
+                if !budget.admits_frame(needed) {
+                    budget
+                        .wait_until(&shard, &output, || budget.admits_frame(needed))
+                        .await;
+                    // the wait was the node's, not the client's: the frame's time
+                    // starts again (meanwhile the connection held only its chunk)
+                    frame_started = Some(Instant::now());
+                    continue;
                 }
-                want = (frame_len - buf.len()).min(READ_CHUNK_BYTES);
+                buf.reserve_exact(frame_len - buf.len());
+                budget.hold_frame_room(&frame_room);
+                charge_reads(&buf);
             }
+            want = (frame_len - buf.len()).min(READ_CHUNK_BYTES);
         }
         let mut read = std::pin::pin!(reader.read(&mut chunk[..want]));
         let read = match futures_lite::future::poll_once(&mut read).await {
@@ -744,7 +778,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
     }
     drop(buf);
-    budget.change(&budget.reads, charged_reads, 0);
+    budget.change(&budget.reads, charged_reads.take(), 0);
+    budget.release_frame_room(&frame_room);
     // let requests already running answer, then the writer drains and closes
     let deadline = Instant::now() + shard.config.drain_timeout;
     while output.in_flight.get() > 0 && Instant::now() < deadline {
@@ -762,6 +797,13 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     writer_task.await;
     output.finished.set(true);
     output.recharge();
+}
+
+/// The length the frame at the start of `buf` declares, when its header has arrived and
+/// it is bigger than the room every connection keeps.
+fn big_frame_declared(buf: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    (len > BUFFER_KEPT_BYTES).then_some(len)
 }
 
 /// Sends each held reply once the commit log covers its write: waits for the oldest
@@ -817,9 +859,9 @@ enum RoomFor {
 ///
 /// While the shard's connections hold more work than the budget ([`ConnBudget`]), a
 /// connection that holds none may still have a request answered at once (its reply is
-/// at most a cached record) or one that is not a get run (its reply is small and its
-/// frame is in the read buffer already); anything else is left in the buffer (`Err`)
-/// until room is freed. So a client that reads its replies is still served while
+/// at most a cached record) or one that is not a get run (its reply is small; its task
+/// holds a copy of its frame); anything else but a cluster request is left in the
+/// buffer (`Err`) until room is freed. So a client that reads its replies is still served while
 /// others that do not hold the budget, and each connection adds at most one such
 /// request's reply past it.
 fn dispatch(
@@ -830,11 +872,13 @@ fn dispatch(
     forwards: &mut Forwards,
     answered: &mut [u32; OPS.len()],
 ) -> Result<(), RoomFor> {
-    let over_budget = shard.conn_budget.work_over();
+    let header = protocol::header(frame);
+    // peer links' requests are charged but never wait (see ConnBudget)
+    let over_budget =
+        shard.conn_budget.work_over() && !ringkv_net::peer::is_cluster_opcode(header.opcode);
     if over_budget && output.holds_work() {
         return Err(RoomFor::Any);
     }
-    let header = protocol::header(frame);
     let (request_id, op) = (header.request_id, Op::of(header.opcode));
     // the reader flushes what its pass answered
     let refuse = |code: ErrorCode, message: &str| {
