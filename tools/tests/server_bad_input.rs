@@ -1223,3 +1223,66 @@ fn unread_replies_across_many_connections_hold_the_shards_budget() {
     assert_eq!(good.get(b"big").0, vec![value]);
     assert!(server.stop().success());
 }
+
+/// While connections that do not read their replies hold the whole budget, big puts
+/// from other clients still go through one frame's room at a time (the end of each
+/// frame wakes the connections waiting for room), well before the slow-client timeout
+/// (10 s) cuts the hogs off and frees the budget.
+#[test]
+fn big_puts_go_through_while_unread_replies_hold_the_budget() {
+    const BUDGET: usize = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with_config(
+        dir.path(),
+        &format!("connection_bytes_per_shard_max = {BUDGET}\n"),
+        &["--shards", "1", "--durability", "none"],
+    );
+    let mut good = Raw::connect(server.addr);
+    let value = vec![b'x'; 1 << 20];
+    good.put(b"big", &value, b"");
+    let mut gets = Vec::new();
+    for id in 0..40u64 {
+        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
+    }
+    let mut hogs = Vec::new();
+    for _ in 0..20 {
+        let mut hog = Raw::connect(server.addr);
+        std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+        hogs.push(hog);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let held = node_counters(server.addr)["connection_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        held > BUDGET as u64,
+        "the hogs hold {held} bytes, not past the budget"
+    );
+    let addr = server.addr;
+    let putters: Vec<_> = (0..8u8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(addr);
+                c.stream
+                    .set_read_timeout(Some(Duration::from_secs(6)))
+                    .unwrap();
+                c.put(&[b'k', i], &vec![i; 2 << 20], b"");
+            })
+        })
+        .collect();
+    for putter in putters {
+        putter.join().expect("a big put while the budget is held");
+    }
+    assert!(
+        node_counters(server.addr)["connection_budget_waits"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    drop(hogs);
+    connection_bytes_return_to_zero(server.addr);
+    for i in 0..8u8 {
+        assert_eq!(good.get(&[b'k', i]).0, vec![vec![i; 2 << 20]]);
+    }
+    assert!(server.stop().success());
+}

@@ -148,7 +148,7 @@ impl ConnBudget {
 
     fn sub_work(&self, bytes: usize) {
         self.work.set(self.work.get() - bytes);
-        self.freed_some();
+        self.freed_below_max();
     }
 
     /// Replaces a charge of `before` bytes by one of `now` in `part`.
@@ -158,6 +158,17 @@ impl ConnBudget {
         }
         part.set(part.get() - before + now);
         if now < before {
+            self.freed_below_max();
+        }
+    }
+
+    /// Wakes the waiters after a decrease, unless work is still over the budget: then no
+    /// wait can end by it (every wait needs work within the budget, or no other
+    /// connection holding room for a big frame, whose end wakes them apart), and waking
+    /// every waiting connection on every reply sent would cost the shard most when it is
+    /// busiest.
+    fn freed_below_max(&self) {
+        if !self.work_over() {
             self.freed_some();
         }
     }
