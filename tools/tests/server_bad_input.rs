@@ -1077,6 +1077,14 @@ fn node_counters(addr: std::net::SocketAddr) -> serde_json::Value {
     stats["counters"].clone()
 }
 
+/// The node's connections waited for its connection memory budget at least once.
+fn assert_connections_waited_for_the_budget(addr: std::net::SocketAddr) {
+    let waits = node_counters(addr)["connection_budget_waits"]
+        .as_u64()
+        .unwrap();
+    assert!(waits > 0, "no connection waited for the budget");
+}
+
 /// Polls (bounded: 200 tries, 50 ms apart) until the node's `connection_bytes` is
 /// back to what the STATS request asking for it is charged itself while it runs (its
 /// frame and a 64 KiB reply estimate), with nothing else held.
@@ -1129,18 +1137,43 @@ fn big_frames_from_many_stalled_connections_hold_the_shards_budget() {
         "40 stalled big frames grew the node by {} MiB",
         grown >> 20
     );
-    assert!(
-        node_counters(server.addr)["connection_budget_waits"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert_connections_waited_for_the_budget(server.addr);
     drop(stallers);
     connection_bytes_return_to_zero(server.addr);
     // the budget is free again: a whole big put goes through
     good.put(b"big", &value, b"");
     assert_eq!(good.get(b"big").0, vec![value]);
     assert!(server.stop().success());
+}
+
+/// A one-shard node (durability `none`) whose connections may hold `budget` bytes,
+/// with a 1 MiB value under the key `big` put by the client returned.
+fn node_with_budget_and_a_big_value(budget: usize) -> (tempfile::TempDir, Server, Raw, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_config(
+        dir.path(),
+        &format!("connection_bytes_per_shard_max = {budget}\n"),
+        &["--shards", "1", "--durability", "none"],
+    );
+    let mut good = Raw::connect(server.addr);
+    let value = vec![b'x'; 1 << 20];
+    good.put(b"big", &value, b"");
+    (dir, server, good, value)
+}
+
+/// `count` connections that each send 40 gets of the key `big` and read no reply.
+fn unread_big_gets(addr: std::net::SocketAddr, count: usize) -> Vec<Raw> {
+    let mut gets = Vec::new();
+    for id in 0..40u64 {
+        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
+    }
+    (0..count)
+        .map(|_| {
+            let mut hog = Raw::connect(addr);
+            std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
+            hog
+        })
+        .collect()
 }
 
 /// 30 connections that each send 40 gets of a 1 MiB value and read none of the replies
@@ -1153,26 +1186,9 @@ fn big_frames_from_many_stalled_connections_hold_the_shards_budget() {
 #[test]
 fn unread_replies_across_many_connections_hold_the_shards_budget() {
     const BUDGET: usize = 16 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start_with_config(
-        dir.path(),
-        &format!("connection_bytes_per_shard_max = {BUDGET}\n"),
-        &["--shards", "1", "--durability", "none"],
-    );
-    let mut good = Raw::connect(server.addr);
-    let value = vec![b'x'; 1 << 20];
-    good.put(b"big", &value, b"");
+    let (_dir, mut server, mut good, value) = node_with_budget_and_a_big_value(BUDGET);
     let before = peak_resident_bytes(server.child.id());
-    let mut gets = Vec::new();
-    for id in 0..40u64 {
-        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
-    }
-    let mut hogs = Vec::new();
-    for _ in 0..30 {
-        let mut hog = Raw::connect(server.addr);
-        std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
-        hogs.push(hog);
-    }
+    let hogs = unread_big_gets(server.addr, 30);
     std::thread::sleep(Duration::from_millis(1500));
     // served while the hogs hold the budget: requests with small replies
     assert!(good.ping());
@@ -1211,12 +1227,7 @@ fn unread_replies_across_many_connections_hold_the_shards_budget() {
         "30 connections' unread gets grew the node by {} MiB",
         grown >> 20
     );
-    assert!(
-        node_counters(server.addr)["connection_budget_waits"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert_connections_waited_for_the_budget(server.addr);
     drop(hogs);
     connection_bytes_return_to_zero(server.addr);
     assert!(good.ping());
@@ -1231,25 +1242,8 @@ fn unread_replies_across_many_connections_hold_the_shards_budget() {
 #[test]
 fn big_puts_go_through_while_unread_replies_hold_the_budget() {
     const BUDGET: usize = 8 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start_with_config(
-        dir.path(),
-        &format!("connection_bytes_per_shard_max = {BUDGET}\n"),
-        &["--shards", "1", "--durability", "none"],
-    );
-    let mut good = Raw::connect(server.addr);
-    let value = vec![b'x'; 1 << 20];
-    good.put(b"big", &value, b"");
-    let mut gets = Vec::new();
-    for id in 0..40u64 {
-        Request::Get { r: 0, key: b"big" }.encode(id, &mut gets);
-    }
-    let mut hogs = Vec::new();
-    for _ in 0..20 {
-        let mut hog = Raw::connect(server.addr);
-        std::io::Write::write_all(&mut hog.stream, &gets).unwrap();
-        hogs.push(hog);
-    }
+    let (_dir, mut server, mut good, _) = node_with_budget_and_a_big_value(BUDGET);
+    let hogs = unread_big_gets(server.addr, 20);
     std::thread::sleep(Duration::from_millis(1000));
     let held = node_counters(server.addr)["connection_bytes"]
         .as_u64()
@@ -1273,12 +1267,7 @@ fn big_puts_go_through_while_unread_replies_hold_the_budget() {
     for putter in putters {
         putter.join().expect("a big put while the budget is held");
     }
-    assert!(
-        node_counters(server.addr)["connection_budget_waits"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert_connections_waited_for_the_budget(server.addr);
     drop(hogs);
     connection_bytes_return_to_zero(server.addr);
     for i in 0..8u8 {
