@@ -73,9 +73,10 @@ fn excess(capacity: usize) -> usize {
 /// for a frame holds no room for one, so the waits always end. Together the node holds
 /// at most about twice the budget per shard past each connection's fixed buffers
 /// (reads are admitted against reads and work, and work may then grow to the budget),
-/// plus per connection what one pass over its buffer took before work passed the
-/// budget (up to its output budget), what [`dispatch`] lets one that holds no work
-/// start (a frame copy and a reply), and up to 64 KiB more of read buffer (a partial
+/// plus per connection the one request that took work past the budget (a reply
+/// answered at once is charged as it grows, before the next is taken), what
+/// [`dispatch`] lets one that holds no work start (a frame copy and a reply), and up
+/// to 64 KiB more of read buffer (a partial
 /// small frame and the chunk read after it is charged, not admitted). A client that
 /// reads its replies slowly but takes each batch within the slow-client timeout is
 /// never cut off: it holds its share of the budget for as long as it reads.
@@ -403,6 +404,16 @@ impl Output {
         self.budget.change(&self.budget.work, before, now);
     }
 
+    /// [`Output::recharge`] when a buffer has grown past what is charged (a cheap
+    /// check while they stay within the room every connection keeps).
+    fn recharge_if_grown(&self) {
+        let grown = self.buf.borrow().capacity() > BUFFER_KEPT_BYTES
+            || self.held.borrow().bytes.capacity() > BUFFER_KEPT_BYTES;
+        if grown {
+            self.recharge();
+        }
+    }
+
     /// Whether the connection has requests running or replies not yet sent.
     fn holds_work(&self) -> bool {
         self.in_flight.get() > 0 || self.pending_bytes() > 0
@@ -602,6 +613,10 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
                         // backpressure: it waits in `buf` until running requests end
                         break;
                     }
+                    // replies answered at once in this pass are charged as they grow
+                    // past the room every connection keeps, so that the budget stops a
+                    // pass of big cached gets too
+                    output.recharge_if_grown();
                     let frame = &buf[consumed..consumed + len];
                     let started = *pass_started.get_or_insert_with(Instant::now);
                     let taken = dispatch(
@@ -869,10 +884,11 @@ enum RoomFor {
 /// records their latencies together).
 ///
 /// While the shard's connections hold more work than the budget ([`ConnBudget`]), a
-/// connection that holds none may still have a request answered at once (its reply is
-/// at most a cached record) or one that is not a get run (its reply is small; its task
-/// holds a copy of its frame); anything else but a cluster request is left in the
-/// buffer (`Err`) until room is freed. So a client that reads its replies is still served while
+/// connection that holds none may still have a request answered at once (a get only
+/// when its reply fits the room every connection keeps) or one that is not a get run
+/// (its reply is small; its task holds a copy of its frame, which was admitted as it
+/// was read); anything else but a cluster request is left in the buffer (`Err`) until
+/// room is freed. So a client that reads its replies is still served while
 /// others that do not hold the budget, and each connection adds at most one such
 /// request's reply past it.
 fn dispatch(
@@ -910,6 +926,12 @@ fn dispatch(
             ),
         );
         return Ok(());
+    }
+    if over_budget && op == Some(Op::Get) && !reply_fits_kept_room(frame, shard) {
+        // past the budget, a get is answered at once only when its reply fits the room
+        // every connection keeps: thousands of connections that each leave one big
+        // cached reply unread would otherwise hold gigabytes past it
+        return Err(RoomFor::Task);
     }
     {
         let mut held = output.held.borrow_mut();
@@ -1000,6 +1022,16 @@ fn dispatch(
     })
     .detach();
     Ok(())
+}
+
+/// Whether the reply to the get in `frame` is known to fit [`BUFFER_KEPT_BYTES`]: its
+/// key's records on this shard, on a node whose replica alone answers, are that small
+/// (with room for the context). False when this shard cannot size it.
+fn reply_fits_kept_room(frame: &[u8], shard: &Shard) -> bool {
+    Request::parse(frame)
+        .ok()
+        .and_then(|(_, request)| shard.stored_value_records(request.key()?))
+        .is_some_and(|(_, bytes)| bytes + 1024 <= BUFFER_KEPT_BYTES)
 }
 
 /// Room a forwarded batch's buffer starts with: its requests, and then the replies
