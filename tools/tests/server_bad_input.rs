@@ -1275,3 +1275,56 @@ fn big_puts_go_through_while_unread_replies_hold_the_budget() {
     }
     assert!(server.stop().success());
 }
+
+/// A peer's big replica copy takes its frame's room at once, even while unread replies
+/// hold the budget and a stalled client holds room for a big frame (a client's frame
+/// would wait until the 10 s slow-client timeout cut the staller off).
+#[test]
+fn a_peers_big_copy_does_not_wait_for_the_budget() {
+    use ringkv_net::peer::{ClusterReply, ClusterRequest, WireVersion};
+    const BUDGET: usize = 8 << 20;
+    let (_dir, mut server, mut good, value) = node_with_budget_and_a_big_value(BUDGET);
+    let partition = ringkv_ring::hash::partition_for_key(b"big", 64);
+    // the version a peer would copy: the node's own
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaGet {
+        partition,
+        key: b"big",
+    }
+    .encode(1, &mut f);
+    good.send_bytes(&f);
+    let version = match ClusterReply::parse(&good.read_frame().expect("a reply")) {
+        Ok((_, ClusterReply::ReplicaGetOk(versions))) => versions[0].version.to_vec(),
+        other => panic!("replica get: {other:?}"),
+    };
+    let hogs = unread_big_gets(server.addr, 20);
+    let mut put = Vec::new();
+    common::encode_blind_put(1, b"stalled", &vec![b's'; 3 << 20], &mut put);
+    let mut staller = Raw::connect(server.addr);
+    staller.send_bytes(&put[..1 << 20]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut peer = Raw::connect(server.addr);
+    peer.stream
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    let mut f = Vec::new();
+    ClusterRequest::ReplicaPut {
+        partition,
+        hint_for: 0,
+        key: b"big",
+        version: WireVersion {
+            version: &version,
+            value: Some(&value),
+        },
+    }
+    .encode(2, &mut f);
+    peer.send_bytes(&f);
+    match ClusterReply::parse(&peer.read_frame().expect("the copy's reply")) {
+        Ok((_, ClusterReply::ReplicaPutOk { .. })) => {}
+        other => panic!("a replica copy while the budget is held: {other:?}"),
+    }
+    assert_connections_waited_for_the_budget(server.addr);
+    drop((hogs, staller));
+    connection_bytes_return_to_zero(server.addr);
+    assert!(server.stop().success());
+}

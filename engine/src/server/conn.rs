@@ -65,8 +65,9 @@ fn excess(capacity: usize) -> usize {
 ///   its buffer while work is over the budget.
 ///
 /// Cluster requests (peer links, `ringkv_net::peer::is_cluster_opcode`) are charged
-/// but never wait: two nodes over budget must not stall each other's replication, and
-/// a peer link is bounded by the sender's own pending limit.
+/// but never wait, neither for room for their frames nor to run: two nodes over
+/// budget must not stall each other's replication, and a peer link is bounded by the
+/// sender's own pending limit.
 ///
 /// Nothing that holds work waits for the budget (tasks end, replies are sent or their
 /// client is cut off at the slow-client timeout), and a connection waiting for room
@@ -751,7 +752,8 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         if let Some(frame_len) = big_frame_len {
             if buf.capacity() < frame_len {
                 let needed = excess(frame_len) - excess(buf.capacity());
-                if !budget.admits_frame(needed) {
+                // a peer's frame takes its room at once (see ConnBudget)
+                if !budget.admits_frame(needed) && !cluster_frame(&buf) {
                     budget
                         .wait_until(&shard, &output, || budget.admits_frame(needed))
                         .await;
@@ -830,6 +832,13 @@ pub(crate) async fn serve(stream: TcpStream, shard: Rc<Shard>) {
 fn big_frame_declared(buf: &[u8]) -> Option<usize> {
     let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
     (len > BUFFER_KEPT_BYTES).then_some(len)
+}
+
+/// Whether the frame at the start of `buf` is a cluster request (by its opcode, when
+/// that has arrived).
+fn cluster_frame(buf: &[u8]) -> bool {
+    buf.get(5)
+        .is_some_and(|&opcode| ringkv_net::peer::is_cluster_opcode(opcode))
 }
 
 /// Sends each held reply once the commit log covers its write: waits for the oldest
