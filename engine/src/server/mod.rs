@@ -664,9 +664,15 @@ pub fn run(
             ));
         }
     }
-    let probe = shard::bind_reusing(config.listen)
+    // bound, not listening: a client connecting meanwhile is refused (and retries)
+    // rather than queued on a socket that closes at once, which would reset it
+    let probe = shard::bound_reusing(config.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let listen = probe.local_addr().map_err(|e| e.to_string())?;
+    let listen = probe
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .as_socket()
+        .ok_or_else(|| format!("cannot listen on {}: not an IP address", config.listen))?;
     drop(probe);
     let advertise = if config.advertise.port() == 0 {
         listen

@@ -441,14 +441,22 @@ fn listen_reusing(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::T
 /// shares the port with the other shards and with sockets a killed predecessor left
 /// behind (TIME_WAIT, or FIN_WAIT2 towards clients still connected).
 pub(crate) fn bind_reusing(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = bound_reusing(addr)?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A socket bound as [`bind_reusing`] binds it, not listening: it shows whether the
+/// address can be bound (and which port 0 picks) without taking connections, which
+/// would be reset when it closes.
+pub(crate) fn bound_reusing(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Socket, Type};
     // socket2 sets close-on-exec itself
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 async fn accept_loop(listener: glommio::net::TcpListener, shard: Rc<Shard>) {
