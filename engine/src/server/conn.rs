@@ -77,10 +77,11 @@ fn excess(capacity: usize) -> usize {
 /// plus per connection the one request that took work past the budget (a reply
 /// answered at once is charged as it grows, before the next is taken), what
 /// [`dispatch`] lets one that holds no work start (a frame copy and a reply), and up
-/// to 64 KiB more of read buffer (a partial
-/// small frame and the chunk read after it is charged, not admitted). A client that
-/// reads its replies slowly but takes each batch within the slow-client timeout is
-/// never cut off: it holds its share of the budget for as long as it reads.
+/// to 64 KiB more of read buffer (a partial small frame and the chunk read after it is
+/// charged, not admitted); and a get this shard cannot size may bring back a reply
+/// bigger than its charge ([`unsized_reply_charge`]). A client that reads its replies
+/// slowly but takes each batch within the slow-client timeout is never cut off: it
+/// holds its share of the budget for as long as it reads.
 pub(crate) struct ConnBudget {
     max: usize,
     reads: Cell<usize>,
