@@ -1161,6 +1161,17 @@ fn node_with_budget_and_a_big_value(budget: usize) -> (tempfile::TempDir, Server
     (dir, server, good, value)
 }
 
+/// A peer's REPLICA_GET of `key` in its partition (of the default 64).
+fn replica_get_frame(request_id: u64, key: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    ringkv_net::peer::ClusterRequest::ReplicaGet {
+        partition: ringkv_ring::hash::partition_for_key(key, 64),
+        key,
+    }
+    .encode(request_id, &mut frame);
+    frame
+}
+
 /// `count` connections that each send 40 gets of the key `big` and read no reply.
 fn unread_big_gets(addr: std::net::SocketAddr, count: usize) -> Vec<Raw> {
     let mut gets = Vec::new();
@@ -1203,11 +1214,7 @@ fn unread_replies_across_many_connections_hold_the_shards_budget() {
         .unwrap();
     let mut frames = Vec::new();
     for id in 1..=4u64 {
-        ringkv_net::peer::ClusterRequest::ReplicaGet {
-            partition: ringkv_ring::hash::partition_for_key(b"big", 64),
-            key: b"big",
-        }
-        .encode(id, &mut frames);
+        frames.extend_from_slice(&replica_get_frame(id, b"big"));
     }
     peer.send_bytes(&frames);
     for _ in 0..4 {
@@ -1286,13 +1293,7 @@ fn a_peers_big_copy_does_not_wait_for_the_budget() {
     let (_dir, mut server, mut good, value) = node_with_budget_and_a_big_value(BUDGET);
     let partition = ringkv_ring::hash::partition_for_key(b"big", 64);
     // the version a peer would copy: the node's own
-    let mut f = Vec::new();
-    ClusterRequest::ReplicaGet {
-        partition,
-        key: b"big",
-    }
-    .encode(1, &mut f);
-    good.send_bytes(&f);
+    good.send_bytes(&replica_get_frame(1, b"big"));
     let version = match ClusterReply::parse(&good.read_frame().expect("a reply")) {
         Ok((_, ClusterReply::ReplicaGetOk(versions))) => versions[0].version.to_vec(),
         other => panic!("replica get: {other:?}"),

@@ -937,7 +937,10 @@ fn dispatch(
         );
         return Ok(());
     }
-    if over_budget && op == Some(Op::Get) && !reply_fits_kept_room(frame, shard) {
+    if over_budget
+        && op == Some(Op::Get)
+        && get_reply_size(frame, shard).is_none_or(|bytes| bytes > BUFFER_KEPT_BYTES)
+    {
         // past the budget, a get is answered at once only when its reply fits the room
         // every connection keeps: thousands of connections that each leave one big
         // cached reply unread would otherwise hold gigabytes past it
@@ -1001,10 +1004,7 @@ fn dispatch(
     // a get of a key on this shard: what its records hold (its values, and a little
     // more), so that gets of big values do not all start at once
     let sized = match op {
-        Some(Op::Get) => Request::parse(frame)
-            .ok()
-            .and_then(|(_, request)| shard.stored_value_records(request.key()?))
-            .map(|(_, bytes)| bytes + 1024),
+        Some(Op::Get) => get_reply_size(frame, shard),
         // a peer's read of this node's own copy: sized by it whatever the replication
         // (peer links carry many at once: 16 at a time would hold up their puts)
         Some(Op::ReplicaGet) => match ringkv_net::peer::ClusterRequest::parse(frame) {
@@ -1034,14 +1034,14 @@ fn dispatch(
     Ok(())
 }
 
-/// Whether the reply to the get in `frame` is known to fit [`BUFFER_KEPT_BYTES`]: its
-/// key's records on this shard, on a node whose replica alone answers, are that small
-/// (with room for the context). False when this shard cannot size it.
-fn reply_fits_kept_room(frame: &[u8], shard: &Shard) -> bool {
+/// The most bytes the reply to the get in `frame` needs: what its key's records on
+/// this shard hold, with room for the context, on a node whose replica alone answers
+/// ([`Shard::stored_value_records`]); `None` when this shard cannot size it.
+fn get_reply_size(frame: &[u8], shard: &Shard) -> Option<usize> {
     Request::parse(frame)
         .ok()
         .and_then(|(_, request)| shard.stored_value_records(request.key()?))
-        .is_some_and(|(_, bytes)| bytes + 1024 <= BUFFER_KEPT_BYTES)
+        .map(|(_, bytes)| bytes + 1024)
 }
 
 /// Room a forwarded batch's buffer starts with: its requests, and then the replies
