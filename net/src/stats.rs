@@ -278,12 +278,15 @@ impl NodeStats {
 /// from the node's start (a Prometheus counter, named with `_total`).
 const GAUGES: &[&str] = &[
     "connections_open",
+    "connection_bytes",
     "keys",
     "versions",
     "segments",
     "log_bytes",
     "log_dead_bytes",
     "partitions_needing_repair",
+    "partitions_failed",
+    "commit_log_failed",
     "hints_pending",
 ];
 

@@ -203,6 +203,10 @@ fn the_metrics_endpoint_serves_the_node_stats_to_prometheus() {
         "ringkv_latency_seconds_count{op=\"put\"} 2",
         "ringkv_latency_seconds_count{op=\"get\"} 1",
         "ringkv_latency_seconds_count{op=\"delete\"} 0",
+        "# TYPE ringkv_connection_bytes gauge",
+        "ringkv_partitions_failed 0",
+        "# TYPE ringkv_partitions_failed gauge",
+        "ringkv_commit_log_failed 0",
     ] {
         assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
     }

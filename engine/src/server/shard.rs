@@ -238,8 +238,16 @@ async fn start(
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
             .await
             .map_err(|e| format!("partition {p}: recovery failed: {e}"))?;
-        if !report.corruption.is_empty() || report.truncated_tail_bytes > 0 {
+        if !report.corruption.is_empty() || (report.truncated_tail_bytes > 0 && log.is_none()) {
             tracing::warn!(partition = p, ?report, "partition recovered with losses");
+        } else if report.truncated_tail_bytes > 0 {
+            // bytes written but never synced (a crash, or a write that failed): what was
+            // acknowledged of them is in the commit log, replayed below
+            tracing::info!(
+                partition = p,
+                truncated_tail_bytes = report.truncated_tail_bytes,
+                "partition cut an unsynced tail; the commit log puts back its acknowledged writes"
+            );
         } else {
             tracing::debug!(partition = p, keys = report.keys, "partition opened");
         }
@@ -675,15 +683,53 @@ async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
 }
 
 /// Makes the commit log's next file ahead of time, in a task of its own so that a long
-/// checkpoint never leaves a rotation to zero-fill a file while writers wait.
+/// checkpoint never leaves a rotation to zero-fill a file while writers wait. After a
+/// failure (a full disk, say) it tries again less and less often, up to every
+/// [`SPARE_RETRY_MAX`], and logs the failure once a minute, not on every try.
 async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
+    const TICK: Duration = Duration::from_millis(20);
+    const LOG_EVERY: Duration = Duration::from_secs(60);
+    let mut pause = TICK;
+    let mut failing_since: Option<(std::time::Instant, u32)> = None;
+    let mut last_logged: Option<std::time::Instant> = None;
     loop {
-        glommio::timer::sleep(Duration::from_millis(20)).await;
-        if let Err(e) = log.prepare_spare().await {
-            tracing::warn!(shard = shard_id, error = %e, "cannot make the next commit log file");
+        glommio::timer::sleep(pause).await;
+        match log.prepare_spare().await {
+            Ok(()) => {
+                if let Some((since, tries)) = failing_since.take() {
+                    tracing::info!(
+                        shard = shard_id,
+                        failed_tries = tries,
+                        failing_for_ms = since.elapsed().as_millis() as u64,
+                        "the next commit log file could be made again"
+                    );
+                }
+                pause = TICK;
+                last_logged = None;
+            }
+            Err(e) => {
+                let (since, tries) = failing_since.get_or_insert((std::time::Instant::now(), 0));
+                *tries += 1;
+                if last_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                    tracing::warn!(
+                        shard = shard_id,
+                        error = %e,
+                        failed_tries = *tries,
+                        failing_for_ms = since.elapsed().as_millis() as u64,
+                        "cannot make the next commit log file: if it still cannot be made \
+                         when the current one is full, the log fails and writes fail until \
+                         the node restarts"
+                    );
+                    last_logged = Some(std::time::Instant::now());
+                }
+                pause = (pause * 2).min(SPARE_RETRY_MAX);
+            }
         }
     }
 }
+
+/// The longest pause between tries to make the commit log's next file after a failure.
+const SPARE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Shard {
     /// Syncs every partition of the shard and its hint store, one after another, each
@@ -1380,8 +1426,21 @@ impl Shard {
             .iter()
             .map(|(n, h)| (n.to_string(), h.clone()))
             .collect();
+        // storage that refuses writes until the node restarts (a failed write or sync:
+        // a full disk, an I/O error); the hint store counts as a partition
+        let failed = self
+            .partitions
+            .values()
+            .chain(std::iter::once(self.cluster.hints.partition()))
+            .filter(|p| p.failure().is_some())
+            .count();
+        counters.push(("partitions_failed".into(), failed as u64));
         if let Some(log) = &self.commit_log {
             counters.push(("commit_log_syncs".into(), log.syncs()));
+            counters.push((
+                "commit_log_failed".into(),
+                u64::from(log.failure().is_some()),
+            ));
             latencies.push(("commit_log_sync".into(), log.sync_latency()));
         }
         NodeStats {
