@@ -930,18 +930,7 @@ fn nonsense_limits_are_refused_at_start_not_panicked_on() {
         let config = dir.path().join("ringkv.toml");
         std::fs::write(&config, toml).unwrap();
         let data = dir.path().join("data");
-        let args = [
-            "server".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--data-dir".as_ref(),
-            data.as_os_str(),
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--shard-port-base".as_ref(),
-            "0".as_ref(),
-        ];
-        let stderr = common::ringkv_fails(&args);
+        let stderr = common::server_fails(&data, &["--config".as_ref(), config.as_os_str()]);
         assert!(stderr.contains(says), "{toml}: {stderr}");
         assert!(!stderr.contains("panicked"), "{toml}: {stderr}");
         assert!(

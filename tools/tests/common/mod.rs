@@ -49,6 +49,22 @@ pub fn ringkv_fails(args: &[&std::ffi::OsStr]) -> String {
     stderr
 }
 
+/// Runs `ringkv server --data-dir DIR --listen 127.0.0.1:0 --shard-port-base 0 EXTRA`,
+/// which must fail by itself (see [`ringkv_fails`]); returns its stderr.
+pub fn server_fails(data_dir: &Path, extra: &[&std::ffi::OsStr]) -> String {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "server".as_ref(),
+        "--data-dir".as_ref(),
+        data_dir.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--shard-port-base".as_ref(),
+        "0".as_ref(),
+    ];
+    args.extend_from_slice(extra);
+    ringkv_fails(&args)
+}
+
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
