@@ -110,7 +110,10 @@ pub enum StoreError {
     EmptyKey,
     #[error("empty batch")]
     EmptyBatch,
-    #[error("the partition refuses writes after a failed sync ({0}); reopen it to recover")]
+    #[error(
+        "the partition refuses writes after a failed write or sync ({0}); reopen it (a node: \
+         restart it) to recover"
+    )]
     Failed(String),
     #[error("corrupt record for key at segment {segment:#x} offset {offset}: {error}")]
     Corrupt {
