@@ -376,10 +376,11 @@ impl<S: Storage> CommitLog<S> {
 
     /// Makes the next file ahead of time once the current one is half full (the
     /// runtime calls this off the write path), so that a rotation does not wait for
-    /// zero-filling.
-    pub async fn prepare_spare(&self) -> io::Result<()> {
+    /// zero-filling. Returns whether it made one (not when none is due yet, one is
+    /// ready, or one is being made).
+    pub async fn prepare_spare(&self) -> io::Result<bool> {
         if self.creating.get() {
-            return Ok(());
+            return Ok(false);
         }
         let next = {
             let st = self.state.borrow();
@@ -387,7 +388,7 @@ impl<S: Storage> CommitLog<S> {
             if st.spare.as_ref().map(|(g, _)| *g) == Some(next)
                 || st.file.len() < self.file_bytes_max / 2
             {
-                return Ok(());
+                return Ok(false);
             }
             next
         };
@@ -398,7 +399,7 @@ impl<S: Storage> CommitLog<S> {
         if st.generation + 1 == next {
             st.spare = Some((next, file));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Files waiting for a checkpoint.

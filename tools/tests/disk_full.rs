@@ -217,7 +217,8 @@ fn a_full_disk_refuses_writes_with_errors_and_loses_no_acknowledged_put() {
     assert!(
         refusals
             .iter()
-            .any(|m| m.contains("No space left on device")),
+            .any(|m| m.contains("No space left on device")
+                && m.contains("refuses writes after a failed write or sync")),
         "a refusal names the cause: {:?}",
         refusals.first()
     );
@@ -241,19 +242,34 @@ fn a_full_disk_refuses_writes_with_errors_and_loses_no_acknowledged_put() {
         stat(addr, "commit_log_failed")
     );
     assert!(failed > 0, "no partition counted as failed");
+    // the partitions failed on their own writes: the log, whose files were written
+    // whole at the start, still takes entries
+    assert_eq!(stat(addr, "commit_log_failed"), 0);
 
     // a stop cannot sync the partitions that failed: it says so, exits by itself, 1
     let status = server.interrupt();
     assert_eq!(status.code(), Some(1), "the stop's exit status: {status}");
     drop(server);
 
-    // a start on the full disk fails with the cause, and changes nothing
+    // a start on the full disk fails with the cause, and leaves no part-made log file
+    let log_files = || {
+        let mut names = Vec::new();
+        for shard in std::fs::read_dir(data.join("commitlog")).expect("commit log folder") {
+            for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+                names.push(file.unwrap().path());
+            }
+        }
+        names.sort();
+        names
+    };
+    let before = log_files();
     let stderr = common::server_fails(&data, &["--shards".as_ref(), "2".as_ref()]);
     assert!(
         stderr.contains("No space left on device"),
         "the failed start names the cause: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(log_files(), before, "the failed start left files behind");
 
     // with room again, the node starts and every acknowledged put is there
     mounted.grow(GROWN_BYTES);

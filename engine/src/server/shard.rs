@@ -238,7 +238,9 @@ async fn start(
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
             .await
             .map_err(|e| format!("partition {p}: recovery failed: {e}"))?;
-        if !report.corruption.is_empty() || (report.truncated_tail_bytes > 0 && log.is_none()) {
+        // a log left by an earlier `sync` run holds what that run acknowledged
+        let replays = log.as_ref().is_some_and(|(_, recovery)| recovery.files > 0);
+        if !report.corruption.is_empty() || (report.truncated_tail_bytes > 0 && !replays) {
             tracing::warn!(partition = p, ?report, "partition recovered with losses");
         } else if report.truncated_tail_bytes > 0 {
             // bytes written but never synced (a crash, or a write that failed): what was
@@ -663,39 +665,90 @@ async fn replay_commit_log(
 /// them) and writes segment buffers that have filled to the device (off the writers'
 /// path).
 async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
+    let mut failed_note = Throttle::default();
+    let mut checkpoint_note = Throttle::default();
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
+        let mut failed = 0usize;
         for p in shard
             .partitions
             .values()
             .chain(std::iter::once(shard.cluster.hints.partition()))
         {
+            if p.failure().is_some() {
+                failed += 1;
+                continue;
+            }
             if let Err(e) = p.flush_if_buffered().await {
                 tracing::error!(partition = p.config().partition, error = %e, "segment flush failed");
             }
         }
-        if log.checkpoint_due() {
-            if let Err(e) = log.checkpoint(|| shard.sync_all_partitions()).await {
-                tracing::error!(shard = shard.id, error = %e, "commit log checkpoint failed");
+        if !log.checkpoint_due() {
+            continue;
+        }
+        if failed > 0 {
+            // its syncs cannot succeed (and would sync the healthy partitions every
+            // time): the log keeps its files, with every acknowledged entry, until the
+            // node restarts and replays them
+            if let Some(suppressed) = failed_note.due() {
+                tracing::error!(
+                    shard = shard.id,
+                    partitions_failed = failed,
+                    suppressed,
+                    "commit log checkpoint waits for a restart: a failed partition cannot \
+                     sync, so the log keeps its files"
+                );
+            }
+            continue;
+        }
+        if let Err(e) = log.checkpoint(|| shard.sync_all_partitions()).await {
+            if let Some(suppressed) = checkpoint_note.due() {
+                tracing::error!(shard = shard.id, error = %e, suppressed, "commit log checkpoint failed");
             }
         }
+    }
+}
+
+/// Lets a message repeated by a loop through once a minute; counts the others.
+#[derive(Default)]
+struct Throttle {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// `Some(messages suppressed since the last one)` when this one should be logged.
+    fn due(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
 /// Makes the commit log's next file ahead of time, in a task of its own so that a long
 /// checkpoint never leaves a rotation to zero-fill a file while writers wait. After a
 /// failure (a full disk, say) it tries again less and less often, up to every
-/// [`SPARE_RETRY_MAX`], and logs the failure once a minute, not on every try.
+/// [`SPARE_RETRY_MAX`], and logs the failure once a minute, not on every try. It stops
+/// once the log has failed (nothing writes to it again).
 async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
     const TICK: Duration = Duration::from_millis(20);
-    const LOG_EVERY: Duration = Duration::from_secs(60);
     let mut pause = TICK;
     let mut failing_since: Option<(std::time::Instant, u32)> = None;
-    let mut last_logged: Option<std::time::Instant> = None;
+    let mut note = Throttle::default();
     loop {
         glommio::timer::sleep(pause).await;
+        if log.failure().is_some() {
+            return;
+        }
         match log.prepare_spare().await {
-            Ok(()) => {
+            // none due, one ready, or a rotation making it: nothing learnt
+            Ok(false) => {}
+            Ok(true) => {
                 if let Some((since, tries)) = failing_since.take() {
                     tracing::info!(
                         shard = shard_id,
@@ -705,12 +758,12 @@ async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
                     );
                 }
                 pause = TICK;
-                last_logged = None;
+                note = Throttle::default();
             }
             Err(e) => {
                 let (since, tries) = failing_since.get_or_insert((std::time::Instant::now(), 0));
                 *tries += 1;
-                if last_logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                if note.due().is_some() {
                     tracing::warn!(
                         shard = shard_id,
                         error = %e,
@@ -720,7 +773,6 @@ async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
                          when the current one is full, the log fails and writes fail until \
                          the node restarts"
                     );
-                    last_logged = Some(std::time::Instant::now());
                 }
                 pause = (pause * 2).min(SPARE_RETRY_MAX);
             }

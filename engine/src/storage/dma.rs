@@ -123,43 +123,33 @@ impl Storage for DmaStorage {
     }
 
     async fn create_zeroed(&self, name: &str, bytes: u64) -> io::Result<DmaSegmentFile> {
-        // written zeros, not fallocate: unwritten extents would need a metadata commit
-        // on the first sync of each block
-        //
-        // In slices, each synced on its own, with a pause after each: one sync of the
-        // whole file (tens of MiB) kept the device busy for 60-130 ms, and every group
-        // commit of the shard's log waited behind it (the put latency's p999).
         let path = self.path.join(name);
-        let fill = path.clone();
-        let mut state = glommio::executor()
-            .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
-                Ok((
-                    std::fs::File::create(&fill)?,
-                    vec![0u8; ZERO_FILL_SLICE_BYTES],
-                ))
+        // not started without room for all of it: a file that fails part way has taken
+        // the file system's last free blocks (until it is removed) from the segments
+        let free = glommio::executor()
+            .spawn_blocking({
+                let dir = self.path.clone();
+                move || free_bytes(&dir)
             })
             .await?;
-        let mut at = 0u64;
-        while at < bytes {
-            let n = (bytes - at).min(ZERO_FILL_SLICE_BYTES as u64) as usize;
-            state = glommio::executor()
-                .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
-                    use std::os::unix::fs::FileExt;
-                    let (file, zeros) = state;
-                    file.write_all_at(&zeros[..n], at)?;
-                    file.sync_data()?;
-                    Ok((file, zeros))
-                })
-                .await?;
-            at += n as u64;
-            if at < bytes {
-                glommio::timer::sleep(ZERO_FILL_PAUSE).await;
-            }
+        if free < bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "No space left on device: {name} needs {bytes} bytes, {free} are free in {}",
+                    self.path.display()
+                ),
+            ));
         }
-        let (file, _) = state;
-        glommio::executor()
-            .spawn_blocking(move || file.sync_all())
-            .await?;
+        let filled = self.fill_zeroed(&path, bytes).await;
+        if filled.is_err() {
+            // a part-made file holds space and would read as a log file at the next start
+            let gone = path.clone();
+            let _ = glommio::executor()
+                .spawn_blocking(move || std::fs::remove_file(gone))
+                .await;
+        }
+        filled?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -249,6 +239,70 @@ struct Tail {
     buffer: Vec<u8>,
     /// Bytes `[0, flushed_len)` are written to the device.
     flushed_len: u64,
+}
+
+impl DmaStorage {
+    /// Writes `bytes` zeros into a new file at `path` and syncs it (see
+    /// [`Storage::create_zeroed`]).
+    async fn fill_zeroed(&self, path: &Path, bytes: u64) -> io::Result<()> {
+        // written zeros, not fallocate: unwritten extents would need a metadata commit
+        // on the first sync of each block
+        //
+        // In slices, each synced on its own, with a pause after each: one sync of the
+        // whole file (tens of MiB) kept the device busy for 60-130 ms, and every group
+        // commit of the shard's log waited behind it (the put latency's p999).
+        let fill = path.to_path_buf();
+        let mut state = glommio::executor()
+            .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
+                Ok((
+                    std::fs::File::create(&fill)?,
+                    vec![0u8; ZERO_FILL_SLICE_BYTES],
+                ))
+            })
+            .await?;
+        let mut at = 0u64;
+        while at < bytes {
+            let n = (bytes - at).min(ZERO_FILL_SLICE_BYTES as u64) as usize;
+            state = glommio::executor()
+                .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
+                    use std::os::unix::fs::FileExt;
+                    let (file, zeros) = state;
+                    file.write_all_at(&zeros[..n], at)?;
+                    file.sync_data()?;
+                    Ok((file, zeros))
+                })
+                .await?;
+            at += n as u64;
+            if at < bytes {
+                glommio::timer::sleep(ZERO_FILL_PAUSE).await;
+            }
+        }
+        let (file, _) = state;
+        glommio::executor()
+            .spawn_blocking(move || file.sync_all())
+            .await?;
+        Ok(())
+    }
+}
+
+/// Bytes this process may still allocate on the file system holding `dir` (root may use
+/// the blocks a file system keeps back from other users).
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes into the zeroed struct; c is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    Ok(blocks as u64 * st.f_frsize as u64)
 }
 
 /// One segment or hint file opened for `O_DIRECT` reads and appends.
