@@ -218,6 +218,8 @@ async fn start(
     } else {
         None
     };
+    // a log left by an earlier `sync` run holds what that run acknowledged
+    let replays = log.as_ref().is_some_and(|(_, recovery)| recovery.files > 0);
     for p in (0..config.partitions).filter(|p| *p as usize % config.shards == shard_id) {
         let path = config.data_dir.join("partitions").join(format!("{p:05}"));
         let storage = DmaStorage::open(&path)
@@ -238,8 +240,6 @@ async fn start(
         let (partition, report) = Partition::open(storage, pconfig, now_ms())
             .await
             .map_err(|e| format!("partition {p}: recovery failed: {e}"))?;
-        // a log left by an earlier `sync` run holds what that run acknowledged
-        let replays = log.as_ref().is_some_and(|(_, recovery)| recovery.files > 0);
         if !report.corruption.is_empty() || (report.truncated_tail_bytes > 0 && !replays) {
             tracing::warn!(partition = p, ?report, "partition recovered with losses");
         } else if report.truncated_tail_bytes > 0 {
@@ -670,11 +670,7 @@ async fn checkpoint_loop(shard: Rc<Shard>, log: Rc<CommitLog<DmaStorage>>) {
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
         let mut failed = 0usize;
-        for p in shard
-            .partitions
-            .values()
-            .chain(std::iter::once(shard.cluster.hints.partition()))
-        {
+        for p in shard.partitions_and_hints() {
             if p.failure().is_some() {
                 failed += 1;
                 continue;
@@ -784,14 +780,17 @@ async fn spare_loop(shard_id: usize, log: Rc<CommitLog<DmaStorage>>) {
 const SPARE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Shard {
+    /// The shard's partitions, then its hint store (a partition of its own).
+    fn partitions_and_hints(&self) -> impl Iterator<Item = &Rc<Partition<DmaStorage>>> {
+        self.partitions
+            .values()
+            .chain(std::iter::once(self.cluster.hints.partition()))
+    }
+
     /// Syncs every partition of the shard and its hint store, one after another, each
     /// with its own `fdatasync`s (see [`Partition::sync_own`]).
     async fn sync_all_partitions(&self) -> std::io::Result<()> {
-        for p in self
-            .partitions
-            .values()
-            .chain(std::iter::once(self.cluster.hints.partition()))
-        {
+        for p in self.partitions_and_hints() {
             p.sync_own()
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -1481,9 +1480,7 @@ impl Shard {
         // storage that refuses writes until the node restarts (a failed write or sync:
         // a full disk, an I/O error); the hint store counts as a partition
         let failed = self
-            .partitions
-            .values()
-            .chain(std::iter::once(self.cluster.hints.partition()))
+            .partitions_and_hints()
             .filter(|p| p.failure().is_some())
             .count();
         counters.push(("partitions_failed".into(), failed as u64));

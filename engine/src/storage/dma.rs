@@ -141,7 +141,7 @@ impl Storage for DmaStorage {
                 ),
             ));
         }
-        let filled = self.fill_zeroed(&path, bytes).await;
+        let filled = fill_zeroed(&path, bytes).await;
         if filled.is_err() {
             // a part-made file holds space and would read as a log file at the next start
             let gone = path.clone();
@@ -241,48 +241,46 @@ struct Tail {
     flushed_len: u64,
 }
 
-impl DmaStorage {
-    /// Writes `bytes` zeros into a new file at `path` and syncs it (see
-    /// [`Storage::create_zeroed`]).
-    async fn fill_zeroed(&self, path: &Path, bytes: u64) -> io::Result<()> {
-        // written zeros, not fallocate: unwritten extents would need a metadata commit
-        // on the first sync of each block
-        //
-        // In slices, each synced on its own, with a pause after each: one sync of the
-        // whole file (tens of MiB) kept the device busy for 60-130 ms, and every group
-        // commit of the shard's log waited behind it (the put latency's p999).
-        let fill = path.to_path_buf();
-        let mut state = glommio::executor()
+/// Writes `bytes` zeros into a new file at `path` and syncs it (see
+/// [`Storage::create_zeroed`]).
+async fn fill_zeroed(path: &Path, bytes: u64) -> io::Result<()> {
+    // written zeros, not fallocate: unwritten extents would need a metadata commit
+    // on the first sync of each block
+    //
+    // In slices, each synced on its own, with a pause after each: one sync of the
+    // whole file (tens of MiB) kept the device busy for 60-130 ms, and every group
+    // commit of the shard's log waited behind it (the put latency's p999).
+    let fill = path.to_path_buf();
+    let mut state = glommio::executor()
+        .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
+            Ok((
+                std::fs::File::create(&fill)?,
+                vec![0u8; ZERO_FILL_SLICE_BYTES],
+            ))
+        })
+        .await?;
+    let mut at = 0u64;
+    while at < bytes {
+        let n = (bytes - at).min(ZERO_FILL_SLICE_BYTES as u64) as usize;
+        state = glommio::executor()
             .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
-                Ok((
-                    std::fs::File::create(&fill)?,
-                    vec![0u8; ZERO_FILL_SLICE_BYTES],
-                ))
+                use std::os::unix::fs::FileExt;
+                let (file, zeros) = state;
+                file.write_all_at(&zeros[..n], at)?;
+                file.sync_data()?;
+                Ok((file, zeros))
             })
             .await?;
-        let mut at = 0u64;
-        while at < bytes {
-            let n = (bytes - at).min(ZERO_FILL_SLICE_BYTES as u64) as usize;
-            state = glommio::executor()
-                .spawn_blocking(move || -> io::Result<(std::fs::File, Vec<u8>)> {
-                    use std::os::unix::fs::FileExt;
-                    let (file, zeros) = state;
-                    file.write_all_at(&zeros[..n], at)?;
-                    file.sync_data()?;
-                    Ok((file, zeros))
-                })
-                .await?;
-            at += n as u64;
-            if at < bytes {
-                glommio::timer::sleep(ZERO_FILL_PAUSE).await;
-            }
+        at += n as u64;
+        if at < bytes {
+            glommio::timer::sleep(ZERO_FILL_PAUSE).await;
         }
-        let (file, _) = state;
-        glommio::executor()
-            .spawn_blocking(move || file.sync_all())
-            .await?;
-        Ok(())
     }
+    let (file, _) = state;
+    glommio::executor()
+        .spawn_blocking(move || file.sync_all())
+        .await?;
+    Ok(())
 }
 
 /// Bytes this process may still allocate on the file system holding `dir` (root may use
